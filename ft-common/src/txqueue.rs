@@ -403,6 +403,7 @@ impl<P> TxQueue<P> {
     /// ABORT: cancels everything held, of any epoch, and returns the payloads in guest order
     /// so the daemon can fail or forget the guest requests. The open epoch is closed and every
     /// epoch after the last committed one up to it is aborted (commits of them are refused).
+    #[must_use = "the aborted guest requests must be failed or forgotten"]
     pub fn abort(&mut self) -> Vec<P> {
         let out: Vec<P> = self.held.drain(..).map(Aiocb::cancel).collect();
         self.cancelled += out.len() as u64;
@@ -428,6 +429,7 @@ impl<P> TxQueue<P> {
 
     /// Cancels every held AIOCB whose payload matches (e.g. all of one virtqueue) and returns
     /// their payloads in guest order.
+    #[must_use = "the cancelled guest requests must be failed or forgotten"]
     pub fn cancel_where(&mut self, mut pred: impl FnMut(&P) -> bool) -> Vec<P> {
         let mut out = Vec::new();
         // One rotation through the deque keeps the survivors in order without allocating.
@@ -575,7 +577,7 @@ mod tests {
             ("next", 1, 1000)
         );
         assert!(full.to_string().contains("full"));
-        q.abort();
+        assert_eq!(q.abort(), ["huge"]);
 
         q.push("a", 60).unwrap();
         assert!(q.has_room(40) && !q.has_room(41));
