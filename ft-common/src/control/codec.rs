@@ -433,7 +433,7 @@ mod tests {
     #[test]
     fn read_from_never_buffers_past_one_frame() {
         let mut d = FrameDecoder::with_max_frame(10);
-        let src = vec![0u8; 100];
+        let src = [0u8; 100];
         let mut r = &src[..];
         let mut total = 0;
         loop {

@@ -86,7 +86,7 @@ pub enum Reply {
         packets: u32,
     },
     /// Answer to `STATUS`.
-    Status(DeviceStatus),
+    Status(Box<DeviceStatus>),
     /// The request was refused or could not be understood.
     Error { code: ErrorCode, message: String },
 }
