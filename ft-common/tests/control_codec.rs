@@ -33,6 +33,7 @@ fn error_code() -> impl Strategy<Value = ErrorCode> {
         Just(ErrorCode::Fenced),
         Just(ErrorCode::StaleEpoch),
         Just(ErrorCode::NotSealed),
+        Just(ErrorCode::Aborted),
         Just(ErrorCode::CommitRefused),
         Just(ErrorCode::Unsupported),
         Just(ErrorCode::Internal),
@@ -492,4 +493,76 @@ fn a_full_multiqueue_seal_fits_the_bound() {
     let mut d = FrameDecoder::new();
     d.feed(&f);
     assert_eq!(d.decode::<Reply>().unwrap(), Some(msg));
+}
+
+// ---------- the specification's examples ----------
+
+fn spec() -> String {
+    let p = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/control-protocol.md");
+    std::fs::read_to_string(p).expect("docs/control-protocol.md")
+}
+
+/// Re-encodes `v` as `T` and checks nothing was lost or invented (unknown fields would be
+/// silently ignored on decode, so a typo in the spec would otherwise pass).
+fn round_trips_as<T: serde::de::DeserializeOwned + serde::Serialize>(
+    v: &serde_json::Value,
+) -> bool {
+    serde_json::from_value::<T>(v.clone())
+        .ok()
+        .and_then(|m| serde_json::to_value(m).ok())
+        .is_some_and(|back| &back == v)
+}
+
+#[test]
+fn doc_examples_decode() {
+    let spec = spec();
+    let mut in_json = false;
+    let mut checked = 0;
+    for line in spec.lines() {
+        match line.trim() {
+            "```json" => in_json = true,
+            "```" => in_json = false,
+            l if in_json && !l.is_empty() => {
+                let v: serde_json::Value = serde_json::from_str(l).expect(l);
+                assert!(
+                    round_trips_as::<Request>(&v) || round_trips_as::<DaemonMessage>(&v),
+                    "spec example does not match the message types exactly: {l}"
+                );
+                // And as a real frame.
+                let mut d = FrameDecoder::new();
+                d.feed(&raw_frame(PROTOCOL_VERSION, l.as_bytes()));
+                assert!(d.decode::<serde_json::Value>().unwrap().is_some());
+                checked += 1;
+            }
+            _ => {}
+        }
+    }
+    assert!(checked >= 12, "only {checked} examples found");
+}
+
+#[test]
+fn doc_lists_every_error_code_and_the_bound() {
+    let spec = spec();
+    for c in [
+        ErrorCode::Malformed,
+        ErrorCode::UnsupportedVersion,
+        ErrorCode::TooLarge,
+        ErrorCode::Fenced,
+        ErrorCode::StaleEpoch,
+        ErrorCode::NotSealed,
+        ErrorCode::Aborted,
+        ErrorCode::CommitRefused,
+        ErrorCode::Unsupported,
+        ErrorCode::Internal,
+    ] {
+        let name = serde_json::to_value(c).unwrap();
+        let row = format!("| `{}` |", name.as_str().unwrap());
+        assert!(
+            spec.contains(&row),
+            "error code {row} missing from the spec"
+        );
+    }
+    // The spec states the bound literally; keep them in step.
+    assert_eq!(MAX_FRAME_LEN, 4_194_304);
+    assert!(spec.contains("MAX_FRAME_LEN = 4_194_304"));
 }

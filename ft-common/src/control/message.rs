@@ -127,6 +127,8 @@ pub enum ErrorCode {
     StaleEpoch,
     /// `COMMIT E` for an epoch that has not been sealed yet.
     NotSealed,
+    /// `COMMIT E` for an epoch whose output an `ABORT` cancelled: there is nothing to release.
+    Aborted,
     /// An earlier commit failed and the daemon runs with `--on-commit-error stop`.
     CommitRefused,
     /// The request is valid but this device does not implement it (e.g. `ANNOUNCE` on blk).
