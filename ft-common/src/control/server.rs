@@ -168,14 +168,14 @@ impl ControlServer {
         &self.bound.path
     }
 
-    /// A notifier feeding this server's connection.
+    /// A notifier feeding this server's connections.
     pub fn notifier(&self) -> Notifier {
         Notifier {
             shared: Some(self.shared.clone()),
         }
     }
 
-    /// How long a write to the coordinator may block before the connection is dropped.
+    /// How long a write to a connection may block before that connection is dropped.
     pub fn set_write_timeout(&mut self, t: Duration) {
         self.write_timeout = t;
     }
@@ -217,14 +217,14 @@ impl ControlServerHandle {
         &self.path
     }
 
-    /// A notifier feeding this server's connection.
+    /// A notifier feeding this server's connections.
     pub fn notifier(&self) -> Notifier {
         Notifier {
             shared: Some(self.shared.clone()),
         }
     }
 
-    /// Stops serving, closes the connection, unlinks the socket, and waits for the thread.
+    /// Stops serving, closes the connections, unlinks the socket, and waits for the thread.
     pub fn stop(mut self) {
         self.stop_and_join();
     }
