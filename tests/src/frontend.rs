@@ -221,15 +221,20 @@ impl TestFrontend {
         (features, proto)
     }
 
-    /// Share the guest memory (SET_MEM_TABLE).
-    pub fn set_mem_table(&mut self) {
-        let region = VhostUserMemoryRegionInfo {
+    /// The guest memory region as a vhost memory region description.
+    pub fn region_info(&self) -> VhostUserMemoryRegionInfo {
+        VhostUserMemoryRegionInfo {
             guest_phys_addr: MEM_GPA,
             memory_size: MEM_SIZE,
             userspace_addr: self.va_base,
             mmap_offset: 0,
             mmap_handle: self.mem_file.as_raw_fd(),
-        };
+        }
+    }
+
+    /// Share the guest memory (SET_MEM_TABLE).
+    pub fn set_mem_table(&mut self) {
+        let region = self.region_info();
         self.fe.set_mem_table(&[region]).expect("set_mem_table");
     }
 

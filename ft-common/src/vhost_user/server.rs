@@ -235,7 +235,7 @@ impl VhostUserServer {
                 }
             }
         }
-        lock(&conn).disconnect();
+        lock(&conn).close();
         Ok(stopped)
     }
 

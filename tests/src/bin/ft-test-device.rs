@@ -139,7 +139,7 @@ impl VhostUserDevice for Device {
 struct Worker {
     timer: OwnedFd,
     delayed: VecDeque<(u16, Chain)>,
-    held: Vec<(u16, u16)>,
+    held: Vec<(u16, Chain)>,
     release_held: bool,
 }
 
@@ -212,7 +212,7 @@ impl QueueWorker for Worker {
                 match first_byte(&c) {
                     b'H' if !self.release_held => {
                         eprintln!("held q={q} head={}", c.head_index());
-                        self.held.push((q, c.head_index()));
+                        self.held.push((q, c));
                     }
                     b'D' => {
                         self.delayed.push_back((q, c));
@@ -242,10 +242,19 @@ impl QueueWorker for Worker {
         ctx.signal_all();
     }
 
-    fn stop_queue(&mut self, _ctx: &mut WorkerCtx, q: u16) -> StopStatus {
-        // Held requests are abandoned (they stay in flight and are resubmitted later);
-        // delayed ones must finish first.
-        self.held.retain(|&(hq, _)| hq != q);
+    fn stop_queue(&mut self, ctx: &mut WorkerCtx, q: u16) -> StopStatus {
+        // Held requests are abandoned if the inflight region tracks them (they are
+        // resubmitted later), else completed now; delayed ones must finish first.
+        let tracked = ctx.queue(q).is_some_and(|vr| vr.inflight_tracked());
+        let (mine, others): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|(hq, _)| *hq == q);
+        self.held = others;
+        if !tracked {
+            for (_, c) in mine {
+                Self::complete(ctx, q, c);
+            }
+        }
         if self.delayed.iter().any(|(dq, _)| *dq == q) {
             StopStatus::Pending
         } else {
