@@ -699,3 +699,55 @@ fn sigterm_stops_server() {
     }
     assert!(d.text().contains("stopped"));
 }
+
+/// Throughput of the server path (inflight tracking on) with the toy device (release build):
+/// `cargo test --release -p ft-tests --test vhost_user_server -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn throughput_smoke() {
+    let s = sock("tput");
+    let _d = Daemon::spawn(&s, "tput", &["--quiet"]);
+    let mut f = TestFrontend::connect(&s, 2, T);
+    f.handshake();
+    f.set_mem_table();
+    let _inflight = f.setup_inflight(2, 1024);
+    f.init_queue(0, 1024);
+    f.setup_vring(0, 0);
+    f.fe.set_vring_enable(0, true).expect("enable");
+    let inp = f.alloc(64);
+    let out = f.alloc(64);
+    f.write(inp, &[b'x'; 64]);
+    let batch = 256usize;
+    let rounds = 400usize;
+    let t0 = Instant::now();
+    for _ in 0..rounds {
+        let mut heads = Vec::with_capacity(batch);
+        for _ in 0..batch {
+            heads.push(f.add_chain(
+                0,
+                &[
+                    Buf {
+                        gpa: inp,
+                        len: 64,
+                        writable: false,
+                    },
+                    Buf {
+                        gpa: out,
+                        len: 64,
+                        writable: true,
+                    },
+                ],
+            ));
+        }
+        f.kick(0);
+        let used = f.wait_used(0, batch, T);
+        assert_eq!(used.len(), batch);
+        f.recycle(0, &heads);
+    }
+    let el = t0.elapsed();
+    let n = batch * rounds;
+    println!(
+        "throughput_smoke: {n} requests in {el:?}: {:.0} req/s",
+        n as f64 / el.as_secs_f64()
+    );
+}
