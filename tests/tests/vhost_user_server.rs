@@ -561,6 +561,35 @@ fn frontend_disconnect_mid_request_resubmits_held() {
     assert_eq!(f.used_idx(0), 0);
 }
 
+/// A frontend that disconnects while a request is being processed (completes 100 ms later):
+/// the disconnect waits for it, and the next session neither loses nor repeats it.
+#[test]
+fn frontend_disconnect_waits_for_running_request() {
+    let s = sock("discwait");
+    let d = Daemon::spawn(&s, "discwait", &[]);
+    let mut f = TestFrontend::connect(&s, 2, T);
+    f.handshake();
+    f.set_mem_table();
+    let (info, fd) = f.setup_inflight(2, 256);
+    standard_queue(&mut f, 0);
+    let (h, out) = request(&mut f, 0, b"Dx");
+    f.kick(0);
+    std::thread::sleep(Duration::from_millis(20));
+    f.reconnect(&s, T);
+    f.handshake();
+    f.set_mem_table();
+    f.fe.set_inflight_fd(&info, std::os::fd::AsRawFd::as_raw_fd(&fd))
+        .expect("set_inflight_fd");
+    let used = f.used_idx(0);
+    assert_eq!(used, 1, "request completed during the disconnect");
+    f.setup_vring(0, used);
+    f.fe.set_vring_enable(0, true).expect("enable");
+    assert_eq!(f.wait_used(0, 1, T), vec![(h, 2)]);
+    assert_eq!(f.read(out, 2), b"xD");
+    assert!(f.wait_used(0, 1, QUIET).is_empty(), "completed twice");
+    assert_eq!(d.count("completed q=0"), 1, "{}", d.text());
+}
+
 /// LOG_ALL + LOG_SHMFD: every guest page a request wrote (data buffer spanning pages, used
 /// ring) is marked; pages not written are not.
 #[test]
