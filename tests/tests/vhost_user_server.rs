@@ -18,6 +18,7 @@ const QUIET: Duration = Duration::from_millis(300);
 struct Daemon {
     child: Child,
     log: PathBuf,
+    sock: PathBuf,
 }
 
 impl Daemon {
@@ -35,7 +36,11 @@ impl Daemon {
             .stderr(Stdio::from(File::create(&log).expect("log file")))
             .spawn()
             .expect("spawn ft-test-device");
-        let d = Daemon { child, log };
+        let d = Daemon {
+            child,
+            log,
+            sock: sock.to_path_buf(),
+        };
         let start = Instant::now();
         while !d.text().contains("ready") {
             assert!(start.elapsed() < T, "device did not start: {}", d.text());
@@ -52,6 +57,15 @@ impl Daemon {
         self.text().matches(needle).count()
     }
 
+    /// Wait until the log contains `needle` at least `n` times.
+    fn wait_for(&self, needle: &str, n: usize) {
+        let start = Instant::now();
+        while self.count(needle) < n {
+            assert!(start.elapsed() < T, "no {needle:?} in log: {}", self.text());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     fn kill9(&mut self) {
         let _ = self.child.kill(); // SIGKILL
         let _ = self.child.wait();
@@ -62,6 +76,7 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.sock);
         if !std::thread::panicking() {
             let _ = std::fs::remove_file(&self.log);
         }
@@ -245,7 +260,7 @@ fn without_protocol_features_rings_start_enabled() {
 #[test]
 fn get_vring_base_waits_for_inflight_work() {
     let s = sock("stopwait");
-    let _d = Daemon::spawn(&s, "stopwait", &[]);
+    let d = Daemon::spawn(&s, "stopwait", &[]);
     let mut f = TestFrontend::connect(&s, 2, T);
     f.handshake();
     f.set_mem_table();
@@ -254,9 +269,9 @@ fn get_vring_base_waits_for_inflight_work() {
     // Held without an inflight region: the stop must complete it rather than lose it.
     let (held, _) = request(&mut f, 0, b"Held");
     f.kick(0);
-    // Wait until the device popped it (avail consumed) but before the 100 ms completion.
-    std::thread::sleep(Duration::from_millis(20));
-    let t0 = Instant::now();
+    // Wait until the device took both (the delayed one completes 100 ms later).
+    d.wait_for("delayed q=0", 1);
+    d.wait_for("held q=0", 1);
     let base = f.fe.get_vring_base(0).expect("get_vring_base");
     assert_eq!(base, 2);
     assert_eq!(
@@ -264,7 +279,6 @@ fn get_vring_base_waits_for_inflight_work() {
         2,
         "GET_VRING_BASE answered before the requests completed"
     );
-    assert!(t0.elapsed() >= Duration::from_millis(40), "did not wait");
     let mut used = f.wait_used(0, 2, T);
     used.sort_unstable();
     let mut want = vec![(head, 7), (held, 4)];
@@ -485,11 +499,7 @@ fn inflight_requests_resubmitted_after_sigkill_restart() {
     assert_eq!(done.len(), 3);
     assert!(done.iter().all(|(h, _)| !held.contains(h)));
     // Wait until the device has taken all six (three held), then kill it.
-    let start = Instant::now();
-    while d.count("held q=0") < 3 {
-        assert!(start.elapsed() < T, "device did not take the held requests");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    d.wait_for("held q=0", 3);
     d.kill9();
     assert_eq!(f.used_idx(0), 3);
 
@@ -574,7 +584,7 @@ fn frontend_disconnect_waits_for_running_request() {
     standard_queue(&mut f, 0);
     let (h, out) = request(&mut f, 0, b"Dx");
     f.kick(0);
-    std::thread::sleep(Duration::from_millis(20));
+    d.wait_for("delayed q=0", 1);
     f.reconnect(&s, T);
     f.handshake();
     f.set_mem_table();

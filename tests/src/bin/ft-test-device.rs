@@ -222,6 +222,7 @@ impl QueueWorker for Worker {
                         self.held.push((q, c));
                     }
                     b'D' => {
+                        eprintln!("delayed q={q} head={}", c.head_index());
                         self.delayed.push_back((q, c));
                         self.arm_timer();
                     }
