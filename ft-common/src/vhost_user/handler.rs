@@ -272,6 +272,14 @@ impl ConnHandler {
 
     /// SET_VRING_ENABLE, also when it arrives before SET_FEATURES.
     pub(crate) fn vring_enable(&mut self, index: u32, enable: bool) -> VuResult<()> {
+        log::debug!(
+            "vhost-user: SET_VRING_ENABLE {index} {enable} (features {})",
+            if self.acked_features.is_some() {
+                "known"
+            } else {
+                "not yet set"
+            }
+        );
         let r = self.ring(index)?;
         r.enabled = enable;
         let q = index as usize;
