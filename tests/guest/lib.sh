@@ -2,6 +2,13 @@
 
 stage() { echo "FT-STAGE: $*"; }
 
+# fail REASON: end the test; init reports REASON in its FT-RESULT: FAIL line.
+fail() {
+    echo "$*"
+    echo "$*" >/run/ft-reason
+    exit 1
+}
+
 # wait_block_dev NAME [SECONDS]: wait for /dev/NAME to appear (virtio probing is asynchronous).
 wait_block_dev() {
     n=0

@@ -139,8 +139,14 @@ fn fio_verify_fails_on_blank_disk() {
         outcome.elapsed.as_secs_f64()
     );
     assert!(
-        matches!(&outcome.result, GuestResult::Fail(reason) if reason.contains("fio-verify")),
+        matches!(&outcome.result, GuestResult::Fail(reason) if reason.contains("verify-only pass failed")),
         "expected a fio verify failure\n{}",
+        outcome.report(40)
+    );
+    // Failed because the data was wrong, not because fio could not run.
+    assert!(
+        outcome.serial.contains("verify: bad magic header"),
+        "{}",
         outcome.report(40)
     );
     assert!(outcome.stage("fio-verify-start").is_some());

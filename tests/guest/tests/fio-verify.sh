@@ -8,11 +8,11 @@ if [ -z "$disk" ]; then
     n=0
     until disk=$(first_virtio_disk); do
         n=$((n + 1))
-        [ "$n" -le 200 ] || { echo "no virtio disk found"; exit 1; }
+        [ "$n" -le 200 ] || fail "no virtio disk found"
         usleep 100000
     done
 fi
-wait_block_dev "$disk" 20 || { echo "/dev/$disk did not appear"; exit 1; }
+wait_block_dev "$disk" 20 || fail "/dev/$disk did not appear"
 echo "disk /dev/$disk: $(cat /sys/block/$disk/size) sectors, cache $(cat /sys/block/$disk/queue/write_cache 2>/dev/null)"
 
 size=${FT_SIZE:-64M}
@@ -32,17 +32,16 @@ for pass in $(echo "$passes" | tr ',' ' '); do
     case "$pass" in
         write)
             stage fio-write-start
-            job --do_verify=1 || { echo "fio write+verify pass failed"; exit 1; }
+            job --do_verify=1 || fail "fio write+verify pass failed"
             stage fio-write-done
             ;;
         verify)
             stage fio-verify-start
-            job --verify_only || { echo "fio verify-only pass failed"; exit 1; }
+            job --verify_only || fail "fio verify-only pass failed"
             stage fio-verify-done
             ;;
         *)
-            echo "unknown pass $pass"
-            exit 1
+            fail "unknown pass $pass"
             ;;
     esac
 done

@@ -118,7 +118,7 @@ impl GuestImage {
         ensure_host_tools()?;
         let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
         let image = GuestImage {
-            kernel: dir.join("vmlinuz"),
+            kernel: dir.join("vmlinux"),
             initrd: dir.join("initrd.img"),
         };
         if !built.iter().any(|d| d == dir) {

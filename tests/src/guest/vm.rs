@@ -437,3 +437,79 @@ fn read_console(
     lock.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
     cvar.notify_all();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(serial: &str) -> Console {
+        let console = (Mutex::new(Console::default()), Condvar::new());
+        let log = File::options().write(true).open("/dev/null").unwrap();
+        read_console(serial.as_bytes(), log, Instant::now(), &console);
+        console.0.into_inner().unwrap()
+    }
+
+    #[test]
+    fn pass_and_stages_are_parsed() {
+        let c =
+            parse("[ 1.0] boot\r\nFT-STAGE: init\nFT-STAGE: test fio-verify\n\nFT-RESULT: PASS\n");
+        let names: Vec<&str> = c.stages.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["init", "test fio-verify"]);
+        assert_eq!(c.result.map(|(r, _)| r), Some(GuestResult::Pass));
+        assert!(c.closed);
+    }
+
+    #[test]
+    fn fail_reason_survives_a_kernel_message_mid_line() {
+        let c = parse("[ 3.2] virtio: foo FT-RESULT: FAIL fio-verify: disk missing\n");
+        assert_eq!(
+            c.result.map(|(r, _)| r),
+            Some(GuestResult::Fail("fio-verify: disk missing".into()))
+        );
+    }
+
+    #[test]
+    fn no_result_line_is_no_result_and_first_result_wins() {
+        let c = parse("FT-STAGE: init\nKernel panic\n");
+        assert!(c.result.is_none() && c.closed);
+        let c = parse("FT-RESULT: FAIL x\nFT-RESULT: PASS\n");
+        assert_eq!(
+            c.result.map(|(r, _)| r),
+            Some(GuestResult::Fail("x".into()))
+        );
+        let c = parse("FT-RESULT: PASSED\n");
+        assert_eq!(
+            c.result.map(|(r, _)| r),
+            Some(GuestResult::Fail("PASSED".into()))
+        );
+    }
+
+    #[test]
+    fn qemu_command_line_is_tcg_with_shared_memory() {
+        let image = GuestImage {
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+        };
+        let mut config = GuestConfig::new(&image, "boot", Path::new("/tmp"));
+        config.disks = vec!["/s/a.sock".into(), "/s/b.sock".into()];
+        config.net = Some("/s/n.sock".into());
+        config.reconnect_secs = Some(1);
+        config.cmdline_extra.push("ft.size=4M".into());
+        let args: Vec<String> = config
+            .qemu_args()
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let line = args.join(" ");
+        assert!(line.contains("-accel tcg"), "{line}");
+        assert!(!line.contains("kvm"), "{line}");
+        assert!(line.contains("memory-backend-memfd,id=mem,size=512M,share=on"));
+        assert!(line.contains("-chardev socket,id=blk1,path=/s/b.sock,reconnect=1"));
+        assert!(line.contains("-device vhost-user-blk-pci,chardev=blk1,num-queues=1"));
+        assert!(line.contains("virtio-net-pci,netdev=net0,vectors=0"));
+        assert_eq!(
+            args.last().unwrap(),
+            "console=ttyS0 panic=-1 loglevel=4 ft.test=boot ft.size=4M"
+        );
+    }
+}
