@@ -84,8 +84,8 @@ fn fio_verify_on_qemu_storage_daemon() {
         .wait()
         .expect("run guest");
     println!(
-        "boot to test start {}, fio write+verify {}, fio verify-only {}, total {:.1} s",
-        secs(outcome.stage("test fio-verify")),
+        "QEMU start to fio start {}, fio write+verify {}, fio verify-only {}, total {:.1} s",
+        secs(outcome.stage("fio-write-start")),
         secs(outcome.between("fio-write-start", "fio-write-done")),
         secs(outcome.between("fio-verify-start", "fio-verify-done")),
         outcome.elapsed.as_secs_f64(),
