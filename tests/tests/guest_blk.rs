@@ -153,3 +153,28 @@ fn fio_verify_fails_on_blank_disk() {
     assert!(outcome.stage("fio-verify-done").is_none());
     drop(backend);
 }
+
+/// A QEMU that cannot reach its backend must come back as a failure with QEMU's reason.
+#[test]
+fn missing_backend_is_reported_as_failure() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let image = guest_image();
+    let scratch = ScratchDir::new("guest-blk-nobackend").expect("scratch dir");
+    let mut config = GuestConfig::new(&image, "fio-verify", scratch.path());
+    config.disks.push(scratch.join("nobody-listens.sock"));
+    config.timeout = Duration::from_secs(60);
+    let outcome = Guest::start(&config)
+        .expect("start QEMU")
+        .wait()
+        .expect("run guest");
+    assert!(
+        matches!(outcome.result, GuestResult::Exited(_)),
+        "{}",
+        outcome.report(10)
+    );
+    assert!(
+        outcome.qemu_stderr.contains("nobody-listens.sock"),
+        "{}",
+        outcome.report(10)
+    );
+}
