@@ -178,3 +178,27 @@ fn missing_backend_is_reported_as_failure() {
         outcome.report(10)
     );
 }
+
+/// A guest that does not finish in time is killed and reported as a timeout.
+#[test]
+fn timeout_kills_qemu() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let image = guest_image();
+    let scratch = ScratchDir::new("guest-timeout").expect("scratch dir");
+    // Without a disk fio-verify waits 20 s for one: it cannot finish within the timeout.
+    let mut config = GuestConfig::new(&image, "fio-verify", scratch.path());
+    config.timeout = Duration::from_secs(3);
+    let guest = Guest::start(&config).expect("start QEMU");
+    let pid = guest.pid().expect("QEMU pid");
+    let outcome = guest.wait().expect("run guest");
+    assert_eq!(
+        outcome.result,
+        GuestResult::Timeout,
+        "{}",
+        outcome.report(10)
+    );
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "QEMU {pid} still exists"
+    );
+}
