@@ -1,2 +1,3 @@
 //! test support
 pub mod frontend;
+pub mod guest;
