@@ -8,6 +8,7 @@
 pub mod config;
 pub mod mac;
 pub mod open_tap;
+pub mod ring;
 pub mod rx;
 pub mod stats;
 pub mod tap;

@@ -11,11 +11,11 @@
 //! a frame just parks it until the guest adds buffers, with no used entry written twice); no
 //! heap allocation per frame (buffers and chain lists are reused).
 
+use crate::ring::Ring;
 use crate::stats::{DropReason, NetCounters};
 use crate::tap::Tap;
 use crate::vnet_hdr::{MAX_FRAME_LEN, NUM_BUFFERS_OFFSET, VNET_HDR_LEN};
 use std::io;
-use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
 /// Where RX frames come from: the tap, or a test double.
@@ -104,18 +104,12 @@ impl RxPath {
     /// Moves frames from `src` into `q` until the source is empty or the ring runs dry.
     /// Notification suppression (EVENT_IDX) is handled here: the pass ends with guest
     /// notifications enabled and re-checks the ring to close the race with a late kick.
-    pub fn process<Q, M, S>(
+    pub fn process<R: Ring, S: FrameSource>(
         &mut self,
         src: &mut S,
-        q: &mut Q,
-        mem: &M,
+        q: &mut R,
         counters: &NetCounters,
-    ) -> io::Result<RxPass>
-    where
-        Q: QueueT,
-        M: GuestMemory,
-        S: FrameSource,
-    {
+    ) -> io::Result<RxPass> {
         let mut pass = RxPass::default();
         loop {
             if self.pending == 0 {
@@ -130,8 +124,8 @@ impl RxPath {
                     Err(e) => return Err(e),
                 }
             }
-            if self.take_chains(q, mem, counters) {
-                self.deliver(q, mem, counters, &mut pass);
+            if self.take_chains(q, counters) {
+                self.deliver(q, counters, &mut pass);
                 continue;
             }
             if self.pending == 0 {
@@ -139,13 +133,9 @@ impl RxPath {
                 continue;
             }
             // Out of buffers: ask for a kick, and recheck in case buffers arrived meanwhile.
-            match q.enable_notification(mem) {
-                Ok(true) => continue,
-                Ok(false) => {
-                    pass.blocked = true;
-                    break;
-                }
-                Err(e) => return Err(io::Error::other(e.to_string())),
+            if !q.enable_notification() {
+                pass.blocked = true;
+                break;
             }
         }
         Ok(pass)
@@ -153,22 +143,18 @@ impl RxPath {
 
     /// Takes chains until the parked frame fits. False if the ring ran dry first (chains taken
     /// so far stay ours) or the frame was dropped.
-    fn take_chains<Q: QueueT, M: GuestMemory>(
-        &mut self,
-        q: &mut Q,
-        mem: &M,
-        counters: &NetCounters,
-    ) -> bool {
+    fn take_chains<R: Ring>(&mut self, q: &mut R, counters: &NetCounters) -> bool {
         let need = self.pending as u64;
         while self.chains.is_empty() || (self.mrg_rxbuf && self.taken_cap < need) {
-            let Some(chain) = q.pop_descriptor_chain(mem) else {
+            let Some(chain) = q.pop() else {
                 return false;
             };
             let head = chain.head_index();
+            let mem = chain.memory();
             let segs_start = self.segs.len();
             let mut cap: u32 = 0;
             let mut bad = false;
-            for d in chain {
+            for d in chain.clone() {
                 if !d.is_write_only()
                     || !mem.check_range(d.addr(), d.len() as usize, Permissions::Write)
                 {
@@ -186,14 +172,14 @@ impl RxPath {
                     format_args!("RX chain {head}: readable, unmapped or too small descriptor"),
                 );
                 // Give the bad chain back to the guest empty; it is consumed, never re-read.
-                let _ = q.add_used(mem, head, 0);
+                q.add_used(head, 0);
                 continue;
             }
             if !self.mrg_rxbuf && (cap as u64) < need {
                 // Without MRG_RXBUF the guest promised big enough buffers; drop the frame and
                 // put the untouched chain back for the next one.
                 self.segs.truncate(segs_start);
-                q.set_next_avail(q.next_avail().wrapping_sub(1));
+                q.unpop(head);
                 counters.drop_rx(
                     DropReason::Oversized,
                     format_args!("{need}-byte frame, {cap}-byte buffer, no MRG_RXBUF"),
@@ -211,13 +197,7 @@ impl RxPath {
         true
     }
 
-    fn deliver<Q: QueueT, M: GuestMemory>(
-        &mut self,
-        q: &mut Q,
-        mem: &M,
-        counters: &NetCounters,
-        pass: &mut RxPass,
-    ) {
+    fn deliver<R: Ring>(&mut self, q: &mut R, counters: &NetCounters, pass: &mut RxPass) {
         let len = self.pending;
         if self.hdr_len >= VNET_HDR_LEN {
             let n = self.chains.len() as u16;
@@ -232,14 +212,14 @@ impl RxPath {
                 let (addr, slen) = self.segs[seg];
                 seg += 1;
                 let n = (slen as usize).min(len - off);
-                if n > 0 && mem.write_slice(&self.buf[off..off + n], addr).is_err() {
+                if n > 0 && q.mem().write_slice(&self.buf[off..off + n], addr).is_err() {
                     ok = false;
                 }
                 off += n;
             }
             let used = (off - start) as u32;
             debug_assert!(used <= c.cap);
-            if q.add_used(mem, c.head, used).is_ok() {
+            if q.add_used(c.head, used) {
                 pass.used += 1;
             }
         }

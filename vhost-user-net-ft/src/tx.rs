@@ -13,11 +13,12 @@
 //! stops with `blocked`; nothing is dropped. Invariant: every chain popped is either pushed and
 //! completed, dropped and completed, or put back; it is never completed twice.
 
+use crate::ring::Ring;
 use crate::stats::{DropReason, NetCounters};
 use crate::tap::Tap;
 use crate::vnet_hdr::{VnetHdr, ETH_HLEN, MAX_FRAME_LEN, VNET_HDR_LEN};
 use std::io;
-use virtio_queue::QueueT;
+use std::ops::Deref;
 use vm_memory::{GuestMemory, Permissions};
 
 /// Most segments one frame may have (Linux's UIO_MAXIOV, the writev limit).
@@ -104,25 +105,18 @@ impl TxPath {
     }
 
     /// Takes frames from `q` into `sink` until the ring is empty or the sink is full.
-    pub fn process<Q, M, S>(
+    pub fn process<R: Ring, S: TxSink>(
         &mut self,
-        q: &mut Q,
-        mem: &M,
+        q: &mut R,
         sink: &mut S,
         counters: &NetCounters,
-    ) -> io::Result<TxPass>
-    where
-        Q: QueueT,
-        M: GuestMemory,
-        S: TxSink,
-    {
+    ) -> TxPass {
         let mut pass = TxPass::default();
         loop {
-            q.disable_notification(mem)
-                .map_err(|e| io::Error::other(e.to_string()))?;
-            while let Some(chain) = q.pop_descriptor_chain(mem) {
+            q.disable_notification();
+            while let Some(chain) = q.pop() {
                 let head = chain.head_index();
-                let res = self.gather(chain, mem);
+                let res = self.gather(chain);
                 let completed = match res {
                     Gathered::Frame(len) => match sink.push(&self.iov, len) {
                         Push::Done => {
@@ -131,7 +125,7 @@ impl TxPath {
                             true
                         }
                         Push::Full => {
-                            q.set_next_avail(q.next_avail().wrapping_sub(1));
+                            q.unpop(head);
                             pass.blocked = true;
                             false
                         }
@@ -149,30 +143,27 @@ impl TxPath {
                 if !completed {
                     // Blocked: notifications stay as they are; the caller resumes us when the
                     // sink frees room, not on a kick.
-                    return Ok(pass);
+                    return pass;
                 }
-                q.add_used(mem, head, 0)
-                    .map_err(|e| io::Error::other(e.to_string()))?;
-                pass.used += 1;
+                if q.add_used(head, 0) {
+                    pass.used += 1;
+                }
             }
-            if !q
-                .enable_notification(mem)
-                .map_err(|e| io::Error::other(e.to_string()))?
-            {
-                return Ok(pass);
+            if !q.enable_notification() {
+                return pass;
             }
         }
     }
 
-    fn gather<M: GuestMemory>(
-        &mut self,
-        chain: virtio_queue::DescriptorChain<&M>,
-        mem: &M,
-    ) -> Gathered {
+    fn gather<M>(&mut self, chain: virtio_queue::DescriptorChain<M>) -> Gathered
+    where
+        M: Deref<Target: GuestMemory> + Clone,
+    {
         self.iov.clear();
+        let mem = chain.memory();
         let limit = self.hdr_len + MAX_FRAME_LEN;
         let mut total = 0usize;
-        for d in chain {
+        for d in chain.clone() {
             if d.is_write_only() {
                 return Gathered::Drop(
                     DropReason::BadDescriptor,
