@@ -117,7 +117,7 @@ impl PacketSocket {
                 std::thread::sleep(Duration::from_millis(2));
                 continue;
             }
-            if sll.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+            if sll.sll_pkttype == libc::PACKET_OUTGOING {
                 continue;
             }
             out.push(buf[..n as usize].to_vec());
