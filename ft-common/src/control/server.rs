@@ -1,0 +1,497 @@
+//! Daemon side of the control socket: one thread that serves one coordinator connection at a
+//! time, hands each request to a [`ControlHandler`] and writes its reply, and forwards
+//! `OUTPUT_PENDING` notifications raised by the queue threads through a [`Notifier`].
+//!
+//! Invariants:
+//! - Replies go out in request order, one per request; notifications are whole frames between
+//!   replies (only the control thread writes to the socket).
+//! - A queue thread never blocks on the socket: [`Notifier::output_pending`] is one atomic
+//!   `fetch_max` plus, at most once per new epoch, a non-blocking eventfd write. Notifications
+//!   coalesce: only the newest epoch not yet announced is sent.
+//! - A malformed frame gets an `ERROR` reply; if frame sync is lost (oversized length) the
+//!   connection is closed after that reply and the next connection is accepted.
+//! - The socket file is mode 0600, only peers with our uid (or root) are served, and the file is
+//!   unlinked on shutdown if it is still ours.
+
+use super::codec::{encode_into, FrameDecoder, MAX_FRAME_LEN};
+use super::message::{ErrorCode, Notification, Reply, Request};
+use crate::epoch::Epoch;
+use std::fs;
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// How long a reply or notification write may block before the coordinator is considered gone.
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a daemon implements to answer control requests. Runs on the control thread.
+pub trait ControlHandler: Send + Sync + 'static {
+    /// Answers one request; refusals are `Reply::Error`.
+    fn handle(&self, req: Request) -> Reply;
+}
+
+impl<F> ControlHandler for F
+where
+    F: Fn(Request) -> Reply + Send + Sync + 'static,
+{
+    fn handle(&self, req: Request) -> Reply {
+        self(req)
+    }
+}
+
+/// State shared by the control thread, its stop handle and every notifier.
+#[derive(Debug)]
+struct Shared {
+    /// Newest epoch reported as having pending output (0 = none; epochs start at 1).
+    pending: AtomicU64,
+    stop: AtomicBool,
+    /// Wakes the control thread for a notification or a stop.
+    wake: EventFd,
+}
+
+impl Shared {
+    fn wake(&self) {
+        // A non-blocking eventfd write fails only if the counter would overflow, and then the
+        // control thread is already due to wake up.
+        let _ = self.wake.write(1);
+    }
+}
+
+/// Cheap, cloneable handle for queue threads to raise notifications. Never blocks.
+#[derive(Clone, Debug, Default)]
+pub struct Notifier {
+    shared: Option<Arc<Shared>>,
+}
+
+impl Notifier {
+    /// A notifier that drops everything, for daemons run without a control socket.
+    pub fn disabled() -> Notifier {
+        Notifier { shared: None }
+    }
+
+    /// The first held request landed in empty epoch `epoch`.
+    pub fn output_pending(&self, epoch: Epoch) {
+        if let Some(s) = &self.shared {
+            if s.pending.fetch_max(epoch.0, Ordering::AcqRel) < epoch.0 {
+                s.wake();
+            }
+        }
+    }
+
+    /// Raises any notification.
+    pub fn notify(&self, n: Notification) {
+        match n {
+            Notification::OutputPending { epoch } => self.output_pending(epoch),
+        }
+    }
+}
+
+/// The socket file and its listener; unlinks the file on drop if it is still the one we bound.
+#[derive(Debug)]
+struct Bound {
+    listener: UnixListener,
+    path: PathBuf,
+    /// (dev, ino) of the socket file we created.
+    id: (u64, u64),
+}
+
+impl Drop for Bound {
+    fn drop(&mut self) {
+        if let Ok(md) = fs::symlink_metadata(&self.path) {
+            if (md.dev(), md.ino()) == self.id {
+                let _ = fs::remove_file(&self.path);
+            }
+        }
+    }
+}
+
+/// A bound, not yet serving, control socket. Bind early (to fail fast and to hand the
+/// [`Notifier`] to queue threads), then [`ControlServer::spawn`] with the handler.
+#[derive(Debug)]
+pub struct ControlServer {
+    bound: Bound,
+    shared: Arc<Shared>,
+    write_timeout: Duration,
+}
+
+impl ControlServer {
+    /// Binds `path` with mode 0600. A stale socket file (nobody listening) is replaced; a live
+    /// one (`AddrInUse`) or a non-socket file (`AlreadyExists`) is left alone and refused.
+    pub fn bind(path: impl AsRef<Path>) -> io::Result<ControlServer> {
+        let path = path.as_ref().to_path_buf();
+        remove_stale_socket(&path)?;
+        let listener = UnixListener::bind(&path)?;
+        // The window between bind and chmod is covered by the peer uid check on accept.
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
+        listener.set_nonblocking(true)?;
+        let md = fs::symlink_metadata(&path)?;
+        let bound = Bound {
+            listener,
+            path,
+            id: (md.dev(), md.ino()),
+        };
+        Ok(ControlServer {
+            bound,
+            shared: Arc::new(Shared {
+                pending: AtomicU64::new(0),
+                stop: AtomicBool::new(false),
+                wake: EventFd::new(EFD_NONBLOCK)?,
+            }),
+            write_timeout: DEFAULT_WRITE_TIMEOUT,
+        })
+    }
+
+    /// The path the socket is bound to.
+    pub fn path(&self) -> &Path {
+        &self.bound.path
+    }
+
+    /// A notifier feeding this server's connection.
+    pub fn notifier(&self) -> Notifier {
+        Notifier {
+            shared: Some(self.shared.clone()),
+        }
+    }
+
+    /// How long a write to the coordinator may block before the connection is dropped.
+    pub fn set_write_timeout(&mut self, t: Duration) {
+        self.write_timeout = t;
+    }
+
+    /// Starts the control thread.
+    pub fn spawn<H: ControlHandler>(self, handler: H) -> io::Result<ControlServerHandle> {
+        let path = self.bound.path.clone();
+        let shared = self.shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("ft-control".into())
+            .spawn(move || {
+                let mut lp = ServeLoop {
+                    server: self,
+                    handler,
+                    conn: None,
+                    last_notified: 0,
+                };
+                lp.run();
+            })?;
+        Ok(ControlServerHandle {
+            shared,
+            path,
+            thread: Some(thread),
+        })
+    }
+}
+
+/// A running control server. Dropping it stops the thread and unlinks the socket.
+#[derive(Debug)]
+pub struct ControlServerHandle {
+    shared: Arc<Shared>,
+    path: PathBuf,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ControlServerHandle {
+    /// The path the socket is bound to.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A notifier feeding this server's connection.
+    pub fn notifier(&self) -> Notifier {
+        Notifier {
+            shared: Some(self.shared.clone()),
+        }
+    }
+
+    /// Stops serving, closes the connection, unlinks the socket, and waits for the thread.
+    pub fn stop(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        self.shared.wake();
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                log::error!("control thread for {} panicked", self.path.display());
+            }
+        }
+    }
+}
+
+impl Drop for ControlServerHandle {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+fn remove_stale_socket(path: &Path) -> io::Result<()> {
+    let md = match fs::symlink_metadata(path) {
+        Ok(md) => md,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if !md.file_type().is_socket() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} exists and is not a socket", path.display()),
+        ));
+    }
+    match UnixStream::connect(path) {
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("{} is served by a live process", path.display()),
+        )),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            log::info!("removing stale control socket {}", path.display());
+            match fs::remove_file(path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Uid of the process on the other end of `s`.
+fn peer_uid(s: &UnixStream) -> io::Result<u32> {
+    // SAFETY: ucred is plain data; getsockopt writes at most `len` bytes into it.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: valid fd, valid out pointer and length.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cred.uid)
+}
+
+struct Connection {
+    stream: UnixStream,
+    decoder: FrameDecoder,
+    /// Reused encode buffer.
+    out: Vec<u8>,
+}
+
+impl Connection {
+    /// Encodes and writes one message; an unencodable reply becomes an error reply.
+    fn send<T: serde::Serialize>(&mut self, msg: &T) -> io::Result<()> {
+        self.out.clear();
+        if let Err(e) = encode_into(msg, &mut self.out, MAX_FRAME_LEN) {
+            let code = e.error_code().unwrap_or(ErrorCode::Internal);
+            log::error!("control reply not sent: {e}");
+            self.out.clear();
+            encode_into(
+                &Reply::error(code, format!("reply not encodable: {e}")),
+                &mut self.out,
+                MAX_FRAME_LEN,
+            )
+            .map_err(io::Error::other)?;
+        }
+        self.stream.write_all(&self.out)
+    }
+}
+
+struct ServeLoop<H> {
+    server: ControlServer,
+    handler: H,
+    conn: Option<Connection>,
+    /// Newest epoch for which OUTPUT_PENDING was sent or dropped (no coordinator connected).
+    last_notified: u64,
+}
+
+impl<H: ControlHandler> ServeLoop<H> {
+    fn run(&mut self) {
+        let path = self.server.bound.path.display().to_string();
+        log::info!("control socket {path} serving");
+        loop {
+            let wake_fd = self.server.shared.wake.as_raw_fd();
+            let other_fd: RawFd = match &self.conn {
+                Some(c) => c.stream.as_raw_fd(),
+                None => self.server.bound.listener.as_raw_fd(),
+            };
+            let mut fds = [
+                libc::pollfd {
+                    fd: wake_fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: other_fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: fds is a valid array of two pollfd for the duration of the call.
+            let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                log::error!("control socket {path}: poll failed: {e}; stopping");
+                break;
+            }
+            if fds[0].revents != 0 {
+                let _ = self.server.shared.wake.read();
+                if self.server.shared.stop.load(Ordering::Acquire) {
+                    break;
+                }
+                self.flush_notification();
+            }
+            if fds[1].revents != 0 {
+                if self.conn.is_some() {
+                    self.serve_readable();
+                } else {
+                    self.accept();
+                }
+            }
+        }
+        log::info!("control socket {path} stopped");
+    }
+
+    fn accept(&mut self) {
+        let stream = match self.server.bound.listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) => {
+                log::warn!("control accept: {e}");
+                return;
+            }
+        };
+        // SAFETY: geteuid cannot fail.
+        let me = unsafe { libc::geteuid() };
+        match peer_uid(&stream) {
+            Ok(uid) if uid == me || uid == 0 => {}
+            Ok(uid) => {
+                log::warn!("control connection from uid {uid} refused");
+                return;
+            }
+            Err(e) => {
+                log::warn!("control connection: cannot read peer credentials: {e}");
+                return;
+            }
+        }
+        // Blocking socket: reads happen only after poll reports data, writes block for at most
+        // the write timeout.
+        if let Err(e) = stream
+            .set_nonblocking(false)
+            .and_then(|_| stream.set_write_timeout(Some(self.server.write_timeout)))
+        {
+            log::warn!("control connection setup: {e}");
+            return;
+        }
+        log::info!("coordinator connected");
+        self.conn = Some(Connection {
+            stream,
+            decoder: FrameDecoder::new(),
+            out: Vec::new(),
+        });
+    }
+
+    fn close(&mut self, why: &str) {
+        if self.conn.take().is_some() {
+            log::info!("coordinator connection closed: {why}");
+        }
+    }
+
+    fn serve_readable(&mut self) {
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        match conn.decoder.read_from(&mut conn.stream) {
+            Ok(0) => {
+                let why = match conn.decoder.finish() {
+                    Ok(()) => "end of stream".to_string(),
+                    Err(e) => e.to_string(),
+                };
+                self.close(&why);
+                return;
+            }
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                return
+            }
+            Err(e) => {
+                self.close(&e.to_string());
+                return;
+            }
+        }
+        loop {
+            let Some(conn) = self.conn.as_mut() else {
+                return;
+            };
+            let reply = match conn.decoder.decode::<Request>() {
+                Ok(None) => return,
+                Ok(Some(req)) => self.call_handler(req),
+                Err(e) => {
+                    log::warn!("control: bad frame: {e}");
+                    if let Some(code) = e.error_code() {
+                        // Best effort: on a fatal error the connection closes anyway.
+                        if let Err(we) = conn.send(&Reply::error(code, e.to_string())) {
+                            self.close(&we.to_string());
+                            return;
+                        }
+                    }
+                    if e.is_fatal() {
+                        self.close(&e.to_string());
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let Some(conn) = self.conn.as_mut() else {
+                return;
+            };
+            if let Err(e) = conn.send(&reply) {
+                self.close(&format!("reply write failed: {e}"));
+                return;
+            }
+        }
+    }
+
+    fn call_handler(&self, req: Request) -> Reply {
+        match catch_unwind(AssertUnwindSafe(|| self.handler.handle(req))) {
+            Ok(reply) => reply,
+            Err(_) => Reply::error(ErrorCode::Internal, "control handler panicked"),
+        }
+    }
+
+    fn flush_notification(&mut self) {
+        let pending = self.server.shared.pending.load(Ordering::Acquire);
+        if pending <= self.last_notified {
+            return;
+        }
+        self.last_notified = pending;
+        let Some(conn) = self.conn.as_mut() else {
+            // Nobody to tell; a coordinator that connects later reads STATUS instead.
+            return;
+        };
+        let n = Notification::OutputPending {
+            epoch: Epoch(pending),
+        };
+        if let Err(e) = conn.send(&n) {
+            self.close(&format!("notification write failed: {e}"));
+        }
+    }
+}

@@ -1,0 +1,438 @@
+//! End to end over a real unix socket: a `ControlServer` with a toy device handler and a
+//! `ControlClient`, plus raw garbage writers.
+
+use ft_common::control::codec::{encode, read_message, MAX_FRAME_LEN, PROTOCOL_VERSION};
+use ft_common::control::message::*;
+use ft_common::control::{ClientError, ControlClient, ControlServer, Notifier};
+use ft_common::epoch::{Epoch, Fence, Generation};
+use std::io::Write;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(5);
+
+/// A fresh directory per test, removed on drop.
+struct TempDir(PathBuf);
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "ft-ctl-{}-{}-{}",
+            std::process::id(),
+            name,
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    fn sock(&self) -> PathBuf {
+        self.0.join("ctl.sock")
+    }
+}
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A toy device that follows the protocol's fencing and epoch rules.
+#[derive(Default)]
+struct ToyState {
+    fence: Fence,
+    open: u64,
+    last_sealed: Option<Epoch>,
+    last_committed: Option<Epoch>,
+}
+struct Toy(Mutex<ToyState>);
+impl Toy {
+    fn new() -> Toy {
+        Toy(Mutex::new(ToyState {
+            open: 1,
+            ..Default::default()
+        }))
+    }
+    fn handle(&self, req: Request) -> Reply {
+        let mut s = self.0.lock().unwrap();
+        if let Some(g) = req.generation() {
+            if let Err(e) = s.fence.admit(g) {
+                return Reply::error(ErrorCode::Fenced, e.to_string());
+            }
+        }
+        match req {
+            Request::Seal { epoch, .. } => {
+                if epoch.0 < s.open {
+                    return Reply::error(ErrorCode::StaleEpoch, "already sealed");
+                }
+                s.last_sealed = Some(epoch);
+                s.open = epoch.0 + 1;
+                Reply::Sealed {
+                    epoch,
+                    state: TransactionState {
+                        device: "toy".into(),
+                        kind: DeviceKind::Blk,
+                        queues: vec![QueueState {
+                            queue: 0,
+                            next_avail: epoch.0 as u16,
+                            held_heads: vec![1, 2],
+                        }],
+                    },
+                }
+            }
+            Request::Commit { epoch, .. } => {
+                if Some(epoch) > s.last_sealed {
+                    return Reply::error(ErrorCode::NotSealed, "not sealed");
+                }
+                if Some(epoch) <= s.last_committed {
+                    return Reply::error(ErrorCode::StaleEpoch, "already committed");
+                }
+                s.last_committed = Some(epoch);
+                Reply::Committed {
+                    epoch,
+                    stats: CommitStats {
+                        requests: 2,
+                        bytes: 8192,
+                        ..Default::default()
+                    },
+                }
+            }
+            Request::Abort { .. } => Reply::Aborted {
+                cancelled_requests: 0,
+                cancelled_bytes: 0,
+                last_committed: s.last_committed,
+            },
+            Request::Announce { .. } => Reply::error(ErrorCode::Unsupported, "blk"),
+            Request::Status => Reply::Status(Box::new(DeviceStatus {
+                device: "toy".into(),
+                kind: DeviceKind::Blk,
+                mode: "hold".into(),
+                generation: s.fence.newest(),
+                open_epoch: Epoch(s.open),
+                last_sealed: s.last_sealed,
+                last_committed: s.last_committed,
+                held_requests: 0,
+                held_bytes: 0,
+                epochs: vec![],
+                commits_ok: 0,
+                commits_failed: 0,
+                fdatasyncs: 0,
+                commit_refused: false,
+                last_commit: None,
+            })),
+        }
+    }
+}
+
+fn start_toy(dir: &TempDir) -> (ft_common::control::ControlServerHandle, Notifier) {
+    let server = ControlServer::bind(dir.sock()).unwrap();
+    let notifier = server.notifier();
+    let toy = Toy::new();
+    let handle = server.spawn(move |req| toy.handle(req)).unwrap();
+    (handle, notifier)
+}
+
+fn code(r: Reply) -> ErrorCode {
+    match r {
+        Reply::Error { code, .. } => code,
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+fn gen(g: u64) -> Generation {
+    Generation(g)
+}
+
+#[test]
+fn requests_get_their_replies_and_rules_are_enforced() {
+    let dir = TempDir::new("rr");
+    let (_server, _n) = start_toy(&dir);
+    let mut c = ControlClient::connect(dir.sock(), T).unwrap();
+    let seal = |g, e| Request::Seal {
+        generation: gen(g),
+        epoch: Epoch(e),
+    };
+    let commit = |g, e| Request::Commit {
+        generation: gen(g),
+        epoch: Epoch(e),
+    };
+
+    assert!(matches!(
+        c.call(&seal(2, 1)).unwrap(),
+        Reply::Sealed {
+            epoch: Epoch(1),
+            ..
+        }
+    ));
+    assert_eq!(code(c.call(&commit(2, 2)).unwrap()), ErrorCode::NotSealed);
+    assert!(matches!(
+        c.call(&commit(2, 1)).unwrap(),
+        Reply::Committed {
+            epoch: Epoch(1),
+            ..
+        }
+    ));
+    assert_eq!(code(c.call(&commit(2, 1)).unwrap()), ErrorCode::StaleEpoch);
+    assert_eq!(code(c.call(&seal(2, 1)).unwrap()), ErrorCode::StaleEpoch);
+    assert_eq!(code(c.call(&seal(1, 2)).unwrap()), ErrorCode::Fenced);
+    assert_eq!(
+        code(c.call(&Request::Announce { generation: gen(2) }).unwrap()),
+        ErrorCode::Unsupported
+    );
+    match c.call(&Request::Status).unwrap() {
+        Reply::Status(s) => {
+            assert_eq!(s.generation, gen(2));
+            assert_eq!(s.open_epoch, Epoch(2));
+            assert_eq!(s.last_committed, Some(Epoch(1)));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        c.call(&Request::Abort { generation: gen(3) }).unwrap(),
+        Reply::Aborted {
+            last_committed: Some(Epoch(1)),
+            ..
+        }
+    ));
+    assert!(c.take_notifications().is_empty());
+}
+
+#[test]
+fn socket_file_mode_stale_live_and_cleanup() {
+    let dir = TempDir::new("fs");
+    let path = dir.sock();
+    // A stale socket (bound, then its listener gone) is replaced.
+    drop(UnixListener::bind(&path).unwrap());
+    assert!(std::fs::symlink_metadata(&path)
+        .unwrap()
+        .file_type()
+        .is_socket());
+    let (server, _n) = start_toy(&dir);
+    let md = std::fs::metadata(&path).unwrap();
+    assert!(md.file_type().is_socket());
+    assert_eq!(md.permissions().mode() & 0o777, 0o600);
+    // A live one is refused, not stolen.
+    let e = ControlServer::bind(&path).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse);
+    // Stop unlinks.
+    server.stop();
+    assert!(!path.exists());
+    // A regular file is never removed.
+    std::fs::write(&path, b"precious").unwrap();
+    let e = ControlServer::bind(&path).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists);
+    assert_eq!(std::fs::read(&path).unwrap(), b"precious");
+}
+
+fn raw_reply(s: &mut UnixStream) -> Option<Reply> {
+    read_message::<_, Reply>(s, MAX_FRAME_LEN).unwrap()
+}
+
+#[test]
+fn garbage_gets_error_replies_and_the_server_survives() {
+    let dir = TempDir::new("garbage");
+    let (_server, _n) = start_toy(&dir);
+
+    let mut s = UnixStream::connect(dir.sock()).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    // Unknown version: error, connection stays.
+    let mut bad_version = 18u32.to_be_bytes().to_vec();
+    bad_version.push(PROTOCOL_VERSION + 1);
+    bad_version.extend_from_slice(br#"{"type":"STATUS"}"#);
+    s.write_all(&bad_version).unwrap();
+    assert_eq!(
+        code(raw_reply(&mut s).unwrap()),
+        ErrorCode::UnsupportedVersion
+    );
+    // Bad JSON and wrong shape: error, connection stays.
+    for body in [&b"\x01{not json"[..], b"\x01{\"type\":\"SEAL\"}", b""] {
+        let mut f = (body.len() as u32).to_be_bytes().to_vec();
+        f.extend_from_slice(body);
+        s.write_all(&f).unwrap();
+        assert_eq!(code(raw_reply(&mut s).unwrap()), ErrorCode::Malformed);
+    }
+    s.write_all(&encode(&Request::Status).unwrap()).unwrap();
+    assert!(matches!(raw_reply(&mut s), Some(Reply::Status(_))));
+    // Oversized length: error reply, then a clean close.
+    s.write_all(&u32::MAX.to_be_bytes()).unwrap();
+    s.write_all(&[0xAB; 100]).unwrap();
+    assert_eq!(code(raw_reply(&mut s).unwrap()), ErrorCode::TooLarge);
+    assert!(
+        raw_reply(&mut s).is_none(),
+        "connection closed after lost sync"
+    );
+
+    // Random bytes, then hang up mid-frame.
+    let mut s2 = UnixStream::connect(dir.sock()).unwrap();
+    s2.write_all(&[0, 0, 0, 50, 1, b'{']).unwrap();
+    drop(s2);
+
+    // The server accepts the next connection and works.
+    let mut c = ControlClient::connect(dir.sock(), T).unwrap();
+    assert!(matches!(
+        c.call(&Request::Status).unwrap(),
+        Reply::Status(_)
+    ));
+}
+
+#[test]
+fn notifications_interleave_with_replies() {
+    let dir = TempDir::new("notify");
+    let (_server, notifier) = start_toy(&dir);
+    let mut c = ControlClient::connect(dir.sock(), T).unwrap();
+    // Make sure the server has accepted us before notifying (notifications without a
+    // coordinator are dropped by design).
+    c.call(&Request::Status).unwrap();
+
+    // Idle: a notification wakes the waiter; repeats of the same epoch are coalesced.
+    notifier.output_pending(Epoch(1));
+    notifier.output_pending(Epoch(1));
+    assert_eq!(
+        c.wait_notification(T).unwrap(),
+        Some(Notification::OutputPending { epoch: Epoch(1) })
+    );
+    assert_eq!(
+        c.wait_notification(Duration::from_millis(100)).unwrap(),
+        None
+    );
+
+    // Busy: queue threads notify while calls are in flight.
+    const LAST: u64 = 300;
+    let n2 = notifier.clone();
+    let raiser = std::thread::spawn(move || {
+        for e in 2..=LAST {
+            n2.output_pending(Epoch(e));
+            n2.output_pending(Epoch(e - 1)); // an older epoch never goes out again
+            std::thread::sleep(Duration::from_micros(300));
+        }
+    });
+    let mut calls = 0;
+    while !raiser.is_finished() || calls < 50 {
+        assert!(matches!(
+            c.call(&Request::Status).unwrap(),
+            Reply::Status(_)
+        ));
+        calls += 1;
+    }
+    raiser.join().unwrap();
+    let mut seen: Vec<u64> = c
+        .take_notifications()
+        .into_iter()
+        .map(|Notification::OutputPending { epoch }| epoch.0)
+        .collect();
+    let during_calls = seen.len();
+    // Drain whatever is still in flight until the newest epoch arrives.
+    while seen.last() != Some(&LAST) {
+        match c.wait_notification(T).unwrap() {
+            Some(Notification::OutputPending { epoch }) => seen.push(epoch.0),
+            None => panic!("newest epoch never notified; saw {seen:?}"),
+        }
+    }
+    assert!(
+        seen.windows(2).all(|w| w[0] < w[1]),
+        "strictly increasing: {seen:?}"
+    );
+    eprintln!(
+        "{calls} calls, {during_calls} notifications collected by calls, {} in all",
+        seen.len()
+    );
+    assert!(during_calls > 0, "no notification arrived between replies");
+    // An epoch older than the newest notified one is never sent again.
+    notifier.output_pending(Epoch(LAST - 5));
+    notifier.output_pending(Epoch(LAST));
+    assert_eq!(
+        c.wait_notification(Duration::from_millis(100)).unwrap(),
+        None
+    );
+    // A disabled notifier (daemon without control socket) accepts calls and does nothing.
+    Notifier::disabled().output_pending(Epoch(LAST + 1));
+}
+
+#[test]
+fn late_replies_are_skipped_and_one_connection_is_served_at_a_time() {
+    let dir = TempDir::new("late");
+    let server = ControlServer::bind(dir.sock()).unwrap();
+    let slow = Arc::new(AtomicU64::new(0));
+    let slow2 = slow.clone();
+    let toy = Toy::new();
+    let _h = server
+        .spawn(move |req| {
+            std::thread::sleep(Duration::from_millis(slow2.load(Ordering::Relaxed)));
+            toy.handle(req)
+        })
+        .unwrap();
+
+    let mut a = ControlClient::connect(dir.sock(), Duration::from_millis(100)).unwrap();
+    slow.store(400, Ordering::Relaxed);
+    assert!(matches!(
+        a.call(&Request::Status),
+        Err(ClientError::Timeout(_))
+    ));
+    slow.store(0, Ordering::Relaxed);
+    a.set_timeout(T);
+    // The late STATUS reply is skipped; this call gets its own answer.
+    assert!(matches!(
+        a.call(&Request::Abort { generation: gen(1) }).unwrap(),
+        Reply::Aborted { .. }
+    ));
+
+    // B waits in the backlog while A is connected.
+    let mut b = ControlClient::connect(dir.sock(), Duration::from_millis(200)).unwrap();
+    assert!(matches!(
+        b.call(&Request::Status),
+        Err(ClientError::Timeout(_))
+    ));
+    drop(a);
+    b.set_timeout(T);
+    assert!(matches!(
+        b.call(&Request::Seal {
+            generation: gen(1),
+            epoch: Epoch(1)
+        })
+        .unwrap(),
+        Reply::Sealed { .. }
+    ));
+}
+
+#[test]
+fn a_panicking_handler_yields_internal_and_the_server_lives_on() {
+    let dir = TempDir::new("panic");
+    let server = ControlServer::bind(dir.sock()).unwrap();
+    let _h = server
+        .spawn(|req| match req {
+            Request::Announce { .. } => panic!("handler bug"),
+            _ => Reply::Announced { packets: 0 },
+        })
+        .unwrap();
+    let mut c = ControlClient::connect(dir.sock(), T).unwrap();
+    assert_eq!(
+        code(c.call(&Request::Announce { generation: gen(0) }).unwrap()),
+        ErrorCode::Internal
+    );
+    assert!(matches!(
+        c.call(&Request::Status).unwrap(),
+        Reply::Announced { .. }
+    ));
+}
+
+#[test]
+fn client_reports_a_daemon_that_goes_away() {
+    let dir = TempDir::new("gone");
+    let (server, _n) = start_toy(&dir);
+    let mut c = ControlClient::connect(dir.sock(), T).unwrap();
+    c.call(&Request::Status).unwrap();
+    server.stop();
+    let e = c.call(&Request::Status).unwrap_err();
+    assert!(
+        matches!(e, ClientError::Closed | ClientError::Codec(_)),
+        "{e}"
+    );
+    assert!(c.is_broken());
+    assert!(matches!(c.call(&Request::Status), Err(ClientError::Broken)));
+    assert!(matches!(
+        ControlClient::connect(dir.sock(), T),
+        Err(ClientError::Connect { .. })
+    ));
+}
