@@ -1,26 +1,30 @@
 //! The TX hold buffer of `--ft hold`: frames the guest sent, copied out of its ring and tagged
 //! with the epoch they were sent in, waiting for that epoch's checkpoint to be acknowledged.
 //!
-//! Storage is one byte arena used as a ring plus a FIFO of (epoch, offset, length) entries, both
-//! allocated once: holding a frame is a memcpy, never a heap allocation. Frames are appended in
-//! guest order and epochs only grow, so "all frames of epochs <= E" is always a prefix of the
-//! FIFO and a commit releases from the front.
+//! Storage is one byte arena used as a ring, allocated once, plus ft-common's [`TxQueue`] of
+//! (offset, length) slots, which owns the epoch bookkeeping (open/sealed/committed/aborted
+//! epochs, stale and unsealed commits refused, per-epoch stats, "first frame in an empty epoch"
+//! for OUTPUT_PENDING). Holding a frame is a memcpy, never a heap allocation. Frames are pushed in
+//! guest order and epochs only grow, so "all frames of epochs <= E" is a prefix of the queue and
+//! a commit releases from the front of the arena.
 //!
 //! Invariants:
-//! - Bounded: at most `max_packets` frames and `arena.len()` bytes are held; a frame that does not
-//!   fit makes [`TxHold::push`] answer [`Push::Full`], and the caller stops taking from the ring
+//! - Bounded: at most `max_packets` frames and `max_bytes` bytes (arena size; fragmentation at
+//!   the wrap point counts against it) are held; a frame that does not fit makes
+//!   [`TxHold::push`] answer [`Push::Full`], and the caller stops taking from the ring
 //!   (backpressure; nothing is dropped).
-//! - A frame leaves only through [`TxHold::release_through`] (in guest order) or
-//!   [`TxHold::discard_all`] (abort); nothing of an epoch > E is released by a commit of E.
+//! - A frame leaves only through [`TxHold::commit`] (in guest order, epochs <= E, E sealed) or
+//!   [`TxHold::abort`]; nothing of an epoch later than the committed one is ever handed out.
 
 use crate::tx::{copy_from_iov, Push, TxSink};
+use ft_common::aiocb::Aiocb;
 use ft_common::epoch::Epoch;
-use std::collections::VecDeque;
+use ft_common::txqueue::{Limits, SealSummary, TxError, TxQueue};
 use std::io;
 
+/// Where a held frame lives in the arena.
 #[derive(Clone, Copy, Debug)]
-struct Held {
-    epoch: Epoch,
+pub struct Slot {
     off: usize,
     len: usize,
 }
@@ -36,15 +40,13 @@ pub struct Released {
 
 pub struct TxHold {
     arena: Box<[u8]>,
-    entries: VecDeque<Held>,
-    max_packets: usize,
+    q: TxQueue<Slot>,
     /// Start of the oldest held frame (meaningful when not empty).
     head: usize,
     /// Where the next frame goes.
     tail: usize,
-    bytes: usize,
-    /// Set when a frame lands in an epoch that held nothing yet (Kemari's "output pending");
-    /// taken by the device to notify the coordinator.
+    /// Reused buffer for the frames a commit takes.
+    taken: Vec<Aiocb<Slot>>,
     output_pending: Option<Epoch>,
 }
 
@@ -53,41 +55,48 @@ impl TxHold {
     pub fn new(max_bytes: usize, max_packets: usize) -> TxHold {
         TxHold {
             arena: vec![0u8; max_bytes].into_boxed_slice(),
-            entries: VecDeque::with_capacity(max_packets),
-            max_packets,
+            q: TxQueue::new(Limits {
+                max_requests: max_packets,
+                max_bytes: max_bytes as u64,
+            }),
             head: 0,
             tail: 0,
-            bytes: 0,
+            taken: Vec::with_capacity(max_packets.min(4096)),
             output_pending: None,
         }
     }
 
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.q.held_requests()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.len() == 0
     }
 
     /// Bytes of frames held (headers included).
     pub fn bytes(&self) -> usize {
-        self.bytes
+        self.q.held_bytes() as usize
     }
 
-    /// Frames held of epochs <= `e`.
-    pub fn frames_through(&self, e: Epoch) -> usize {
-        self.entries.partition_point(|h| h.epoch <= e)
+    /// The epoch new frames go to.
+    pub fn open_epoch(&self) -> Epoch {
+        self.q.open_epoch()
     }
 
-    /// The epoch that got its first frame since the last call, if any.
+    /// The transaction queue, for status and SEAL records.
+    pub fn queue(&self) -> &TxQueue<Slot> {
+        &self.q
+    }
+
+    /// The epoch that got its first frame since the last call, if any (OUTPUT_PENDING).
     pub fn take_output_pending(&mut self) -> Option<Epoch> {
         self.output_pending.take()
     }
 
     /// Offset for `len` bytes, or None if they do not fit now.
     fn alloc(&self, len: usize) -> Option<usize> {
-        if self.entries.is_empty() {
+        if self.is_empty() {
             return (len <= self.arena.len()).then_some(0);
         }
         if self.tail > self.head {
@@ -104,9 +113,8 @@ impl TxHold {
         }
     }
 
-    /// Copies a frame of `len` bytes gathered over `iov` into epoch `epoch`.
-    /// Epochs passed in must not decrease.
-    pub fn push(&mut self, epoch: Epoch, iov: &[libc::iovec], len: usize) -> Push {
+    /// Copies a frame of `len` bytes gathered over `iov` into the open epoch.
+    pub fn push(&mut self, iov: &[libc::iovec], len: usize) -> Push {
         if len > self.arena.len() {
             // Could never fit; the CLI keeps the arena above the largest frame, so this is a
             // configuration error, reported as a drop rather than a permanent stall.
@@ -115,85 +123,94 @@ impl TxHold {
                 self.arena.len()
             )));
         }
-        if self.entries.len() >= self.max_packets {
-            return Push::Full;
-        }
         let Some(off) = self.alloc(len) else {
             return Push::Full;
         };
+        let was_empty = self.is_empty();
+        let pushed = match self.q.push(Slot { off, len }, len as u64) {
+            Ok(p) => p,
+            Err(_full) => return Push::Full,
+        };
         let copied = copy_from_iov(iov, &mut self.arena[off..off + len]);
         debug_assert_eq!(copied, len);
-        let first_of_epoch = self.entries.back().is_none_or(|h| h.epoch < epoch);
-        if self.entries.is_empty() {
+        if was_empty {
             self.head = off;
         }
-        self.entries.push_back(Held { epoch, off, len });
         self.tail = off + len;
-        self.bytes += len;
-        if first_of_epoch {
-            self.output_pending = Some(epoch);
+        if pushed.first_in_epoch {
+            self.output_pending = Some(pushed.epoch);
         }
         Push::Done
     }
 
-    fn pop_front(&mut self) -> Option<Held> {
-        let h = self.entries.pop_front()?;
-        self.bytes -= h.len;
-        match self.entries.front() {
-            Some(next) => self.head = next.off,
+    /// SEAL E: closes the open epoch, opens E+1.
+    pub fn seal(&mut self, e: Epoch) -> Result<SealSummary, TxError> {
+        self.q.seal(e)
+    }
+
+    fn reset_positions(&mut self) {
+        match self.q.held().next() {
+            Some(a) => self.head = a.payload().off,
             None => {
                 self.head = 0;
                 self.tail = 0;
             }
         }
-        Some(h)
     }
 
-    /// Hands every frame of epochs <= `e` to `out`, oldest first, and frees their room.
-    pub fn release_through<F>(&mut self, e: Epoch, mut out: F) -> Released
+    /// COMMIT E: hands every frame of epochs <= E to `out`, oldest first, and frees their room.
+    /// Refused (nothing released) if E is stale, not sealed, or aborted.
+    pub fn commit<F>(&mut self, e: Epoch, mut out: F) -> Result<Released, TxError>
     where
         F: FnMut(&[u8]) -> io::Result<()>,
     {
+        let mut taken = std::mem::take(&mut self.taken);
+        taken.clear();
+        let res = self.q.take_committable_into(e, &mut taken);
         let mut r = Released::default();
-        while self.entries.front().is_some_and(|h| h.epoch <= e) {
-            let Some(h) = self.entries.front().copied() else {
-                break;
-            };
-            if out(&self.arena[h.off..h.off + h.len]).is_err() {
-                r.errors += 1;
+        if res.is_ok() {
+            for a in taken.drain(..) {
+                let Slot { off, len } = *a.payload();
+                let frame = &self.arena[off..off + len];
+                let res = match out(frame) {
+                    Ok(()) => len as i32,
+                    Err(err) => {
+                        r.errors += 1;
+                        -err.raw_os_error().unwrap_or(libc::EIO)
+                    }
+                };
+                // Follow the AIOCB state machine to its terminal state.
+                let _ = a.submit().complete(res);
+                r.frames += 1;
+                r.bytes += len as u64;
             }
-            r.frames += 1;
-            r.bytes += h.len as u64;
-            self.pop_front();
+            self.reset_positions();
         }
-        r
+        self.taken = taken;
+        res.map(|_| r)
     }
 
-    /// Drops every held frame (ABORT): none of them is ever sent.
-    pub fn discard_all(&mut self) -> Released {
+    /// ABORT: drops every held frame; none of them is ever sent. Epochs up to the open one are
+    /// marked aborted (their commit is refused).
+    pub fn abort(&mut self) -> Released {
+        let dropped = self.q.abort();
         let r = Released {
-            frames: self.entries.len() as u64,
-            bytes: self.bytes as u64,
+            frames: dropped.len() as u64,
+            bytes: dropped.iter().map(|s| s.len as u64).sum(),
             errors: 0,
         };
-        self.entries.clear();
-        self.head = 0;
-        self.tail = 0;
-        self.bytes = 0;
+        self.reset_positions();
         self.output_pending = None;
         r
     }
 }
 
-/// `--ft hold`: a [`TxSink`] that copies frames into the hold buffer under the open epoch.
-pub struct HoldSink<'a> {
-    pub hold: &'a mut TxHold,
-    pub epoch: Epoch,
-}
+/// `--ft hold`: a [`TxSink`] that copies frames into the hold buffer's open epoch.
+pub struct HoldSink<'a>(pub &'a mut TxHold);
 
 impl TxSink for HoldSink<'_> {
     fn push(&mut self, iov: &[libc::iovec], len: usize) -> Push {
-        self.hold.push(self.epoch, iov, len)
+        self.0.push(iov, len)
     }
 }
 
@@ -201,6 +218,7 @@ impl TxSink for HoldSink<'_> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::collections::VecDeque;
 
     fn iov(b: &[u8]) -> [libc::iovec; 1] {
         [libc::iovec {
@@ -209,111 +227,122 @@ mod tests {
         }]
     }
 
-    fn push(h: &mut TxHold, e: u64, b: &[u8]) -> bool {
-        match h.push(Epoch(e), &iov(b), b.len()) {
+    fn push(h: &mut TxHold, b: &[u8]) -> bool {
+        match h.push(&iov(b), b.len()) {
             Push::Done => true,
             Push::Full => false,
             Push::Failed(e) => panic!("{e}"),
         }
     }
 
-    fn release(h: &mut TxHold, e: u64) -> Vec<Vec<u8>> {
+    fn commit(h: &mut TxHold, e: u64) -> Result<Vec<Vec<u8>>, TxError> {
         let mut v = Vec::new();
-        h.release_through(Epoch(e), |f| {
+        h.commit(Epoch(e), |f| {
             v.push(f.to_vec());
             Ok(())
-        });
-        v
+        })?;
+        Ok(v)
     }
 
     #[test]
-    fn commit_releases_prefix_in_order_abort_discards() {
+    fn commit_releases_sealed_prefix_in_order_abort_discards() {
         let mut h = TxHold::new(1000, 100);
-        assert!(push(&mut h, 1, b"a1"));
+        assert!(push(&mut h, b"a1"));
         assert_eq!(h.take_output_pending(), Some(Epoch(1)));
-        assert!(push(&mut h, 1, b"a2"));
+        assert!(push(&mut h, b"a2"));
         assert_eq!(h.take_output_pending(), None);
-        assert!(push(&mut h, 2, b"b1"));
+        h.seal(Epoch(1)).unwrap();
+        assert!(push(&mut h, b"b1"));
         assert_eq!(h.take_output_pending(), Some(Epoch(2)));
-        assert!(push(&mut h, 3, b"c1"));
-        assert_eq!(h.frames_through(Epoch(2)), 3);
-        assert!(release(&mut h, 0).is_empty());
+        // Epoch 2 is not sealed: refused, nothing released.
+        assert!(matches!(commit(&mut h, 2), Err(TxError::NotSealed { .. })));
+        assert_eq!(h.len(), 3);
+        let s = h.seal(Epoch(2)).unwrap();
+        assert_eq!((s.held_requests, s.epoch_requests), (3, 1));
+        assert!(push(&mut h, b"c1"));
         assert_eq!(
-            release(&mut h, 2),
-            vec![b"a1".to_vec(), b"a2".into(), b"b1".into()]
+            commit(&mut h, 1).unwrap(),
+            vec![b"a1".to_vec(), b"a2".into()]
         );
-        assert_eq!(h.len(), 1);
-        assert_eq!(h.bytes(), 2);
-        let d = h.discard_all();
+        assert!(matches!(commit(&mut h, 1), Err(TxError::Stale { .. })));
+        assert_eq!(commit(&mut h, 2).unwrap(), vec![b"b1".to_vec()]);
+        assert_eq!((h.len(), h.bytes()), (1, 2));
+        let d = h.abort();
         assert_eq!(d.frames, 1);
-        assert!(release(&mut h, 99).is_empty());
+        assert!(h.is_empty());
+        assert!(matches!(commit(&mut h, 3), Err(TxError::Aborted { .. })));
     }
 
     #[test]
     fn full_by_packets_and_by_bytes_then_room_after_commit() {
         let mut h = TxHold::new(10, 3);
-        assert!(push(&mut h, 1, b"1234"));
-        assert!(push(&mut h, 1, b"5678"));
-        assert!(!push(&mut h, 1, b"abc"), "only 2 bytes left");
-        assert!(push(&mut h, 1, b"ab"));
-        assert!(!push(&mut h, 1, b"x"), "packet bound");
-        assert_eq!(release(&mut h, 1).len(), 3);
-        assert!(push(&mut h, 2, b"0123456789"));
-        assert!(matches!(
-            h.push(Epoch(2), &iov(&[0; 11]), 11),
-            Push::Failed(_)
-        ));
+        assert!(push(&mut h, b"1234"));
+        assert!(push(&mut h, b"5678"));
+        assert!(!push(&mut h, b"abc"), "only 2 bytes left");
+        assert!(push(&mut h, b"ab"));
+        assert!(!push(&mut h, b"x"), "packet bound");
+        h.seal(Epoch(1)).unwrap();
+        assert_eq!(commit(&mut h, 1).unwrap().len(), 3);
+        assert!(push(&mut h, b"0123456789"));
+        assert!(matches!(h.push(&iov(&[0; 11]), 11), Push::Failed(_)));
     }
 
     #[test]
     fn ring_wraps_without_overwriting_held_frames() {
         let mut h = TxHold::new(10, 10);
-        assert!(push(&mut h, 1, b"aaaa"));
-        assert!(push(&mut h, 2, b"bbbb"));
-        assert_eq!(release(&mut h, 1), vec![b"aaaa".to_vec()]);
+        assert!(push(&mut h, b"aaaa"));
+        h.seal(Epoch(1)).unwrap();
+        assert!(push(&mut h, b"bbbb"));
+        assert_eq!(commit(&mut h, 1).unwrap(), vec![b"aaaa".to_vec()]);
         // 2 bytes at the end, 4 free at the front: must wrap, and strictly below head.
-        assert!(!push(&mut h, 3, b"cccc"));
-        assert!(push(&mut h, 3, b"ccc"));
-        assert!(!push(&mut h, 3, b"d"));
-        assert_eq!(release(&mut h, 3), vec![b"bbbb".to_vec(), b"ccc".to_vec()]);
+        assert!(!push(&mut h, b"cccc"));
+        assert!(push(&mut h, b"ccc"));
+        assert!(!push(&mut h, b"d"));
+        h.seal(Epoch(2)).unwrap();
+        assert_eq!(
+            commit(&mut h, 2).unwrap(),
+            vec![b"bbbb".to_vec(), b"ccc".to_vec()]
+        );
         assert!(h.is_empty());
     }
 
     proptest! {
-        /// Random pushes, commits and aborts against a model: released frames are exactly the
-        /// model's frames of epochs <= E, in order, with their bytes intact; bounds hold.
+        /// Random pushes, seals, commits and aborts against a model: released frames are
+        /// exactly the model's frames of epochs <= E, in order, bytes intact; bounds hold.
         #[test]
-        fn matches_model(ops in proptest::collection::vec((0u8..4, 1usize..40), 1..200)) {
+        fn matches_model(ops in proptest::collection::vec((0u8..5, 1usize..40), 1..200)) {
             let mut h = TxHold::new(100, 6);
             let mut model: VecDeque<(u64, Vec<u8>)> = VecDeque::new();
-            let mut epoch = 1u64;
             let mut seq = 0u8;
             for (op, n) in ops {
                 match op {
                     0 | 1 => {
                         seq = seq.wrapping_add(1);
                         let f = vec![seq; n];
-                        if push(&mut h, epoch, &f) {
-                            model.push_back((epoch, f));
+                        let e = h.open_epoch().0;
+                        if push(&mut h, &f) {
+                            model.push_back((e, f));
                         }
                         prop_assert!(h.len() <= 6 && h.bytes() <= 100);
                     }
                     2 => {
-                        let e = epoch.saturating_sub((n % 3) as u64);
-                        let got = release(&mut h, e);
-                        let mut want = Vec::new();
-                        while model.front().is_some_and(|(fe, _)| *fe <= e) {
-                            want.push(model.pop_front().unwrap().1);
+                        let e = h.open_epoch();
+                        h.seal(e).unwrap();
+                    }
+                    3 => {
+                        let e = h.queue().last_sealed().map(|e| e.0).unwrap_or(0);
+                        if let Ok(got) = commit(&mut h, e) {
+                            let mut want = Vec::new();
+                            while model.front().is_some_and(|(fe, _)| *fe <= e) {
+                                want.push(model.pop_front().unwrap().1);
+                            }
+                            prop_assert_eq!(got, want);
                         }
-                        prop_assert_eq!(got, want);
-                        epoch += 1;
                     }
                     _ => {
                         if n % 5 == 0 {
-                            h.discard_all();
+                            h.abort();
                             model.clear();
-                        } else {
-                            epoch += 1;
                         }
                     }
                 }
