@@ -5,7 +5,10 @@
 //! Invariant served by the whole crate: in `hold` mode no TX frame of an epoch later than the
 //! last committed one reaches the tap; RX is never held.
 
+pub mod announce;
 pub mod config;
+pub mod device;
+pub mod gate;
 pub mod mac;
 pub mod open_tap;
 pub mod ring;

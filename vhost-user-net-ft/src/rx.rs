@@ -93,12 +93,21 @@ impl RxPath {
     /// from is being torn down, so nothing is written to it.
     pub fn reset(&mut self, counters: &NetCounters) {
         if self.pending != 0 {
-            counters.rx.count_drop(DropReason::TapError);
+            counters.rx.count_drop(DropReason::Reset);
         }
         self.pending = 0;
         self.segs.clear();
         self.chains.clear();
         self.taken_cap = 0;
+    }
+
+    /// Gives the chains taken for a parked frame back to the guest empty (used length 0) and
+    /// drops the frame: the ring is being stopped and must not keep chains in our hands.
+    pub fn abandon<R: Ring>(&mut self, q: &mut R, counters: &NetCounters) {
+        for c in &self.chains {
+            q.add_used(c.head, 0);
+        }
+        self.reset(counters);
     }
 
     /// Moves frames from `src` into `q` until the source is empty or the ring runs dry.

@@ -27,9 +27,11 @@ pub enum DropReason {
     BadDescriptor,
     /// The tap refused the frame.
     TapError,
+    /// An RX frame was waiting for buffers when its ring was stopped or the device reset.
+    Reset,
 }
 
-const KINDS: usize = 6;
+const KINDS: usize = 7;
 
 impl DropReason {
     fn index(self) -> usize {
@@ -44,6 +46,7 @@ impl DropReason {
             DropReason::Runt => "frame shorter than an Ethernet header",
             DropReason::BadDescriptor => "bad descriptor",
             DropReason::TapError => "tap write failed",
+            DropReason::Reset => "ring stopped while the frame waited for buffers",
         }
     }
 }
