@@ -4,11 +4,14 @@
 
 #![allow(dead_code)]
 
+pub mod frontend;
+
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-/// Test frames use the local experimental ethertype, so kernel chatter (IPv6 RS, MLD) is ignored.
+/// Test frames use the local experimental ethertype, so kernel chatter on the tap (IPv6 router
+/// solicitations, MLD reports once the link is up) can be told apart and ignored.
 pub const ETH_P_TEST: u16 = 0x88b5;
 
 /// Runs `f` on a thread in a fresh network namespace (taps, addresses and packet sockets made
