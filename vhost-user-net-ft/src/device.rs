@@ -23,6 +23,7 @@ use crate::ring::Ring;
 use crate::rx::RxPath;
 use crate::stats::NetCounters;
 use crate::tap::Tap;
+use crate::tap_batch::TapBatch;
 use crate::tx::{TapSink, TxPath};
 use crate::tx_hold::{HoldSink, Released, TxHold};
 use crate::vnet_hdr::{hdr_len_for, VNET_HDR_LEN};
@@ -227,6 +228,11 @@ impl VhostUserDevice for NetDevice {
             tx: TxPath::new(),
             hold: (self.mode == FtMode::Hold)
                 .then(|| TxHold::new(self.limits.bytes, self.limits.packets)),
+            batch: if self.mode == FtMode::Hold {
+                TapBatch::new()
+            } else {
+                TapBatch::without_io_uring()
+            },
             counters: self.counters.clone(),
             notifier: self.notifier.clone(),
             tap_watched: true,
@@ -260,6 +266,8 @@ pub struct NetWorker {
     rx: RxPath,
     tx: TxPath,
     hold: Option<TxHold>,
+    /// Batched tap writes for commits.
+    batch: TapBatch,
     counters: Arc<NetCounters>,
     notifier: Notifier,
     tap_watched: bool,
@@ -380,8 +388,9 @@ impl NetWorker {
                 Err(e) => NetReply::Refused(e),
             },
             GateOp::Commit(e) => {
-                let tap = &self.tap;
-                match hold.commit(e, |f| Self::write_to_tap(tap, f)) {
+                let (tap, batch) = (&self.tap, &mut self.batch);
+                // SAFETY: the iovecs point into the hold arena, untouched until commit returns.
+                match hold.commit(e, |iovs| unsafe { batch.write_all(tap, iovs) }.errors) {
                     Ok(r) => {
                         self.counters
                             .committed_frames

@@ -15,6 +15,7 @@ pub mod ring;
 pub mod rx;
 pub mod stats;
 pub mod tap;
+pub mod tap_batch;
 pub mod tx;
 pub mod tx_hold;
 pub mod vnet_hdr;

@@ -45,10 +45,15 @@ pub struct TxHold {
     head: usize,
     /// Where the next frame goes.
     tail: usize,
-    /// Reused buffer for the frames a commit takes.
+    /// Reused buffers for the frames a commit takes.
     taken: Vec<Aiocb<Slot>>,
+    iov: Vec<libc::iovec>,
     output_pending: Option<Epoch>,
 }
+
+// SAFETY: `iov` holds pointers into `arena` (owned by this struct) only during `commit`; between
+// calls it is empty. Nothing else is shared.
+unsafe impl Send for TxHold {}
 
 impl TxHold {
     /// A buffer of `max_bytes` bytes (headers included) and `max_packets` frames.
@@ -62,6 +67,7 @@ impl TxHold {
             head: 0,
             tail: 0,
             taken: Vec::with_capacity(max_packets.min(4096)),
+            iov: Vec::with_capacity(max_packets.min(4096)),
             output_pending: None,
         }
     }
@@ -158,31 +164,35 @@ impl TxHold {
         }
     }
 
-    /// COMMIT E: hands every frame of epochs <= E to `out`, oldest first, and frees their room.
-    /// Refused (nothing released) if E is stale, not sealed, or aborted.
-    pub fn commit<F>(&mut self, e: Epoch, mut out: F) -> Result<Released, TxError>
+    /// COMMIT E: hands every frame of epochs <= E to `out` in one call, oldest first, as
+    /// iovecs into the arena (valid during the call), then frees their room. `out` returns how
+    /// many frames it failed to send. Refused (nothing released) if E is stale, not sealed, or
+    /// aborted.
+    pub fn commit<F>(&mut self, e: Epoch, out: F) -> Result<Released, TxError>
     where
-        F: FnMut(&[u8]) -> io::Result<()>,
+        F: FnOnce(&[libc::iovec]) -> u64,
     {
         let mut taken = std::mem::take(&mut self.taken);
         taken.clear();
         let res = self.q.take_committable_into(e, &mut taken);
         let mut r = Released::default();
         if res.is_ok() {
-            for a in taken.drain(..) {
+            self.iov.clear();
+            for a in &taken {
                 let Slot { off, len } = *a.payload();
-                let frame = &self.arena[off..off + len];
-                let res = match out(frame) {
-                    Ok(()) => len as i32,
-                    Err(err) => {
-                        r.errors += 1;
-                        -err.raw_os_error().unwrap_or(libc::EIO)
-                    }
-                };
-                // Follow the AIOCB state machine to its terminal state.
-                let _ = a.submit().complete(res);
+                self.iov.push(libc::iovec {
+                    iov_base: self.arena[off..].as_ptr() as *mut libc::c_void,
+                    iov_len: len,
+                });
                 r.frames += 1;
                 r.bytes += len as u64;
+            }
+            r.errors = out(&self.iov);
+            self.iov.clear();
+            for a in taken.drain(..) {
+                let len = a.bytes() as i32;
+                // Follow the AIOCB state machine to its terminal state.
+                let _ = a.submit().complete(len);
             }
             self.reset_positions();
         }
@@ -237,9 +247,13 @@ mod tests {
 
     fn commit(h: &mut TxHold, e: u64) -> Result<Vec<Vec<u8>>, TxError> {
         let mut v = Vec::new();
-        h.commit(Epoch(e), |f| {
-            v.push(f.to_vec());
-            Ok(())
+        h.commit(Epoch(e), |iovs| {
+            for f in iovs {
+                let mut b = vec![0u8; f.iov_len];
+                copy_from_iov(std::slice::from_ref(f), &mut b);
+                v.push(b);
+            }
+            0
         })?;
         Ok(v)
     }

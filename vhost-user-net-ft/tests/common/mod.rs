@@ -81,6 +81,18 @@ impl PacketSocket {
         if r < 0 {
             return Err(io::Error::last_os_error());
         }
+        // Room for bursts (a whole commit) without drops in the socket (root may force it).
+        let size: libc::c_int = 16 << 20;
+        // SAFETY: setsockopt with a c_int option value we own.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                &size as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as u32,
+            )
+        };
         Ok(PacketSocket { fd, ifindex })
     }
 
