@@ -153,8 +153,11 @@ pub trait QueueWorker: Send {
 
     /// Stop processing `queue`: cancel or drain what the device holds for it. Return `Pending`
     /// while completions or cancels are outstanding; the server calls again after the next
-    /// event. While stopping, the queue is still reachable through `ctx` (to `add_used` drained
-    /// requests) but kicks are no longer delivered.
+    /// event (and at least every few milliseconds). While stopping, the queue is still
+    /// reachable through `ctx` (to `add_used` drained requests) but kicks are no longer
+    /// delivered. Requests may be abandoned (not completed) only if
+    /// [`VringHandle::inflight_tracked`] is true; the device must then forget them entirely,
+    /// as they will be resubmitted by `pop` on the next start.
     fn stop_queue(&mut self, ctx: &mut WorkerCtx, queue: u16) -> StopStatus;
 
     /// The connection ended or the device was reset; every queue of the group has been stopped

@@ -231,6 +231,12 @@ impl ConnHandler {
         }
     }
 
+    /// The connection is gone: stop everything and drop the dirty log (no ring runs now).
+    pub(crate) fn close(&mut self) {
+        self.disconnect();
+        self.shared.log.reset();
+    }
+
     fn reset(&mut self) {
         self.disconnect();
         let n = self.rings.len();

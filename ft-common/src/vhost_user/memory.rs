@@ -113,6 +113,18 @@ impl DirtyLog {
         Ok(())
     }
 
+    /// Forget the log area (end of a connection). Only call while no ring runs: a worker
+    /// marking pages concurrently could touch an unmapped area.
+    pub fn reset(&self) {
+        self.active.store(false, Ordering::SeqCst);
+        self.len.store(0, Ordering::SeqCst);
+        self.addr.store(std::ptr::null_mut(), Ordering::SeqCst);
+        self.mappings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
     /// Start or stop logging (the LOG_ALL feature bit of SET_FEATURES).
     pub fn set_active(&self, active: bool) {
         self.active.store(active, Ordering::SeqCst);
