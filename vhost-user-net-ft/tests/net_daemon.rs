@@ -9,10 +9,10 @@
 
 mod common;
 
-use common::frontend::{Buf, TestFrontend};
 use common::{eth_frame, in_netns, PacketSocket};
 use ft_common::control::{ControlClient, ErrorCode, Notification, Reply, Request};
 use ft_common::epoch::{Epoch, Generation};
+use ft_tests::frontend::{Buf, TestFrontend};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -301,12 +301,48 @@ fn hold_gates_tx_until_commit_and_abort_discards() {
         }
         assert!(quiet(&pkt).is_empty(), "aborted frames reached the tap");
 
-        // ANNOUNCE: one RARP for the guest MAC (not an ETH_P_TEST frame, so check by count
-        // through the status reply instead of the packet socket filter).
+        // Malformed TX chains (short header, device-writable descriptor) are dropped and
+        // returned; the daemon keeps serving and nothing is held for them.
+        let gpa = f.alloc(64);
+        f.add_chain(
+            TXQ,
+            &[Buf {
+                gpa,
+                len: 8,
+                writable: false,
+            }],
+        );
+        f.add_chain(
+            TXQ,
+            &[Buf {
+                gpa,
+                len: 64,
+                writable: true,
+            }],
+        );
+        f.kick(TXQ);
+        assert_eq!(f.wait_used(TXQ, 2, Duration::from_secs(5)).len(), 2);
+        match call(&mut ctl, Request::Status) {
+            Reply::Status(s) => {
+                assert_eq!(s.mode, "hold");
+                assert_eq!(s.held_requests, 0);
+                assert_eq!(s.last_committed, Some(Epoch(1)));
+                assert_eq!(s.commits_ok, 1);
+            }
+            r => panic!("status: {r:?}"),
+        }
+
+        // ANNOUNCE: one gratuitous RARP for the guest MAC on the wire.
+        let rarp = PacketSocket::bind_proto("ftgate0", 0x8035).expect("rarp socket");
         match call(&mut ctl, Request::Announce { generation: G }) {
             Reply::Announced { packets } => assert_eq!(packets, 1),
             r => panic!("announce: {r:?}"),
         }
+        let got = rarp.collect(Duration::from_millis(200), Duration::from_secs(2));
+        assert_eq!(got.len(), 1, "one RARP");
+        assert_eq!(got[0][..6], [0xff; 6]);
+        assert_eq!(got[0][6..12], GUEST);
+        assert_eq!(got[0][20..22], [0, 3], "reverse request");
         drop(f);
         d.stop();
     });

@@ -4,8 +4,6 @@
 
 #![allow(dead_code)]
 
-pub mod frontend;
-
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -50,8 +48,13 @@ pub struct PacketSocket {
 impl PacketSocket {
     /// A raw socket bound to `ifname` seeing only ETH_P_TEST frames.
     pub fn bind(ifname: &str) -> io::Result<PacketSocket> {
+        Self::bind_proto(ifname, ETH_P_TEST)
+    }
+
+    /// A raw socket bound to `ifname` seeing only frames of ethertype `ethertype`.
+    pub fn bind_proto(ifname: &str, ethertype: u16) -> io::Result<PacketSocket> {
         let ifindex = vhost_user_net_ft::open_tap::if_index(ifname)? as i32;
-        let proto = (ETH_P_TEST).to_be() as i32;
+        let proto = ethertype.to_be() as i32;
         // SAFETY: plain socket(2).
         let fd = unsafe {
             libc::socket(
@@ -68,7 +71,7 @@ impl PacketSocket {
         // SAFETY: sockaddr_ll is plain data.
         let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_protocol = ETH_P_TEST.to_be();
+        sll.sll_protocol = ethertype.to_be();
         sll.sll_ifindex = ifindex;
         // SAFETY: binds with a valid sockaddr_ll of the right size.
         let r = unsafe {
