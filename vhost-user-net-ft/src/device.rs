@@ -324,7 +324,15 @@ impl NetWorker {
         ring.signal_used();
         match res {
             Ok(pass) => self.watch_tap(ctx, !pass.blocked),
-            Err(e) => warn!("tap {}: read: {e}", self.tap.name()),
+            Err(e) => {
+                // A broken tap (e.g. the interface was deleted) stays readable for epoll: stop
+                // polling it instead of spinning; the next RX kick tries again.
+                warn!(
+                    "tap {}: read: {e}; RX paused until the next kick",
+                    self.tap.name()
+                );
+                self.watch_tap(ctx, false);
+            }
         }
     }
 
