@@ -12,5 +12,5 @@
 pub mod aiocb;
 pub mod control;
 pub mod epoch;
-pub mod vhost_user;
 pub mod txqueue;
+pub mod vhost_user;
