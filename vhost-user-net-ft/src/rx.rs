@@ -133,7 +133,7 @@ impl RxPath {
                     Err(e) => return Err(e),
                 }
             }
-            if self.take_chains(q, counters) {
+            if self.take_chains(q, counters, &mut pass) {
                 self.deliver(q, counters, &mut pass);
                 continue;
             }
@@ -152,7 +152,12 @@ impl RxPath {
 
     /// Takes chains until the parked frame fits. False if the ring ran dry first (chains taken
     /// so far stay ours) or the frame was dropped.
-    fn take_chains<R: Ring>(&mut self, q: &mut R, counters: &NetCounters) -> bool {
+    fn take_chains<R: Ring>(
+        &mut self,
+        q: &mut R,
+        counters: &NetCounters,
+        pass: &mut RxPass,
+    ) -> bool {
         let need = self.pending as u64;
         while self.chains.is_empty() || (self.mrg_rxbuf && self.taken_cap < need) {
             let Some(chain) = q.pop() else {
@@ -181,7 +186,9 @@ impl RxPath {
                     format_args!("RX chain {head}: readable, unmapped or too small descriptor"),
                 );
                 // Give the bad chain back to the guest empty; it is consumed, never re-read.
-                q.add_used(head, 0);
+                if q.add_used(head, 0) {
+                    pass.used += 1;
+                }
                 continue;
             }
             if !self.mrg_rxbuf && (cap as u64) < need {
