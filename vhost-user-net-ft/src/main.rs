@@ -79,8 +79,15 @@ fn run(cli: Cli) -> Result<(), String> {
             "--tx-buffer-bytes must hold the largest frame: at least {min_bytes}"
         ));
     }
-    if cli.tx_buffer_packets == 0 {
-        return Err("--tx-buffer-packets must be at least 1".into());
+    // Allocated up front per queue pair: keep a typo from becoming an allocation abort.
+    const MAX_BUFFER_BYTES: usize = 1 << 30;
+    if cli.tx_buffer_bytes > MAX_BUFFER_BYTES {
+        return Err(format!(
+            "--tx-buffer-bytes is per queue pair and allocated up front: at most {MAX_BUFFER_BYTES}"
+        ));
+    }
+    if cli.tx_buffer_packets == 0 || cli.tx_buffer_packets > 1 << 20 {
+        return Err("--tx-buffer-packets must be 1..=1048576".into());
     }
     if !cli.queue_size.is_power_of_two() || cli.queue_size > 32768 {
         return Err("--queue-size must be a power of two up to 32768".into());

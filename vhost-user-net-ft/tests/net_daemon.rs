@@ -360,9 +360,13 @@ fn backpressure_with_tiny_buffer_loses_nothing() {
             send(&mut f, fr);
         }
         f.kick(TXQ);
-        // Only three fit: the daemon stops taking from the ring.
+        // Only three fit: the daemon stops taking from the ring and asks for a checkpoint.
         let used = f.wait_used(TXQ, 20, Duration::from_millis(500));
         assert_eq!(used.len(), 3, "hold buffer bounded at 3 packets");
+        match ctl.wait_notification(Duration::from_secs(5)).unwrap() {
+            Some(Notification::OutputPending { epoch }) => assert_eq!(epoch, Epoch(1)),
+            n => panic!("expected OUTPUT_PENDING: {n:?}"),
+        }
         let mut total_used = used.len();
         let mut got = Vec::new();
         let mut epoch = 1;
@@ -520,4 +524,33 @@ fn multi_queue_pairs_each_get_a_tap_queue_and_commit_together() {
         drop(f);
         d.stop();
     });
+}
+
+#[test]
+fn bad_command_lines_fail_cleanly() {
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_vhost-user-net-ft"))
+            .args(args)
+            .env("RUST_LOG", "off")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("spawn")
+    };
+    let base = ["--socket", "/tmp/ft-net-never.sock", "--tap", "ftnever0"];
+    for extra in [
+        &["--ft", "hold"][..],               // hold without a coordinator
+        &["--tx-buffer-bytes", "1000"][..],  // smaller than one frame
+        &["--tx-buffer-packets", "0"][..],   // no room at all
+        &["--queue-size", "100"][..],        // not a power of two
+        &["--mac", "01:00:5e:00:00:01"][..], // multicast MAC
+        &["--ip", "fe80::1/64"][..],         // IPv6 not supported by --ip
+        &["--queues", "0"][..],              // no queue pair
+    ] {
+        let mut a = base.to_vec();
+        a.extend_from_slice(extra);
+        let st = run(&a);
+        assert!(!st.success() && st.code().is_some(), "{extra:?}: {st}");
+    }
+    assert!(!Path::new("/tmp/ft-net-never.sock").exists());
 }
