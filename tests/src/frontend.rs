@@ -389,6 +389,24 @@ impl TestFrontend {
         }
     }
 
+    /// Return the descriptors of completed chains (2-descriptor chains placed by `add_chain`
+    /// with heads `heads`) to the free list.
+    pub fn recycle(&mut self, q: usize, heads: &[u16]) {
+        let (desc, _, _) = Self::ring_gpas(q);
+        for &h in heads {
+            let mut id = h;
+            loop {
+                self.queues[q].free.push(id);
+                let d = desc + 16 * u64::from(id);
+                let flags: u16 = self.mem.read_obj(GuestAddress(d + 12)).expect("desc");
+                if flags & VRING_DESC_F_NEXT == 0 {
+                    break;
+                }
+                id = self.mem.read_obj(GuestAddress(d + 14)).expect("desc");
+            }
+        }
+    }
+
     /// Set the used-ring position we consider consumed (after a reconnect with rings kept).
     pub fn set_last_used(&mut self, q: usize, idx: u16) {
         self.queues[q].last_used = idx;

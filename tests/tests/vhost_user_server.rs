@@ -18,6 +18,7 @@ const QUIET: Duration = Duration::from_millis(300);
 struct Daemon {
     child: Child,
     log: PathBuf,
+    sock: PathBuf,
 }
 
 impl Daemon {
@@ -35,7 +36,11 @@ impl Daemon {
             .stderr(Stdio::from(File::create(&log).expect("log file")))
             .spawn()
             .expect("spawn ft-test-device");
-        let d = Daemon { child, log };
+        let d = Daemon {
+            child,
+            log,
+            sock: sock.to_path_buf(),
+        };
         let start = Instant::now();
         while !d.text().contains("ready") {
             assert!(start.elapsed() < T, "device did not start: {}", d.text());
@@ -52,6 +57,15 @@ impl Daemon {
         self.text().matches(needle).count()
     }
 
+    /// Wait until the log contains `needle` at least `n` times.
+    fn wait_for(&self, needle: &str, n: usize) {
+        let start = Instant::now();
+        while self.count(needle) < n {
+            assert!(start.elapsed() < T, "no {needle:?} in log: {}", self.text());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     fn kill9(&mut self) {
         let _ = self.child.kill(); // SIGKILL
         let _ = self.child.wait();
@@ -62,6 +76,7 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.sock);
         if !std::thread::panicking() {
             let _ = std::fs::remove_file(&self.log);
         }
@@ -245,7 +260,7 @@ fn without_protocol_features_rings_start_enabled() {
 #[test]
 fn get_vring_base_waits_for_inflight_work() {
     let s = sock("stopwait");
-    let _d = Daemon::spawn(&s, "stopwait", &[]);
+    let d = Daemon::spawn(&s, "stopwait", &[]);
     let mut f = TestFrontend::connect(&s, 2, T);
     f.handshake();
     f.set_mem_table();
@@ -254,9 +269,9 @@ fn get_vring_base_waits_for_inflight_work() {
     // Held without an inflight region: the stop must complete it rather than lose it.
     let (held, _) = request(&mut f, 0, b"Held");
     f.kick(0);
-    // Wait until the device popped it (avail consumed) but before the 100 ms completion.
-    std::thread::sleep(Duration::from_millis(20));
-    let t0 = Instant::now();
+    // Wait until the device took both (the delayed one completes 100 ms later).
+    d.wait_for("delayed q=0", 1);
+    d.wait_for("held q=0", 1);
     let base = f.fe.get_vring_base(0).expect("get_vring_base");
     assert_eq!(base, 2);
     assert_eq!(
@@ -264,7 +279,6 @@ fn get_vring_base_waits_for_inflight_work() {
         2,
         "GET_VRING_BASE answered before the requests completed"
     );
-    assert!(t0.elapsed() >= Duration::from_millis(40), "did not wait");
     let mut used = f.wait_used(0, 2, T);
     used.sort_unstable();
     let mut want = vec![(head, 7), (held, 4)];
@@ -485,11 +499,7 @@ fn inflight_requests_resubmitted_after_sigkill_restart() {
     assert_eq!(done.len(), 3);
     assert!(done.iter().all(|(h, _)| !held.contains(h)));
     // Wait until the device has taken all six (three held), then kill it.
-    let start = Instant::now();
-    while d.count("held q=0") < 3 {
-        assert!(start.elapsed() < T, "device did not take the held requests");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    d.wait_for("held q=0", 3);
     d.kill9();
     assert_eq!(f.used_idx(0), 3);
 
@@ -559,6 +569,35 @@ fn frontend_disconnect_mid_request_resubmits_held() {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert_eq!(f.used_idx(0), 0);
+}
+
+/// A frontend that disconnects while a request is being processed (completes 100 ms later):
+/// the disconnect waits for it, and the next session neither loses nor repeats it.
+#[test]
+fn frontend_disconnect_waits_for_running_request() {
+    let s = sock("discwait");
+    let d = Daemon::spawn(&s, "discwait", &[]);
+    let mut f = TestFrontend::connect(&s, 2, T);
+    f.handshake();
+    f.set_mem_table();
+    let (info, fd) = f.setup_inflight(2, 256);
+    standard_queue(&mut f, 0);
+    let (h, out) = request(&mut f, 0, b"Dx");
+    f.kick(0);
+    d.wait_for("delayed q=0", 1);
+    f.reconnect(&s, T);
+    f.handshake();
+    f.set_mem_table();
+    f.fe.set_inflight_fd(&info, std::os::fd::AsRawFd::as_raw_fd(&fd))
+        .expect("set_inflight_fd");
+    let used = f.used_idx(0);
+    assert_eq!(used, 1, "request completed during the disconnect");
+    f.setup_vring(0, used);
+    f.fe.set_vring_enable(0, true).expect("enable");
+    assert_eq!(f.wait_used(0, 1, T), vec![(h, 2)]);
+    assert_eq!(f.read(out, 2), b"xD");
+    assert!(f.wait_used(0, 1, QUIET).is_empty(), "completed twice");
+    assert_eq!(d.count("completed q=0"), 1, "{}", d.text());
 }
 
 /// LOG_ALL + LOG_SHMFD: every guest page a request wrote (data buffer spanning pages, used
@@ -698,4 +737,56 @@ fn sigterm_stops_server() {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert!(d.text().contains("stopped"));
+}
+
+/// Throughput of the server path (inflight tracking on) with the toy device (release build):
+/// `cargo test --release -p ft-tests --test vhost_user_server -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn throughput_smoke() {
+    let s = sock("tput");
+    let _d = Daemon::spawn(&s, "tput", &["--quiet"]);
+    let mut f = TestFrontend::connect(&s, 2, T);
+    f.handshake();
+    f.set_mem_table();
+    let _inflight = f.setup_inflight(2, 1024);
+    f.init_queue(0, 1024);
+    f.setup_vring(0, 0);
+    f.fe.set_vring_enable(0, true).expect("enable");
+    let inp = f.alloc(64);
+    let out = f.alloc(64);
+    f.write(inp, &[b'x'; 64]);
+    let batch = 256usize;
+    let rounds = 400usize;
+    let t0 = Instant::now();
+    for _ in 0..rounds {
+        let mut heads = Vec::with_capacity(batch);
+        for _ in 0..batch {
+            heads.push(f.add_chain(
+                0,
+                &[
+                    Buf {
+                        gpa: inp,
+                        len: 64,
+                        writable: false,
+                    },
+                    Buf {
+                        gpa: out,
+                        len: 64,
+                        writable: true,
+                    },
+                ],
+            ));
+        }
+        f.kick(0);
+        let used = f.wait_used(0, batch, T);
+        assert_eq!(used.len(), batch);
+        f.recycle(0, &heads);
+    }
+    let el = t0.elapsed();
+    let n = batch * rounds;
+    println!(
+        "throughput_smoke: {n} requests in {el:?}: {:.0} req/s",
+        n as f64 / el.as_secs_f64()
+    );
 }

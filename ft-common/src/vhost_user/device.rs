@@ -90,6 +90,13 @@ pub trait VhostUserDevice: Send + Sync + 'static {
         VhostUserProtocolFeatures::empty()
     }
 
+    /// Whether the device has a config space served over vhost-user (protocol feature
+    /// CONFIG). Default true. A net device may return false: QEMU's vhost-user-net warns
+    /// when the backend offers CONFIG.
+    fn has_config(&self) -> bool {
+        true
+    }
+
     /// Fill `buf` with config space bytes starting at `offset`. Bytes beyond the config space
     /// are left zero. Must not fail.
     fn read_config(&self, offset: u32, buf: &mut [u8]);

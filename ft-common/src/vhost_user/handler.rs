@@ -115,6 +115,14 @@ impl ConnHandler {
             | VhostUserVirtioFeatures::LOG_ALL.bits()
     }
 
+    fn offered_protocol_features(&self) -> VhostUserProtocolFeatures {
+        let mut p = server_protocol_features() | self.shared.device.protocol_features();
+        if !self.shared.device.has_config() {
+            p.remove(VhostUserProtocolFeatures::CONFIG);
+        }
+        p
+    }
+
     /// Whether replies to NEED_REPLY messages are due (REPLY_ACK negotiated).
     pub(crate) fn reply_ack(&self) -> bool {
         self.acked_protocol & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0
@@ -264,6 +272,14 @@ impl ConnHandler {
 
     /// SET_VRING_ENABLE, also when it arrives before SET_FEATURES.
     pub(crate) fn vring_enable(&mut self, index: u32, enable: bool) -> VuResult<()> {
+        log::debug!(
+            "vhost-user: SET_VRING_ENABLE {index} {enable} (features {})",
+            if self.acked_features.is_some() {
+                "known"
+            } else {
+                "not yet set"
+            }
+        );
         let r = self.ring(index)?;
         r.enabled = enable;
         let q = index as usize;
@@ -445,11 +461,11 @@ impl VhostUserBackendReqHandlerMut for ConnHandler {
     }
 
     fn get_protocol_features(&mut self) -> VuResult<VhostUserProtocolFeatures> {
-        Ok(server_protocol_features() | self.shared.device.protocol_features())
+        Ok(self.offered_protocol_features())
     }
 
     fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
-        let offered = (server_protocol_features() | self.shared.device.protocol_features()).bits();
+        let offered = self.offered_protocol_features().bits();
         if features & !offered != 0 {
             warn!("vhost-user: SET_PROTOCOL_FEATURES {features:#x} has bits not offered");
         }

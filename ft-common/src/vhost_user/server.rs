@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 use vhost::vhost_user::message::{FrontendReq, MAX_MSG_SIZE};
 use vhost::vhost_user::{BackendReqHandler, Error as VuError, Listener};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -249,6 +249,13 @@ impl VhostUserServer {
     ) -> std::io::Result<bool> {
         let hdr = msg.hdr;
         let code = FrontendReq::try_from(hdr.request).ok();
+        debug!(
+            "vhost-user: <- {} flags {:#x} size {} fds {}",
+            code.map_or_else(|| hdr.request.to_string(), |c| format!("{c:?}")),
+            hdr.flags,
+            hdr.size,
+            msg.fds.len()
+        );
         let need_reply = hdr.flags & FLAG_NEED_REPLY != 0;
         let ack = |sock: &mut UnixStream, ok: bool| -> std::io::Result<()> {
             if need_reply && lock(conn).reply_ack() {

@@ -85,6 +85,10 @@ impl WorkerHandle {
     }
 
     /// Run [`QueueWorker::handle_message`] on the worker thread and return its reply.
+    /// Blocks until the worker gets to it (after its current event). Never call it from the
+    /// worker's own thread (it would wait for itself); calls to several workers are not atomic
+    /// together: a device needing a cross-queue atomic step (SEAL) shares state under its own
+    /// lock and uses `call` only to make workers act on it.
     pub fn call(&self, msg: DeviceMsg) -> Result<DeviceMsg, WorkerGone> {
         match self.command(Command::Device(msg))? {
             Reply::Device(r) => Ok(r),

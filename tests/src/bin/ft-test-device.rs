@@ -45,6 +45,9 @@ struct Args {
     /// complete `H` requests instead of holding them
     #[arg(long)]
     release_held: bool,
+    /// do not log each completion (benchmarks)
+    #[arg(long)]
+    quiet: bool,
     /// offer the RARP protocol feature and write SEND_RARP MACs here
     #[arg(long)]
     rarp_file: Option<PathBuf>,
@@ -119,6 +122,7 @@ impl VhostUserDevice for Device {
             delayed: VecDeque::new(),
             held: Vec::new(),
             release_held: self.args.release_held,
+            quiet: self.args.quiet,
         }))
     }
 
@@ -141,10 +145,11 @@ struct Worker {
     delayed: VecDeque<(u16, Chain)>,
     held: Vec<(u16, Chain)>,
     release_held: bool,
+    quiet: bool,
 }
 
 impl Worker {
-    fn complete(ctx: &mut WorkerCtx, q: u16, chain: Chain) {
+    fn complete(&self, ctx: &mut WorkerCtx, q: u16, chain: Chain) {
         let head = chain.head_index();
         let mem = chain.memory().clone();
         let mut data = Vec::new();
@@ -163,7 +168,9 @@ impl Worker {
                 return;
             }
         }
-        eprintln!("completed q={q} head={head} len={written}");
+        if !self.quiet {
+            eprintln!("completed q={q} head={head} len={written}");
+        }
     }
 
     fn arm_timer(&self) {
@@ -215,10 +222,11 @@ impl QueueWorker for Worker {
                         self.held.push((q, c));
                     }
                     b'D' => {
+                        eprintln!("delayed q={q} head={}", c.head_index());
                         self.delayed.push_back((q, c));
                         self.arm_timer();
                     }
-                    _ => Self::complete(ctx, q, c),
+                    _ => self.complete(ctx, q, c),
                 }
             }
             let Some(vr) = ctx.queue(q) else { return };
@@ -237,7 +245,7 @@ impl QueueWorker for Worker {
         // SAFETY: reading 8 bytes from our timerfd into a local.
         unsafe { libc::read(self.timer.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
         while let Some((q, c)) = self.delayed.pop_front() {
-            Self::complete(ctx, q, c);
+            self.complete(ctx, q, c);
         }
         ctx.signal_all();
     }
@@ -252,7 +260,7 @@ impl QueueWorker for Worker {
         self.held = others;
         if !tracked {
             for (_, c) in mine {
-                Self::complete(ctx, q, c);
+                self.complete(ctx, q, c);
             }
         }
         if self.delayed.iter().any(|(dq, _)| *dq == q) {
