@@ -1,5 +1,6 @@
-//! Coordinator side of a control socket: synchronous request/reply calls with a timeout, and
-//! collection of the `OUTPUT_PENDING` notifications the daemon interleaves with replies.
+//! Coordinator side of a control socket: request/reply calls with a timeout (`call`, or
+//! `send` + `recv_reply` to fan a command out to several daemons at once), and collection of the
+//! `OUTPUT_PENDING` notifications the daemon interleaves with replies.
 //!
 //! Invariants:
 //! - Replies are matched to requests by order (the daemon answers each request exactly once, in
@@ -56,6 +57,8 @@ pub struct ControlClient {
     decoder: FrameDecoder,
     notifications: VecDeque<Notification>,
     timeout: Duration,
+    /// Requests sent and still awaiting their reply.
+    in_flight: usize,
     /// Replies still owed for calls that timed out.
     late_replies: usize,
     broken: bool,
@@ -74,6 +77,7 @@ impl ControlClient {
             decoder: FrameDecoder::new(),
             notifications: VecDeque::new(),
             timeout,
+            in_flight: 0,
             late_replies: 0,
             broken: false,
         })
@@ -88,27 +92,62 @@ impl ControlClient {
     /// [`ControlClient::take_notifications`]). `Reply::Error` is a successful call: the daemon
     /// answered, with a refusal.
     pub fn call(&mut self, req: &Request) -> Result<Reply, ClientError> {
+        self.send(req)?;
+        self.recv_reply()
+    }
+
+    /// Sends `req` without waiting, so a coordinator can fan one command out to several
+    /// daemons and then collect the replies with [`ControlClient::recv_reply`] (the VM is
+    /// paused during SEAL: the daemons should work in parallel, not one after the other).
+    pub fn send(&mut self, req: &Request) -> Result<(), ClientError> {
         if self.broken {
             return Err(ClientError::Broken);
         }
-        let deadline = Instant::now() + self.timeout;
+        // wait_notification(ZERO) may have left the socket non-blocking.
         self.stream
-            .set_write_timeout(Some(self.timeout.max(Duration::from_millis(1))))
+            .set_nonblocking(false)
+            .and_then(|_| {
+                self.stream
+                    .set_write_timeout(Some(self.timeout.max(Duration::from_millis(1))))
+            })
             .map_err(|e| self.fail(CodecError::Io(e).into()))?;
         // A partly written frame would desynchronise the daemon's decoder: any write error
         // breaks the connection.
         write_message(&mut self.stream, req).map_err(|e| self.fail(e.into()))?;
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    /// Waits up to the timeout for the reply to the oldest request sent and not yet answered.
+    /// On timeout that reply is written off: it is skipped when it arrives.
+    pub fn recv_reply(&mut self) -> Result<Reply, ClientError> {
+        if self.broken {
+            return Err(ClientError::Broken);
+        }
+        if self.in_flight == 0 {
+            return Err(ClientError::Protocol("no request awaits a reply".into()));
+        }
+        let deadline = Instant::now() + self.timeout;
         loop {
             match self.next_message(deadline) {
-                Ok(DaemonMessage::Reply(r)) => return Ok(r),
+                Ok(DaemonMessage::Reply(r)) => {
+                    self.in_flight -= 1;
+                    return Ok(r);
+                }
                 Ok(DaemonMessage::Notification(n)) => self.queue(n),
                 Err(ClientError::Timeout(_)) => {
+                    self.in_flight -= 1;
                     self.late_replies += 1;
                     return Err(ClientError::Timeout(self.timeout));
                 }
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Requests sent whose replies have not been received (nor written off by a timeout).
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
     }
 
     /// Notifications received so far, oldest first; the queue is emptied.
@@ -127,6 +166,12 @@ impl ControlClient {
         }
         if self.broken {
             return Err(ClientError::Broken);
+        }
+        if self.in_flight > 0 {
+            // A reply would arrive here and have nowhere to go.
+            return Err(ClientError::Protocol(
+                "wait_notification with requests in flight; collect their replies first".into(),
+            ));
         }
         let deadline = Instant::now() + timeout;
         match self.next_message(deadline) {

@@ -1,10 +1,12 @@
-//! Daemon side of the control socket: one thread that serves one coordinator connection at a
-//! time, hands each request to a [`ControlHandler`] and writes its reply, and forwards
-//! `OUTPUT_PENDING` notifications raised by the queue threads through a [`Notifier`].
+//! Daemon side of the control socket: one thread that serves the coordinator's connection (and
+//! up to [`MAX_CONNECTIONS`] in all, see there why), hands each request to a [`ControlHandler`]
+//! and writes its reply, and forwards `OUTPUT_PENDING` notifications raised by the queue threads
+//! through a [`Notifier`] to every connection.
 //!
 //! Invariants:
+//! - The handler runs on the control thread only, one request at a time.
 //! - Replies go out in request order, one per request; notifications are whole frames between
-//!   replies (only the control thread writes to the socket).
+//!   replies (only the control thread writes to the sockets).
 //! - A queue thread never blocks on the socket: [`Notifier::output_pending`] is one atomic
 //!   `fetch_max` plus, at most once per new epoch, a non-blocking eventfd write. Notifications
 //!   coalesce: only the newest epoch not yet announced is sent.
@@ -17,8 +19,8 @@ use super::codec::{encode_into, FrameDecoder, MAX_FRAME_LEN};
 use super::message::{ErrorCode, Notification, Reply, Request};
 use crate::epoch::Epoch;
 use std::fs;
-use std::io::{self, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -31,6 +33,15 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// How long a reply or notification write may block before the coordinator is considered gone.
 pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connections served at once; more wait in the listen backlog.
+///
+/// More than one because fencing must not depend on the deposed coordinator hanging up: a new
+/// coordinator connects while the old one is still attached, and its newer generation fences the
+/// old one inside the handler. A second slot also lets an operator's `STATUS` query through.
+/// Requests of all connections are handled one at a time on the control thread, so the handler
+/// never runs concurrently with itself.
+pub const MAX_CONNECTIONS: usize = 4;
 
 /// What a daemon implements to answer control requests. Runs on the control thread.
 pub trait ControlHandler: Send + Sync + 'static {
@@ -120,6 +131,8 @@ pub struct ControlServer {
     bound: Bound,
     shared: Arc<Shared>,
     write_timeout: Duration,
+    /// Connections accepted so far.
+    accepted: u64,
 }
 
 impl ControlServer {
@@ -146,6 +159,7 @@ impl ControlServer {
                 wake: EventFd::new(EFD_NONBLOCK)?,
             }),
             write_timeout: DEFAULT_WRITE_TIMEOUT,
+            accepted: 0,
         })
     }
 
@@ -154,14 +168,14 @@ impl ControlServer {
         &self.bound.path
     }
 
-    /// A notifier feeding this server's connection.
+    /// A notifier feeding this server's connections.
     pub fn notifier(&self) -> Notifier {
         Notifier {
             shared: Some(self.shared.clone()),
         }
     }
 
-    /// How long a write to the coordinator may block before the connection is dropped.
+    /// How long a write to a connection may block before that connection is dropped.
     pub fn set_write_timeout(&mut self, t: Duration) {
         self.write_timeout = t;
     }
@@ -176,7 +190,7 @@ impl ControlServer {
                 let mut lp = ServeLoop {
                     server: self,
                     handler,
-                    conn: None,
+                    conns: Vec::new(),
                     last_notified: 0,
                 };
                 lp.run();
@@ -203,14 +217,14 @@ impl ControlServerHandle {
         &self.path
     }
 
-    /// A notifier feeding this server's connection.
+    /// A notifier feeding this server's connections.
     pub fn notifier(&self) -> Notifier {
         Notifier {
             shared: Some(self.shared.clone()),
         }
     }
 
-    /// Stops serving, closes the connection, unlinks the socket, and waits for the thread.
+    /// Stops serving, closes the connections, unlinks the socket, and waits for the thread.
     pub fn stop(mut self) {
         self.stop_and_join();
     }
@@ -282,10 +296,14 @@ fn peer_uid(s: &UnixStream) -> io::Result<u32> {
 }
 
 struct Connection {
+    /// Sequence number, for logs.
+    id: u64,
     stream: UnixStream,
     decoder: FrameDecoder,
     /// Reused encode buffer.
     out: Vec<u8>,
+    /// Why the connection is to be closed at the end of this loop iteration.
+    dead: Option<String>,
 }
 
 impl Connection {
@@ -303,14 +321,43 @@ impl Connection {
             )
             .map_err(io::Error::other)?;
         }
-        self.stream.write_all(&self.out)
+        send_all(&self.stream, &self.out)
     }
+}
+
+/// `write_all` with `MSG_NOSIGNAL`: a coordinator that hung up must not kill the daemon with
+/// SIGPIPE, whatever the embedding program did with that signal. `SO_SNDTIMEO` bounds each send.
+fn send_all(stream: &UnixStream, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        // SAFETY: buf is a valid readable slice for its length; the fd is open.
+        let n = unsafe {
+            libc::send(
+                stream.as_raw_fd(),
+                buf.as_ptr().cast(),
+                buf.len(),
+                libc::MSG_NOSIGNAL,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        // 0 < n <= buf.len() here.
+        buf = &buf[n as usize..];
+    }
+    Ok(())
 }
 
 struct ServeLoop<H> {
     server: ControlServer,
     handler: H,
-    conn: Option<Connection>,
+    conns: Vec<Connection>,
     /// Newest epoch for which OUTPUT_PENDING was sent or dropped (no coordinator connected).
     last_notified: u64,
 }
@@ -319,25 +366,25 @@ impl<H: ControlHandler> ServeLoop<H> {
     fn run(&mut self) {
         let path = self.server.bound.path.display().to_string();
         log::info!("control socket {path} serving");
+        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(MAX_CONNECTIONS + 2);
         loop {
-            let wake_fd = self.server.shared.wake.as_raw_fd();
-            let other_fd: RawFd = match &self.conn {
-                Some(c) => c.stream.as_raw_fd(),
-                None => self.server.bound.listener.as_raw_fd(),
+            // [wake, connections..., listener if there is room for one more]. Connections are
+            // only marked dead during an iteration and swept at its end, so `fds[1 + i]` stays
+            // `conns[i]` throughout.
+            let n = self.conns.len();
+            let listening = n < MAX_CONNECTIONS;
+            fds.clear();
+            let pollin = |fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
             };
-            let mut fds = [
-                libc::pollfd {
-                    fd: wake_fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: other_fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            // SAFETY: fds is a valid array of two pollfd for the duration of the call.
+            fds.push(pollin(self.server.shared.wake.as_raw_fd()));
+            fds.extend(self.conns.iter().map(|c| pollin(c.stream.as_raw_fd())));
+            if listening {
+                fds.push(pollin(self.server.bound.listener.as_raw_fd()));
+            }
+            // SAFETY: fds is a valid, exclusively borrowed array of fds.len() pollfd.
             let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
             if r < 0 {
                 let e = io::Error::last_os_error();
@@ -354,13 +401,24 @@ impl<H: ControlHandler> ServeLoop<H> {
                 }
                 self.flush_notification();
             }
-            if fds[1].revents != 0 {
-                if self.conn.is_some() {
-                    self.serve_readable();
-                } else {
-                    self.accept();
+            for (i, pfd) in fds[1..1 + n].iter().enumerate() {
+                let conn = &mut self.conns[i];
+                if pfd.revents != 0 && conn.dead.is_none() {
+                    if let Err(why) = serve_readable(&self.handler, conn) {
+                        conn.dead = Some(why);
+                    }
                 }
             }
+            if listening && fds[1 + n].revents != 0 {
+                self.accept();
+            }
+            self.conns.retain(|c| match &c.dead {
+                Some(why) => {
+                    log::info!("control connection {} closed: {why}", c.id);
+                    false
+                }
+                None => true,
+            });
         }
         log::info!("control socket {path} stopped");
     }
@@ -396,85 +454,16 @@ impl<H: ControlHandler> ServeLoop<H> {
             log::warn!("control connection setup: {e}");
             return;
         }
-        log::info!("coordinator connected");
-        self.conn = Some(Connection {
+        self.server.accepted += 1;
+        let id = self.server.accepted;
+        log::info!("control connection {id} accepted");
+        self.conns.push(Connection {
+            id,
             stream,
             decoder: FrameDecoder::new(),
             out: Vec::new(),
+            dead: None,
         });
-    }
-
-    fn close(&mut self, why: &str) {
-        if self.conn.take().is_some() {
-            log::info!("coordinator connection closed: {why}");
-        }
-    }
-
-    fn serve_readable(&mut self) {
-        let Some(conn) = self.conn.as_mut() else {
-            return;
-        };
-        match conn.decoder.read_from(&mut conn.stream) {
-            Ok(0) => {
-                let why = match conn.decoder.finish() {
-                    Ok(()) => "end of stream".to_string(),
-                    Err(e) => e.to_string(),
-                };
-                self.close(&why);
-                return;
-            }
-            Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                ) =>
-            {
-                return
-            }
-            Err(e) => {
-                self.close(&e.to_string());
-                return;
-            }
-        }
-        loop {
-            let Some(conn) = self.conn.as_mut() else {
-                return;
-            };
-            let reply = match conn.decoder.decode::<Request>() {
-                Ok(None) => return,
-                Ok(Some(req)) => self.call_handler(req),
-                Err(e) => {
-                    log::warn!("control: bad frame: {e}");
-                    if let Some(code) = e.error_code() {
-                        // Best effort: on a fatal error the connection closes anyway.
-                        if let Err(we) = conn.send(&Reply::error(code, e.to_string())) {
-                            self.close(&we.to_string());
-                            return;
-                        }
-                    }
-                    if e.is_fatal() {
-                        self.close(&e.to_string());
-                        return;
-                    }
-                    continue;
-                }
-            };
-            let Some(conn) = self.conn.as_mut() else {
-                return;
-            };
-            if let Err(e) = conn.send(&reply) {
-                self.close(&format!("reply write failed: {e}"));
-                return;
-            }
-        }
-    }
-
-    fn call_handler(&self, req: Request) -> Reply {
-        match catch_unwind(AssertUnwindSafe(|| self.handler.handle(req))) {
-            Ok(reply) => reply,
-            Err(_) => Reply::error(ErrorCode::Internal, "control handler panicked"),
-        }
     }
 
     fn flush_notification(&mut self) {
@@ -483,15 +472,66 @@ impl<H: ControlHandler> ServeLoop<H> {
             return;
         }
         self.last_notified = pending;
-        let Some(conn) = self.conn.as_mut() else {
-            // Nobody to tell; a coordinator that connects later reads STATUS instead.
-            return;
-        };
+        // With nobody connected the notification is dropped; a coordinator that connects later
+        // reads STATUS instead.
         let n = Notification::OutputPending {
             epoch: Epoch(pending),
         };
-        if let Err(e) = conn.send(&n) {
-            self.close(&format!("notification write failed: {e}"));
+        for c in self.conns.iter_mut().filter(|c| c.dead.is_none()) {
+            if let Err(e) = c.send(&n) {
+                c.dead = Some(format!("notification write: {e}"));
+            }
         }
+    }
+}
+
+/// Reads what is available on `conn` and answers every complete request in it. `Err` carries
+/// the reason to close the connection.
+fn serve_readable<H: ControlHandler>(handler: &H, conn: &mut Connection) -> Result<(), String> {
+    match conn.decoder.read_from(&mut conn.stream) {
+        Ok(0) => {
+            return Err(match conn.decoder.finish() {
+                Ok(()) => "end of stream".to_string(),
+                Err(e) => e.to_string(),
+            })
+        }
+        Ok(_) => {}
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+            ) =>
+        {
+            return Ok(())
+        }
+        Err(e) => return Err(e.to_string()),
+    }
+    loop {
+        let reply = match conn.decoder.decode::<Request>() {
+            Ok(None) => return Ok(()),
+            Ok(Some(req)) => call_handler(handler, req),
+            Err(e) => {
+                log::warn!("control connection {}: bad frame: {e}", conn.id);
+                if let Some(code) = e.error_code() {
+                    // Best effort when fatal: the connection closes anyway.
+                    conn.send(&Reply::error(code, e.to_string()))
+                        .map_err(|we| format!("error reply write: {we}"))?;
+                }
+                if e.is_fatal() {
+                    return Err(e.to_string());
+                }
+                continue;
+            }
+        };
+        conn.send(&reply).map_err(|e| format!("reply write: {e}"))?;
+    }
+}
+
+/// Runs the handler; a panic in it becomes an `INTERNAL` error reply instead of killing the
+/// control thread.
+fn call_handler<H: ControlHandler>(handler: &H, req: Request) -> Reply {
+    match catch_unwind(AssertUnwindSafe(|| handler.handle(req))) {
+        Ok(reply) => reply,
+        Err(_) => Reply::error(ErrorCode::Internal, "control handler panicked"),
     }
 }
