@@ -18,6 +18,9 @@ use crate::vnet_hdr::{MAX_FRAME_LEN, NUM_BUFFERS_OFFSET, VNET_HDR_LEN};
 use std::io;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
+/// Most frames one RX pass delivers before yielding to the worker's other work.
+pub const RX_BUDGET: usize = 256;
+
 /// Where RX frames come from: the tap, or a test double.
 pub trait FrameSource {
     /// Reads one frame (virtio-net header first). `WouldBlock` when none is waiting.
@@ -120,8 +123,14 @@ impl RxPath {
         counters: &NetCounters,
     ) -> io::Result<RxPass> {
         let mut pass = RxPass::default();
+        let mut rechecks = 0;
         loop {
             if self.pending == 0 {
+                if pass.frames >= RX_BUDGET {
+                    // Let TX and control work run; the tap is still readable, so epoll
+                    // brings us back.
+                    break;
+                }
                 match src.recv(&mut self.buf) {
                     Ok(n) if n < self.hdr_len => {
                         counters.drop_rx(DropReason::ShortHeader, format_args!("{n} bytes"));
@@ -135,6 +144,7 @@ impl RxPath {
             }
             if self.take_chains(q, counters, &mut pass) {
                 self.deliver(q, counters, &mut pass);
+                rechecks = 0;
                 continue;
             }
             if self.pending == 0 {
@@ -142,7 +152,9 @@ impl RxPath {
                 continue;
             }
             // Out of buffers: ask for a kick, and recheck in case buffers arrived meanwhile.
-            if !q.enable_notification() {
+            // A ring that keeps claiming new buffers without yielding any is broken: park.
+            rechecks += 1;
+            if !q.enable_notification() || rechecks > 2 {
                 pass.blocked = true;
                 break;
             }

@@ -112,7 +112,9 @@ impl TxPath {
         counters: &NetCounters,
     ) -> TxPass {
         let mut pass = TxPass::default();
+        let mut idle_rechecks = 0;
         loop {
+            let used_before = pass.used;
             q.disable_notification();
             while let Some(chain) = q.pop() {
                 let head = chain.head_index();
@@ -151,6 +153,14 @@ impl TxPath {
             }
             if !q.enable_notification() {
                 return pass;
+            }
+            // New chains were announced; a ring that keeps announcing without yielding any
+            // is broken (unreadable memory): stop rather than spin.
+            if pass.used == used_before {
+                idle_rechecks += 1;
+                if idle_rechecks > 1 {
+                    return pass;
+                }
             }
         }
     }

@@ -31,7 +31,11 @@ struct Driver<'a> {
 
 impl<'a> Driver<'a> {
     fn new(mem: &'a Mem) -> (Driver<'a>, QueueRing<'a, Mem>) {
-        let vq = MockSplitQueue::create(mem, GuestAddress(0x1000), QSIZE);
+        Self::with_size(mem, QSIZE)
+    }
+
+    fn with_size(mem: &'a Mem, size: u16) -> (Driver<'a>, QueueRing<'a, Mem>) {
+        let vq = MockSplitQueue::create(mem, GuestAddress(0x1000), size);
         let queue: Queue = vq.create_queue().unwrap();
         (
             Driver {
@@ -400,4 +404,24 @@ mod props {
             prop_assert!(total >= c.rx.frames() * VNET_HDR_LEN as u64);
         }
     }
+}
+
+#[test]
+fn rx_pass_is_bounded_by_its_budget() {
+    use vhost_user_net_ft::rx::RX_BUDGET;
+    let m = mem();
+    let (mut drv, mut ring) = Driver::with_size(&m, 512);
+    for i in 0..512u64 {
+        drv.chain(&[(0x10_0000 + 0x1000 * i, 2048, true)]);
+    }
+    let n = RX_BUDGET + 10;
+    let mut src = Frames((0..n).map(|i| frame(i as u8, 60)).collect());
+    let c = NetCounters::default();
+    let mut rx = RxPath::new();
+    rx.set_features(VNET_HDR_LEN, true);
+    let first = rx.process(&mut src, &mut ring, &c).unwrap();
+    assert_eq!((first.frames, first.blocked), (RX_BUDGET, false));
+    let rest = rx.process(&mut src, &mut ring, &c).unwrap();
+    assert_eq!((rest.frames, rest.blocked), (10, false));
+    assert_eq!(drv.used().len(), n);
 }
