@@ -71,8 +71,13 @@ impl Daemon {
         Daemon { child, sock, ctl }
     }
 
+    /// A coordinator connection, already accepted by the daemon (one STATUS round trip), so
+    /// notifications raised from now on reach it.
     fn control(&self) -> ControlClient {
-        ControlClient::connect(&self.ctl, Duration::from_secs(10)).expect("control connect")
+        let mut c =
+            ControlClient::connect(&self.ctl, Duration::from_secs(10)).expect("control connect");
+        assert!(matches!(c.call(&Request::Status), Ok(Reply::Status(_))));
+        c
     }
 
     /// SIGTERM and wait: the daemon must exit cleanly and promptly.
