@@ -1,0 +1,562 @@
+//! The daemon binary end to end, in a network namespace the test creates: a test vhost-user
+//! frontend (ft-tests' TestFrontend) drives the virtio rings, an AF_PACKET socket watches the
+//! host side of the tap, and a control client plays the coordinator.
+//!
+//! Checked: nothing reaches the tap before COMMIT, everything in guest order after it, nothing
+//! after ABORT; backpressure with a tiny hold buffer loses no frame; frames written to the tap
+//! arrive in the guest RX ring with correct virtio-net headers, including merged buffers;
+//! RARP on ANNOUNCE; frontend reconnect; clean exit on SIGTERM.
+
+mod common;
+
+use common::{eth_frame, in_netns, PacketSocket};
+use ft_common::control::{ControlClient, ErrorCode, Notification, Reply, Request};
+use ft_common::epoch::{Epoch, Generation};
+use ft_tests::frontend::{Buf, TestFrontend};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use vhost::vhost_user::VhostUserFrontend;
+use vhost_user_net_ft::vnet_hdr::{VnetHdr, VNET_HDR_LEN};
+
+const GUEST: [u8; 6] = [0x52, 0x54, 0, 0xab, 0xcd, 0xef];
+const HOST: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+const RXQ: usize = 0;
+const TXQ: usize = 1;
+const QSIZE: u16 = 256;
+const G: Generation = Generation(1);
+
+struct Daemon {
+    child: Child,
+    sock: PathBuf,
+    ctl: PathBuf,
+}
+
+impl Daemon {
+    /// Starts the daemon (in the caller thread's network namespace) and waits for its sockets.
+    fn start(name: &str, tap: &str, extra: &[&str]) -> Daemon {
+        let dir = std::env::temp_dir();
+        let sock = dir.join(format!("ft-net-{name}-{}.sock", std::process::id()));
+        let ctl = dir.join(format!("ft-net-{name}-{}.ctl", std::process::id()));
+        let _ = std::fs::remove_file(&sock);
+        let _ = std::fs::remove_file(&ctl);
+        let mac = "52:54:00:ab:cd:ef";
+        let mut args = vec![
+            "--socket",
+            sock.to_str().unwrap(),
+            "--tap",
+            tap,
+            "--ip",
+            "10.99.0.1/24",
+            "--mac",
+            mac,
+            "--control",
+            ctl.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let child = Command::new(env!("CARGO_BIN_EXE_vhost-user-net-ft"))
+            .args(&args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn daemon");
+        let start = Instant::now();
+        while !(sock.exists() && ctl.exists()) {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "daemon did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Daemon { child, sock, ctl }
+    }
+
+    /// A coordinator connection, already accepted by the daemon (one STATUS round trip), so
+    /// notifications raised from now on reach it.
+    fn control(&self) -> ControlClient {
+        let mut c =
+            ControlClient::connect(&self.ctl, Duration::from_secs(10)).expect("control connect");
+        assert!(matches!(c.call(&Request::Status), Ok(Reply::Status(_))));
+        c
+    }
+
+    /// SIGTERM and wait: the daemon must exit cleanly and promptly.
+    fn stop(mut self) {
+        // SAFETY: signals our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let start = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                assert!(st.success(), "daemon exit status {st}");
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "daemon ignored SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.sock);
+        let _ = std::fs::remove_file(&self.ctl);
+    }
+}
+
+/// Frontend with both rings of pair 0 running, every offered feature acked.
+fn frontend(sock: &Path) -> TestFrontend {
+    let mut f = TestFrontend::connect(sock, 2, Duration::from_secs(10));
+    f.handshake();
+    f.set_mem_table();
+    for q in [RXQ, TXQ] {
+        f.init_queue(q, QSIZE);
+        f.setup_vring(q, 0);
+        f.fe.set_vring_enable(q, true).expect("enable");
+    }
+    f
+}
+
+/// Places one TX frame (zero virtio-net header + `frame`) split over two descriptors.
+fn send(f: &mut TestFrontend, frame: &[u8]) {
+    let mut data = vec![0u8; VNET_HDR_LEN];
+    data.extend_from_slice(frame);
+    let gpa = f.alloc(data.len() as u64);
+    f.write(gpa, &data);
+    let cut = 7u32; // header split across descriptors on purpose
+    f.add_chain(
+        TXQ,
+        &[
+            Buf {
+                gpa,
+                len: cut,
+                writable: false,
+            },
+            Buf {
+                gpa: gpa + u64::from(cut),
+                len: data.len() as u32 - cut,
+                writable: false,
+            },
+        ],
+    );
+}
+
+fn test_frames(tag: u8, n: usize) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| eth_frame(HOST, GUEST, &[tag, i as u8, 0x55, 0x66].repeat(16)))
+        .collect()
+}
+
+fn quiet(sock: &PacketSocket) -> Vec<Vec<u8>> {
+    sock.collect(Duration::from_millis(300), Duration::from_secs(2))
+}
+
+fn wait_collect(sock: &PacketSocket, n: usize) -> Vec<Vec<u8>> {
+    let start = Instant::now();
+    let mut got = Vec::new();
+    while got.len() < n && start.elapsed() < Duration::from_secs(10) {
+        got.extend(sock.collect(Duration::from_millis(100), Duration::from_secs(1)));
+    }
+    got
+}
+
+/// Reads RX used entries until `want` test frames arrived; returns (num_buffers, frame) of each,
+/// checking that a frame's used lengths add up and that num_buffers matches the entries used.
+/// Frames of other ethertypes (kernel chatter on the tap) are skipped.
+fn rx_test_frames(
+    f: &mut TestFrontend,
+    bufs: &std::collections::HashMap<u16, u64>,
+    want: usize,
+) -> Vec<(u16, Vec<u8>)> {
+    let start = Instant::now();
+    let mut pending: std::collections::VecDeque<(u16, u32)> = Default::default();
+    let mut out = Vec::new();
+    while out.len() < want && start.elapsed() < Duration::from_secs(10) {
+        pending.extend(f.wait_used(RXQ, 1, Duration::from_millis(200)));
+        while let Some(&(head, len)) = pending.front() {
+            let first = f.read(bufs[&head], len as usize);
+            let n = VnetHdr::decode(&first, VNET_HDR_LEN).num_buffers as usize;
+            assert!(n >= 1, "num_buffers 0");
+            if pending.len() < n {
+                break;
+            }
+            let mut data = Vec::new();
+            for (h, l) in pending.drain(..n) {
+                data.extend(f.read(bufs[&h], l as usize));
+            }
+            let frame = data.split_off(VNET_HDR_LEN);
+            if frame[12..14] == common::ETH_P_TEST.to_be_bytes() {
+                out.push((n as u16, frame));
+            }
+        }
+    }
+    out
+}
+
+fn call(c: &mut ControlClient, r: Request) -> Reply {
+    c.call(&r).expect("control call")
+}
+
+fn seal_commit(c: &mut ControlClient, e: u64) -> Reply {
+    match call(
+        c,
+        Request::Seal {
+            generation: G,
+            epoch: Epoch(e),
+        },
+    ) {
+        Reply::Sealed { .. } => {}
+        r => panic!("seal {e}: {r:?}"),
+    }
+    call(
+        c,
+        Request::Commit {
+            generation: G,
+            epoch: Epoch(e),
+        },
+    )
+}
+
+#[test]
+fn hold_gates_tx_until_commit_and_abort_discards() {
+    in_netns(|| {
+        let d = Daemon::start("gate", "ftgate0", &[]);
+        let mut f = frontend(&d.sock);
+        let pkt = PacketSocket::bind("ftgate0").expect("packet socket");
+        let mut ctl = d.control();
+
+        // Epoch 1: five frames. Descriptors come back at once, nothing reaches the tap.
+        let e1 = test_frames(1, 5);
+        for fr in &e1 {
+            send(&mut f, fr);
+        }
+        f.kick(TXQ);
+        assert_eq!(f.wait_used(TXQ, 5, Duration::from_secs(5)).len(), 5);
+        match ctl.wait_notification(Duration::from_secs(5)).unwrap() {
+            Some(Notification::OutputPending { epoch }) => assert_eq!(epoch, Epoch(1)),
+            n => panic!("expected OUTPUT_PENDING: {n:?}"),
+        }
+        assert!(quiet(&pkt).is_empty(), "frames left before COMMIT");
+
+        // COMMIT 1: all five, in guest order.
+        match seal_commit(&mut ctl, 1) {
+            Reply::Committed { epoch, stats } => {
+                assert_eq!(epoch, Epoch(1));
+                assert_eq!(stats.requests, 5);
+            }
+            r => panic!("commit: {r:?}"),
+        }
+        assert_eq!(wait_collect(&pkt, 5), e1);
+
+        // Epoch 2: three frames, sealed, then ABORT: none ever leaves.
+        let e2 = test_frames(2, 3);
+        for fr in &e2 {
+            send(&mut f, fr);
+        }
+        f.kick(TXQ);
+        assert_eq!(f.wait_used(TXQ, 3, Duration::from_secs(5)).len(), 3);
+        match call(
+            &mut ctl,
+            Request::Seal {
+                generation: G,
+                epoch: Epoch(2),
+            },
+        ) {
+            Reply::Sealed { state, .. } => {
+                assert_eq!(state.queues.len(), 1);
+                assert_eq!(state.queues[0].queue, TXQ as u16);
+                assert_eq!(state.queues[0].next_avail, 8);
+            }
+            r => panic!("seal: {r:?}"),
+        }
+        match call(&mut ctl, Request::Abort { generation: G }) {
+            Reply::Aborted {
+                cancelled_requests,
+                last_committed,
+                ..
+            } => {
+                assert_eq!(cancelled_requests, 3);
+                assert_eq!(last_committed, Some(Epoch(1)));
+            }
+            r => panic!("abort: {r:?}"),
+        }
+        match call(
+            &mut ctl,
+            Request::Commit {
+                generation: G,
+                epoch: Epoch(2),
+            },
+        ) {
+            Reply::Error { code, .. } => assert_eq!(code, ErrorCode::Aborted),
+            r => panic!("commit after abort: {r:?}"),
+        }
+        // Stale generation is fenced.
+        match call(
+            &mut ctl,
+            Request::Abort {
+                generation: Generation(0),
+            },
+        ) {
+            Reply::Error { code, .. } => assert_eq!(code, ErrorCode::Fenced),
+            r => panic!("fence: {r:?}"),
+        }
+        assert!(quiet(&pkt).is_empty(), "aborted frames reached the tap");
+
+        // Malformed TX chains (short header, device-writable descriptor) are dropped and
+        // returned; the daemon keeps serving and nothing is held for them.
+        let gpa = f.alloc(64);
+        f.add_chain(
+            TXQ,
+            &[Buf {
+                gpa,
+                len: 8,
+                writable: false,
+            }],
+        );
+        f.add_chain(
+            TXQ,
+            &[Buf {
+                gpa,
+                len: 64,
+                writable: true,
+            }],
+        );
+        f.kick(TXQ);
+        assert_eq!(f.wait_used(TXQ, 2, Duration::from_secs(5)).len(), 2);
+        match call(&mut ctl, Request::Status) {
+            Reply::Status(s) => {
+                assert_eq!(s.mode, "hold");
+                assert_eq!(s.held_requests, 0);
+                assert_eq!(s.last_committed, Some(Epoch(1)));
+                assert_eq!(s.commits_ok, 1);
+            }
+            r => panic!("status: {r:?}"),
+        }
+
+        // ANNOUNCE: one gratuitous RARP for the guest MAC on the wire.
+        let rarp = PacketSocket::bind_proto("ftgate0", 0x8035).expect("rarp socket");
+        match call(&mut ctl, Request::Announce { generation: G }) {
+            Reply::Announced { packets } => assert_eq!(packets, 1),
+            r => panic!("announce: {r:?}"),
+        }
+        let got = rarp.collect(Duration::from_millis(200), Duration::from_secs(2));
+        assert_eq!(got.len(), 1, "one RARP");
+        assert_eq!(got[0][..6], [0xff; 6]);
+        assert_eq!(got[0][6..12], GUEST);
+        assert_eq!(got[0][20..22], [0, 3], "reverse request");
+        drop(f);
+        d.stop();
+    });
+}
+
+#[test]
+fn backpressure_with_tiny_buffer_loses_nothing() {
+    in_netns(|| {
+        let d = Daemon::start("bp", "ftbp0", &["--tx-buffer-packets", "3"]);
+        let mut f = frontend(&d.sock);
+        let pkt = PacketSocket::bind("ftbp0").expect("packet socket");
+        let mut ctl = d.control();
+        let frames = test_frames(7, 20);
+        for fr in &frames {
+            send(&mut f, fr);
+        }
+        f.kick(TXQ);
+        // Only three fit: the daemon stops taking from the ring and asks for a checkpoint.
+        let mut used = f.wait_used(TXQ, 3, Duration::from_secs(10));
+        used.extend(f.wait_used(TXQ, 17, Duration::from_millis(300)));
+        assert_eq!(used.len(), 3, "hold buffer bounded at 3 packets");
+        match ctl.wait_notification(Duration::from_secs(5)).unwrap() {
+            Some(Notification::OutputPending { epoch }) => assert_eq!(epoch, Epoch(1)),
+            n => panic!("expected OUTPUT_PENDING: {n:?}"),
+        }
+        let mut total_used = used.len();
+        let mut got = Vec::new();
+        let mut epoch = 1;
+        while got.len() < frames.len() {
+            assert!(
+                epoch < 50,
+                "no progress: {} of {} frames",
+                got.len(),
+                frames.len()
+            );
+            match seal_commit(&mut ctl, epoch) {
+                Reply::Committed { .. } => {}
+                r => panic!("commit {epoch}: {r:?}"),
+            }
+            epoch += 1;
+            got.extend(quiet(&pkt));
+            total_used += f
+                .wait_used(TXQ, 20 - total_used, Duration::from_millis(100))
+                .len();
+        }
+        assert_eq!(total_used, 20);
+        assert_eq!(got, frames, "every frame, once, in guest order");
+        drop(f);
+        d.stop();
+    });
+}
+
+#[test]
+fn rx_frames_reach_the_guest_with_merged_buffers() {
+    in_netns(|| {
+        let d = Daemon::start("rx", "ftrx0", &["--ft", "off"]);
+        let mut f = frontend(&d.sock);
+        let pkt = PacketSocket::bind("ftrx0").expect("packet socket");
+        // Sixteen 600-byte single-descriptor RX buffers.
+        let mut bufs = std::collections::HashMap::new();
+        for _ in 0..16 {
+            let gpa = f.alloc(600);
+            let head = f.add_chain(
+                RXQ,
+                &[Buf {
+                    gpa,
+                    len: 600,
+                    writable: true,
+                }],
+            );
+            bufs.insert(head, gpa);
+        }
+        f.kick(RXQ);
+        // A 1500-byte frame (MTU-sized) needs three merged buffers; a small one takes one.
+        let big = eth_frame(GUEST, HOST, &(0..1486).map(|i| i as u8).collect::<Vec<_>>());
+        let small = eth_frame(
+            GUEST,
+            HOST,
+            b"small frame, padded out to the minimum size....",
+        );
+        pkt.send(&big).unwrap();
+        pkt.send(&small).unwrap();
+        let got = rx_test_frames(&mut f, &bufs, 2);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(
+            got[0],
+            (3, big.clone()),
+            "three merged buffers, whole frame"
+        );
+        assert_eq!(got[1], (1, small.clone()));
+
+        // TX in --ft off goes straight out.
+        let fr = test_frames(9, 2);
+        for x in &fr {
+            send(&mut f, x);
+        }
+        f.kick(TXQ);
+        assert_eq!(wait_collect(&pkt, 2), fr);
+
+        // Frontend disconnect and reconnect: the daemon serves the new connection.
+        drop(f);
+        let mut f = frontend(&d.sock);
+        let mut bufs = std::collections::HashMap::new();
+        for _ in 0..8 {
+            let gpa = f.alloc(2048);
+            let head = f.add_chain(
+                RXQ,
+                &[Buf {
+                    gpa,
+                    len: 2048,
+                    writable: true,
+                }],
+            );
+            bufs.insert(head, gpa);
+        }
+        f.kick(RXQ);
+        pkt.send(&small).unwrap();
+        assert_eq!(
+            rx_test_frames(&mut f, &bufs, 1),
+            vec![(1, small)],
+            "RX after reconnect"
+        );
+        drop(f);
+        d.stop();
+    });
+}
+
+#[test]
+fn multi_queue_pairs_each_get_a_tap_queue_and_commit_together() {
+    in_netns(|| {
+        let d = Daemon::start("mq", "ftmq1", &["--queues", "2"]);
+        let mut f = TestFrontend::connect(&d.sock, 4, Duration::from_secs(10));
+        let (features, _) = f.handshake();
+        assert_ne!(features & (1 << 22), 0, "MQ offered with two pairs");
+        f.set_mem_table();
+        for q in 0..4 {
+            f.init_queue(q, QSIZE);
+            f.setup_vring(q, 0);
+            f.fe.set_vring_enable(q, true).expect("enable");
+        }
+        let pkt = PacketSocket::bind("ftmq1").expect("packet socket");
+        let mut ctl = d.control();
+        // Pair 0 TX (queue 1) and pair 1 TX (queue 3), four frames each.
+        let a = test_frames(0xa, 4);
+        let b = test_frames(0xb, 4);
+        for (q, frames) in [(1usize, &a), (3usize, &b)] {
+            for fr in frames.iter() {
+                let mut data = vec![0u8; VNET_HDR_LEN];
+                data.extend_from_slice(fr);
+                let gpa = f.alloc(data.len() as u64);
+                f.write(gpa, &data);
+                f.add_chain(
+                    q,
+                    &[Buf {
+                        gpa,
+                        len: data.len() as u32,
+                        writable: false,
+                    }],
+                );
+            }
+            f.kick(q);
+            assert_eq!(f.wait_used(q, 4, Duration::from_secs(5)).len(), 4);
+        }
+        assert!(quiet(&pkt).is_empty(), "held on both pairs");
+        match call(&mut ctl, Request::Status) {
+            Reply::Status(s) => assert_eq!(s.held_requests, 8),
+            r => panic!("status: {r:?}"),
+        }
+        match seal_commit(&mut ctl, 1) {
+            Reply::Committed { stats, .. } => assert_eq!(stats.requests, 8),
+            r => panic!("commit: {r:?}"),
+        }
+        let got = wait_collect(&pkt, 8);
+        assert_eq!(got.len(), 8);
+        // Per-queue order is guest order; the two queues interleave freely.
+        let only =
+            |tag: u8| -> Vec<Vec<u8>> { got.iter().filter(|g| g[14] == tag).cloned().collect() };
+        assert_eq!(only(0xa), a);
+        assert_eq!(only(0xb), b);
+        drop(f);
+        d.stop();
+    });
+}
+
+#[test]
+fn bad_command_lines_fail_cleanly() {
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_vhost-user-net-ft"))
+            .args(args)
+            .env("RUST_LOG", "off")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("spawn")
+    };
+    let base = ["--socket", "/tmp/ft-net-never.sock", "--tap", "ftnever0"];
+    for extra in [
+        &["--ft", "hold"][..],               // hold without a coordinator
+        &["--tx-buffer-bytes", "1000"][..],  // smaller than one frame
+        &["--tx-buffer-packets", "0"][..],   // no room at all
+        &["--queue-size", "100"][..],        // not a power of two
+        &["--mac", "01:00:5e:00:00:01"][..], // multicast MAC
+        &["--ip", "fe80::1/64"][..],         // IPv6 not supported by --ip
+        &["--queues", "0"][..],              // no queue pair
+    ] {
+        let mut a = base.to_vec();
+        a.extend_from_slice(extra);
+        let st = run(&a);
+        assert!(!st.success() && st.code().is_some(), "{extra:?}: {st}");
+    }
+    assert!(!Path::new("/tmp/ft-net-never.sock").exists());
+}
