@@ -5,10 +5,6 @@
 //! - [`txqueue`]: the per-device transaction queue holding output by epoch until commit.
 //! - [`control`]: the coordinator <-> daemon control protocol (messages, framing, socket ends).
 //! - [`vhost_user`]: the vhost-user device server both daemons run.
-//! - [`vhost_user`]: the vhost-user device server both daemons run.
-//! - [`aiocb`]: AIOCB handles (queued, in flight, completed or cancelled) with real cancel.
-//! - [`txqueue`]: the per-device transaction queue holding output by epoch until commit.
-//! - [`control`]: the coordinator <-> daemon control protocol (messages, framing, socket ends).
 //!
 //! The one invariant everything here serves (ARCHITECTURE.md section 1): no byte of an epoch later
 //! than the last committed one reaches the backing file or the tap.
