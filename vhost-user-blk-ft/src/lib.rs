@@ -1,0 +1,14 @@
+//! vhost-user-blk-ft: a virtio-blk vhost-user backend built for output commit.
+//!
+//! - [`image`]: the backing file or block device.
+//! - [`config`]: feature bits and the virtio-blk config space.
+//! - [`request`]: descriptor chain -> validated, self-contained [`request::BlkRequest`].
+//! - [`engine`]: io_uring submission/completion with a fixed slot pool, one per queue thread.
+//!
+//! Parsing and submission are separate on purpose: a parsed request can wait in the transaction
+//! queue (output commit) and be submitted later from an engine slot.
+
+pub mod config;
+pub mod engine;
+pub mod image;
+pub mod request;
