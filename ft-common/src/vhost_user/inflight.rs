@@ -1,0 +1,326 @@
+//! INFLIGHT_SHMFD: the shared region in which the backend records, per split virtqueue, which
+//! descriptor heads it has taken from the avail ring and not yet put on the used ring.
+//!
+//! Layout (vhost-user spec, "Inflight I/O tracking", split virtqueue), per queue, each queue's
+//! area aligned to 64 bytes:
+//! ```text
+//! u64 features; u16 version; u16 desc_num; u16 last_batch_head; u16 used_idx;
+//! struct { u8 inflight; u8 padding[5]; u16 next; u64 counter; } desc[desc_num];
+//! ```
+//! Protocol: on pop, `desc[head].counter = ++counter; desc[head].inflight = 1`. On completion:
+//! `last_batch_head = head`, then the used ring entry and used->idx are written, then
+//! `desc[head].inflight = 0; used_idx = used->idx`. After a crash, if `used_idx != used->idx` the
+//! last completion reached the used ring but not the region: clear `desc[last_batch_head]`.
+//! Every head still marked is resubmitted, oldest counter first, and
+//! `last_avail_idx = used->idx + number of marked heads`.
+//!
+//! Invariant: a request is marked from the moment it leaves the avail ring until its used entry
+//! is visible, so a daemon killed at any instant loses no request and completes none twice.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::atomic::{fence, AtomicU16, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+
+/// Alignment of each queue's area, as QEMU and libvhost-user use.
+const QUEUE_ALIGN: u64 = 64;
+const HEADER_SIZE: u64 = 16;
+const DESC_SIZE: u64 = 16;
+/// Region format version written by us.
+const VERSION: u16 = 1;
+
+/// Size of one queue's area for `queue_size` descriptors.
+pub fn queue_region_size(queue_size: u16) -> u64 {
+    (HEADER_SIZE + DESC_SIZE * u64::from(queue_size)).div_ceil(QUEUE_ALIGN) * QUEUE_ALIGN
+}
+
+/// A mapped inflight region (all queues).
+#[derive(Debug)]
+pub struct InflightRegion {
+    addr: *mut u8,
+    len: usize,
+    num_queues: u16,
+    queue_size: u16,
+}
+
+// SAFETY: shared memory accessed through atomics only; each queue's area is written by one
+// worker thread.
+unsafe impl Send for InflightRegion {}
+// SAFETY: as above.
+unsafe impl Sync for InflightRegion {}
+
+impl Drop for InflightRegion {
+    fn drop(&mut self) {
+        // SAFETY: addr/len come from a successful mmap.
+        unsafe { libc::munmap(self.addr.cast(), self.len) };
+    }
+}
+
+impl InflightRegion {
+    /// GET_INFLIGHT_FD: create a zeroed memfd region for `num_queues` queues of `queue_size`.
+    pub fn create(num_queues: u16, queue_size: u16) -> std::io::Result<(Arc<Self>, File)> {
+        if num_queues == 0 || queue_size == 0 {
+            return Err(std::io::ErrorKind::InvalidInput.into());
+        }
+        let size = queue_region_size(queue_size) * u64::from(num_queues);
+        // SAFETY: plain syscall with a static name.
+        let fd = unsafe { libc::memfd_create(c"ft-vhost-inflight".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: fd was just created and is owned here.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(size)?;
+        let region = Self::map(&file, size, 0, num_queues, queue_size)?;
+        for q in 0..num_queues {
+            let hdr = region.header(q);
+            hdr.version.store(VERSION, Ordering::Relaxed);
+            hdr.desc_num.store(queue_size, Ordering::Relaxed);
+        }
+        Ok((Arc::new(region), file))
+    }
+
+    /// SET_INFLIGHT_FD: map a region handed back by the frontend.
+    pub fn open(
+        file: &File,
+        size: u64,
+        offset: u64,
+        num_queues: u16,
+        queue_size: u16,
+    ) -> std::io::Result<Arc<Self>> {
+        if num_queues == 0
+            || queue_size == 0
+            || size < queue_region_size(queue_size) * u64::from(num_queues)
+        {
+            return Err(std::io::ErrorKind::InvalidInput.into());
+        }
+        Ok(Arc::new(Self::map(
+            file, size, offset, num_queues, queue_size,
+        )?))
+    }
+
+    fn map(
+        file: &File,
+        size: u64,
+        offset: u64,
+        num_queues: u16,
+        queue_size: u16,
+    ) -> std::io::Result<Self> {
+        let len = usize::try_from(size).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+        let off = libc::off_t::try_from(offset).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+        // SAFETY: mapping a caller-provided fd; the result is checked.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                off,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(InflightRegion {
+            addr: addr.cast(),
+            len,
+            num_queues,
+            queue_size,
+        })
+    }
+
+    /// Number of queues the region covers.
+    pub fn num_queues(&self) -> u16 {
+        self.num_queues
+    }
+
+    /// Queue size the region was laid out for.
+    pub fn queue_size(&self) -> u16 {
+        self.queue_size
+    }
+
+    fn header(&self, q: u16) -> &QueueHeader {
+        assert!(q < self.num_queues);
+        let off = queue_region_size(self.queue_size) * u64::from(q);
+        // SAFETY: in bounds (checked at map time), 64-byte aligned, only atomics inside.
+        unsafe { &*(self.addr.add(off as usize) as *const QueueHeader) }
+    }
+
+    fn desc(&self, q: u16, head: u16) -> &DescState {
+        let hdr = self.header(q);
+        let n = hdr.desc_num.load(Ordering::Relaxed).min(self.queue_size);
+        assert!(head < n);
+        // SAFETY: head < desc_num <= queue_size, within the queue's area.
+        unsafe {
+            &*((hdr as *const QueueHeader as *const u8)
+                .add((HEADER_SIZE + DESC_SIZE * u64::from(head)) as usize)
+                as *const DescState)
+        }
+    }
+}
+
+#[repr(C)]
+struct QueueHeader {
+    features: AtomicU64,
+    version: AtomicU16,
+    desc_num: AtomicU16,
+    last_batch_head: AtomicU16,
+    used_idx: AtomicU16,
+}
+
+#[repr(C)]
+struct DescState {
+    inflight: AtomicU8,
+    padding: [AtomicU8; 5],
+    next: AtomicU16,
+    counter: AtomicU64,
+}
+
+/// One queue's view of the inflight region, owned by the ring's worker.
+#[derive(Debug)]
+pub struct InflightQueue {
+    region: Arc<InflightRegion>,
+    queue: u16,
+    counter: u64,
+}
+
+impl InflightQueue {
+    /// View of queue `queue`, or None if the region does not cover it or its ring is larger
+    /// than the region's layout.
+    pub fn new(region: Arc<InflightRegion>, queue: u16, ring_size: u16) -> Option<Self> {
+        if queue >= region.num_queues || ring_size > region.queue_size {
+            return None;
+        }
+        let hdr = region.header(queue);
+        if hdr.version.load(Ordering::Relaxed) == 0 {
+            // Fresh region the frontend allocated itself: initialise it.
+            hdr.version.store(VERSION, Ordering::Relaxed);
+            hdr.desc_num.store(region.queue_size, Ordering::Relaxed);
+        }
+        Some(InflightQueue {
+            region,
+            queue,
+            counter: 0,
+        })
+    }
+
+    /// Recover after (re)connect: repair a half-recorded completion and return the heads to
+    /// resubmit, oldest first. `used_idx` is the used ring's current idx.
+    pub fn recover(&mut self, used_idx: u16) -> Vec<u16> {
+        let hdr = self.region.header(self.queue);
+        if hdr.used_idx.load(Ordering::Acquire) != used_idx {
+            let last = hdr.last_batch_head.load(Ordering::Relaxed);
+            if last
+                < hdr
+                    .desc_num
+                    .load(Ordering::Relaxed)
+                    .min(self.region.queue_size)
+            {
+                self.region
+                    .desc(self.queue, last)
+                    .inflight
+                    .store(0, Ordering::Relaxed);
+            }
+            fence(Ordering::Release);
+            hdr.used_idx.store(used_idx, Ordering::Release);
+        }
+        let n = hdr
+            .desc_num
+            .load(Ordering::Relaxed)
+            .min(self.region.queue_size);
+        let mut heads: Vec<(u64, u16)> = (0..n)
+            .filter_map(|h| {
+                let d = self.region.desc(self.queue, h);
+                (d.inflight.load(Ordering::Acquire) == 1)
+                    .then(|| (d.counter.load(Ordering::Relaxed), h))
+            })
+            .collect();
+        heads.sort_unstable();
+        self.counter = heads.last().map_or(0, |&(c, _)| c);
+        heads.into_iter().map(|(_, h)| h).collect()
+    }
+
+    /// Record that `head` left the avail ring.
+    pub fn start(&mut self, head: u16) {
+        if head >= self.region.queue_size {
+            return;
+        }
+        self.counter += 1;
+        let d = self.region.desc(self.queue, head);
+        d.counter.store(self.counter, Ordering::Relaxed);
+        fence(Ordering::Release);
+        d.inflight.store(1, Ordering::Release);
+    }
+
+    /// Before `head` is written to the used ring: remember it as the completion in progress,
+    /// so recovery can tell whether it reached the used ring.
+    pub fn pre_complete(&mut self, head: u16) {
+        if head >= self.region.queue_size {
+            return;
+        }
+        let hdr = self.region.header(self.queue);
+        hdr.last_batch_head.store(head, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+    }
+
+    /// Record that `head` is on the used ring, whose idx is now `used_idx`.
+    pub fn complete(&mut self, head: u16, used_idx: u16) {
+        if head >= self.region.queue_size {
+            return;
+        }
+        let hdr = self.region.header(self.queue);
+        fence(Ordering::SeqCst);
+        self.region
+            .desc(self.queue, head)
+            .inflight
+            .store(0, Ordering::Release);
+        fence(Ordering::Release);
+        hdr.used_idx.store(used_idx, Ordering::Release);
+    }
+
+    /// Forget `head` again (it was put back on the avail ring before being processed).
+    pub fn abandon(&mut self, head: u16) {
+        if head < self.region.queue_size {
+            self.region
+                .desc(self.queue, head)
+                .inflight
+                .store(0, Ordering::Release);
+        }
+    }
+
+    /// Whether `head` is currently marked in flight.
+    pub fn is_inflight(&self, head: u16) -> bool {
+        head < self.region.queue_size
+            && self
+                .region
+                .desc(self.queue, head)
+                .inflight
+                .load(Ordering::Acquire)
+                == 1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_complete_recover() {
+        let (region, _file) = InflightRegion::create(2, 8).unwrap();
+        let mut q = InflightQueue::new(region.clone(), 1, 8).unwrap();
+        assert!(q.recover(0).is_empty());
+        q.start(3);
+        q.start(5);
+        q.start(1);
+        q.pre_complete(5);
+        q.complete(5, 1);
+        // Crash before head 1's used entry was written: both 3 and 1 are resubmitted.
+        let mut q2 = InflightQueue::new(region.clone(), 1, 8).unwrap();
+        assert_eq!(q2.recover(1), vec![3, 1]);
+        // Crash after head 1 reached the used ring (used idx 2) but before the region noted it.
+        q2.pre_complete(1);
+        let mut q3 = InflightQueue::new(region, 1, 8).unwrap();
+        assert_eq!(q3.recover(2), vec![3]);
+    }
+}

@@ -1,0 +1,322 @@
+//! Guest memory as the frontend shares it (SET_MEM_TABLE / ADD_MEM_REGION / REM_MEM_REG), and
+//! the dirty log (LOG_SHMFD / SET_LOG_BASE).
+//!
+//! Every region carries a [`LogBitmap`] that knows the region's guest-physical base and the
+//! connection's [`DirtyLog`], so any write through vm-memory (a `Writer`, `write_obj`, the used
+//! ring update in virtio-queue) marks its 4 KiB pages in the shared log while logging is active.
+//! Writes that bypass vm-memory (io_uring reading into guest buffers) must call
+//! [`DirtyLog::mark`] (via `WorkerCtx::mark_dirty`) with the guest-physical range.
+//!
+//! Invariants:
+//! - A log mapping, once installed, is never unmapped while this connection lives: a worker may
+//!   be marking pages concurrently with SET_LOG_BASE replacing it, so retired mappings are kept
+//!   until the `DirtyLog` is dropped (QEMU sends SET_LOG_BASE a handful of times per migration).
+//! - Vring addresses arrive as frontend virtual addresses; [`MemoryMap::va_to_gpa`] translates
+//!   them with the region table of the same connection.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use vm_memory::bitmap::{Bitmap, BitmapSlice, WithBitmapSlice};
+use vm_memory::mmap::{MmapRegionBuilder, NewBitmap};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+
+/// Dirty log page size fixed by the vhost-user spec.
+pub const LOG_PAGE_SIZE: u64 = 0x1000;
+
+/// Guest-physical base of the scratch region appended to every memory map. It holds the
+/// private avail/used rings used to resubmit inflight heads (see `vring.rs`); no guest RAM is
+/// ever this high (4 PiB).
+pub const SCRATCH_GPA: u64 = 1 << 52;
+/// Scratch bytes per queue: an avail ring and a used ring for the largest queue (32768).
+const SCRATCH_STRIDE: u64 = 0x11000 + 0x41000;
+
+/// GPAs of queue `index`'s scratch avail and used rings.
+pub fn scratch_ring_gpa(index: u16, _size: u16) -> (u64, u64) {
+    let base = SCRATCH_GPA + u64::from(index) * SCRATCH_STRIDE;
+    (base, base + 0x11000)
+}
+
+/// The guest memory type every device sees.
+pub type GuestMem = GuestMemoryMmap<LogBitmap>;
+
+/// One mmap of a LOG_SHMFD area.
+struct LogMapping {
+    addr: *mut AtomicU8,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory accessed only through atomics.
+unsafe impl Send for LogMapping {}
+// SAFETY: as above.
+unsafe impl Sync for LogMapping {}
+
+impl Drop for LogMapping {
+    fn drop(&mut self) {
+        // SAFETY: addr/len come from a successful mmap and are unmapped exactly once.
+        unsafe { libc::munmap(self.addr.cast(), self.len) };
+    }
+}
+
+/// The dirty page log shared with the frontend: one bit per 4 KiB guest page, bit `p % 8` of
+/// byte `p / 8` for page `p`.
+#[derive(Default)]
+pub struct DirtyLog {
+    active: AtomicBool,
+    addr: AtomicPtr<AtomicU8>,
+    len: AtomicUsize,
+    mappings: Mutex<Vec<LogMapping>>,
+}
+
+impl std::fmt::Debug for DirtyLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirtyLog")
+            .field("active", &self.active.load(Ordering::Relaxed))
+            .field("len", &self.len.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl DirtyLog {
+    /// Map `size` bytes of `file` at `offset` as the new log area (SET_LOG_BASE).
+    pub fn set_base(&self, file: &File, size: u64, offset: u64) -> std::io::Result<()> {
+        let len = usize::try_from(size).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+        let off = libc::off_t::try_from(offset).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+        if len == 0 {
+            return Err(std::io::ErrorKind::InvalidInput.into());
+        }
+        // SAFETY: mapping a caller-provided fd; the result is checked.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                off,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut maps = self.mappings.lock().unwrap_or_else(|e| e.into_inner());
+        maps.push(LogMapping {
+            addr: addr.cast(),
+            len,
+        });
+        // Publish len before addr is observed with a larger len: shrink first, then swap.
+        self.len.store(0, Ordering::SeqCst);
+        self.addr.store(addr.cast(), Ordering::SeqCst);
+        self.len.store(len, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Start or stop logging (the LOG_ALL feature bit of SET_FEATURES).
+    pub fn set_active(&self, active: bool) {
+        self.active.store(active, Ordering::SeqCst);
+    }
+
+    /// Whether writes are being logged.
+    pub fn is_active(&self) -> bool {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Mark the guest-physical range `[gpa, gpa + len)` dirty. No-op while logging is off.
+    pub fn mark(&self, gpa: u64, len: u64) {
+        if len == 0 || !self.active.load(Ordering::Relaxed) {
+            return;
+        }
+        let addr = self.addr.load(Ordering::Acquire);
+        let size = self.len.load(Ordering::Acquire);
+        if addr.is_null() {
+            return;
+        }
+        let first = gpa / LOG_PAGE_SIZE;
+        let last = gpa.saturating_add(len - 1) / LOG_PAGE_SIZE;
+        for page in first..=last {
+            let byte = (page / 8) as usize;
+            if byte >= size {
+                // The frontend sized the log for its memory; pages beyond it are not ours.
+                break;
+            }
+            // SAFETY: byte < size of a live mapping (never unmapped while self lives).
+            unsafe { (*addr.add(byte)).fetch_or(1 << (page % 8), Ordering::Relaxed) };
+        }
+    }
+}
+
+/// vm-memory bitmap that forwards writes to the connection's [`DirtyLog`].
+#[derive(Clone, Debug, Default)]
+pub struct LogBitmap {
+    log: Option<Arc<DirtyLog>>,
+    /// Guest-physical address of offset 0 of this bitmap (slice).
+    gpa: u64,
+}
+
+impl LogBitmap {
+    /// Bitmap for a region starting at guest-physical `gpa`.
+    pub fn new(log: Arc<DirtyLog>, gpa: u64) -> Self {
+        LogBitmap {
+            log: Some(log),
+            gpa,
+        }
+    }
+}
+
+impl WithBitmapSlice<'_> for LogBitmap {
+    type S = Self;
+}
+
+impl BitmapSlice for LogBitmap {}
+
+impl Bitmap for LogBitmap {
+    fn mark_dirty(&self, offset: usize, len: usize) {
+        if let Some(log) = &self.log {
+            log.mark(self.gpa.wrapping_add(offset as u64), len as u64);
+        }
+    }
+
+    fn dirty_at(&self, _offset: usize) -> bool {
+        // The log belongs to the frontend, which reads and clears it; we only set bits.
+        false
+    }
+
+    fn slice_at(&self, offset: usize) -> Self {
+        LogBitmap {
+            log: self.log.clone(),
+            gpa: self.gpa.wrapping_add(offset as u64),
+        }
+    }
+}
+
+impl NewBitmap for LogBitmap {
+    fn with_len(_len: usize) -> Self {
+        Self::default()
+    }
+}
+
+/// One region of the frontend's memory table.
+#[derive(Clone, Debug)]
+pub struct RegionInfo {
+    /// Guest-physical start.
+    pub gpa: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Frontend virtual address of the start (vring addresses are given in this space).
+    pub user_addr: u64,
+    /// Offset of the region in its file.
+    pub mmap_offset: u64,
+    mapping: Arc<GuestRegionMmap<LogBitmap>>,
+}
+
+/// The connection's memory table: regions plus the vm-memory view built from them.
+pub struct MemoryMap {
+    regions: Vec<RegionInfo>,
+    scratch: Arc<GuestRegionMmap<LogBitmap>>,
+}
+
+impl MemoryMap {
+    /// Empty table for a device with `num_queues` queues.
+    pub fn new(num_queues: usize) -> std::io::Result<Self> {
+        let len = SCRATCH_STRIDE as usize * num_queues.max(1);
+        let mmap = MmapRegionBuilder::new_with_bitmap(len, LogBitmap::default())
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| std::io::Error::other(format!("mmap scratch: {e}")))?;
+        let scratch = GuestRegionMmap::new(mmap, GuestAddress(SCRATCH_GPA))
+            .ok_or_else(|| std::io::Error::other("scratch region"))?;
+        Ok(MemoryMap {
+            regions: Vec::new(),
+            scratch: Arc::new(scratch),
+        })
+    }
+
+    /// Map one region of `file` (SET_MEM_TABLE entry or ADD_MEM_REGION).
+    pub fn add_region(
+        &mut self,
+        log: &Arc<DirtyLog>,
+        gpa: u64,
+        size: u64,
+        user_addr: u64,
+        mmap_offset: u64,
+        file: File,
+    ) -> std::io::Result<()> {
+        let inval = || std::io::Error::from(std::io::ErrorKind::InvalidInput);
+        let len = usize::try_from(size).map_err(|_| inval())?;
+        if len == 0
+            || gpa.checked_add(size).is_none_or(|end| end > SCRATCH_GPA)
+            || user_addr.checked_add(size).is_none()
+        {
+            return Err(inval());
+        }
+        if self
+            .regions
+            .iter()
+            .any(|r| gpa < r.gpa + r.size && r.gpa < gpa + size)
+        {
+            return Err(inval());
+        }
+        let mmap = MmapRegionBuilder::new_with_bitmap(len, LogBitmap::new(log.clone(), gpa))
+            .with_file_offset(FileOffset::new(file, mmap_offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| std::io::Error::other(format!("mmap guest region: {e}")))?;
+        let region = GuestRegionMmap::new(mmap, GuestAddress(gpa)).ok_or_else(inval)?;
+        self.regions.push(RegionInfo {
+            gpa,
+            size,
+            user_addr,
+            mmap_offset,
+            mapping: Arc::new(region),
+        });
+        self.regions.sort_by_key(|r| r.gpa);
+        Ok(())
+    }
+
+    /// Unmap the region with exactly this guest address and size (REM_MEM_REG).
+    pub fn remove_region(&mut self, gpa: u64, size: u64) -> bool {
+        let before = self.regions.len();
+        self.regions.retain(|r| !(r.gpa == gpa && r.size == size));
+        self.regions.len() != before
+    }
+
+    /// Drop every region (SET_MEM_TABLE replaces the table, RESET_OWNER forgets it).
+    pub fn clear(&mut self) {
+        self.regions.clear();
+    }
+
+    /// Number of regions.
+    pub fn len(&self) -> usize {
+        self.regions.len()
+    }
+
+    /// Whether no region is mapped.
+    pub fn is_empty(&self) -> bool {
+        self.regions.is_empty()
+    }
+
+    /// Translate a frontend virtual address into a guest-physical one.
+    pub fn va_to_gpa(&self, va: u64) -> Option<u64> {
+        self.regions
+            .iter()
+            .find(|r| va >= r.user_addr && va - r.user_addr < r.size)
+            .map(|r| r.gpa + (va - r.user_addr))
+    }
+
+    /// Build the vm-memory view of the current table.
+    pub fn guest_memory(&self) -> std::io::Result<Arc<GuestMem>> {
+        let mem = GuestMemoryMmap::from_arc_regions(
+            self.regions
+                .iter()
+                .map(|r| r.mapping.clone())
+                .chain(std::iter::once(self.scratch.clone()))
+                .collect(),
+        )
+        .map_err(|e| std::io::Error::other(format!("guest memory: {e}")))?;
+        Ok(Arc::new(mem))
+    }
+}

@@ -1,0 +1,414 @@
+//! One epoll-driven thread per queue group.
+//!
+//! The thread polls the kick eventfds of its running rings, the device's extra fds and a
+//! control eventfd. Commands (start/stop ring, memory and call-fd updates, disconnect, device
+//! messages) arrive on a channel; the sender writes the control eventfd and waits for the reply
+//! on a per-command channel. The worker never waits for the connection thread, and the
+//! connection thread holds nothing the worker needs while it waits: this is what lets
+//! `stop_queue` wait for io_uring completions without deadlocking.
+//!
+//! Epoll data encoding: bits 56..64 are the kind (device fd, kick, control), bits 0..56 the
+//! device's token or the queue index. Device tokens must therefore be below 2^56.
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use log::{error, warn};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::device::{DeviceMsg, QueueWorker, StopStatus};
+use super::memory::{DirtyLog, GuestMem};
+use super::vring::{RingSetup, VringHandle};
+
+const KIND_SHIFT: u64 = 56;
+const KIND_DEVICE: u64 = 0;
+const KIND_KICK: u64 = 1;
+const KIND_CONTROL: u64 = 2;
+const TOKEN_MASK: u64 = (1 << KIND_SHIFT) - 1;
+
+/// Commands from the connection thread and other threads.
+pub(crate) enum Command {
+    Start {
+        setup: RingSetup,
+        kick: Arc<EventFd>,
+        mem: Arc<GuestMem>,
+    },
+    /// Stop a ring; replies with its next avail index (None if it was not running).
+    Stop(u16),
+    SetMemory(Option<Arc<GuestMem>>),
+    SetCall(u16, Option<Arc<EventFd>>),
+    SetFeatures(u64),
+    /// Stop every ring, then `QueueWorker::reset`.
+    Disconnect,
+    Device(DeviceMsg),
+    Shutdown,
+}
+
+/// Replies to [`Command`]s.
+pub(crate) enum Reply {
+    Done,
+    Stopped(Option<u16>),
+    Started(Result<(), String>),
+    Device(DeviceMsg),
+}
+
+/// Error of [`WorkerHandle::call`].
+#[derive(Debug, thiserror::Error)]
+#[error("queue worker thread is gone")]
+pub struct WorkerGone;
+
+/// Sends commands to one worker thread. Cheap to clone; usable from any thread.
+#[derive(Clone)]
+pub struct WorkerHandle {
+    tx: Sender<(Command, Sender<Reply>)>,
+    wake: Arc<EventFd>,
+}
+
+impl std::fmt::Debug for WorkerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerHandle").finish_non_exhaustive()
+    }
+}
+
+impl WorkerHandle {
+    pub(crate) fn command(&self, cmd: Command) -> Result<Reply, WorkerGone> {
+        let (rtx, rrx) = channel();
+        self.tx.send((cmd, rtx)).map_err(|_| WorkerGone)?;
+        self.wake.write(1).map_err(|_| WorkerGone)?;
+        rrx.recv().map_err(|_| WorkerGone)
+    }
+
+    /// Run [`QueueWorker::handle_message`] on the worker thread and return its reply.
+    pub fn call(&self, msg: DeviceMsg) -> Result<DeviceMsg, WorkerGone> {
+        match self.command(Command::Device(msg))? {
+            Reply::Device(r) => Ok(r),
+            _ => Err(WorkerGone),
+        }
+    }
+}
+
+/// What a [`QueueWorker`] may touch: the group's running rings, memory, dirty log, fds.
+pub struct WorkerCtx {
+    rings: HashMap<u16, VringHandle>,
+    kicks: HashMap<u16, Arc<EventFd>>,
+    features: u64,
+    mem: Option<Arc<GuestMem>>,
+    log: Arc<DirtyLog>,
+    epoll: Epoll,
+}
+
+impl std::fmt::Debug for WorkerCtx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerCtx")
+            .field("rings", &self.rings.keys().collect::<Vec<_>>())
+            .field("features", &self.features)
+            .finish()
+    }
+}
+
+impl WorkerCtx {
+    /// The running ring `queue`, if it belongs to this group and runs (or is stopping).
+    pub fn queue(&mut self, queue: u16) -> Option<&mut VringHandle> {
+        self.rings.get_mut(&queue)
+    }
+
+    /// Indices of the rings currently running (or stopping) in this group.
+    pub fn running_queues(&self) -> Vec<u16> {
+        let mut v: Vec<u16> = self.rings.keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Features the frontend acknowledged (0 before SET_FEATURES).
+    pub fn acked_features(&self) -> u64 {
+        self.features
+    }
+
+    /// Current guest memory, None between connections.
+    pub fn memory(&self) -> Option<&Arc<GuestMem>> {
+        self.mem.as_ref()
+    }
+
+    /// Mark the guest-physical range dirty (for writes that bypass vm-memory, e.g. io_uring
+    /// reads into guest buffers). No-op unless the frontend enabled logging.
+    pub fn mark_dirty(&self, gpa: u64, len: u64) {
+        self.log.mark(gpa, len);
+    }
+
+    /// Start polling `fd` for `events` (an `EPOLLIN`-style mask), reporting `token`
+    /// (< 2^56) to `handle_fd`; modifies the registration if `fd` is already polled.
+    pub fn watch_fd(&self, fd: RawFd, token: u64, events: u32) -> std::io::Result<()> {
+        let ev = EpollEvent::new(
+            EventSet::from_bits_truncate(events),
+            (KIND_DEVICE << KIND_SHIFT) | (token & TOKEN_MASK),
+        );
+        match self.epoll.ctl(ControlOperation::Add, fd, ev) {
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                self.epoll.ctl(ControlOperation::Modify, fd, ev)
+            }
+            r => r,
+        }
+    }
+
+    /// Stop polling `fd`.
+    pub fn unwatch_fd(&self, fd: RawFd) -> std::io::Result<()> {
+        self.epoll
+            .ctl(ControlOperation::Delete, fd, EpollEvent::default())
+    }
+
+    /// Signal every running ring that has new used entries (once per batch).
+    pub fn signal_all(&mut self) {
+        for r in self.rings.values_mut() {
+            r.signal_used();
+        }
+    }
+}
+
+/// A pending stop: the ring index and who waits for it.
+struct Stopping {
+    queue: u16,
+    reply: Option<Sender<Reply>>,
+}
+
+struct Worker {
+    group: usize,
+    dev: Box<dyn QueueWorker>,
+    ctx: WorkerCtx,
+    rx: Receiver<(Command, Sender<Reply>)>,
+    wake: Arc<EventFd>,
+    stopping: Vec<Stopping>,
+    /// Disconnect waiting for all stops to finish.
+    disconnecting: Option<Sender<Reply>>,
+}
+
+/// Spawn the worker thread for `group`.
+pub(crate) fn spawn(
+    group: usize,
+    dev: Box<dyn QueueWorker>,
+    log: Arc<DirtyLog>,
+) -> std::io::Result<(WorkerHandle, JoinHandle<()>)> {
+    let epoll = Epoll::new()?;
+    let wake = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+    epoll.ctl(
+        ControlOperation::Add,
+        wake.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, KIND_CONTROL << KIND_SHIFT),
+    )?;
+    let ctx = WorkerCtx {
+        rings: HashMap::new(),
+        kicks: HashMap::new(),
+        features: 0,
+        mem: None,
+        log,
+        epoll,
+    };
+    for (fd, token) in dev.fds() {
+        ctx.watch_fd(fd, token, EventSet::IN.bits())?;
+    }
+    let (tx, rx) = channel();
+    let handle = WorkerHandle {
+        tx,
+        wake: wake.clone(),
+    };
+    let mut w = Worker {
+        group,
+        dev,
+        ctx,
+        rx,
+        wake,
+        stopping: Vec::new(),
+        disconnecting: None,
+    };
+    let jh = std::thread::Builder::new()
+        .name(format!("vu-worker-{group}"))
+        .spawn(move || w.run())?;
+    Ok((handle, jh))
+}
+
+impl Worker {
+    fn run(&mut self) {
+        let mut events = vec![EpollEvent::default(); 64];
+        loop {
+            let n = match self.ctx.epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    error!("worker {}: epoll_wait: {e}", self.group);
+                    return;
+                }
+            };
+            for ev in &events[..n] {
+                let data = ev.data();
+                let token = data & TOKEN_MASK;
+                match data >> KIND_SHIFT {
+                    KIND_CONTROL => {
+                        let _ = self.wake.read();
+                        if !self.drain_commands() {
+                            return;
+                        }
+                    }
+                    KIND_KICK => self.kick(token as u16),
+                    _ => self.dev.handle_fd(&mut self.ctx, token, ev.events()),
+                }
+            }
+            self.poll_stopping();
+        }
+    }
+
+    fn kick(&mut self, q: u16) {
+        if let Some(k) = self.ctx.kicks.get(&q) {
+            // Drain first: a kick arriving during processing must wake us again.
+            let _ = k.read();
+            if self.stopping.iter().all(|s| s.queue != q) && self.ctx.rings.contains_key(&q) {
+                self.dev.handle_kick(&mut self.ctx, q);
+            }
+        }
+    }
+
+    /// Returns false on shutdown.
+    fn drain_commands(&mut self) -> bool {
+        while let Ok((cmd, reply)) = self.rx.try_recv() {
+            match cmd {
+                Command::Start { setup, kick, mem } => {
+                    let q = setup.index;
+                    self.ctx.mem = Some(mem.clone());
+                    let res = VringHandle::start(setup, mem, self.ctx.log.clone()).and_then(|r| {
+                        self.ctx
+                            .epoll
+                            .ctl(
+                                ControlOperation::Add,
+                                kick.as_raw_fd(),
+                                EpollEvent::new(
+                                    EventSet::IN,
+                                    (KIND_KICK << KIND_SHIFT) | u64::from(q),
+                                ),
+                            )
+                            .map_err(|e| format!("queue {q}: epoll add kick: {e}"))?;
+                        Ok(r)
+                    });
+                    match res {
+                        Ok(ring) => {
+                            self.ctx.rings.insert(q, ring);
+                            self.ctx.kicks.insert(q, kick);
+                            let _ = reply.send(Reply::Started(Ok(())));
+                            self.dev.queue_started(&mut self.ctx, q);
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Reply::Started(Err(e)));
+                        }
+                    }
+                }
+                Command::Stop(q) => {
+                    if self.ctx.rings.contains_key(&q) {
+                        self.begin_stop(q, Some(reply));
+                    } else {
+                        let _ = reply.send(Reply::Stopped(None));
+                    }
+                }
+                Command::SetMemory(mem) => {
+                    if let Some(m) = &mem {
+                        for r in self.ctx.rings.values_mut() {
+                            r.set_memory(m.clone());
+                        }
+                    }
+                    self.ctx.mem = mem;
+                    let _ = reply.send(Reply::Done);
+                }
+                Command::SetCall(q, call) => {
+                    if let Some(r) = self.ctx.rings.get_mut(&q) {
+                        r.set_call(call);
+                    }
+                    let _ = reply.send(Reply::Done);
+                }
+                Command::SetFeatures(f) => {
+                    self.ctx.features = f;
+                    let _ = reply.send(Reply::Done);
+                }
+                Command::Disconnect => {
+                    let running = self.ctx.running_queues();
+                    for q in running {
+                        if self.stopping.iter().all(|s| s.queue != q) {
+                            self.begin_stop(q, None);
+                        }
+                    }
+                    self.disconnecting = Some(reply);
+                }
+                Command::Device(msg) => {
+                    let r = self.dev.handle_message(&mut self.ctx, msg);
+                    let _ = reply.send(Reply::Device(r));
+                }
+                Command::Shutdown => {
+                    for q in self.ctx.running_queues() {
+                        self.begin_stop(q, None);
+                    }
+                    // Keep polling until the device has resolved its in-flight work.
+                    while !self.stopping.is_empty() {
+                        let mut events = vec![EpollEvent::default(); 16];
+                        let n = self.ctx.epoll.wait(100, &mut events).unwrap_or(0);
+                        for ev in &events[..n] {
+                            if ev.data() >> KIND_SHIFT == KIND_DEVICE {
+                                self.dev.handle_fd(
+                                    &mut self.ctx,
+                                    ev.data() & TOKEN_MASK,
+                                    ev.events(),
+                                );
+                            }
+                        }
+                        self.poll_stopping();
+                    }
+                    self.dev.reset(&mut self.ctx);
+                    let _ = reply.send(Reply::Done);
+                    return false;
+                }
+            }
+        }
+        self.poll_stopping();
+        true
+    }
+
+    fn begin_stop(&mut self, q: u16, reply: Option<Sender<Reply>>) {
+        if let Some(k) = self.ctx.kicks.remove(&q) {
+            if let Err(e) = self.ctx.epoll.ctl(
+                ControlOperation::Delete,
+                k.as_raw_fd(),
+                EpollEvent::default(),
+            ) {
+                warn!("worker {}: epoll del kick {q}: {e}", self.group);
+            }
+        }
+        self.stopping.push(Stopping { queue: q, reply });
+    }
+
+    /// Ask the device again about every stopping ring; finish the ones that are quiescent.
+    fn poll_stopping(&mut self) {
+        let mut i = 0;
+        while i < self.stopping.len() {
+            let q = self.stopping[i].queue;
+            if self.dev.stop_queue(&mut self.ctx, q) == StopStatus::Done {
+                let s = self.stopping.swap_remove(i);
+                let ring = self.ctx.rings.remove(&q);
+                if let Some(mut r) = ring {
+                    r.signal_used();
+                    if let Some(reply) = s.reply {
+                        let _ = reply.send(Reply::Stopped(Some(r.next_avail())));
+                    }
+                } else if let Some(reply) = s.reply {
+                    let _ = reply.send(Reply::Stopped(None));
+                }
+            } else {
+                i += 1;
+            }
+        }
+        if self.stopping.is_empty() {
+            if let Some(reply) = self.disconnecting.take() {
+                self.dev.reset(&mut self.ctx);
+                self.ctx.mem = None;
+                let _ = reply.send(Reply::Done);
+            }
+        }
+    }
+}
