@@ -14,15 +14,15 @@
 //! - [`inflight`]: the INFLIGHT_SHMFD region.
 
 pub mod device;
-
+pub mod handler;
 pub mod inflight;
 pub mod memory;
-
+pub mod server;
 pub mod vring;
 pub mod worker;
 
 pub use device::{Chain, DeviceError, DeviceMsg, QueueWorker, StopStatus, VhostUserDevice};
 pub use memory::GuestMem;
-
+pub use server::{ServerStop, VhostUserServer};
 pub use vring::VringHandle;
 pub use worker::{WorkerCtx, WorkerGone, WorkerHandle};

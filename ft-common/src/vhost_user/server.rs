@@ -1,0 +1,530 @@
+//! The listener and connection loop.
+//!
+//! One frontend is served at a time. When it goes away (EOF, socket error) every ring is
+//! stopped through the workers (the device drains or cancels; unfinished requests stay marked
+//! in the inflight region), and the next frontend is accepted on the same listener with fresh
+//! protocol state; device and workers live on.
+//!
+//! Each message header is peeked (MSG_PEEK, with ancillary data so attached fds are seen)
+//! before the vhost crate parses it, because the vhost crate's handling is wrong for some:
+//! - SET_VRING_ENABLE is rejected by vhost unless PROTOCOL_FEATURES was acked, but QEMU 7.2
+//!   sends it before SET_FEATURES; we handle it ourselves at any time.
+//! - SEND_RARP is not handled by vhost at all; we pass the MAC to the device.
+//! - A header vhost would reject (unknown request, bad version, reserved flags, fds on a
+//!   message that takes none) makes vhost return without reading the body, desynchronising
+//!   the stream; we consume such a message ourselves, NACK it if a reply was asked for, log it
+//!   and go on.
+//!
+//! After vhost handled a message, its error is classified: socket errors end the connection;
+//! handler errors were already NACKed by vhost (REPLY_ACK) and are logged; validation errors
+//! vhost returned before replying are NACKed here, except for messages whose reply carries a
+//! payload we cannot forge (GET_*), where the connection is closed rather than leaving the
+//! frontend waiting forever.
+//!
+//! Stopping: [`ServerStop::stop`] (or a signal registered with [`ServerStop::on_signals`])
+//! makes `run` drain the current connection, stop the workers and return.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use log::{error, info, warn};
+use vhost::vhost_user::message::{FrontendReq, MAX_MSG_SIZE};
+use vhost::vhost_user::{BackendReqHandler, Error as VuError, Listener};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::device::VhostUserDevice;
+use super::handler::{ConnHandler, Shared};
+use super::memory::DirtyLog;
+use super::worker::{self, Command, WorkerHandle};
+
+const HDR_SIZE: usize = 12;
+const FLAG_VERSION_1: u32 = 0x1;
+const FLAG_REPLY: u32 = 0x4;
+const FLAG_NEED_REPLY: u32 = 0x8;
+const FLAG_RESERVED: u32 = !0xf;
+
+/// Makes a running server return from [`VhostUserServer::run`]. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct ServerStop {
+    evt: Arc<EventFd>,
+}
+
+/// Eventfd written by the signal handler (async-signal-safe: one write(2)).
+static SIGNAL_STOP_FD: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_stop_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let fd = SIGNAL_STOP_FD.load(Ordering::Relaxed);
+    if fd >= 0 {
+        let one: u64 = 1;
+        // SAFETY: write(2) of 8 bytes from a live local to an eventfd.
+        unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+    }
+}
+
+impl ServerStop {
+    /// Ask the server to stop.
+    pub fn stop(&self) {
+        let _ = self.evt.write(1);
+    }
+
+    /// Stop the server when one of `signals` (e.g. SIGINT, SIGTERM) arrives. One server per
+    /// process can be signal-stopped.
+    pub fn on_signals(&self, signals: &[libc::c_int]) -> std::io::Result<()> {
+        SIGNAL_STOP_FD.store(self.evt.as_raw_fd(), Ordering::Relaxed);
+        for &s in signals {
+            vmm_sys_util::signal::register_signal_handler(s, on_stop_signal)
+                .map_err(|e| std::io::Error::other(format!("signal {s}: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+/// A vhost-user server for one device on one socket.
+pub struct VhostUserServer {
+    shared: Arc<Shared>,
+    listener: Listener,
+    threads: Vec<JoinHandle<()>>,
+    stop: ServerStop,
+}
+
+impl VhostUserServer {
+    /// Listen on `socket` (an existing file there is replaced) and start one worker per queue
+    /// group of `device`.
+    pub fn new(device: Arc<dyn VhostUserDevice>, socket: &Path) -> std::io::Result<Self> {
+        let n = device.num_queues();
+        let groups = device.queue_groups();
+        let mut queue_group = vec![usize::MAX; n];
+        for (g, qs) in groups.iter().enumerate() {
+            for &q in qs {
+                let slot = queue_group.get_mut(q as usize).ok_or_else(|| {
+                    std::io::Error::other(format!("queue group {g} names queue {q} >= {n}"))
+                })?;
+                if *slot != usize::MAX {
+                    return Err(std::io::Error::other(format!("queue {q} in two groups")));
+                }
+                *slot = g;
+            }
+        }
+        if let Some(q) = queue_group.iter().position(|&g| g == usize::MAX) {
+            return Err(std::io::Error::other(format!("queue {q} is in no group")));
+        }
+        let log = Arc::new(DirtyLog::default());
+        let mut workers = Vec::new();
+        let mut threads = Vec::new();
+        for (g, qs) in groups.iter().enumerate() {
+            let w = device.create_worker(g, qs)?;
+            let (h, t) = worker::spawn(g, w, log.clone())?;
+            workers.push(h);
+            threads.push(t);
+        }
+        let listener = Listener::new(socket, true)
+            .map_err(|e| std::io::Error::other(format!("listen on {}: {e}", socket.display())))?;
+        Ok(VhostUserServer {
+            shared: Arc::new(Shared {
+                device,
+                workers,
+                queue_group,
+                log,
+            }),
+            listener,
+            threads,
+            stop: ServerStop {
+                evt: Arc::new(EventFd::new(EFD_NONBLOCK)?),
+            },
+        })
+    }
+
+    /// Handles to the worker of each queue group (index = group), for control threads.
+    pub fn worker_handles(&self) -> Vec<WorkerHandle> {
+        self.shared.workers.clone()
+    }
+
+    /// Handle that stops [`run`](Self::run).
+    pub fn stop_handle(&self) -> ServerStop {
+        self.stop.clone()
+    }
+
+    /// Serve frontends one after another until stopped.
+    pub fn run(mut self) -> std::io::Result<()> {
+        let res = self.serve_all();
+        for w in &self.shared.workers {
+            let _ = w.command(Command::Shutdown);
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        res
+    }
+
+    fn serve_all(&mut self) -> std::io::Result<()> {
+        let stop_fd = self.stop.evt.as_raw_fd();
+        loop {
+            if wait_readable(self.listener.as_raw_fd(), stop_fd)? {
+                info!("vhost-user: stop requested");
+                return Ok(());
+            }
+            let stream = match self.listener.accept() {
+                Ok(Some(s)) => s,
+                Ok(None) => continue,
+                Err(e) => {
+                    warn!("vhost-user: accept: {e}");
+                    continue;
+                }
+            };
+            info!("vhost-user: frontend connected");
+            let stopped = self.serve(stream)?;
+            info!("vhost-user: frontend gone; waiting for the next one");
+            if stopped {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Serve one connection; returns true if a stop was requested meanwhile.
+    fn serve(&mut self, stream: UnixStream) -> std::io::Result<bool> {
+        let conn = Arc::new(Mutex::new(ConnHandler::new(self.shared.clone())?));
+        let mut sock = stream.try_clone()?;
+        let mut req = BackendReqHandler::from_stream(stream, conn.clone());
+        let stop_fd = self.stop.evt.as_raw_fd();
+        let mut stopped = false;
+        loop {
+            match wait_readable(sock.as_raw_fd(), stop_fd) {
+                Ok(true) => {
+                    stopped = true;
+                    break;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    error!("vhost-user: poll: {e}");
+                    break;
+                }
+            }
+            let (hdr, has_fds) = match peek_header(sock.as_raw_fd()) {
+                Ok(Some(h)) => h,
+                Ok(None) => break,
+                Err(e) => {
+                    warn!("vhost-user: receive: {e}");
+                    break;
+                }
+            };
+            match self.dispatch(&conn, &mut req, &mut sock, hdr, has_fds) {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(e) => {
+                    warn!("vhost-user: connection error: {e}");
+                    break;
+                }
+            }
+        }
+        lock(&conn).disconnect();
+        Ok(stopped)
+    }
+
+    /// Handle one message; Ok(false) ends the connection.
+    fn dispatch(
+        &self,
+        conn: &Arc<Mutex<ConnHandler>>,
+        req: &mut BackendReqHandler<Mutex<ConnHandler>>,
+        sock: &mut UnixStream,
+        hdr: RawHeader,
+        has_fds: bool,
+    ) -> std::io::Result<bool> {
+        let code = FrontendReq::try_from(hdr.request).ok();
+        let need_reply = hdr.flags & FLAG_NEED_REPLY != 0;
+        let ack = |sock: &mut UnixStream, ok: bool| -> std::io::Result<()> {
+            if need_reply && lock(conn).reply_ack() {
+                send_reply(sock, hdr.request, &u64::from(!ok).to_le_bytes())?;
+            }
+            Ok(())
+        };
+        if hdr.size as usize > MAX_MSG_SIZE {
+            warn!(
+                "vhost-user: request {} with oversized body ({} bytes); closing",
+                hdr.request, hdr.size
+            );
+            return Ok(false);
+        }
+        let bad_header = code.is_none()
+            || hdr.flags & 0x3 != FLAG_VERSION_1
+            || hdr.flags & (FLAG_REPLY | FLAG_RESERVED) != 0;
+        if bad_header || (has_fds && !takes_fds(code)) {
+            let body = read_message(sock, hdr.size)?;
+            warn!(
+                "vhost-user: malformed message dropped: request {} flags {:#x} size {} fds {} \
+                 ({} body bytes)",
+                hdr.request,
+                hdr.flags,
+                hdr.size,
+                has_fds,
+                body.len()
+            );
+            ack(sock, false)?;
+            return Ok(true);
+        }
+        match code {
+            Some(FrontendReq::SET_VRING_ENABLE) => {
+                let body = read_message(sock, hdr.size)?;
+                let res = if body.len() != 8 {
+                    Err(format!("SET_VRING_ENABLE with {}-byte body", body.len()))
+                } else {
+                    let index = u32::from_le_bytes(body[0..4].try_into().unwrap_or_default());
+                    let num = u32::from_le_bytes(body[4..8].try_into().unwrap_or_default());
+                    match num {
+                        0 | 1 => lock(conn)
+                            .vring_enable(index, num == 1)
+                            .map_err(|e| e.to_string()),
+                        _ => Err(format!("SET_VRING_ENABLE {index} with value {num}")),
+                    }
+                };
+                if let Err(e) = &res {
+                    warn!("vhost-user: {e}");
+                }
+                ack(sock, res.is_ok())?;
+                Ok(true)
+            }
+            Some(FrontendReq::SEND_RARP) => {
+                let body = read_message(sock, hdr.size)?;
+                let res = if body.len() != 8 {
+                    Err(format!("SEND_RARP with {}-byte body", body.len()))
+                } else {
+                    let mut mac = [0u8; 6];
+                    mac.copy_from_slice(&body[..6]);
+                    lock(conn).send_rarp(mac)
+                };
+                if let Err(e) = &res {
+                    warn!("vhost-user: {e}");
+                }
+                ack(sock, res.is_ok())?;
+                Ok(true)
+            }
+            _ => match req.handle_request() {
+                Ok(()) => Ok(true),
+                Err(e) => self.after_error(conn, sock, hdr, code, e),
+            },
+        }
+    }
+
+    fn after_error(
+        &self,
+        conn: &Arc<Mutex<ConnHandler>>,
+        sock: &mut UnixStream,
+        hdr: RawHeader,
+        code: Option<FrontendReq>,
+        e: VuError,
+    ) -> std::io::Result<bool> {
+        let name = code.map_or_else(|| hdr.request.to_string(), |c| format!("{c:?}"));
+        match e {
+            VuError::Disconnected => Ok(false),
+            VuError::PartialMessage
+            | VuError::SocketBroken(_)
+            | VuError::SocketError(_)
+            | VuError::SocketRetry(_) => {
+                warn!("vhost-user: {name}: {e}; closing");
+                Ok(false)
+            }
+            VuError::ReqHandlerError(_) => {
+                // The handler logged the cause; vhost already NACKed if asked to.
+                match code {
+                    Some(FrontendReq::GET_INFLIGHT_FD) => {
+                        // "No inflight region": mmap_size 0, no fd (QEMU accepts this).
+                        send_reply(sock, hdr.request, &[0u8; 24])?;
+                        Ok(true)
+                    }
+                    Some(c) if has_payload_reply(c) => {
+                        error!("vhost-user: {name} failed and has no error reply; closing");
+                        Ok(false)
+                    }
+                    _ => Ok(true),
+                }
+            }
+            other => {
+                warn!("vhost-user: {name} rejected: {other}");
+                if code.is_some_and(has_payload_reply) {
+                    error!("vhost-user: cannot answer {name}; closing");
+                    return Ok(false);
+                }
+                if hdr.flags & FLAG_NEED_REPLY != 0 && lock(conn).reply_ack() {
+                    send_reply(sock, hdr.request, &1u64.to_le_bytes())?;
+                }
+                Ok(true)
+            }
+        }
+    }
+}
+
+fn lock(conn: &Mutex<ConnHandler>) -> std::sync::MutexGuard<'_, ConnHandler> {
+    conn.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Messages whose reply carries a payload (not a plain REPLY_ACK u64).
+fn has_payload_reply(code: FrontendReq) -> bool {
+    matches!(
+        code,
+        FrontendReq::GET_FEATURES
+            | FrontendReq::GET_PROTOCOL_FEATURES
+            | FrontendReq::GET_VRING_BASE
+            | FrontendReq::GET_QUEUE_NUM
+            | FrontendReq::GET_CONFIG
+            | FrontendReq::GET_INFLIGHT_FD
+            | FrontendReq::GET_MAX_MEM_SLOTS
+            | FrontendReq::SET_LOG_BASE
+            | FrontendReq::GET_SHARED_OBJECT
+            | FrontendReq::SET_DEVICE_STATE_FD
+            | FrontendReq::CHECK_DEVICE_STATE
+            | FrontendReq::GET_SHMEM_CONFIG
+    )
+}
+
+/// Messages that may carry fds (mirrors the vhost crate's check).
+fn takes_fds(code: Option<FrontendReq>) -> bool {
+    matches!(
+        code,
+        Some(
+            FrontendReq::SET_MEM_TABLE
+                | FrontendReq::SET_VRING_CALL
+                | FrontendReq::SET_VRING_KICK
+                | FrontendReq::SET_VRING_ERR
+                | FrontendReq::SET_LOG_BASE
+                | FrontendReq::SET_LOG_FD
+                | FrontendReq::SET_BACKEND_REQ_FD
+                | FrontendReq::SET_INFLIGHT_FD
+                | FrontendReq::ADD_MEM_REG
+                | FrontendReq::REM_MEM_REG
+                | FrontendReq::SET_DEVICE_STATE_FD
+                | FrontendReq::GPU_SET_SOCKET
+        )
+    )
+}
+
+#[derive(Clone, Copy, Debug)]
+struct RawHeader {
+    request: u32,
+    flags: u32,
+    size: u32,
+}
+
+/// Wait until `fd` is readable; returns true if `stop_fd` fired instead.
+fn wait_readable(fd: RawFd, stop_fd: RawFd) -> std::io::Result<bool> {
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop_fd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: fds is a valid array of two pollfds.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if fds[1].revents != 0 {
+            return Ok(true);
+        }
+        if fds[0].revents != 0 {
+            return Ok(false);
+        }
+    }
+}
+
+/// Peek the next header and whether fds are attached; None on EOF.
+fn peek_header(fd: RawFd) -> std::io::Result<Option<(RawHeader, bool)>> {
+    let mut buf = [0u8; HDR_SIZE];
+    // Room for the most fds a message may carry.
+    let mut cmsg = [0u64; 64];
+    loop {
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: HDR_SIZE,
+        };
+        // SAFETY: zeroed msghdr is a valid empty value.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cmsg.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&cmsg);
+        // SAFETY: msg points at live buffers for the duration of the call.
+        let n = unsafe {
+            libc::recvmsg(
+                fd,
+                &mut msg,
+                libc::MSG_PEEK | libc::MSG_WAITALL | libc::MSG_CMSG_CLOEXEC,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        // Close the fds duplicated into us by the peek; the real receive gets its own copies.
+        let mut has_fds = false;
+        // SAFETY: walking the control buffer the kernel filled, with the libc macros.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&msg);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                    let data = libc::CMSG_DATA(c) as *const RawFd;
+                    let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize)
+                        / std::mem::size_of::<RawFd>();
+                    for i in 0..count {
+                        libc::close(data.add(i).read_unaligned());
+                    }
+                    has_fds |= count > 0;
+                }
+                c = libc::CMSG_NXTHDR(&msg, c);
+            }
+        }
+        if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+            has_fds = true;
+        }
+        if n == 0 {
+            return Ok(None);
+        }
+        if (n as usize) < HDR_SIZE {
+            // The peer closed mid-header, or the header arrives in pieces: the receive proper
+            // will tell which.
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        let w = |i: usize| u32::from_le_bytes([buf[i], buf[i + 1], buf[i + 2], buf[i + 3]]);
+        return Ok(Some((
+            RawHeader {
+                request: w(0),
+                flags: w(4),
+                size: w(8),
+            },
+            has_fds,
+        )));
+    }
+}
+
+/// Consume a whole message (header and body) from the socket; returns the body.
+fn read_message(sock: &mut UnixStream, size: u32) -> std::io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; HDR_SIZE + size as usize];
+    sock.read_exact(&mut buf)?;
+    Ok(buf.split_off(HDR_SIZE))
+}
+
+fn send_reply(sock: &mut UnixStream, request: u32, body: &[u8]) -> std::io::Result<()> {
+    let mut msg = Vec::with_capacity(HDR_SIZE + body.len());
+    msg.extend_from_slice(&request.to_le_bytes());
+    msg.extend_from_slice(&(FLAG_VERSION_1 | FLAG_REPLY).to_le_bytes());
+    msg.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    msg.extend_from_slice(body);
+    sock.write_all(&msg)
+}
