@@ -25,7 +25,6 @@ use std::ops::Deref;
 use std::sync::Arc;
 use virtio_bindings::virtio_blk::*;
 use virtio_queue::{desc::split::Descriptor, DescriptorChain};
-use vm_memory::bitmap::Bitmap;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 
 /// Most data segments one request may carry (advertised as `seg_max`).
@@ -181,24 +180,21 @@ impl BlkRequest {
         }
     }
 
-    /// Marks the guest pages the device wrote by DMA-like means (io_uring reads into guest
-    /// memory bypass vm-memory's dirty tracking) as dirty, for live migration / dirty logging.
-    pub fn mark_dirty<M: GuestMemory + ?Sized>(&self, mem: &M, bytes: usize) {
-        if !matches!(self.kind, RequestKind::Read { .. } | RequestKind::GetId) {
+    /// Calls `f(gpa, len)` for each guest range the device wrote with `bytes` bytes of read
+    /// data. io_uring writes into guest memory bypass vm-memory's dirty tracking, so these
+    /// ranges must be marked dirty by hand (dirty logging for live migration / checkpointing).
+    pub fn for_each_written_range(&self, bytes: usize, mut f: impl FnMut(u64, u64)) {
+        if !matches!(self.kind, RequestKind::Read { .. }) {
             return;
         }
         let mut left = bytes;
-        for (iov, &gpa) in self.iovecs().iter().zip(&self.gpas[..self.nsegs as usize]) {
+        for (iov, &gpa) in self.iovecs().iter().zip(&self.gpas) {
             if left == 0 {
                 break;
             }
             let n = iov.iov_len.min(left);
             left -= n;
-            if let Ok(slices) = mem.get_slices(GuestAddress(gpa), n, Permissions::Write) {
-                for s in slices.flatten() {
-                    s.bitmap().mark_dirty(0, s.len());
-                }
-            }
+            f(gpa, n as u64);
         }
     }
 
