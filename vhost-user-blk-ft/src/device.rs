@@ -6,7 +6,7 @@
 
 use crate::config::BlkConfig;
 use crate::image::Image;
-use crate::queue::BlkQueue;
+use crate::queue::{BlkCounters, BlkQueue};
 use ft_common::vhost_user::{DeviceError, QueueWorker, VhostUserDevice};
 use std::sync::Arc;
 
@@ -14,6 +14,7 @@ pub struct BlkDevice {
     image: Arc<Image>,
     config: Arc<BlkConfig>,
     queue_size: u16,
+    counters: Arc<BlkCounters>,
 }
 
 impl BlkDevice {
@@ -22,7 +23,13 @@ impl BlkDevice {
             image,
             config,
             queue_size,
+            counters: Arc::default(),
         }
+    }
+
+    /// Counters summed over all queues.
+    pub fn counters(&self) -> &Arc<BlkCounters> {
+        &self.counters
     }
 
     pub fn config(&self) -> &Arc<BlkConfig> {
@@ -72,6 +79,7 @@ impl VhostUserDevice for BlkDevice {
             self.image.clone(),
             self.config.clone(),
             u32::from(self.queue_size),
+            self.counters.clone(),
         )?;
         Ok(Box::new(q))
     }

@@ -89,12 +89,13 @@ fn run(args: Args) -> std::io::Result<()> {
     let image = Arc::new(image);
     let config = Arc::new(BlkConfig::new(params));
     let device = Arc::new(BlkDevice::new(image, config, args.queue_size));
+    let counters = device.counters().clone();
     let server = VhostUserServer::new(device, &args.socket)?;
     server
         .stop_handle()
         .on_signals(&[libc::SIGINT, libc::SIGTERM])?;
     log::info!("listening on {}", args.socket.display());
     server.run()?;
-    log::info!("stopped");
+    log::info!("stopped; {}", counters.summary());
     Ok(())
 }

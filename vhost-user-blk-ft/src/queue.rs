@@ -21,6 +21,7 @@ use crate::image::Image;
 use crate::request::{parse, DiskLimits, Rejected, RequestKind, STATUS_IOERR, STATUS_OK};
 use ft_common::vhost_user::{QueueWorker, StopStatus, VringHandle, WorkerCtx};
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
 use vm_memory::{Bytes, GuestAddress};
@@ -28,11 +29,29 @@ use vm_memory::{Bytes, GuestAddress};
 /// Token of the engine's eventfd in the worker's epoll set.
 const ENGINE_TOKEN: u64 = 1;
 
-/// Counters of one queue, for logs and tests.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct QueueStats {
-    pub requests: u64,
-    pub rejected: u64,
+/// Device-wide counters, summed over queues; updated once per batch, not per request.
+#[derive(Debug, Default)]
+pub struct BlkCounters {
+    /// Chains taken off the rings.
+    pub requests: AtomicU64,
+    /// Chains answered with an error status at parse time (or never answerable).
+    pub rejected: AtomicU64,
+    /// Requests that went through io_uring and completed (any status).
+    pub completed: AtomicU64,
+    /// FLUSH requests that completed a real `fsync(DATASYNC)` on the image.
+    pub fsyncs: AtomicU64,
+}
+
+impl BlkCounters {
+    pub fn summary(&self) -> String {
+        format!(
+            "requests {}, rejected {}, completed I/O {}, fdatasyncs {}",
+            self.requests.load(Ordering::Relaxed),
+            self.rejected.load(Ordering::Relaxed),
+            self.completed.load(Ordering::Relaxed),
+            self.fsyncs.load(Ordering::Relaxed),
+        )
+    }
 }
 
 pub struct BlkQueue {
@@ -42,7 +61,9 @@ pub struct BlkQueue {
     limits: DiskLimits,
     /// The ring was left with chains on it because every slot was busy; resume on completion.
     stalled: bool,
-    stats: QueueStats,
+    counters: Arc<BlkCounters>,
+    /// Engine stats already added to `counters`.
+    reported: crate::engine::EngineStats,
 }
 
 impl BlkQueue {
@@ -51,6 +72,7 @@ impl BlkQueue {
         image: Arc<Image>,
         config: Arc<BlkConfig>,
         depth: u32,
+        counters: Arc<BlkCounters>,
     ) -> std::io::Result<BlkQueue> {
         let limits = DiskLimits {
             capacity_sectors: config.params().capacity_sectors,
@@ -62,8 +84,20 @@ impl BlkQueue {
             config,
             limits,
             stalled: false,
-            stats: QueueStats::default(),
+            counters,
+            reported: Default::default(),
         })
+    }
+
+    /// Publishes the engine's counters accumulated since the last call.
+    fn publish(&mut self) {
+        let now = self.engine.stats();
+        let c = &self.counters;
+        c.completed
+            .fetch_add(now.completed - self.reported.completed, Ordering::Relaxed);
+        c.fsyncs
+            .fetch_add(now.fsyncs - self.reported.fsyncs, Ordering::Relaxed);
+        self.reported = now;
     }
 
     /// Write-through unless the guest negotiated FLUSH and left the cache in write-back mode
@@ -81,14 +115,15 @@ impl BlkQueue {
             return;
         };
         self.stalled = false;
+        let (mut popped, mut rejected) = (0u64, 0u64);
         'outer: loop {
             vring.disable_notification();
             while self.engine.in_flight() < self.engine.capacity() {
                 let Some(chain) = vring.pop() else { break };
-                self.stats.requests += 1;
+                popped += 1;
                 match parse(chain, &self.limits) {
                     Err(rej) => {
-                        self.stats.rejected += 1;
+                        rejected += 1;
                         answer_rejected(vring, rej);
                     }
                     Ok(req) if req.kind() == RequestKind::GetId => {
@@ -123,6 +158,10 @@ impl BlkQueue {
             log::error!("queue {}: io_uring submit: {e}", self.queue);
         }
         vring.signal_used();
+        self.counters.requests.fetch_add(popped, Ordering::Relaxed);
+        self.counters
+            .rejected
+            .fetch_add(rejected, Ordering::Relaxed);
     }
 
     /// Completes everything the engine has finished.
@@ -133,6 +172,7 @@ impl BlkQueue {
         if let Some(v) = ctx.queue(queue) {
             v.signal_used();
         }
+        self.publish();
         if self.stalled {
             self.process_ring(ctx);
         }
@@ -219,12 +259,9 @@ impl QueueWorker for BlkQueue {
         if let Some(v) = ctx.queue(q) {
             v.signal_used();
         }
+        self.publish();
         if self.engine.in_flight() == 0 {
-            log::debug!(
-                "queue {q}: stopped, stats {:?}, {:?}",
-                self.stats,
-                self.engine.stats()
-            );
+            log::debug!("queue {q}: stopped, engine {:?}", self.engine.stats());
             StopStatus::Done
         } else {
             StopStatus::Pending
