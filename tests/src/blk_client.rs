@@ -271,10 +271,27 @@ pub struct BlkClient {
     queues: Vec<Queue>,
     buffers: Vec<Buffer>,
     bounce: BufId,
+    /// Scratch array for `wait_any`, sized once (no allocation while waiting).
+    pollfds: Vec<libc::pollfd>,
     transport: VhostUser<VirtioBlkConfig, ReqSlot>,
     features: u64,
     config: BlkConfig,
     opts: ClientOptions,
+}
+
+/// Consumes an eventfd's counter after poll said it is readable. Another reader (or a
+/// non-blocking fd set by the backend) may leave nothing to read: that is not an error.
+fn read_eventfd(fd: i32) -> Result<()> {
+    let mut v = 0u64;
+    // SAFETY: reading 8 bytes into a u64.
+    let n = unsafe { libc::read(fd, &mut v as *mut u64 as *mut libc::c_void, 8) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::WouldBlock && e.kind() != io::ErrorKind::Interrupted {
+            return Err(e.into());
+        }
+    }
+    Ok(())
 }
 
 impl BlkClient {
@@ -366,6 +383,14 @@ impl BlkClient {
             .collect();
 
         let mut client = Self {
+            pollfds: vec![
+                libc::pollfd {
+                    fd: -1,
+                    events: 0,
+                    revents: 0
+                };
+                opts.num_queues
+            ],
             queues,
             buffers: Vec::new(),
             bounce: BufId(0),
@@ -774,16 +799,42 @@ impl BlkClient {
         if r == 0 {
             return Ok(false);
         }
-        let mut v = 0u64;
-        // SAFETY: reading 8 bytes into a u64.
-        let n = unsafe { libc::read(fd, &mut v as *mut u64 as *mut libc::c_void, 8) };
-        if n < 0 {
+        read_eventfd(fd)?;
+        Ok(true)
+    }
+
+    /// Waits until any queue's call eventfd is signalled (or `timeout`) and consumes the
+    /// signalled ones. Returns false on timeout. For single-threaded multi-queue drivers.
+    pub fn wait_any(&mut self, timeout: Option<Duration>) -> Result<bool> {
+        for (p, q) in self.pollfds.iter_mut().zip(&self.queues) {
+            *p = libc::pollfd {
+                fd: q.call.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+        }
+        let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
+        // SAFETY: `pollfds` is a valid array of `len()` pollfds.
+        let r = unsafe {
+            libc::poll(
+                self.pollfds.as_mut_ptr(),
+                self.pollfds.len() as libc::nfds_t,
+                ms,
+            )
+        };
+        if r < 0 {
             let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::WouldBlock && e.kind() != io::ErrorKind::Interrupted {
-                return Err(e.into());
+            if e.kind() == io::ErrorKind::Interrupted {
+                return Ok(false);
+            }
+            return Err(e.into());
+        }
+        for p in &self.pollfds {
+            if p.revents & libc::POLLIN != 0 {
+                read_eventfd(p.fd)?;
             }
         }
-        Ok(true)
+        Ok(r > 0)
     }
 
     /// Kicks `q` and waits for the completion of the single in-flight request there.
