@@ -557,6 +557,30 @@ mod tests {
     }
 
     #[test]
+    fn written_ranges_cover_what_was_read() {
+        let m = mem();
+        hdr(&m, VIRTIO_BLK_T_IN, 0);
+        let v = [
+            d(HDR, 16, false),
+            d(DATA, 1024, true),
+            d(DATA + 0x4000, 512, true),
+            d(STATUS, 1, true),
+        ];
+        let r = parse_descs(&m, &v, LIMITS).unwrap();
+        let mut got = Vec::new();
+        r.for_each_written_range(1536, |g, l| got.push((g, l)));
+        assert_eq!(got, vec![(DATA, 1024), (DATA + 0x4000, 512)]);
+        got.clear();
+        r.for_each_written_range(1000, |g, l| got.push((g, l)));
+        assert_eq!(got, vec![(DATA, 1000)]);
+        // Writes put nothing into guest memory.
+        hdr(&m, VIRTIO_BLK_T_OUT, 0);
+        let v = [d(HDR, 16, false), d(DATA, 512, false), d(STATUS, 1, true)];
+        let w = parse_descs(&m, &v, LIMITS).unwrap();
+        w.for_each_written_range(512, |_, _| panic!("a write dirties guest memory"));
+    }
+
+    #[test]
     fn write_with_split_data_is_parsed() {
         let m = mem();
         hdr(&m, VIRTIO_BLK_T_OUT, 4);

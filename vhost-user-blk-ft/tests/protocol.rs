@@ -131,6 +131,44 @@ fn one(c: &mut BlkClient, f: impl FnOnce(&mut BlkClient, usize) -> Result<()>) -
     c.request_sync(0, f).expect("request")
 }
 
+/// Counts, in the kernel, the fdatasync calls ext4 sees on `img` while `f` runs (tracepoint
+/// `ext4:ext4_sync_file_enter` with `datasync == 1`, filtered by inode, via `perf stat`).
+/// None when perf, tracefs or ext4 is not available here.
+fn kernel_fdatasyncs(img: &Path, f: impl FnOnce()) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    if !Path::new("/sys/kernel/tracing/events/ext4/ext4_sync_file_enter").exists() {
+        return None;
+    }
+    let ino = std::fs::metadata(img).ok()?.ino();
+    let out = img.with_extension("perf");
+    let mut perf = Command::new("perf")
+        .args([
+            "stat",
+            "-x,",
+            "-a",
+            "-e",
+            "ext4:ext4_sync_file_enter",
+            "--filter",
+        ])
+        .arg(format!("ino == {ino} && datasync == 1"))
+        .arg("-o")
+        .arg(&out)
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    // perf needs a moment to open its events.
+    std::thread::sleep(Duration::from_millis(700));
+    if perf.try_wait().ok()?.is_some() {
+        return None;
+    }
+    f();
+    unsafe { libc::kill(perf.id() as i32, libc::SIGINT) };
+    perf.wait().ok()?;
+    let text = std::fs::read_to_string(&out).ok()?;
+    let line = text.lines().find(|l| l.contains("ext4_sync_file_enter"))?;
+    line.split(',').next()?.trim().parse().ok()
+}
+
 #[test]
 fn write_read_flush_reach_the_image_and_fsync() {
     let d = start(&[]);
@@ -149,8 +187,22 @@ fn write_read_flush_reach_the_image_and_fsync() {
             "image differs at {off}"
         );
     }
-    for _ in 0..5 {
-        c.flush(0).unwrap();
+    let flushes = || {
+        for i in 0..5u8 {
+            c.write_at(0, 0, &[i; 4096]).unwrap();
+            c.flush(0).unwrap();
+        }
+    };
+    match kernel_fdatasyncs(&d.img, flushes) {
+        // Each FLUSH is one fdatasync of the image, seen by the filesystem itself.
+        Some(n) => assert_eq!(n, 5, "kernel saw {n} fdatasyncs of the image for 5 FLUSHes"),
+        None => {
+            eprintln!("perf/tracefs/ext4 unavailable: checking the daemon's counters only");
+            for i in 0..5u8 {
+                c.write_at(0, 0, &[i; 4096]).unwrap();
+                c.flush(0).unwrap();
+            }
+        }
     }
     drop(c);
     let (code, log) = d.stop(libc::SIGTERM);
@@ -600,4 +652,37 @@ fn cli_rejects_bad_arguments() {
         let out = Command::new(bin).args(&args).output().unwrap();
         assert!(!out.status.success(), "{args:?} accepted");
     }
+}
+
+#[test]
+fn direct_io_round_trip() {
+    let d = start(&["--direct", "--queues", "2"]);
+    // The image fd really is O_DIRECT.
+    let pid = d.child.as_ref().unwrap().id();
+    let mut direct = false;
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        let e = e.unwrap();
+        if std::fs::read_link(e.path()).ok().as_deref() == Some(d.img.as_path()) {
+            let info = std::fs::read_to_string(format!(
+                "/proc/{pid}/fdinfo/{}",
+                e.file_name().to_str().unwrap()
+            ))
+            .unwrap();
+            let flags = info
+                .lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .map(|f| u32::from_str_radix(f.trim(), 8).unwrap())
+                .unwrap();
+            direct |= flags & libc::O_DIRECT as u32 != 0;
+        }
+    }
+    assert!(direct, "image not opened with O_DIRECT");
+    let mut c = d.connect(2);
+    let data = pattern(5, 192 << 10);
+    c.write_at(1, 64 << 10, &data).unwrap();
+    c.flush(1).unwrap();
+    let mut back = vec![0u8; data.len()];
+    c.read_at(0, 64 << 10, &mut back).unwrap();
+    assert!(back == data);
+    assert!(file_bytes(&d.img, 64 << 10, data.len()) == data);
 }
