@@ -210,10 +210,12 @@ fn complete(ctx: &mut WorkerCtx, queue: u16, c: Completion) {
                 ctx.mark_dirty(gpa, len)
             });
     } else {
+        // Negative results are -errno; a non-negative one here is a short transfer.
         log::warn!(
-            "queue {queue}: {:?} failed: {}",
+            "queue {queue}: {:?} failed (result {}, expected {} bytes)",
             c.req.kind(),
-            std::io::Error::from_raw_os_error(-c.result.min(-1))
+            c.result,
+            c.req.data_len()
         );
     }
     match ctx.queue(queue) {
