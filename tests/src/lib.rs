@@ -1,2 +1,3 @@
 //! test support
 pub mod blk_client;
+pub mod guest;
