@@ -1,3 +1,4 @@
 //! test support
 pub mod blk_client;
+pub mod frontend;
 pub mod guest;

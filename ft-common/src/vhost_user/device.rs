@@ -90,6 +90,13 @@ pub trait VhostUserDevice: Send + Sync + 'static {
         VhostUserProtocolFeatures::empty()
     }
 
+    /// Whether the device has a config space served over vhost-user (protocol feature
+    /// CONFIG). Default true. A net device may return false: QEMU's vhost-user-net warns
+    /// when the backend offers CONFIG.
+    fn has_config(&self) -> bool {
+        true
+    }
+
     /// Fill `buf` with config space bytes starting at `offset`. Bytes beyond the config space
     /// are left zero. Must not fail.
     fn read_config(&self, offset: u32, buf: &mut [u8]);
@@ -153,8 +160,11 @@ pub trait QueueWorker: Send {
 
     /// Stop processing `queue`: cancel or drain what the device holds for it. Return `Pending`
     /// while completions or cancels are outstanding; the server calls again after the next
-    /// event. While stopping, the queue is still reachable through `ctx` (to `add_used` drained
-    /// requests) but kicks are no longer delivered.
+    /// event (and at least every few milliseconds). While stopping, the queue is still
+    /// reachable through `ctx` (to `add_used` drained requests) but kicks are no longer
+    /// delivered. Requests may be abandoned (not completed) only if
+    /// [`VringHandle::inflight_tracked`] is true; the device must then forget them entirely,
+    /// as they will be resubmitted by `pop` on the next start.
     fn stop_queue(&mut self, ctx: &mut WorkerCtx, queue: u16) -> StopStatus;
 
     /// The connection ended or the device was reset; every queue of the group has been stopped

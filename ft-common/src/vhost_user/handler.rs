@@ -115,6 +115,14 @@ impl ConnHandler {
             | VhostUserVirtioFeatures::LOG_ALL.bits()
     }
 
+    fn offered_protocol_features(&self) -> VhostUserProtocolFeatures {
+        let mut p = server_protocol_features() | self.shared.device.protocol_features();
+        if !self.shared.device.has_config() {
+            p.remove(VhostUserProtocolFeatures::CONFIG);
+        }
+        p
+    }
+
     /// Whether replies to NEED_REPLY messages are due (REPLY_ACK negotiated).
     pub(crate) fn reply_ack(&self) -> bool {
         self.acked_protocol & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0
@@ -229,6 +237,12 @@ impl ConnHandler {
                 error!("disconnect: {e}");
             }
         }
+    }
+
+    /// The connection is gone: stop everything and drop the dirty log (no ring runs now).
+    pub(crate) fn close(&mut self) {
+        self.disconnect();
+        self.shared.log.reset();
     }
 
     fn reset(&mut self) {
@@ -439,11 +453,11 @@ impl VhostUserBackendReqHandlerMut for ConnHandler {
     }
 
     fn get_protocol_features(&mut self) -> VuResult<VhostUserProtocolFeatures> {
-        Ok(server_protocol_features() | self.shared.device.protocol_features())
+        Ok(self.offered_protocol_features())
     }
 
     fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
-        let offered = (server_protocol_features() | self.shared.device.protocol_features()).bits();
+        let offered = self.offered_protocol_features().bits();
         if features & !offered != 0 {
             warn!("vhost-user: SET_PROTOCOL_FEATURES {features:#x} has bits not offered");
         }

@@ -12,6 +12,38 @@
 //! - [`worker`]: one epoll thread per queue group.
 //! - [`memory`]: guest memory table and dirty log.
 //! - [`inflight`]: the INFLIGHT_SHMFD region.
+//!
+//! Using it from a daemon:
+//! ```ignore
+//! let dev: Arc<dyn VhostUserDevice> = Arc::new(MyDevice::new(..));
+//! let server = VhostUserServer::new(dev, Path::new("/run/blk.sock"))?;
+//! let workers = server.worker_handles();      // for a control thread (SEAL/COMMIT)
+//! server.stop_handle().on_signals(&[libc::SIGINT, libc::SIGTERM])?;
+//! server.run()?;                              // serves frontends one after another
+//! ```
+//! and a worker's kick handler, EVENT_IDX style, one notification per batch:
+//! ```ignore
+//! fn handle_kick(&mut self, ctx: &mut WorkerCtx, q: u16) {
+//!     let Some(vr) = ctx.queue(q) else { return };
+//!     loop {
+//!         vr.disable_notification();
+//!         while let Some(chain) = vr.pop() {   // resubmitted inflight heads come first
+//!             let head = chain.head_index();
+//!             // ... process; for writes into guest memory not done via vm-memory:
+//!             // vr.mark_dirty(gpa, len);
+//!             vr.add_used(head, written).ok();
+//!         }
+//!         if !vr.enable_notification() { break; }
+//!     }
+//!     vr.signal_used();
+//! }
+//! ```
+//!
+//! Protocol coverage: features with PROTOCOL_FEATURES and LOG_ALL added; protocol features MQ,
+//! REPLY_ACK, CONFIG, CONFIGURE_MEM_SLOTS, INFLIGHT_SHMFD, LOG_SHMFD, RESET_DEVICE plus device
+//! extras (RARP). Not supported: BACKEND_REQ (no backend-initiated messages), postcopy,
+//! SET_DEVICE_STATE_FD, shared objects, GPU, packed rings in the inflight region, polling
+//! mode (SET_VRING_KICK without fd).
 
 pub mod device;
 pub mod handler;

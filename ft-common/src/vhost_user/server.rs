@@ -5,15 +5,16 @@
 //! in the inflight region), and the next frontend is accepted on the same listener with fresh
 //! protocol state; device and workers live on.
 //!
-//! Each message header is peeked (MSG_PEEK, with ancillary data so attached fds are seen)
-//! before the vhost crate parses it, because the vhost crate's handling is wrong for some:
+//! Each message (header, body, fds) is received here in full and validated before the vhost
+//! crate sees it; vhost parses it from one end of a socketpair we feed, and its replies are
+//! forwarded back. Owning reception fixes what the vhost crate gets wrong for us:
 //! - SET_VRING_ENABLE is rejected by vhost unless PROTOCOL_FEATURES was acked, but QEMU 7.2
 //!   sends it before SET_FEATURES; we handle it ourselves at any time.
 //! - SEND_RARP is not handled by vhost at all; we pass the MAC to the device.
 //! - A header vhost would reject (unknown request, bad version, reserved flags, fds on a
 //!   message that takes none) makes vhost return without reading the body, desynchronising
-//!   the stream; we consume such a message ourselves, NACK it if a reply was asked for, log it
-//!   and go on.
+//!   the stream; we drop such a message whole, NACK it if a reply was asked for, log it and
+//!   go on. A body larger than the protocol maximum ends the connection (cannot resync).
 //!
 //! After vhost handled a message, its error is classified: socket errors end the connection;
 //! handler errors were already NACKed by vhost (REPLY_ACK) and are logged; validation errors
@@ -24,18 +25,20 @@
 //! Stopping: [`ServerStop::stop`] (or a signal registered with [`ServerStop::on_signals`])
 //! makes `run` drain the current connection, stop the workers and return.
 
+use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 use vhost::vhost_user::message::{FrontendReq, MAX_MSG_SIZE};
 use vhost::vhost_user::{BackendReqHandler, Error as VuError, Listener};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::device::VhostUserDevice;
 use super::handler::{ConnHandler, Shared};
@@ -43,6 +46,8 @@ use super::memory::DirtyLog;
 use super::worker::{self, Command, WorkerHandle};
 
 const HDR_SIZE: usize = 12;
+/// Most fds a message carries (vhost's MAX_ATTACHED_FD_ENTRIES).
+const MAX_FDS: usize = 32;
 const FLAG_VERSION_1: u32 = 0x1;
 const FLAG_REPLY: u32 = 0x4;
 const FLAG_NEED_REPLY: u32 = 0x8;
@@ -186,10 +191,14 @@ impl VhostUserServer {
     }
 
     /// Serve one connection; returns true if a stop was requested meanwhile.
-    fn serve(&mut self, stream: UnixStream) -> std::io::Result<bool> {
+    fn serve(&mut self, mut sock: UnixStream) -> std::io::Result<bool> {
         let conn = Arc::new(Mutex::new(ConnHandler::new(self.shared.clone())?));
-        let mut sock = stream.try_clone()?;
-        let mut req = BackendReqHandler::from_stream(stream, conn.clone());
+        // vhost parses messages from one end of a socketpair we feed whole, validated
+        // messages into; its replies come back on the other end and are forwarded.
+        let (pair, theirs) = UnixStream::pair()?;
+        pair.set_nonblocking(true)?;
+        let theirs_probe = theirs.try_clone()?;
+        let mut req = BackendReqHandler::from_stream(theirs, conn.clone());
         let stop_fd = self.stop.evt.as_raw_fd();
         let mut stopped = false;
         loop {
@@ -204,15 +213,20 @@ impl VhostUserServer {
                     break;
                 }
             }
-            let (hdr, has_fds) = match peek_header(sock.as_raw_fd()) {
-                Ok(Some(h)) => h,
+            let msg = match recv_message(&mut sock) {
+                Ok(Some(m)) => m,
                 Ok(None) => break,
                 Err(e) => {
-                    warn!("vhost-user: receive: {e}");
+                    warn!("vhost-user: receive: {e}; closing");
                     break;
                 }
             };
-            match self.dispatch(&conn, &mut req, &mut sock, hdr, has_fds) {
+            let mut io = ConnIo {
+                sock: &mut sock,
+                pair: &pair,
+                theirs: &theirs_probe,
+            };
+            match self.dispatch(&conn, &mut req, &mut io, msg) {
                 Ok(true) => {}
                 Ok(false) => break,
                 Err(e) => {
@@ -221,7 +235,7 @@ impl VhostUserServer {
                 }
             }
         }
-        lock(&conn).disconnect();
+        lock(&conn).close();
         Ok(stopped)
     }
 
@@ -230,11 +244,18 @@ impl VhostUserServer {
         &self,
         conn: &Arc<Mutex<ConnHandler>>,
         req: &mut BackendReqHandler<Mutex<ConnHandler>>,
-        sock: &mut UnixStream,
-        hdr: RawHeader,
-        has_fds: bool,
+        io: &mut ConnIo<'_>,
+        msg: Message,
     ) -> std::io::Result<bool> {
+        let hdr = msg.hdr;
         let code = FrontendReq::try_from(hdr.request).ok();
+        debug!(
+            "vhost-user: <- {} flags {:#x} size {} fds {}",
+            code.map_or_else(|| hdr.request.to_string(), |c| format!("{c:?}")),
+            hdr.flags,
+            hdr.size,
+            msg.fds.len()
+        );
         let need_reply = hdr.flags & FLAG_NEED_REPLY != 0;
         let ack = |sock: &mut UnixStream, ok: bool| -> std::io::Result<()> {
             if need_reply && lock(conn).reply_ack() {
@@ -242,38 +263,28 @@ impl VhostUserServer {
             }
             Ok(())
         };
-        if hdr.size as usize > MAX_MSG_SIZE {
-            warn!(
-                "vhost-user: request {} with oversized body ({} bytes); closing",
-                hdr.request, hdr.size
-            );
-            return Ok(false);
-        }
         let bad_header = code.is_none()
             || hdr.flags & 0x3 != FLAG_VERSION_1
             || hdr.flags & (FLAG_REPLY | FLAG_RESERVED) != 0;
-        if bad_header || (has_fds && !takes_fds(code)) {
-            let body = read_message(sock, hdr.size)?;
+        if bad_header || (!msg.fds.is_empty() && !takes_fds(code)) {
             warn!(
-                "vhost-user: malformed message dropped: request {} flags {:#x} size {} fds {} \
-                 ({} body bytes)",
+                "vhost-user: malformed message dropped: request {} flags {:#x} size {} fds {}",
                 hdr.request,
                 hdr.flags,
                 hdr.size,
-                has_fds,
-                body.len()
+                msg.fds.len()
             );
-            ack(sock, false)?;
+            ack(io.sock, false)?;
             return Ok(true);
         }
         match code {
             Some(FrontendReq::SET_VRING_ENABLE) => {
-                let body = read_message(sock, hdr.size)?;
+                let body = &msg.body;
                 let res = if body.len() != 8 {
                     Err(format!("SET_VRING_ENABLE with {}-byte body", body.len()))
                 } else {
-                    let index = u32::from_le_bytes(body[0..4].try_into().unwrap_or_default());
-                    let num = u32::from_le_bytes(body[4..8].try_into().unwrap_or_default());
+                    let index = u32::from_le_bytes([body[0], body[1], body[2], body[3]]);
+                    let num = u32::from_le_bytes([body[4], body[5], body[6], body[7]]);
                     match num {
                         0 | 1 => lock(conn)
                             .vring_enable(index, num == 1)
@@ -284,28 +295,35 @@ impl VhostUserServer {
                 if let Err(e) = &res {
                     warn!("vhost-user: {e}");
                 }
-                ack(sock, res.is_ok())?;
+                ack(io.sock, res.is_ok())?;
                 Ok(true)
             }
             Some(FrontendReq::SEND_RARP) => {
-                let body = read_message(sock, hdr.size)?;
-                let res = if body.len() != 8 {
-                    Err(format!("SEND_RARP with {}-byte body", body.len()))
+                let res = if msg.body.len() != 8 {
+                    Err(format!("SEND_RARP with {}-byte body", msg.body.len()))
                 } else {
                     let mut mac = [0u8; 6];
-                    mac.copy_from_slice(&body[..6]);
+                    mac.copy_from_slice(&msg.body[..6]);
                     lock(conn).send_rarp(mac)
                 };
                 if let Err(e) = &res {
                     warn!("vhost-user: {e}");
                 }
-                ack(sock, res.is_ok())?;
+                ack(io.sock, res.is_ok())?;
                 Ok(true)
             }
-            _ => match req.handle_request() {
-                Ok(()) => Ok(true),
-                Err(e) => self.after_error(conn, sock, hdr, code, e),
-            },
+            _ => {
+                let fds: Vec<RawFd> = msg.fds.iter().map(|f| f.as_raw_fd()).collect();
+                send_all(io.pair, &msg.raw, &fds)?;
+                drop(msg.fds);
+                let res = req.handle_request();
+                io.forward_replies()?;
+                io.discard_leftover();
+                match res {
+                    Ok(()) => Ok(true),
+                    Err(e) => self.after_error(conn, io.sock, hdr, code, e),
+                }
+            }
         }
     }
 
@@ -441,90 +459,128 @@ fn wait_readable(fd: RawFd, stop_fd: RawFd) -> std::io::Result<bool> {
     }
 }
 
-/// Peek the next header and whether fds are attached; None on EOF.
-fn peek_header(fd: RawFd) -> std::io::Result<Option<(RawHeader, bool)>> {
-    let mut buf = [0u8; HDR_SIZE];
-    // Room for the most fds a message may carry.
-    let mut cmsg = [0u64; 64];
-    loop {
-        let mut iov = libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: HDR_SIZE,
-        };
-        // SAFETY: zeroed msghdr is a valid empty value.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = cmsg.as_mut_ptr().cast();
-        msg.msg_controllen = std::mem::size_of_val(&cmsg);
-        // SAFETY: msg points at live buffers for the duration of the call.
-        let n = unsafe {
-            libc::recvmsg(
-                fd,
-                &mut msg,
-                libc::MSG_PEEK | libc::MSG_WAITALL | libc::MSG_CMSG_CLOEXEC,
-            )
-        };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
+/// One message as received from the frontend.
+struct Message {
+    hdr: RawHeader,
+    /// Header and body bytes as received.
+    raw: Vec<u8>,
+    body: Vec<u8>,
+    fds: Vec<File>,
+}
+
+/// The sockets of one connection: the frontend's, and our end of the pair vhost parses from.
+struct ConnIo<'a> {
+    sock: &'a mut UnixStream,
+    pair: &'a UnixStream,
+    theirs: &'a UnixStream,
+}
+
+impl ConnIo<'_> {
+    /// Forward everything vhost wrote (replies, with their fds) to the frontend.
+    fn forward_replies(&mut self) -> std::io::Result<()> {
+        let mut buf = vec![0u8; HDR_SIZE + MAX_MSG_SIZE];
+        loop {
+            let mut fds = [-1 as RawFd; MAX_FDS];
+            let mut iov = [libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            }];
+            // SAFETY: iov points into buf, which outlives the call.
+            let r = unsafe { self.pair.recv_with_fds(&mut iov, &mut fds) };
+            let (n, nfds) = match r {
+                Ok(v) => v,
+                Err(e) if e.errno() == libc::EAGAIN => return Ok(()),
+                Err(e) => return Err(std::io::Error::from_raw_os_error(e.errno())),
+            };
+            // SAFETY: the first nfds entries are fds we now own.
+            let owned: Vec<File> = fds[..nfds]
+                .iter()
+                .map(|&fd| unsafe { File::from_raw_fd(fd) })
+                .collect();
+            if n == 0 {
+                return Ok(());
             }
-            return Err(e);
+            let raw: Vec<RawFd> = owned.iter().map(|f| f.as_raw_fd()).collect();
+            send_all(self.sock, &buf[..n], &raw)?;
         }
-        // Close the fds duplicated into us by the peek; the real receive gets its own copies.
-        let mut has_fds = false;
-        // SAFETY: walking the control buffer the kernel filled, with the libc macros.
-        unsafe {
-            let mut c = libc::CMSG_FIRSTHDR(&msg);
-            while !c.is_null() {
-                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                    let data = libc::CMSG_DATA(c) as *const RawFd;
-                    let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize)
-                        / std::mem::size_of::<RawFd>();
-                    for i in 0..count {
-                        libc::close(data.add(i).read_unaligned());
-                    }
-                    has_fds |= count > 0;
-                }
-                c = libc::CMSG_NXTHDR(&msg, c);
-            }
+    }
+
+    /// vhost stopped parsing mid-message (it should not, as we validate first): drop the rest
+    /// so the next message starts clean.
+    fn discard_leftover(&mut self) {
+        let mut left: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int.
+        if unsafe { libc::ioctl(self.theirs.as_raw_fd(), libc::FIONREAD, &mut left) } == 0
+            && left > 0
+        {
+            error!("vhost-user: {left} bytes of a message left unparsed; discarded");
+            let mut junk = vec![0u8; left as usize];
+            let _ = (&mut &*self.theirs).read_exact(&mut junk);
         }
-        if msg.msg_flags & libc::MSG_CTRUNC != 0 {
-            has_fds = true;
-        }
-        if n == 0 {
-            return Ok(None);
-        }
-        if (n as usize) < HDR_SIZE {
-            // The peer closed mid-header, or the header arrives in pieces: the receive proper
-            // will tell which.
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        let w = |i: usize| u32::from_le_bytes([buf[i], buf[i + 1], buf[i + 2], buf[i + 3]]);
-        return Ok(Some((
-            RawHeader {
-                request: w(0),
-                flags: w(4),
-                size: w(8),
-            },
-            has_fds,
-        )));
     }
 }
 
-/// Consume a whole message (header and body) from the socket; returns the body.
-fn read_message(sock: &mut UnixStream, size: u32) -> std::io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; HDR_SIZE + size as usize];
-    sock.read_exact(&mut buf)?;
-    Ok(buf.split_off(HDR_SIZE))
+/// Receive one whole message (header, fds, body); None on EOF before a header.
+fn recv_message(sock: &mut UnixStream) -> std::io::Result<Option<Message>> {
+    let mut raw = vec![0u8; HDR_SIZE];
+    let mut fds = [-1 as RawFd; MAX_FDS];
+    let mut iov = [libc::iovec {
+        iov_base: raw.as_mut_ptr().cast(),
+        iov_len: HDR_SIZE,
+    }];
+    // SAFETY: iov points into raw, which outlives the call.
+    let (n, nfds) = unsafe { sock.recv_with_fds(&mut iov, &mut fds) }
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+    // SAFETY: the first nfds entries are fds we now own.
+    let fds: Vec<File> = fds[..nfds]
+        .iter()
+        .map(|&fd| unsafe { File::from_raw_fd(fd) })
+        .collect();
+    if n == 0 {
+        return Ok(None);
+    }
+    if n < HDR_SIZE {
+        sock.read_exact(&mut raw[n..])?;
+    }
+    let w = |i: usize| u32::from_le_bytes([raw[i], raw[i + 1], raw[i + 2], raw[i + 3]]);
+    let hdr = RawHeader {
+        request: w(0),
+        flags: w(4),
+        size: w(8),
+    };
+    if hdr.size as usize > MAX_MSG_SIZE {
+        return Err(std::io::Error::other(format!(
+            "request {} with oversized body ({} bytes)",
+            hdr.request, hdr.size
+        )));
+    }
+    raw.resize(HDR_SIZE + hdr.size as usize, 0);
+    sock.read_exact(&mut raw[HDR_SIZE..])?;
+    let body = raw[HDR_SIZE..].to_vec();
+    Ok(Some(Message {
+        hdr,
+        raw,
+        body,
+        fds,
+    }))
 }
 
-fn send_reply(sock: &mut UnixStream, request: u32, body: &[u8]) -> std::io::Result<()> {
+/// Send `data` with `fds` attached to the first chunk.
+fn send_all(sock: &UnixStream, data: &[u8], fds: &[RawFd]) -> std::io::Result<()> {
+    let n = sock
+        .send_with_fds(&[data], fds)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+    if n < data.len() {
+        (&mut &*sock).write_all(&data[n..])?;
+    }
+    Ok(())
+}
+
+fn send_reply(sock: &UnixStream, request: u32, body: &[u8]) -> std::io::Result<()> {
     let mut msg = Vec::with_capacity(HDR_SIZE + body.len());
     msg.extend_from_slice(&request.to_le_bytes());
     msg.extend_from_slice(&(FLAG_VERSION_1 | FLAG_REPLY).to_le_bytes());
     msg.extend_from_slice(&(body.len() as u32).to_le_bytes());
     msg.extend_from_slice(body);
-    sock.write_all(&msg)
+    (&mut &*sock).write_all(&msg)
 }

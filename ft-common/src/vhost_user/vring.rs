@@ -163,6 +163,13 @@ impl VringHandle {
         self.queue.next_avail()
     }
 
+    /// Whether this ring records in-flight requests in an INFLIGHT_SHMFD region. If it does, a
+    /// stop may abandon popped requests (they are resubmitted on the next start); if not,
+    /// abandoned requests are lost to the guest, so `stop_queue` must complete them.
+    pub fn inflight_tracked(&self) -> bool {
+        self.inflight.is_some()
+    }
+
     /// Number of heads from a previous connection or daemon still to be resubmitted.
     pub fn resubmit_pending(&self) -> u16 {
         self.resubmit_left

@@ -29,6 +29,8 @@ const KIND_DEVICE: u64 = 0;
 const KIND_KICK: u64 = 1;
 const KIND_CONTROL: u64 = 2;
 const TOKEN_MASK: u64 = (1 << KIND_SHIFT) - 1;
+/// How often a pending stop is re-checked when no fd event arrives.
+const STOP_POLL_MS: i32 = 5;
 
 /// Commands from the connection thread and other threads.
 pub(crate) enum Command {
@@ -83,6 +85,10 @@ impl WorkerHandle {
     }
 
     /// Run [`QueueWorker::handle_message`] on the worker thread and return its reply.
+    /// Blocks until the worker gets to it (after its current event). Never call it from the
+    /// worker's own thread (it would wait for itself); calls to several workers are not atomic
+    /// together: a device needing a cross-queue atomic step (SEAL) shares state under its own
+    /// lock and uses `call` only to make workers act on it.
     pub fn call(&self, msg: DeviceMsg) -> Result<DeviceMsg, WorkerGone> {
         match self.command(Command::Device(msg))? {
             Reply::Device(r) => Ok(r),
@@ -233,7 +239,13 @@ impl Worker {
     fn run(&mut self) {
         let mut events = vec![EpollEvent::default(); 64];
         loop {
-            let n = match self.ctx.epoll.wait(-1, &mut events) {
+            // While a stop is pending, re-ask the device every few ms even without events.
+            let timeout = if self.stopping.is_empty() {
+                -1
+            } else {
+                STOP_POLL_MS
+            };
+            let n = match self.ctx.epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -348,7 +360,7 @@ impl Worker {
                     // Keep polling until the device has resolved its in-flight work.
                     while !self.stopping.is_empty() {
                         let mut events = vec![EpollEvent::default(); 16];
-                        let n = self.ctx.epoll.wait(100, &mut events).unwrap_or(0);
+                        let n = self.ctx.epoll.wait(STOP_POLL_MS, &mut events).unwrap_or(0);
                         for ev in &events[..n] {
                             if ev.data() >> KIND_SHIFT == KIND_DEVICE {
                                 self.dev.handle_fd(
