@@ -34,7 +34,9 @@ fn nonzero_blocks(path: &Path, split: u64) -> (u64, u64) {
 fn guest_fio_verify_on_vhost_user_blk_ft() {
     let image = GuestImage::ensure().unwrap_or_else(|e| panic!("guest prerequisites: {e}"));
     let scratch = ScratchDir::new("blkft-guest").expect("scratch dir");
-    let disk = scratch.raw_image("disk.raw", DISK_SIZE).expect("disk image");
+    let disk = scratch
+        .raw_image("disk.raw", DISK_SIZE)
+        .expect("disk image");
     let sock = scratch.join("blk.sock");
     let cmd = BackendCommand::new(
         env!("CARGO_BIN_EXE_vhost-user-blk-ft"),
@@ -66,7 +68,11 @@ fn guest_fio_verify_on_vhost_user_blk_ft() {
         .expect("run guest");
     assert!(outcome.passed(), "{}", outcome.report(60));
     for stage in ["fio-write-done", "fio-verify-done"] {
-        assert!(outcome.stage(stage).is_some(), "no {stage}\n{}", outcome.report(60));
+        assert!(
+            outcome.stage(stage).is_some(),
+            "no {stage}\n{}",
+            outcome.report(60)
+        );
     }
     let status = backend.stop(Duration::from_secs(5)).expect("stop daemon");
     let text = std::fs::read_to_string(&log).unwrap_or_default();
