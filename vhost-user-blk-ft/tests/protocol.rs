@@ -686,3 +686,132 @@ fn direct_io_round_trip() {
     assert!(back == data);
     assert!(file_bytes(&d.img, 64 << 10, data.len()) == data);
 }
+
+mod raw_frontend {
+    //! Tests with the server's raw test frontend (`ft_tests::frontend`), which exposes what
+    //! blk_client does not: SET_CONFIG and the dirty log.
+    use super::*;
+    use ft_tests::frontend::{Buf, TestFrontend};
+    use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserVirtioFeatures};
+    use vhost::vhost_user::VhostUserFrontend;
+    use vhost::VhostBackend;
+
+    const T: Duration = Duration::from_secs(10);
+
+    fn session(d: &Daemon) -> (TestFrontend, u64) {
+        let mut f = TestFrontend::connect(&d.sock, 1, T);
+        let (features, _) = f.handshake();
+        f.set_mem_table();
+        f.init_queue(0, 256);
+        f.setup_vring(0, 0);
+        f.fe.set_vring_enable(0, true).expect("enable");
+        (f, features)
+    }
+
+    /// header + data + status; returns (head, status gpa).
+    fn blk_req(f: &mut TestFrontend, rtype: u32, sector: u64, data: u64, len: u32) -> (u16, u64) {
+        let hdr = f.alloc(16);
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&rtype.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        f.write(hdr, &h);
+        let status = f.alloc(1);
+        f.write(status, &[0xff]);
+        let head = f.add_chain(
+            0,
+            &[
+                Buf {
+                    gpa: hdr,
+                    len: 16,
+                    writable: false,
+                },
+                Buf {
+                    gpa: data,
+                    len,
+                    writable: rtype == VIRTIO_BLK_T_IN,
+                },
+                Buf {
+                    gpa: status,
+                    len: 1,
+                    writable: true,
+                },
+            ],
+        );
+        (head, status)
+    }
+
+    #[test]
+    fn reads_into_guest_memory_are_marked_dirty() {
+        let d = start(&[]);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&d.img)
+            .unwrap()
+            .write_all_at(&pattern(9, 12288), 0)
+            .unwrap();
+        let (mut f, features) = session(&d);
+        assert!(features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0);
+        let log = f.setup_dirty_log();
+        f.fe.set_features(features)
+            .expect("set_features with LOG_ALL");
+        TestFrontend::clear_log(&log);
+        // A 12 KiB read into a page-aligned buffer: three pages written by io_uring.
+        let buf = f.alloc(0x1000).div_ceil(0x1000) * 0x1000;
+        f.alloc(0x4000);
+        let untouched = buf + 0x3000;
+        let (head, status) = blk_req(&mut f, VIRTIO_BLK_T_IN, 0, buf, 12288);
+        f.kick(0);
+        assert_eq!(f.wait_used(0, 1, T), vec![(head, 12289)]);
+        assert_eq!(f.read(status, 1), [VIRTIO_BLK_S_OK]);
+        assert!(f.read(buf, 12288) == pattern(9, 12288));
+        for page in [buf, buf + 0x1000, buf + 0x2000, status] {
+            assert!(
+                TestFrontend::page_dirty(&log, page),
+                "page {page:#x} not dirty"
+            );
+        }
+        assert!(
+            !TestFrontend::page_dirty(&log, untouched),
+            "unwritten page dirty"
+        );
+    }
+
+    #[test]
+    fn write_through_mode_syncs_every_write() {
+        let d = start(&[]);
+        let (mut f, _) = session(&d);
+        let cfg = |f: &mut TestFrontend| {
+            let (_, c) =
+                f.fe.get_config(0, 60, VhostUserConfigFlags::empty(), &[0u8; 60])
+                    .expect("get_config");
+            c[32]
+        };
+        assert_eq!(cfg(&mut f), 1, "write back by default");
+        let data = f.alloc(4096);
+        f.write(data, &[0x42; 4096]);
+        let writes = |f: &mut TestFrontend, n: u64| {
+            for i in 0..n {
+                let (head, status) = blk_req(f, VIRTIO_BLK_T_OUT, i * 8, data, 4096);
+                f.kick(0);
+                assert_eq!(f.wait_used(0, 1, T), vec![(head, 1)]);
+                assert_eq!(f.read(status, 1), [VIRTIO_BLK_S_OK]);
+            }
+        };
+        let Some(wb) = kernel_fdatasyncs(&d.img, || writes(&mut f, 3)) else {
+            eprintln!("perf/tracefs/ext4 unavailable: skipping the kernel-side check");
+            return;
+        };
+        assert_eq!(wb, 0, "write-back writes must not sync");
+        f.fe.set_config(32, VhostUserConfigFlags::WRITABLE, &[0])
+            .expect("set_config wce=0");
+        assert_eq!(cfg(&mut f), 0);
+        let wt = kernel_fdatasyncs(&d.img, || writes(&mut f, 3)).unwrap();
+        assert_eq!(wt, 3, "each write-through write is synced (RWF_DSYNC)");
+        // Other config fields are read-only.
+        assert!(f
+            .fe
+            .set_config(0, VhostUserConfigFlags::WRITABLE, &[1, 2, 3, 4, 5, 6, 7, 8])
+            .is_err());
+        assert!(file_bytes(&d.img, 0, 3 * 4096).iter().all(|&b| b == 0x42));
+    }
+}
