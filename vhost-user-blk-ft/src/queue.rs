@@ -18,7 +18,9 @@
 use crate::config::BlkConfig;
 use crate::engine::{Completion, Engine};
 use crate::image::Image;
-use crate::request::{parse, DiskLimits, Rejected, RequestKind, STATUS_IOERR, STATUS_OK};
+use crate::request::{
+    parse, BlkRequest, DiskLimits, Rejected, RequestKind, STATUS_IOERR, STATUS_OK,
+};
 use ft_common::vhost_user::{QueueWorker, StopStatus, VringHandle, WorkerCtx};
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -137,12 +139,7 @@ impl BlkQueue {
                             n as u32 + 1,
                         );
                     }
-                    Ok(mut req) => {
-                        req.hold_memory(vring.memory().clone());
-                        if let Err(req) = self.engine.push(req, 0, dsync) {
-                            finish(vring, req.head(), req.status_addr(), STATUS_IOERR, 1);
-                        }
-                    }
+                    Ok(req) => self.dispatch(vring, req, dsync),
                 }
             }
             if self.engine.in_flight() >= self.engine.capacity() {
@@ -162,6 +159,16 @@ impl BlkQueue {
         self.counters
             .rejected
             .fetch_add(rejected, Ordering::Relaxed);
+    }
+
+    /// Sends a parsed request on its way. This is the seam for output commit: with `--ft hold`,
+    /// requests whose `kind().is_output()` go into the transaction queue here (tagged with the
+    /// open epoch) instead of the engine, and are pushed to the engine from there at COMMIT.
+    fn dispatch(&mut self, vring: &mut VringHandle, mut req: BlkRequest, dsync: bool) {
+        req.hold_memory(vring.memory().clone());
+        if let Err(req) = self.engine.push(req, 0, dsync) {
+            finish(vring, req.head(), req.status_addr(), STATUS_IOERR, 1);
+        }
     }
 
     /// Completes everything the engine has finished.
