@@ -93,7 +93,7 @@ mkdir -p "$deb_dir"
 deb=$(ls "$deb_dir/${kpkg}_"*"_amd64.deb" 2>/dev/null | grep -F "_${kver//:/%3a}_" | head -n1 || true)
 if [ -z "$deb" ]; then
     rm -f "$deb_dir"/*.deb
-    # _apt cannot write into root-owned cache dirs; download in a world-writable temp dir.
+    # As root apt warns that the download runs unsandboxed (_apt cannot write here): harmless.
     (cd "$work" && apt-get download -q "$kpkg=$kver" >&2) 2>&1 | grep -v 'unsandboxed' >&2 || true
     deb=$(ls "$work/${kpkg}_"*.deb 2>/dev/null | head -n1 || true)
     [ -n "$deb" ] || die "apt-get download $kpkg failed"
@@ -101,10 +101,12 @@ if [ -z "$deb" ]; then
     deb="$deb_dir/$(basename "$deb")"
 fi
 mkdir -p "$work/kernel"
-# Only the kernel image, its config and the modules we need are extracted.
-dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$work/kernel" --wildcards \
-    './boot/vmlinuz-*' './boot/config-*' './lib/modules/*/modules.builtin' \
-    $(printf "./lib/modules/*/%s.ko* " "${MODULES[@]/#/*/}")
+# Only the kernel image, its config and the modules we need are extracted (by exact name: a
+# module built into a future kernel is simply not in the package).
+mod_regex=$(printf '%s|' "${MODULES[@]}")
+mapfile -t wanted < <(dpkg-deb -c "$deb" | awk '{ print $6 }' |
+    grep -E "^\./boot/(vmlinuz|config)-|/modules\.builtin\$|/(${mod_regex%|})\.ko(\.[a-z]+)?\$")
+dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$work/kernel" "${wanted[@]}"
 vmlinuz=$(ls "$work"/kernel/boot/vmlinuz-* | head -n1)
 [ -s "$vmlinuz" ] || die "no vmlinuz in $deb"
 

@@ -1,5 +1,9 @@
 # Shell helpers sourced by the guest's test scripts (busybox sh).
 
+# Debian's static busybox runs its own applets before searching PATH, so `ip` would be the
+# busybox applet: route it to iproute2's (shipped in the initramfs) explicitly.
+ip() { /usr/sbin/ip "$@"; }
+
 stage() { echo "FT-STAGE: $*"; }
 
 # fail REASON: end the test; init reports REASON in its FT-RESULT: FAIL line.

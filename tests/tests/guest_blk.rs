@@ -84,8 +84,8 @@ fn fio_verify_on_qemu_storage_daemon() {
         .wait()
         .expect("run guest");
     println!(
-        "boot to test start {}, fio write+verify {}, fio verify-only {}, total {:.1} s",
-        secs(outcome.stage("test fio-verify")),
+        "QEMU start to fio start {}, fio write+verify {}, fio verify-only {}, total {:.1} s",
+        secs(outcome.stage("fio-write-start")),
         secs(outcome.between("fio-write-start", "fio-write-done")),
         secs(outcome.between("fio-verify-start", "fio-verify-done")),
         outcome.elapsed.as_secs_f64(),
@@ -152,4 +152,53 @@ fn fio_verify_fails_on_blank_disk() {
     assert!(outcome.stage("fio-verify-start").is_some());
     assert!(outcome.stage("fio-verify-done").is_none());
     drop(backend);
+}
+
+/// A QEMU that cannot reach its backend must come back as a failure with QEMU's reason.
+#[test]
+fn missing_backend_is_reported_as_failure() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let image = guest_image();
+    let scratch = ScratchDir::new("guest-blk-nobackend").expect("scratch dir");
+    let mut config = GuestConfig::new(&image, "fio-verify", scratch.path());
+    config.disks.push(scratch.join("nobody-listens.sock"));
+    config.timeout = Duration::from_secs(60);
+    let outcome = Guest::start(&config)
+        .expect("start QEMU")
+        .wait()
+        .expect("run guest");
+    assert!(
+        matches!(outcome.result, GuestResult::Exited(_)),
+        "{}",
+        outcome.report(10)
+    );
+    assert!(
+        outcome.qemu_stderr.contains("nobody-listens.sock"),
+        "{}",
+        outcome.report(10)
+    );
+}
+
+/// A guest that does not finish in time is killed and reported as a timeout.
+#[test]
+fn timeout_kills_qemu() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let image = guest_image();
+    let scratch = ScratchDir::new("guest-timeout").expect("scratch dir");
+    // Without a disk fio-verify waits 20 s for one: it cannot finish within the timeout.
+    let mut config = GuestConfig::new(&image, "fio-verify", scratch.path());
+    config.timeout = Duration::from_secs(3);
+    let guest = Guest::start(&config).expect("start QEMU");
+    let pid = guest.pid().expect("QEMU pid");
+    let outcome = guest.wait().expect("run guest");
+    assert_eq!(
+        outcome.result,
+        GuestResult::Timeout,
+        "{}",
+        outcome.report(10)
+    );
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "QEMU {pid} still exists"
+    );
 }

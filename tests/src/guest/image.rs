@@ -13,12 +13,16 @@ use std::sync::Mutex;
 
 use super::error::{HarnessError, Result};
 
-/// Host programs the guest tests run directly (the guest image builder checks its own).
+/// Host programs the guest tests and the guest image builder need (all from scripts/setup.sh).
 const HOST_TOOLS: &[&str] = &[
     "qemu-system-x86_64",
     "qemu-storage-daemon",
     "fio",
+    "iperf3",
     "busybox",
+    "cpio",
+    "xz",
+    "/usr/sbin/ip",
 ];
 
 /// The guest kernel and initramfs built by `tests/guest/build-guest.sh`.
@@ -87,7 +91,13 @@ pub fn ensure_host_tools() -> Result<()> {
     let missing = |tools: &[&str]| -> Vec<String> {
         tools
             .iter()
-            .filter(|t| find_in_path(t).is_none())
+            .filter(|t| {
+                if t.starts_with('/') {
+                    !is_executable(Path::new(t))
+                } else {
+                    find_in_path(t).is_none()
+                }
+            })
             .map(|t| t.to_string())
             .collect()
     };
