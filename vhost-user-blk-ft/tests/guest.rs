@@ -30,15 +30,8 @@ fn nonzero_blocks(path: &Path, split: u64) -> (u64, u64) {
     (before, after)
 }
 
-#[test]
-fn guest_fio_verify_on_vhost_user_blk_ft() {
-    let image = GuestImage::ensure().unwrap_or_else(|e| panic!("guest prerequisites: {e}"));
-    let scratch = ScratchDir::new("blkft-guest").expect("scratch dir");
-    let disk = scratch
-        .raw_image("disk.raw", DISK_SIZE)
-        .expect("disk image");
-    let sock = scratch.join("blk.sock");
-    let cmd = BackendCommand::new(
+fn daemon(disk: &Path, sock: &Path) -> BackendCommand {
+    BackendCommand::new(
         env!("CARGO_BIN_EXE_vhost-user-blk-ft"),
         [
             "--socket".as_ref(),
@@ -48,8 +41,72 @@ fn guest_fio_verify_on_vhost_user_blk_ft() {
             "--queues".as_ref(),
             "2".as_ref(),
         ],
-        &sock,
+        sock,
+    )
+}
+
+/// The daemon is restarted (SIGTERM, then a new process on the same socket) while the guest's
+/// fio write pass runs; QEMU reconnects and the guest never sees an error or lost data.
+#[test]
+fn guest_survives_daemon_restart_mid_io() {
+    let image = GuestImage::ensure().unwrap_or_else(|e| panic!("guest prerequisites: {e}"));
+    let scratch = ScratchDir::new("blkft-restart").expect("scratch dir");
+    let disk = scratch
+        .raw_image("disk.raw", DISK_SIZE)
+        .expect("disk image");
+    let sock = scratch.join("blk.sock");
+    let cmd = daemon(&disk, &sock);
+    let log1 = scratch.join("backend1.log");
+    let first = Backend::start(&cmd, &log1, Duration::from_secs(10)).expect("start daemon");
+
+    let mut config = GuestConfig::new(&image, "fio-verify", scratch.path());
+    config.disks.push(sock.clone());
+    config.disk_queues = 2;
+    config.reconnect_secs = Some(1);
+    config.cmdline_extra = vec![
+        format!("ft.size={}M", FIO_SIZE >> 20),
+        "ft.bs=4k".into(),
+        "ft.iodepth=16".into(),
+        "ft.passes=write,verify".into(),
+    ];
+    let guest = Guest::start(&config).expect("start QEMU");
+    assert!(guest.wait_for_stage("fio-write-start"), "fio never started");
+    std::thread::sleep(Duration::from_secs(3));
+    let status = first.stop(Duration::from_secs(5)).expect("stop daemon");
+    let text1 = std::fs::read_to_string(&log1).unwrap_or_default();
+    assert!(status.success(), "daemon exit {status}\n{text1}");
+    let log2 = scratch.join("backend2.log");
+    let second = Backend::start(&cmd, &log2, Duration::from_secs(10)).expect("restart daemon");
+    let outcome = guest.wait().expect("run guest");
+    let text2 = std::fs::read_to_string(&log2).unwrap_or_default();
+    println!("first daemon: {}", text1.lines().last().unwrap_or(""));
+    assert!(
+        outcome.passed(),
+        "{}\n--- daemon 2 ---\n{text2}",
+        outcome.report(60)
     );
+    for stage in ["fio-write-done", "fio-verify-done"] {
+        assert!(
+            outcome.stage(stage).is_some(),
+            "no {stage}\n{}",
+            outcome.report(60)
+        );
+    }
+    second.stop(Duration::from_secs(5)).expect("stop daemon");
+    let (inside, outside) = nonzero_blocks(&disk, FIO_SIZE);
+    assert_eq!(inside, FIO_SIZE / BLOCK as u64, "blocks written by fio");
+    assert_eq!(outside, 0, "blocks written beyond fio's area");
+}
+
+#[test]
+fn guest_fio_verify_on_vhost_user_blk_ft() {
+    let image = GuestImage::ensure().unwrap_or_else(|e| panic!("guest prerequisites: {e}"));
+    let scratch = ScratchDir::new("blkft-guest").expect("scratch dir");
+    let disk = scratch
+        .raw_image("disk.raw", DISK_SIZE)
+        .expect("disk image");
+    let sock = scratch.join("blk.sock");
+    let cmd = daemon(&disk, &sock);
     let log = scratch.join("backend.log");
     let backend = Backend::start(&cmd, &log, Duration::from_secs(10)).expect("start daemon");
 
