@@ -815,3 +815,53 @@ mod raw_frontend {
         assert!(file_bytes(&d.img, 0, 3 * 4096).iter().all(|&b| b == 0x42));
     }
 }
+
+/// A loop device, detached on drop.
+struct Loop(String);
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+#[test]
+fn block_device_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path().join("loop.img");
+    std::fs::write(&backing, vec![0x77u8; 8 << 20]).unwrap();
+    let out = Command::new("losetup")
+        .args(["-f", "--show"])
+        .arg(&backing)
+        .output();
+    let dev = match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
+        _ => {
+            eprintln!("no loop devices here: skipping the block device test");
+            return;
+        }
+    };
+    let _loop = Loop(dev.clone());
+    let d = start_on(tempfile::tempdir().unwrap(), PathBuf::from(&dev), &[]);
+    let mut c = d.connect(1);
+    assert_eq!(c.config().capacity, (8 << 20) / 512, "BLKGETSIZE64");
+    let data = pattern(3, 64 << 10);
+    c.write_at(0, 4096, &data).unwrap();
+    c.flush(0).unwrap();
+    c.write_zeroes(0, 128 << 10, 64 << 10, false).unwrap();
+    c.write_zeroes(0, 256 << 10, 64 << 10, true).unwrap();
+    c.discard(0, 1 << 20, 64 << 10).unwrap();
+    let mut back = vec![0u8; 320 << 10];
+    c.read_at(0, 0, &mut back).unwrap();
+    assert!(back[4096..4096 + data.len()] == data[..]);
+    assert!(back[128 << 10..192 << 10].iter().all(|&b| b == 0));
+    assert!(back[192 << 10..256 << 10].iter().all(|&b| b == 0x77));
+    assert!(back[256 << 10..320 << 10].iter().all(|&b| b == 0));
+    drop(c);
+    drop(d);
+    // Through the device to the file behind it.
+    assert!(file_bytes(&backing, 4096, data.len()) == data);
+    assert!(file_bytes(&backing, 128 << 10, 64 << 10)
+        .iter()
+        .all(|&b| b == 0));
+}
