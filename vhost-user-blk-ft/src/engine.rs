@@ -20,6 +20,20 @@ use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::Arc;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+/// What an engine slot holds: anything that owns a [`BlkRequest`] at a stable place. Today a
+/// plain `BlkRequest`; with output commit, ft-common's `InFlight<BlkRequest>` AIOCB (which owns
+/// its payload and exposes it by reference), so a committed AIOCB is submitted from its slot
+/// without being taken apart, and its [`Completion`] hands the AIOCB back to be completed.
+pub trait SlotRequest: Send {
+    fn request(&self) -> &BlkRequest;
+}
+
+impl SlotRequest for BlkRequest {
+    fn request(&self) -> &BlkRequest {
+        self
+    }
+}
+
 /// `user_data` bit marking the CQE of a cancel request (its own result is not interesting).
 const CANCEL_BIT: u64 = 1 << 63;
 
@@ -37,21 +51,22 @@ pub struct EngineStats {
 
 /// A finished request, handed back to the caller.
 #[derive(Debug)]
-pub struct Completion {
-    pub req: BlkRequest,
+pub struct Completion<R = BlkRequest> {
+    pub req: R,
     /// The caller's tag given at [`Engine::push`] (e.g. a connection generation).
     pub tag: u64,
     /// The CQE result: bytes transferred or `-errno`.
     pub result: i32,
 }
 
-impl Completion {
+impl<R: SlotRequest> Completion<R> {
     /// The virtio status this completion gives the guest.
     pub fn status(&self) -> u8 {
-        match self.req.kind() {
+        let req = self.req.request();
+        match req.kind() {
             // A short transfer is an error: capacity was checked, so the image shrank under us.
             RequestKind::Read { .. } | RequestKind::Write { .. } => {
-                if self.result >= 0 && self.result as u32 == self.req.data_len() {
+                if self.result >= 0 && self.result as u32 == req.data_len() {
                     STATUS_OK
                 } else {
                     STATUS_IOERR
@@ -65,8 +80,8 @@ impl Completion {
     }
 }
 
-struct Slot {
-    req: Option<BlkRequest>,
+struct Slot<R> {
+    req: Option<R>,
     tag: u64,
     dsync: bool,
     /// WRITE_ZEROES without UNMAP fell back from ZERO_RANGE to PUNCH_HOLE.
@@ -74,10 +89,10 @@ struct Slot {
 }
 
 /// One io_uring and its slot pool. Owned by a single queue thread.
-pub struct Engine {
+pub struct Engine<R: SlotRequest = BlkRequest> {
     ring: IoUring,
     image: Arc<Image>,
-    slots: Box<[Slot]>,
+    slots: Box<[Slot<R>]>,
     free: Vec<u32>,
     eventfd: EventFd,
     in_flight: u32,
@@ -86,9 +101,9 @@ pub struct Engine {
     stats: EngineStats,
 }
 
-impl Engine {
+impl<R: SlotRequest> Engine<R> {
     /// A ring with room for `depth` requests in flight (at least 1).
-    pub fn new(image: Arc<Image>, depth: u32) -> io::Result<Engine> {
+    pub fn new(image: Arc<Image>, depth: u32) -> io::Result<Engine<R>> {
         let depth = depth.clamp(1, 4096);
         let entries = depth.next_power_of_two();
         // CQ twice the SQ: room for every request plus the CQEs of cancel requests.
@@ -139,7 +154,7 @@ impl Engine {
     /// every slot is busy.
     // The request travels by value on purpose: boxing it would allocate per request.
     #[allow(clippy::result_large_err)]
-    pub fn push(&mut self, req: BlkRequest, tag: u64, dsync: bool) -> Result<(), BlkRequest> {
+    pub fn push(&mut self, req: R, tag: u64, dsync: bool) -> Result<(), R> {
         let Some(idx) = self.free.pop() else {
             return Err(req);
         };
@@ -164,7 +179,11 @@ impl Engine {
 
     fn sqe_for(&self, idx: u32) -> squeue::Entry {
         let slot = &self.slots[idx as usize];
-        let req = slot.req.as_ref().expect("busy slot holds a request");
+        let req = slot
+            .req
+            .as_ref()
+            .expect("busy slot holds a request")
+            .request();
         let fd = types::Fd(self.image.as_raw_fd());
         let off = req.offset();
         let sqe = match req.kind() {
@@ -236,7 +255,7 @@ impl Engine {
 
     /// Reaps every available completion, calling `f` for each finished request. Returns how
     /// many requests finished. Also clears the eventfd.
-    pub fn drain(&mut self, mut f: impl FnMut(Completion)) -> usize {
+    pub fn drain(&mut self, mut f: impl FnMut(Completion<R>)) -> usize {
         // Reset the level-triggered eventfd first, so a CQE posted after this read re-arms it.
         let _ = self.eventfd.read();
         let mut n = 0;
@@ -264,7 +283,7 @@ impl Engine {
             if result == -libc::ECANCELED {
                 self.stats.cancelled += 1;
             }
-            if req.kind() == RequestKind::Flush && result == 0 {
+            if req.request().kind() == RequestKind::Flush && result == 0 {
                 self.stats.fsyncs += 1;
             }
             f(Completion {
@@ -286,7 +305,7 @@ impl Engine {
     fn retry_with_fallback(&mut self, idx: u32, result: i32) -> bool {
         let slot = &mut self.slots[idx as usize];
         let is_plain_wz = matches!(
-            slot.req.as_ref().map(|r| r.kind()),
+            slot.req.as_ref().map(|r| r.request().kind()),
             Some(RequestKind::WriteZeroes { unmap: false, .. })
         );
         if !(is_plain_wz && result == -libc::EOPNOTSUPP && !slot.fallback) {
@@ -332,7 +351,7 @@ impl Engine {
     }
 
     /// Blocks until no request is in flight, handing each completion to `f`.
-    pub fn wait_idle(&mut self, mut f: impl FnMut(Completion)) -> io::Result<()> {
+    pub fn wait_idle(&mut self, mut f: impl FnMut(Completion<R>)) -> io::Result<()> {
         while self.in_flight > 0 {
             self.drain(&mut f);
             if self.in_flight == 0 {
@@ -349,7 +368,7 @@ impl Engine {
     }
 }
 
-impl Drop for Engine {
+impl<R: SlotRequest> Drop for Engine<R> {
     fn drop(&mut self) {
         // The kernel may still write into guest memory for requests in flight: never let the
         // ring go away under them.
@@ -673,6 +692,33 @@ mod tests {
                 assert_eq!(res, 0, "tag {tag} disturbed by a cancel of another tag");
             }
         }
+    }
+
+    /// An AIOCB-shaped payload (like ft-common's `InFlight<BlkRequest>`): the engine submits
+    /// the request it owns in place and hands the wrapper back whole.
+    #[test]
+    fn slots_can_hold_a_wrapped_request() {
+        struct Held {
+            id: u64,
+            req: BlkRequest,
+        }
+        impl SlotRequest for Held {
+            fn request(&self) -> &BlkRequest {
+                &self.req
+            }
+        }
+        let fx = fixture();
+        let mut e: Engine<Held> = Engine::new(fx.image.clone(), 4).unwrap();
+        fx.mem
+            .write_slice(&[9; 1024], GuestAddress(0x10_0000))
+            .unwrap();
+        let req = req(&fx.mem, 0, VIRTIO_BLK_T_OUT, 2, Some((0x10_0000, 1024)));
+        e.push(Held { id: 41, req }, 41, false).ok().unwrap();
+        e.submit().unwrap();
+        let mut got = Vec::new();
+        e.wait_idle(|c| got.push((c.req.id, c.status()))).unwrap();
+        assert_eq!(got, vec![(41, STATUS_OK)]);
+        assert_eq!(file_bytes(&fx.path, 1024, 1024), vec![9; 1024]);
     }
 
     #[test]
