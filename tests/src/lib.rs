@@ -1,3 +1,12 @@
-//! test support
+//! Test support shared by the cross-crate integration tests and the benchmarks.
+//!
+//! - [`frontend`]: a raw vhost-user frontend (vhost `Frontend`, memfd guest memory, a small
+//!   split-ring driver) for protocol tests, including malformed chains.
+//! - [`blk_client`]: a virtio-blk client over vhost-user built on `virtio-driver`, for block tests
+//!   and the benchmark.
+//! - [`guest`]: the QEMU (TCG) guest harness: boots a small Linux guest with our daemons attached
+//!   and reads its verdict from the serial console.
+
+pub mod blk_client;
 pub mod frontend;
 pub mod guest;

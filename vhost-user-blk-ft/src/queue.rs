@@ -1,0 +1,284 @@
+//! The per-queue worker: pops chains, parses them, feeds the io_uring engine, completes.
+//!
+//! Runs on the queue's worker thread (ft-common's server gives each queue its own thread), so
+//! the engine, its ring and its slot pool belong to exactly one thread and need no lock, and
+//! every completion is delivered by the thread that owns the ring (as the virtio-blk dataplane
+//! does).
+//!
+//! Invariants:
+//! - A chain popped from the ring is answered exactly once: at once (parse error, GET_ID) or
+//!   when its engine slot completes. The used-ring notification is sent once per batch (kick or
+//!   CQ drain), subject to EVENT_IDX.
+//! - Stopping a queue (GET_VRING_BASE, disconnect, shutdown) waits until the engine is idle:
+//!   every in-flight request is completed to the guest before the ring's base is reported, so
+//!   no request of an old connection is leaked or completed twice.
+//! - Data is read into guest memory by the kernel, so the written ranges are marked dirty
+//!   before the request is completed.
+
+use crate::config::BlkConfig;
+use crate::engine::{Completion, Engine};
+use crate::image::Image;
+use crate::request::{
+    parse, BlkRequest, DiskLimits, Rejected, RequestKind, STATUS_IOERR, STATUS_OK,
+};
+use ft_common::vhost_user::{QueueWorker, StopStatus, VringHandle, WorkerCtx};
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
+use vm_memory::{Bytes, GuestAddress};
+
+/// Token of the engine's eventfd in the worker's epoll set.
+const ENGINE_TOKEN: u64 = 1;
+
+/// Device-wide counters, summed over queues; updated once per batch, not per request.
+#[derive(Debug, Default)]
+pub struct BlkCounters {
+    /// Chains taken off the rings.
+    pub requests: AtomicU64,
+    /// Chains answered with an error status at parse time (or never answerable).
+    pub rejected: AtomicU64,
+    /// Requests that went through io_uring and completed (any status).
+    pub completed: AtomicU64,
+    /// FLUSH requests that completed a real `fsync(DATASYNC)` on the image.
+    pub fsyncs: AtomicU64,
+}
+
+impl BlkCounters {
+    pub fn summary(&self) -> String {
+        format!(
+            "requests {}, rejected {}, completed I/O {}, fdatasyncs {}",
+            self.requests.load(Ordering::Relaxed),
+            self.rejected.load(Ordering::Relaxed),
+            self.completed.load(Ordering::Relaxed),
+            self.fsyncs.load(Ordering::Relaxed),
+        )
+    }
+}
+
+pub struct BlkQueue {
+    queue: u16,
+    engine: Engine,
+    config: Arc<BlkConfig>,
+    limits: DiskLimits,
+    /// The ring was left with chains on it because every slot was busy; resume on completion.
+    stalled: bool,
+    counters: Arc<BlkCounters>,
+    /// Engine stats already added to `counters`.
+    reported: crate::engine::EngineStats,
+}
+
+impl BlkQueue {
+    pub fn new(
+        queue: u16,
+        image: Arc<Image>,
+        config: Arc<BlkConfig>,
+        depth: u32,
+        counters: Arc<BlkCounters>,
+    ) -> std::io::Result<BlkQueue> {
+        let limits = DiskLimits {
+            capacity_sectors: config.params().capacity_sectors,
+            readonly: config.params().readonly,
+        };
+        Ok(BlkQueue {
+            queue,
+            engine: Engine::new(image, depth)?,
+            config,
+            limits,
+            stalled: false,
+            counters,
+            reported: Default::default(),
+        })
+    }
+
+    /// Publishes the engine's counters accumulated since the last call.
+    fn publish(&mut self) {
+        let now = self.engine.stats();
+        let c = &self.counters;
+        c.completed
+            .fetch_add(now.completed - self.reported.completed, Ordering::Relaxed);
+        c.fsyncs
+            .fetch_add(now.fsyncs - self.reported.fsyncs, Ordering::Relaxed);
+        self.reported = now;
+    }
+
+    /// Write-through unless the guest negotiated FLUSH and left the cache in write-back mode
+    /// (virtio 1.x 5.2.6.2: without FLUSH the device must not rely on the guest flushing).
+    fn dsync(&self, ctx: &WorkerCtx) -> bool {
+        let flush_acked = ctx.acked_features() & (1 << VIRTIO_BLK_F_FLUSH) != 0;
+        !(flush_acked && self.config.writeback())
+    }
+
+    /// Takes every available chain off the ring, answering or submitting each; one
+    /// `io_uring_enter` for the whole batch.
+    fn process_ring(&mut self, ctx: &mut WorkerCtx) {
+        let dsync = self.dsync(ctx);
+        let Some(vring) = ctx.queue(self.queue) else {
+            return;
+        };
+        self.stalled = false;
+        let (mut popped, mut rejected) = (0u64, 0u64);
+        'outer: loop {
+            vring.disable_notification();
+            while self.engine.in_flight() < self.engine.capacity() {
+                let Some(chain) = vring.pop() else { break };
+                popped += 1;
+                match parse(chain, &self.limits) {
+                    Err(rej) => {
+                        rejected += 1;
+                        answer_rejected(vring, rej);
+                    }
+                    Ok(req) if req.kind() == RequestKind::GetId => {
+                        let n = req.write_data(&**vring.memory(), &self.config.params().serial);
+                        // The id buffer may be shorter than 20 bytes: a truncated id is fine.
+                        finish(
+                            vring,
+                            req.head(),
+                            req.status_addr(),
+                            STATUS_OK,
+                            n as u32 + 1,
+                        );
+                    }
+                    Ok(req) => self.dispatch(vring, req, dsync),
+                }
+            }
+            if self.engine.in_flight() >= self.engine.capacity() {
+                // Leave the rest on the ring; completions will call us again.
+                self.stalled = true;
+                break 'outer;
+            }
+            if !vring.enable_notification() {
+                break;
+            }
+        }
+        if let Err(e) = self.engine.submit() {
+            log::error!("queue {}: io_uring submit: {e}", self.queue);
+        }
+        vring.signal_used();
+        self.counters.requests.fetch_add(popped, Ordering::Relaxed);
+        self.counters
+            .rejected
+            .fetch_add(rejected, Ordering::Relaxed);
+    }
+
+    /// Sends a parsed request on its way. This is the seam for output commit: with `--ft hold`,
+    /// requests whose `kind().is_output()` go into the transaction queue here (tagged with the
+    /// open epoch) instead of the engine, and are pushed to the engine from there at COMMIT.
+    fn dispatch(&mut self, vring: &mut VringHandle, mut req: BlkRequest, dsync: bool) {
+        req.hold_memory(vring.memory().clone());
+        if let Err(req) = self.engine.push(req, 0, dsync) {
+            finish(vring, req.head(), req.status_addr(), STATUS_IOERR, 1);
+        }
+    }
+
+    /// Completes everything the engine has finished.
+    fn reap(&mut self, ctx: &mut WorkerCtx) {
+        let queue = self.queue;
+        let mut done = |c: Completion| complete(ctx, queue, c);
+        self.engine.drain(&mut done);
+        if let Some(v) = ctx.queue(queue) {
+            v.signal_used();
+        }
+        self.publish();
+        if self.stalled {
+            self.process_ring(ctx);
+        }
+    }
+}
+
+/// Writes `status` and puts `head` on the used ring.
+fn finish(vring: &mut VringHandle, head: u16, status_addr: GuestAddress, status: u8, len: u32) {
+    let len = match vring.memory().write_obj(status, status_addr) {
+        Ok(()) => len,
+        // The status byte was checked at parse time; if memory changed since, report nothing.
+        Err(_) => 0,
+    };
+    if let Err(e) = vring.add_used(head, len) {
+        log::error!("queue {}: add_used({head}): {e:?}", vring.index());
+    }
+}
+
+fn answer_rejected(vring: &mut VringHandle, rej: Rejected) {
+    match rej.status_addr {
+        Some(a) => finish(vring, rej.head, a, rej.status, 1),
+        None => {
+            if let Err(e) = vring.add_used(rej.head, 0) {
+                log::error!("queue {}: add_used({}): {e:?}", vring.index(), rej.head);
+            }
+        }
+    }
+}
+
+fn complete(ctx: &mut WorkerCtx, queue: u16, c: Completion) {
+    let status = c.status();
+    if status == STATUS_OK {
+        c.req
+            .for_each_written_range(c.req.data_len() as usize, |gpa, len| {
+                ctx.mark_dirty(gpa, len)
+            });
+    } else {
+        // Negative results are -errno; a non-negative one here is a short transfer.
+        log::warn!(
+            "queue {queue}: {:?} failed (result {}, expected {} bytes)",
+            c.req.kind(),
+            c.result,
+            c.req.data_len()
+        );
+    }
+    match ctx.queue(queue) {
+        Some(v) => finish(
+            v,
+            c.req.head(),
+            c.req.status_addr(),
+            status,
+            c.req.used_len(status),
+        ),
+        // Cannot happen: a ring is only dropped once stop_queue reported the engine idle.
+        None => log::error!("queue {queue}: completion for a ring that is gone"),
+    }
+}
+
+impl QueueWorker for BlkQueue {
+    fn fds(&self) -> Vec<(RawFd, u64)> {
+        vec![(self.engine.eventfd(), ENGINE_TOKEN)]
+    }
+
+    fn handle_kick(&mut self, ctx: &mut WorkerCtx, queue: u16) {
+        if queue == self.queue {
+            self.process_ring(ctx);
+        }
+    }
+
+    fn handle_fd(&mut self, ctx: &mut WorkerCtx, token: u64, _events: u32) {
+        if token == ENGINE_TOKEN {
+            self.reap(ctx);
+        }
+    }
+
+    fn stop_queue(&mut self, ctx: &mut WorkerCtx, queue: u16) -> StopStatus {
+        if queue != self.queue {
+            return StopStatus::Done;
+        }
+        // Plain I/O on a local image finishes quickly: complete it rather than cancel, so the
+        // guest sees every request it issued answered. (Held requests of the output-commit
+        // mode will be cancelled here instead.)
+        self.stalled = false;
+        let q = self.queue;
+        self.engine.drain(|c| complete(ctx, q, c));
+        if let Some(v) = ctx.queue(q) {
+            v.signal_used();
+        }
+        self.publish();
+        if self.engine.in_flight() == 0 {
+            log::debug!("queue {q}: stopped, engine {:?}", self.engine.stats());
+            StopStatus::Done
+        } else {
+            StopStatus::Pending
+        }
+    }
+
+    fn reset(&mut self, _ctx: &mut WorkerCtx) {
+        self.stalled = false;
+        self.config.reset();
+    }
+}
