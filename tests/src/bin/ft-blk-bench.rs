@@ -573,3 +573,28 @@ fn print_row(r: &WorkloadResult, header: bool) {
             .map_or("-".to_string(), |b| format!("{b:.0}%"))
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_suffixes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("256m"), Ok(256 << 20));
+        assert_eq!(parse_size("8K"), Ok(8192));
+        assert!(parse_size("").is_err());
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("1.5G").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn workloads_fit_the_default_queue() {
+        for w in WORKLOADS {
+            assert!(3 * w.depth <= 256, "{}", w.name);
+            assert_eq!(w.block_size % 4096, 0);
+        }
+    }
+}
