@@ -163,6 +163,11 @@ export WORK MODES BACKENDS ROUNDS RUNTIME WARMUP SIZE QUEUES CMDLINE OURS_NOTE L
 export MACHINE_NPROC=$(nproc) MACHINE_KERNEL=$(uname -r)
 export MACHINE_CPU=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
 export QSD_VERSION=$(qemu-storage-daemon --version | head -1)
+OURS_VERSION=""
+if [[ " $BACKENDS " == *" ours "* ]]; then
+    OURS_VERSION="ours: \`${OURS#"$ROOT"/}\` ($("$OURS" --version 2>/dev/null | head -1), built $(date -u -r "$OURS" '+%Y-%m-%d %H:%M UTC'))"
+fi
+export OURS_VERSION
 export DATE=$(date -u '+%Y-%m-%d %H:%M UTC')
 export GIT_REV=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
 "$PY" - >"$TABLE" <<'EOF'
@@ -193,6 +198,8 @@ out.append("")
 out.append(f"- Machine: {os.environ['MACHINE_NPROC']} CPUs ({os.environ['MACHINE_CPU']}), kernel {os.environ['MACHINE_KERNEL']}; "
            f"load average before/after: {os.environ['LOAD_BEFORE']} / {os.environ['LOAD_AFTER']}")
 out.append(f"- {os.environ['QSD_VERSION']}")
+if os.environ.get("OURS_VERSION"):
+    out.append(f"- {os.environ['OURS_VERSION']}")
 out.append(f"- {rounds} rounds, backends alternating; {os.environ['RUNTIME']} s measured after {os.environ['WARMUP']} s warm-up "
            f"per workload; {os.environ['SIZE']} raw image per backend; {os.environ['QUEUES']} queue(s), one client thread")
 if os.environ.get("OURS_NOTE"):
