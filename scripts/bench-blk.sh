@@ -8,6 +8,7 @@
 #                             [--no-doc] [--keep]
 # Env:   BENCH_DIR   parent of the scratch directory (default /var/tmp; must not be tmpfs)
 #        OURS_BIN    vhost-user-blk-ft binary to use instead of building target/release's
+#        OURS_DESC   free text about that binary (e.g. its source commit) for the report
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -23,7 +24,7 @@ WRITE_DOC=1
 KEEP=0
 DOC="$ROOT/docs/benchmarks.md"
 
-usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -165,7 +166,7 @@ export MACHINE_CPU=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's
 export QSD_VERSION=$(qemu-storage-daemon --version | head -1)
 OURS_VERSION=""
 if [[ " $BACKENDS " == *" ours "* ]]; then
-    OURS_VERSION="ours: \`${OURS#"$ROOT"/}\` ($("$OURS" --version 2>/dev/null | head -1), built $(date -u -r "$OURS" '+%Y-%m-%d %H:%M UTC'))"
+    OURS_VERSION="ours: \`${OURS#"$ROOT"/}\` ($("$OURS" --version 2>/dev/null | head -1), built $(date -u -r "$OURS" '+%Y-%m-%d %H:%M UTC'))${OURS_DESC:+; $OURS_DESC}"
 fi
 export OURS_VERSION
 export DATE=$(date -u '+%Y-%m-%d %H:%M UTC')
