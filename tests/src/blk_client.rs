@@ -231,6 +231,13 @@ pub enum ChainDesc {
     },
     /// The slot's status byte (1 byte; device-writable in a well-formed request).
     Status { device_writable: bool },
+    /// Any address and length, registered or not (the vhost-user transport uses frontend
+    /// virtual addresses as guest addresses): for out-of-memory / bad-length tests.
+    Raw {
+        addr: u64,
+        len: u32,
+        device_writable: bool,
+    },
 }
 
 /// A completed request.
@@ -477,6 +484,11 @@ impl BlkClient {
         &mut self.buffers[id.0].map
     }
 
+    /// The address the device sees for `s` (for [`ChainDesc::Raw`] descriptors).
+    pub fn addr_of(&self, s: BufSlice) -> Result<u64> {
+        Ok(self.iov(s)?.iov_base as usize as u64)
+    }
+
     fn iov(&self, s: BufSlice) -> Result<iovec> {
         let b = self
             .buffers
@@ -579,6 +591,17 @@ impl BlkClient {
                         iovec {
                             iov_base: &mut slot.status as *mut u8 as *mut libc::c_void,
                             iov_len: 1,
+                        },
+                        device_writable,
+                    ),
+                    ChainDesc::Raw {
+                        addr,
+                        len,
+                        device_writable,
+                    } => (
+                        iovec {
+                            iov_base: addr as usize as *mut libc::c_void,
+                            iov_len: len as usize,
                         },
                         device_writable,
                     ),

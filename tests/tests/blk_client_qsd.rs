@@ -294,3 +294,52 @@ fn raw_statuses_are_exposed() {
     c.read_at(0, 0, &mut back).unwrap();
     assert!(back.iter().all(|&b| b == 0x5a));
 }
+
+#[test]
+fn hand_built_chains() {
+    let qsd = start_qsd(1);
+    let mut c = connect(&qsd, 1);
+    let buf = c.alloc_buffer(8192).unwrap();
+    c.buf_mut(buf).fill(0xa5);
+    // A write whose data is split over two descriptors, one given by raw address.
+    let second = c.addr_of(buf.slice(4096, 4096)).unwrap();
+    let write = ReqHeader {
+        req_type: VIRTIO_BLK_T_OUT,
+        reserved: 0,
+        sector: 16,
+    };
+    let st = c
+        .request_sync(0, |c, q| {
+            c.submit_chain(
+                q,
+                write,
+                DwzSegment::default(),
+                &[
+                    ChainDesc::Header {
+                        len: 16,
+                        device_writable: false,
+                    },
+                    ChainDesc::Data {
+                        buf: buf.slice(0, 4096),
+                        device_writable: false,
+                    },
+                    ChainDesc::Raw {
+                        addr: second,
+                        len: 4096,
+                        device_writable: false,
+                    },
+                    ChainDesc::Status {
+                        device_writable: true,
+                    },
+                ],
+                7,
+            )
+        })
+        .unwrap();
+    assert_eq!(st, VIRTIO_BLK_S_OK);
+    c.flush(0).unwrap();
+    assert!(file_bytes(&qsd.img, 16 * 512, 8192)
+        .iter()
+        .all(|&b| b == 0xa5));
+    assert_eq!(c.free_descriptors(0), 128);
+}

@@ -21,7 +21,8 @@ use serde::Serialize;
     about = "Benchmark a vhost-user-blk backend without a VM",
     long_about = "Connects to a vhost-user-blk socket and runs fio-like workloads from one \
                   thread. Workloads: randread4k-qd1, randwrite4k-qd1, randread4k-qd32, \
-                  randwrite4k-qd32, seqread128k-qd8, seqwrite128k-qd8. Queue depth is per \
+                  randwrite4k-qd32, seqread128k-qd8, seqwrite128k-qd8, randwrite4k-flush-qd1 \
+                  (write, then FLUSH once it completed; the pair is one op). Queue depth is per \
                   queue. Build with --release for measurements."
 )]
 struct Args {
@@ -94,6 +95,9 @@ struct Workload {
     pattern: Pattern,
     block_size: usize,
     depth: usize,
+    /// Each op is a write followed by a FLUSH once the write completed (the commit pattern);
+    /// latency and IOPS count the pair.
+    flush: bool,
 }
 
 const WORKLOADS: &[Workload] = &[
@@ -103,6 +107,7 @@ const WORKLOADS: &[Workload] = &[
         pattern: Pattern::Random,
         block_size: 4096,
         depth: 1,
+        flush: false,
     },
     Workload {
         name: "randwrite4k-qd1",
@@ -110,6 +115,7 @@ const WORKLOADS: &[Workload] = &[
         pattern: Pattern::Random,
         block_size: 4096,
         depth: 1,
+        flush: false,
     },
     Workload {
         name: "randread4k-qd32",
@@ -117,6 +123,7 @@ const WORKLOADS: &[Workload] = &[
         pattern: Pattern::Random,
         block_size: 4096,
         depth: 32,
+        flush: false,
     },
     Workload {
         name: "randwrite4k-qd32",
@@ -124,6 +131,7 @@ const WORKLOADS: &[Workload] = &[
         pattern: Pattern::Random,
         block_size: 4096,
         depth: 32,
+        flush: false,
     },
     Workload {
         name: "seqread128k-qd8",
@@ -131,6 +139,7 @@ const WORKLOADS: &[Workload] = &[
         pattern: Pattern::Sequential,
         block_size: 128 << 10,
         depth: 8,
+        flush: false,
     },
     Workload {
         name: "seqwrite128k-qd8",
@@ -138,6 +147,15 @@ const WORKLOADS: &[Workload] = &[
         pattern: Pattern::Sequential,
         block_size: 128 << 10,
         depth: 8,
+        flush: false,
+    },
+    Workload {
+        name: "randwrite4k-flush-qd1",
+        write: true,
+        pattern: Pattern::Random,
+        block_size: 4096,
+        depth: 1,
+        flush: true,
     },
 ];
 
@@ -231,6 +249,8 @@ struct Runner<'a> {
     seq_next: Vec<u64>,
     /// Submission time per tag (tag = queue * depth + slot).
     started: Vec<Instant>,
+    /// Per tag: the write of a write+flush op is done and its FLUSH is in flight.
+    flushing: Vec<bool>,
     poll: bool,
 }
 
@@ -306,6 +326,16 @@ impl Runner<'_> {
                 }
                 let measuring = now >= measure_from && now < end;
                 for &(q, tag, status) in &done {
+                    let t = tag as usize;
+                    if self.wl.flush && !self.flushing[t] && status == 0 && now < end {
+                        // Write done: the op continues with its FLUSH.
+                        self.flushing[t] = true;
+                        self.client
+                            .submit_flush(q, tag)
+                            .map_err(|e| format!("submit on queue {q}: {e}"))?;
+                        continue;
+                    }
+                    self.flushing[t] = false;
                     if measuring {
                         let lat = now.duration_since(self.started[tag as usize]);
                         hist.saturating_record(lat.as_nanos().max(1) as u64);
@@ -511,6 +541,7 @@ fn real_main() -> Result<(), String> {
                 .map(|q| (region / args.queues as u64 * q as u64) & !(wl.block_size as u64 - 1))
                 .collect(),
             started: vec![Instant::now(); args.queues * wl.depth],
+            flushing: vec![false; args.queues * wl.depth],
             poll: args.poll,
         };
         let r = runner.run(
@@ -572,4 +603,29 @@ fn print_row(r: &WorkloadResult, header: bool) {
         r.backend_cpu_pct
             .map_or("-".to_string(), |b| format!("{b:.0}%"))
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_suffixes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("256m"), Ok(256 << 20));
+        assert_eq!(parse_size("8K"), Ok(8192));
+        assert!(parse_size("").is_err());
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("1.5G").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn workloads_fit_the_default_queue() {
+        for w in WORKLOADS {
+            assert!(3 * w.depth <= 256, "{}", w.name);
+            assert_eq!(w.block_size % 4096, 0);
+        }
+    }
 }
