@@ -1,10 +1,14 @@
 //! ft-common: the parts both ft-vhost daemons share.
 //!
 //! - [`epoch`]: epoch and generation numbers, and the generation fence.
+//! - [`aiocb`]: AIOCB handles (queued, in flight, completed or cancelled) with real cancel.
+//! - [`txqueue`]: the per-device transaction queue holding output by epoch until commit.
 //! - [`control`]: the coordinator <-> daemon control protocol (messages, framing, socket ends).
 //!
 //! The one invariant everything here serves (ARCHITECTURE.md section 1): no byte of an epoch later
 //! than the last committed one reaches the backing file or the tap.
 
+pub mod aiocb;
 pub mod control;
 pub mod epoch;
+pub mod txqueue;
