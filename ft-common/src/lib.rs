@@ -10,5 +10,6 @@
 
 pub mod aiocb;
 pub mod control;
+pub mod coordinator;
 pub mod epoch;
 pub mod txqueue;
