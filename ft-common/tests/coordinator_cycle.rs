@@ -41,12 +41,24 @@ fn traffic(devs: Vec<Arc<FakeDevice>>, stop: Arc<AtomicBool>) -> std::thread::Jo
 fn check_release_order(devs: &[Arc<FakeDevice>], submitted: u64) {
     let first = devs[0].commit_epochs();
     assert!(first.len() >= 3, "too few commits: {first:?}");
-    assert!(first.windows(2).all(|w| w[0] < w[1]), "commits out of order: {first:?}");
+    assert!(
+        first.windows(2).all(|w| w[0] < w[1]),
+        "commits out of order: {first:?}"
+    );
     for d in devs {
-        assert_eq!(d.commit_epochs(), first, "devices committed different epochs");
+        assert_eq!(
+            d.commit_epochs(),
+            first,
+            "devices committed different epochs"
+        );
         let rel = d.released();
         let tags: Vec<u64> = rel.iter().map(|r| r.0).collect();
-        assert_eq!(tags, (0..submitted).collect::<Vec<_>>(), "{} lost or reordered", d.name);
+        assert_eq!(
+            tags,
+            (0..submitted).collect::<Vec<_>>(),
+            "{} lost or reordered",
+            d.name
+        );
         let newest = *first.last().unwrap();
         assert!(rel.iter().all(|(_, e)| *e <= newest));
         assert!(d.violations().is_empty(), "{:?}", d.violations());
@@ -70,7 +82,10 @@ fn held_output_released_only_after_ack_in_epoch_order_on_both_devices() {
                 }
                 Request::Commit { epoch, .. } => match seals.lock().unwrap().get(epoch) {
                     Some(t) if t.elapsed() >= Duration::from_millis(40) => None,
-                    Some(t) => Some(format!("commit {epoch} only {:?} after its seal", t.elapsed())),
+                    Some(t) => Some(format!(
+                        "commit {epoch} only {:?} after its seal",
+                        t.elapsed()
+                    )),
                     None => Some(format!("commit of never-sealed epoch {epoch}")),
                 },
                 _ => None,
@@ -144,7 +159,9 @@ fn exec_checkpointer_acks_are_the_oracle_and_event_driven_cuts_bound_latency() {
     cfg.cycle.interval = None;
     cfg.cycle.min_interval = Some(Duration::from_millis(5));
     let c = Coordinator::start(cfg).unwrap();
-    wait_for("first epoch committed", || !devs[0].commit_epochs().is_empty());
+    wait_for("first epoch committed", || {
+        !devs[0].commit_epochs().is_empty()
+    });
     let mut submitted = 0;
     for round in 0..5u64 {
         for d in &devs {
@@ -184,7 +201,10 @@ fn failing_exec_checkpointer_commits_nothing_and_status_says_why() {
     assert_eq!((a.held(), b.held()), (10, 10));
     let s = ftctl(&api, "status").unwrap();
     let why = s["checkpointer"]["last_error"].as_str().unwrap();
-    assert!(why.contains("exit status: 7") && why.contains("unreachable"), "{why}");
+    assert!(
+        why.contains("exit status: 7") && why.contains("unreachable"),
+        "{why}"
+    );
     assert_eq!(s["cycle"]["epochs_committed"], 0);
     assert!(s["cycle"]["epochs_dropped"].as_u64().unwrap() >= 3);
     assert_eq!(s["devices"][0]["held_requests"], 10);
@@ -205,7 +225,9 @@ fn ftctl_pause_resume_checkpoint_and_metrics() {
     wait_for("first epoch", || a.commit_epochs().len() == 1);
     a.submit(1, 100);
     ftctl(&api, "pause").unwrap();
-    assert!(ftctl(&api, "status").unwrap()["cycle"]["paused"].as_bool().unwrap());
+    assert!(ftctl(&api, "status").unwrap()["cycle"]["paused"]
+        .as_bool()
+        .unwrap());
     ftctl(&api, "checkpoint").unwrap();
     std::thread::sleep(Duration::from_millis(100));
     assert!(a.released().is_empty(), "a paused cycle cut an epoch");

@@ -31,13 +31,22 @@ fn daemon_killed_mid_epoch_stops_the_cycle_until_resumed() {
         !ftctl(&api, "status").unwrap()["cycle"]["halted"].is_null()
     });
     let s = ftctl(&api, "status").unwrap();
-    assert!(s["cycle"]["halted"].as_str().unwrap().contains("disconnected"), "{s}");
+    assert!(
+        s["cycle"]["halted"]
+            .as_str()
+            .unwrap()
+            .contains("disconnected"),
+        "{s}"
+    );
     assert_eq!(s["devices"][1]["connected"], false);
     assert!(s["devices"][1]["failure"].as_str().is_some());
     let m = ftctl(&api, "metrics").unwrap();
     let m = m.as_str().unwrap();
     assert!(m.contains("ft_device_connected{device=\"net0\"} 0"), "{m}");
-    assert!(m.contains("ft_device_disconnects_total{device=\"net0\"} 1"), "{m}");
+    assert!(
+        m.contains("ft_device_disconnects_total{device=\"net0\"} 1"),
+        "{m}"
+    );
     assert!(m.contains("ft_cycle_halted 1"), "{m}");
     // No new epoch is cut while halted: the blk output of the open epoch stays held.
     let sealed = a.seal_epochs().len();
@@ -56,7 +65,9 @@ fn daemon_killed_mid_epoch_stops_the_cycle_until_resumed() {
     b2.submit(7, 60);
     let r = ftctl(&api, "resume").unwrap();
     assert!(r["halted"].is_null(), "{r}");
-    wait_for("cycle runs again", || !b2.released().is_empty() && a.held() == 0);
+    wait_for("cycle runs again", || {
+        !b2.released().is_empty() && a.held() == 0
+    });
     assert!(held_before <= 1);
     // The restarted daemon was never sealed below what it had open, and commits are ordered.
     let e = b2.commit_epochs();
@@ -79,7 +90,10 @@ fn commit_failed_stops_the_cycle_and_the_vm_policy_is_reported() {
     a.submit(1, 4096);
     wait_for("halt", || !status(&c)["cycle"]["halted"].is_null());
     let s = status(&c);
-    assert!(s["cycle"]["halted"].as_str().unwrap().contains("Input/output error"));
+    assert!(s["cycle"]["halted"]
+        .as_str()
+        .unwrap()
+        .contains("Input/output error"));
     assert_eq!(s["devices"][0]["commits_failed"], 1);
     assert_eq!(s["cycle"]["vm_stopped"], true);
     let commits = a.commit_epochs().len();
@@ -119,7 +133,10 @@ fn restarted_coordinator_takes_a_newer_generation_and_continues_epochs() {
         .into_iter()
         .filter_map(|(_, r)| r.generation())
         .collect();
-    assert!(gens.iter().skip_while(|g| **g == Generation(1)).all(|g| *g == Generation(2)));
+    assert!(gens
+        .iter()
+        .skip_while(|g| **g == Generation(1))
+        .all(|g| *g == Generation(2)));
     c2.shutdown();
 }
 
@@ -129,7 +146,11 @@ fn ftctl_abort_deposes_and_fences_the_older_coordinator() {
     let a = FakeDevice::start("vda", dir.path().join("vda.ctl"), DeviceKind::Blk);
     let b = FakeDevice::start("net0", dir.path().join("net0.ctl"), DeviceKind::Net);
     // Acks take long enough that output is held when the abort comes.
-    let cfg = config(dir.path(), &[("vda", &a.path), ("net0", &b.path)], "sim:300");
+    let cfg = config(
+        dir.path(),
+        &[("vda", &a.path), ("net0", &b.path)],
+        "sim:300",
+    );
     let api = cfg.api.clone().unwrap();
     let c = Coordinator::start(cfg.clone()).unwrap();
     assert_eq!(c.generation(), Generation(1));
@@ -143,7 +164,10 @@ fn ftctl_abort_deposes_and_fences_the_older_coordinator() {
     assert_eq!(r["devices"][0]["aborted"], true, "{r}");
     assert_eq!(r["devices"][0]["cancelled_requests"], 4, "{r}");
     assert_eq!(r["devices"][1]["cancelled_requests"], 4, "{r}");
-    assert_eq!(GenerationStore::new(&cfg.state_file).load().unwrap(), Generation(2));
+    assert_eq!(
+        GenerationStore::new(&cfg.state_file).load().unwrap(),
+        Generation(2)
+    );
     assert_eq!((a.held(), b.held()), (0, 0));
     // Deposed: no more seals or commits, even after the pending acks arrive.
     let n = a.requests().len();
@@ -169,14 +193,32 @@ fn ftctl_abort_deposes_and_fences_the_older_coordinator() {
                 epoch: Epoch(1000),
             })
             .unwrap();
-        assert!(matches!(seal, Reply::Error { code: ErrorCode::Fenced, .. }), "{seal:?}");
+        assert!(
+            matches!(
+                seal,
+                Reply::Error {
+                    code: ErrorCode::Fenced,
+                    ..
+                }
+            ),
+            "{seal:?}"
+        );
         let commit = old
             .call(&Request::Commit {
                 generation: Generation(1),
                 epoch: Epoch(2),
             })
             .unwrap();
-        assert!(matches!(commit, Reply::Error { code: ErrorCode::Fenced, .. }), "{commit:?}");
+        assert!(
+            matches!(
+                commit,
+                Reply::Error {
+                    code: ErrorCode::Fenced,
+                    ..
+                }
+            ),
+            "{commit:?}"
+        );
     }
     // The next coordinator goes above the abort's generation.
     let c3 = Coordinator::start(cfg).unwrap();

@@ -61,13 +61,19 @@ fn serve(conn: UnixStream, running: &AtomicBool, log: &Mutex<Vec<String>>) {
     for line in BufReader::new(conn).lines() {
         let Ok(line) = line else { return };
         let Ok(v) = serde_json::from_str::<Value>(&line) else {
-            send(&mut w, json!({"error": {"class": "GenericError", "desc": "JSON parse error"}}));
+            send(
+                &mut w,
+                json!({"error": {"class": "GenericError", "desc": "JSON parse error"}}),
+            );
             continue;
         };
         let cmd = v["execute"].as_str().unwrap_or("").to_string();
         if !negotiated && cmd != "qmp_capabilities" {
-            send(&mut w, json!({"error": {"class": "CommandNotFound",
-                "desc": "Expecting capabilities negotiation with 'qmp_capabilities'"}}));
+            send(
+                &mut w,
+                json!({"error": {"class": "CommandNotFound",
+                "desc": "Expecting capabilities negotiation with 'qmp_capabilities'"}}),
+            );
             continue;
         }
         log.lock().unwrap().push(cmd.clone());
@@ -88,11 +94,17 @@ fn serve(conn: UnixStream, running: &AtomicBool, log: &Mutex<Vec<String>>) {
             }
             "query-status" => {
                 let r = running.load(Ordering::Acquire);
-                send(&mut w, json!({"return": {"running": r,
-                    "status": if r { "running" } else { "paused" }}}));
+                send(
+                    &mut w,
+                    json!({"return": {"running": r,
+                    "status": if r { "running" } else { "paused" }}}),
+                );
             }
-            other => send(&mut w, json!({"error": {"class": "CommandNotFound",
-                "desc": format!("The command {other} has not been found")}})),
+            other => send(
+                &mut w,
+                json!({"error": {"class": "CommandNotFound",
+                "desc": format!("The command {other} has not been found")}}),
+            ),
         }
     }
 }
@@ -106,7 +118,10 @@ fn qmp_client_negotiates_and_reports_errors() {
     assert!(!c.running().unwrap());
     c.cont().unwrap();
     assert!(c.running().unwrap());
-    let e = c.execute("migrate-set-capabilities-bogus").unwrap_err().to_string();
+    let e = c
+        .execute("migrate-set-capabilities-bogus")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("CommandNotFound"), "{e}");
     assert_eq!(q.log.lock().unwrap()[0], "qmp_capabilities");
     // A peer that is not QMP is an error, not a hang.
@@ -158,7 +173,11 @@ fn qmp_checkpointer_seals_only_a_stopped_vm() {
     // The VM was left running, and stop/cont alternate.
     assert!(q.running.load(Ordering::Acquire));
     let log = q.log.lock().unwrap().clone();
-    let cmds: Vec<&str> = log.iter().map(String::as_str).filter(|c| *c != "qmp_capabilities").collect();
+    let cmds: Vec<&str> = log
+        .iter()
+        .map(String::as_str)
+        .filter(|c| *c != "qmp_capabilities")
+        .collect();
     assert!(cmds.len() >= 6, "{cmds:?}");
     for pair in cmds.chunks(2) {
         assert_eq!(pair[0], "stop", "{cmds:?}");
@@ -180,7 +199,10 @@ fn unreachable_qmp_means_no_cut() {
     let c = Coordinator::start(cfg).unwrap();
     a.submit(1, 1);
     wait_for("halt", || !status(&c)["cycle"]["halted"].is_null());
-    assert!(status(&c)["cycle"]["halted"].as_str().unwrap().contains("pause"));
+    assert!(status(&c)["cycle"]["halted"]
+        .as_str()
+        .unwrap()
+        .contains("pause"));
     std::thread::sleep(Duration::from_millis(100));
     assert!(a.seal_epochs().is_empty());
     assert_eq!(a.held(), 1);

@@ -277,7 +277,11 @@ impl Checkpointer for ExecCheckpointer {
     }
 
     fn cancel(&mut self, epoch: Epoch) {
-        let child = self.running.lock().ok().and_then(|r| r.get(&epoch).cloned());
+        let child = self
+            .running
+            .lock()
+            .ok()
+            .and_then(|r| r.get(&epoch).cloned());
         if let Some(c) = child {
             if let Ok(mut c) = c.lock() {
                 // Kill on a reaped child is a no-op in std: no risk of hitting a reused pid.
@@ -411,7 +415,10 @@ mod tests {
         match next(&rx) {
             Input::CheckpointFailed { epoch, error } => {
                 assert_eq!(epoch, Epoch(8));
-                assert!(error.contains("3") && error.contains("unreachable"), "{error}");
+                assert!(
+                    error.contains("3") && error.contains("unreachable"),
+                    "{error}"
+                );
             }
             other => panic!("{other:?}"),
         }

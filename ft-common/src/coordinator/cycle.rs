@@ -145,13 +145,29 @@ pub enum Sample {
 /// Something worth logging and counting.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
-    SealFailed { epoch: Epoch, error: String },
-    CheckpointFailed { epoch: Epoch, error: String },
+    SealFailed {
+        epoch: Epoch,
+        error: String,
+    },
+    CheckpointFailed {
+        epoch: Epoch,
+        error: String,
+    },
     /// A captured epoch that will never be committed (failed, timed out or aborted).
-    EpochDropped { epoch: Epoch, reason: String },
-    EpochCommitted { epoch: Epoch },
-    DeviceFailed { device: DeviceId, error: String },
-    VmControlFailed { error: String },
+    EpochDropped {
+        epoch: Epoch,
+        reason: String,
+    },
+    EpochCommitted {
+        epoch: Epoch,
+    },
+    DeviceFailed {
+        device: DeviceId,
+        error: String,
+    },
+    VmControlFailed {
+        error: String,
+    },
 }
 
 /// An action for the I/O shell.
@@ -171,7 +187,9 @@ pub enum Action {
         states: Vec<TransactionState>,
     },
     /// The checkpoint timed out; stop it if possible (its late result is ignored anyway).
-    CancelCheckpoint { epoch: Epoch },
+    CancelCheckpoint {
+        epoch: Epoch,
+    },
     /// Resume the VM; answer with `VmResumed`.
     ResumeVm,
     /// `COMMIT generation epoch` to each device; answer with `Committed`/`CommitFailed`.
@@ -183,7 +201,9 @@ pub enum Action {
     /// Stop the VM after a failure or an abort (no answer expected).
     StopVm,
     /// `ABORT generation` to every device.
-    AbortAll { generation: Generation },
+    AbortAll {
+        generation: Generation,
+    },
     Record(Sample),
     Report(Event),
 }
@@ -373,7 +393,11 @@ impl Cycle {
                 if let Some(d) = self.devices.get_mut(device) {
                     d.commits_failed += 1;
                 }
-                self.device_failed(device, format!("commit of epoch {epoch} failed: {error}"), out);
+                self.device_failed(
+                    device,
+                    format!("commit of epoch {epoch} failed: {error}"),
+                    out,
+                );
                 self.commit_reply(now, device, epoch, out);
             }
             Input::DeviceLost { device, error } => {
@@ -487,7 +511,8 @@ impl Cycle {
     }
 
     fn maybe_cut(&mut self, now: Instant, out: &mut Vec<Action>) {
-        if !self.can_cut() || !self.next_cut_time(now).is_some_and(|t| t <= now) {
+        let due = self.next_cut_time(now).is_some_and(|t| t <= now);
+        if !due || !self.can_cut() {
             return;
         }
         let epoch = self.next_epoch;
@@ -601,9 +626,9 @@ impl Cycle {
         else {
             return;
         };
-        out.push(Action::Record(Sample::Seal(now.saturating_duration_since(
-            started,
-        ))));
+        out.push(Action::Record(Sample::Seal(
+            now.saturating_duration_since(started),
+        )));
         if self.deposed {
             self.resume_vm_unless_halted(out);
             return;

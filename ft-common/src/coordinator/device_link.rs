@@ -342,11 +342,13 @@ impl Worker {
                         error: "not connected".into(),
                     },
                     Call::Lost => return,
-                    Call::Done(Ok(Reply::Sealed { epoch: e, state })) if e == epoch => Input::Sealed {
-                        device,
-                        epoch,
-                        state,
-                    },
+                    Call::Done(Ok(Reply::Sealed { epoch: e, state })) if e == epoch => {
+                        Input::Sealed {
+                            device,
+                            epoch,
+                            state,
+                        }
+                    }
                     Call::Done(r) => Input::SealFailed {
                         device,
                         epoch,
@@ -370,14 +372,16 @@ impl Worker {
                             stats,
                         }
                     }
-                    Call::Done(Ok(Reply::CommitFailed { error, errno, .. })) => Input::CommitFailed {
-                        device,
-                        epoch,
-                        error: match errno {
-                            Some(n) => format!("{error} (errno {n})"),
-                            None => error,
-                        },
-                    },
+                    Call::Done(Ok(Reply::CommitFailed { error, errno, .. })) => {
+                        Input::CommitFailed {
+                            device,
+                            epoch,
+                            error: match errno {
+                                Some(n) => format!("{error} (errno {n})"),
+                                None => error,
+                            },
+                        }
+                    }
                     Call::Done(r) => Input::CommitFailed {
                         device,
                         epoch,

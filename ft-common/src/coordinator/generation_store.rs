@@ -120,7 +120,10 @@ mod tests {
         assert_eq!(s.load().unwrap(), Generation(0));
         assert_eq!(s.advance().unwrap(), Generation(1));
         assert_eq!(s.advance().unwrap(), Generation(2));
-        assert_eq!(GenerationStore::new(d.join("state")).load().unwrap(), Generation(2));
+        assert_eq!(
+            GenerationStore::new(d.join("state")).load().unwrap(),
+            Generation(2)
+        );
         // No temporary files are left behind.
         assert_eq!(fs::read_dir(&d).unwrap().count(), 1);
         fs::remove_dir_all(&d).unwrap();

@@ -180,52 +180,225 @@ fn esc(s: &str) -> String {
 pub fn render(c: &CycleStatus, t: &Telemetry, devices: &[DeviceView]) -> String {
     let mut o = String::with_capacity(4096);
     let one = |v: f64| vec![(String::new(), v)];
-    scalar(&mut o, "ft_coordinator_generation", "gauge", "Fencing generation in use.", &one(c.generation.0 as f64));
-    scalar(&mut o, "ft_epochs_sealed_total", "counter", "Epochs sealed.", &one(c.epochs_sealed as f64));
-    scalar(&mut o, "ft_epochs_committed_total", "counter", "Epochs committed on every device.", &one(c.epochs_committed as f64));
-    scalar(&mut o, "ft_epochs_dropped_total", "counter", "Epochs never committed (seal or checkpoint failed, timed out, aborted).", &one(c.epochs_dropped as f64));
-    scalar(&mut o, "ft_checkpoint_failures_total", "counter", "Checkpoints that failed or timed out.", &one(t.checkpoint_failures as f64));
-    scalar(&mut o, "ft_epochs_awaiting_ack", "gauge", "Captured epochs waiting for acknowledgement.", &one(c.awaiting_ack as f64));
-    scalar(&mut o, "ft_cycle_halted", "gauge", "1 while the cycle is stopped by a failure.", &one(c.halted.is_some() as u8 as f64));
-    scalar(&mut o, "ft_cycle_paused", "gauge", "1 while the operator paused the cycle.", &one(c.paused as u8 as f64));
-    scalar(&mut o, "ft_coordinator_deposed", "gauge", "1 after ftctl abort.", &one(c.deposed as u8 as f64));
-    summary(&mut o, "ft_seal_seconds", "Pause to all devices sealed.", "", &t.seal, true);
-    summary(&mut o, "ft_checkpoint_seconds", "Checkpoint start to acknowledgement.", "", &t.checkpoint, true);
-    summary(&mut o, "ft_commit_seconds", "COMMIT sent to all devices committed.", "", &t.commit, true);
-    summary(&mut o, "ft_seal_to_commit_seconds", "Seal to commit of an epoch.", "", &t.seal_to_commit, true);
+    scalar(
+        &mut o,
+        "ft_coordinator_generation",
+        "gauge",
+        "Fencing generation in use.",
+        &one(c.generation.0 as f64),
+    );
+    scalar(
+        &mut o,
+        "ft_epochs_sealed_total",
+        "counter",
+        "Epochs sealed.",
+        &one(c.epochs_sealed as f64),
+    );
+    scalar(
+        &mut o,
+        "ft_epochs_committed_total",
+        "counter",
+        "Epochs committed on every device.",
+        &one(c.epochs_committed as f64),
+    );
+    scalar(
+        &mut o,
+        "ft_epochs_dropped_total",
+        "counter",
+        "Epochs never committed (seal or checkpoint failed, timed out, aborted).",
+        &one(c.epochs_dropped as f64),
+    );
+    scalar(
+        &mut o,
+        "ft_checkpoint_failures_total",
+        "counter",
+        "Checkpoints that failed or timed out.",
+        &one(t.checkpoint_failures as f64),
+    );
+    scalar(
+        &mut o,
+        "ft_epochs_awaiting_ack",
+        "gauge",
+        "Captured epochs waiting for acknowledgement.",
+        &one(c.awaiting_ack as f64),
+    );
+    scalar(
+        &mut o,
+        "ft_cycle_halted",
+        "gauge",
+        "1 while the cycle is stopped by a failure.",
+        &one(c.halted.is_some() as u8 as f64),
+    );
+    scalar(
+        &mut o,
+        "ft_cycle_paused",
+        "gauge",
+        "1 while the operator paused the cycle.",
+        &one(c.paused as u8 as f64),
+    );
+    scalar(
+        &mut o,
+        "ft_coordinator_deposed",
+        "gauge",
+        "1 after ftctl abort.",
+        &one(c.deposed as u8 as f64),
+    );
+    summary(
+        &mut o,
+        "ft_seal_seconds",
+        "Pause to all devices sealed.",
+        "",
+        &t.seal,
+        true,
+    );
+    summary(
+        &mut o,
+        "ft_checkpoint_seconds",
+        "Checkpoint start to acknowledgement.",
+        "",
+        &t.checkpoint,
+        true,
+    );
+    summary(
+        &mut o,
+        "ft_commit_seconds",
+        "COMMIT sent to all devices committed.",
+        "",
+        &t.commit,
+        true,
+    );
+    summary(
+        &mut o,
+        "ft_seal_to_commit_seconds",
+        "Seal to commit of an epoch.",
+        "",
+        &t.seal_to_commit,
+        true,
+    );
     let lab = |d: &DeviceView| format!("device=\"{}\"", esc(&d.name));
     let rows = |f: &dyn Fn(usize, &DeviceView) -> f64| -> Vec<(String, f64)> {
-        devices.iter().enumerate().map(|(i, d)| (lab(d), f(i, d))).collect()
+        devices
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (lab(d), f(i, d)))
+            .collect()
     };
     let dt = |i: usize| t.devices.get(i);
-    scalar(&mut o, "ft_device_connected", "gauge", "1 while the control connection is up.", &rows(&|_, d| d.connected as u8 as f64));
-    scalar(&mut o, "ft_device_failed", "gauge", "1 while the device stops the cycle.", &rows(&|i, _| c.devices.get(i).is_some_and(|x| x.failure.is_some()) as u8 as f64));
-    scalar(&mut o, "ft_device_held_requests", "gauge", "Requests held (all uncommitted epochs).", &rows(&|_, d| st(d).map_or(0.0, |s| s.held_requests as f64)));
-    scalar(&mut o, "ft_device_held_bytes", "gauge", "Bytes held (all uncommitted epochs).", &rows(&|_, d| st(d).map_or(0.0, |s| s.held_bytes as f64)));
-    scalar(&mut o, "ft_device_oldest_held_age_seconds", "gauge", "Age of the oldest held request.", &rows(&|_, d| st(d).and_then(|s| s.epochs.iter().map(|e| e.oldest_age_us).max()).unwrap_or(0) as f64 / 1e6));
-    scalar(&mut o, "ft_device_commits_total", "counter", "COMMITTED replies.", &rows(&|i, _| dt(i).map_or(0.0, |x| x.commits_ok as f64)));
-    scalar(&mut o, "ft_device_commits_failed_total", "counter", "COMMIT_FAILED or refused commits.", &rows(&|i, _| dt(i).map_or(0.0, |x| x.commits_failed as f64)));
-    scalar(&mut o, "ft_device_disconnects_total", "counter", "Control connections lost.", &rows(&|i, _| dt(i).map_or(0.0, |x| x.disconnects as f64)));
-    scalar(&mut o, "ft_device_committed_bytes_total", "counter", "Bytes released by commits.", &rows(&|i, _| dt(i).map_or(0.0, |x| x.bytes_committed as f64)));
-    let _ = writeln!(o, "# HELP ft_device_fdatasync_seconds fdatasync latency per commit.");
+    scalar(
+        &mut o,
+        "ft_device_connected",
+        "gauge",
+        "1 while the control connection is up.",
+        &rows(&|_, d| d.connected as u8 as f64),
+    );
+    scalar(
+        &mut o,
+        "ft_device_failed",
+        "gauge",
+        "1 while the device stops the cycle.",
+        &rows(&|i, _| c.devices.get(i).is_some_and(|x| x.failure.is_some()) as u8 as f64),
+    );
+    scalar(
+        &mut o,
+        "ft_device_held_requests",
+        "gauge",
+        "Requests held (all uncommitted epochs).",
+        &rows(&|_, d| st(d).map_or(0.0, |s| s.held_requests as f64)),
+    );
+    scalar(
+        &mut o,
+        "ft_device_held_bytes",
+        "gauge",
+        "Bytes held (all uncommitted epochs).",
+        &rows(&|_, d| st(d).map_or(0.0, |s| s.held_bytes as f64)),
+    );
+    scalar(
+        &mut o,
+        "ft_device_oldest_held_age_seconds",
+        "gauge",
+        "Age of the oldest held request.",
+        &rows(&|_, d| {
+            st(d)
+                .and_then(|s| s.epochs.iter().map(|e| e.oldest_age_us).max())
+                .unwrap_or(0) as f64
+                / 1e6
+        }),
+    );
+    scalar(
+        &mut o,
+        "ft_device_commits_total",
+        "counter",
+        "COMMITTED replies.",
+        &rows(&|i, _| dt(i).map_or(0.0, |x| x.commits_ok as f64)),
+    );
+    scalar(
+        &mut o,
+        "ft_device_commits_failed_total",
+        "counter",
+        "COMMIT_FAILED or refused commits.",
+        &rows(&|i, _| dt(i).map_or(0.0, |x| x.commits_failed as f64)),
+    );
+    scalar(
+        &mut o,
+        "ft_device_disconnects_total",
+        "counter",
+        "Control connections lost.",
+        &rows(&|i, _| dt(i).map_or(0.0, |x| x.disconnects as f64)),
+    );
+    scalar(
+        &mut o,
+        "ft_device_committed_bytes_total",
+        "counter",
+        "Bytes released by commits.",
+        &rows(&|i, _| dt(i).map_or(0.0, |x| x.bytes_committed as f64)),
+    );
+    let _ = writeln!(
+        o,
+        "# HELP ft_device_fdatasync_seconds fdatasync latency per commit."
+    );
     let _ = writeln!(o, "# TYPE ft_device_fdatasync_seconds summary");
     for (i, d) in devices.iter().enumerate() {
         if let Some(x) = dt(i) {
-            summary(&mut o, "ft_device_fdatasync_seconds", "", &lab(d), &x.fdatasync, false);
+            summary(
+                &mut o,
+                "ft_device_fdatasync_seconds",
+                "",
+                &lab(d),
+                &x.fdatasync,
+                false,
+            );
         }
     }
-    let _ = writeln!(o, "# HELP ft_device_epoch_held_requests Held requests per uncommitted epoch.");
+    let _ = writeln!(
+        o,
+        "# HELP ft_device_epoch_held_requests Held requests per uncommitted epoch."
+    );
     let _ = writeln!(o, "# TYPE ft_device_epoch_held_requests gauge");
     for d in devices {
         for e in st(d).map(|s| s.epochs.as_slice()).unwrap_or(&[]) {
-            let _ = writeln!(o, "ft_device_epoch_held_requests{{{},epoch=\"{}\"}} {}", lab(d), e.epoch, e.requests);
+            let _ = writeln!(
+                o,
+                "ft_device_epoch_held_requests{{{},epoch=\"{}\"}} {}",
+                lab(d),
+                e.epoch,
+                e.requests
+            );
         }
     }
-    let _ = writeln!(o, "# HELP ft_device_epoch_held_bytes Held bytes per uncommitted epoch.");
+    let _ = writeln!(
+        o,
+        "# HELP ft_device_epoch_held_bytes Held bytes per uncommitted epoch."
+    );
     let _ = writeln!(o, "# TYPE ft_device_epoch_held_bytes gauge");
     for d in devices {
         for e in st(d).map(|s| s.epochs.as_slice()).unwrap_or(&[]) {
-            let _ = writeln!(o, "ft_device_epoch_held_bytes{{{},epoch=\"{}\"}} {}", lab(d), e.epoch, e.bytes);
+            let _ = writeln!(
+                o,
+                "ft_device_epoch_held_bytes{{{},epoch=\"{}\"}} {}",
+                lab(d),
+                e.epoch,
+                e.bytes
+            );
         }
     }
     o

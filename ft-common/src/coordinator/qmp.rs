@@ -50,7 +50,9 @@ impl QmpClient {
         };
         let greeting = c.read_object()?;
         if greeting.get("QMP").is_none() {
-            return Err(QmpError::Protocol(format!("expected greeting, got {greeting}")));
+            return Err(QmpError::Protocol(format!(
+                "expected greeting, got {greeting}"
+            )));
         }
         c.execute("qmp_capabilities")?;
         Ok(c)
@@ -113,7 +115,9 @@ impl QmpClient {
         let v: Value = serde_json::from_slice(&self.line)
             .map_err(|e| QmpError::Protocol(format!("bad JSON from QMP: {e}")))?;
         if !v.is_object() {
-            return Err(QmpError::Protocol(format!("QMP message is not an object: {v}")));
+            return Err(QmpError::Protocol(format!(
+                "QMP message is not an object: {v}"
+            )));
         }
         Ok(v)
     }

@@ -233,7 +233,10 @@ impl CoordinatorHandle {
         if op == Op::Status || op == Op::Metrics {
             // Fresh per-device held-output numbers; a dead device keeps its last snapshot.
             for r in &self.requesters {
-                if r.shared().connected.load(std::sync::atomic::Ordering::Acquire) {
+                if r.shared()
+                    .connected
+                    .load(std::sync::atomic::Ordering::Acquire)
+                {
                     let _ = r.call(Request::Status, OP_TIMEOUT);
                 }
             }
@@ -428,8 +431,10 @@ impl Shell {
                 let before = self.cycle.status().last_sealed;
                 self.feed(Input::CutNow);
                 let s = self.cycle.status();
-                Ok(json!({"requested": true, "cut_started": s.last_sealed != before,
-                    "phase": s.phase, "halted": s.halted, "paused": s.paused}))
+                Ok(
+                    json!({"requested": true, "cut_started": s.last_sealed != before,
+                    "phase": s.phase, "halted": s.halted, "paused": s.paused}),
+                )
             }
             Op::Abort => {
                 // Newer than anything handed out, persisted before anyone hears of it.

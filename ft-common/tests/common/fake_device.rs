@@ -34,6 +34,9 @@ pub trait DeviceFactory {
     fn spawn(&self, name: &str, dir: &Path, kind: DeviceKind) -> Box<dyn TestDevice>;
 }
 
+/// An oracle run on every SEAL/COMMIT; `Some(violation)` is recorded.
+pub type Check = Box<dyn Fn(&Request) -> Option<String> + Send + Sync>;
+
 /// Hooks a test can set on a fake device.
 #[derive(Default)]
 pub struct Hooks {
@@ -41,7 +44,7 @@ pub struct Hooks {
     pub fail_commits: Option<String>,
     /// Called on every SEAL/COMMIT before it is applied; a returned string is recorded as a
     /// violation (for oracles such as "the VM is paused" or "this epoch was acknowledged").
-    pub check: Option<Box<dyn Fn(&Request) -> Option<String> + Send + Sync>>,
+    pub check: Option<Check>,
 }
 
 pub struct FakeState {

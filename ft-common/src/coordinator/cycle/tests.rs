@@ -125,14 +125,20 @@ fn one_full_cycle() {
     assert_eq!(seals(&h.log), vec![1]);
     assert!(matches!(h.log[0], Action::PauseVm));
     let a = h.seal_all(1, 2);
-    assert!(has(&a, |a| matches!(a, Action::StartCheckpoint { epoch: Epoch(1), states } if states.len() == 2)));
+    assert!(has(
+        &a,
+        |a| matches!(a, Action::StartCheckpoint { epoch: Epoch(1), states } if states.len() == 2)
+    ));
     let a = h.feed(Input::Captured { epoch: Epoch(1) });
     assert!(has(&a, |a| matches!(a, Action::ResumeVm)));
     assert!(commits(&a).is_empty());
     let a = h.feed(Input::Acked { epoch: Epoch(1) });
     assert_eq!(commits(&a), vec![1]);
     let a = h.commit_all(1, 2);
-    assert!(has(&a, |a| matches!(a, Action::Report(Event::EpochCommitted { epoch: Epoch(1) }))));
+    assert!(has(&a, |a| matches!(
+        a,
+        Action::Report(Event::EpochCommitted { epoch: Epoch(1) })
+    )));
     let s = h.c.status();
     assert_eq!((s.epochs_sealed, s.epochs_committed), (1, 1));
     assert_eq!(s.last_committed, Some(Epoch(1)));
@@ -171,10 +177,18 @@ fn failed_and_timed_out_checkpoints_commit_nothing() {
         error: "secondary gone".into(),
     });
     assert!(commits(&a).is_empty());
-    assert!(h.c.status().checkpointer_last_error.unwrap().contains("secondary gone"));
+    assert!(h
+        .c
+        .status()
+        .checkpointer_last_error
+        .unwrap()
+        .contains("secondary gone"));
     // Epoch 2 times out; a late ack changes nothing.
     let a = h.advance(1000);
-    assert!(has(&a, |a| matches!(a, Action::CancelCheckpoint { epoch: Epoch(2) })));
+    assert!(has(&a, |a| matches!(
+        a,
+        Action::CancelCheckpoint { epoch: Epoch(2) }
+    )));
     assert!(commits(&h.feed(Input::Acked { epoch: Epoch(2) })).is_empty());
     assert!(commits(&h.feed(Input::Acked { epoch: Epoch(1) })).is_empty());
     assert!(commits(&h.log).is_empty());
@@ -186,7 +200,10 @@ fn capture_timeout_resumes_the_vm_without_a_checkpoint() {
     let mut h = H::new(cfg(), 1);
     h.seal_all(1, 1);
     let a = h.advance(1000);
-    assert!(has(&a, |a| matches!(a, Action::CancelCheckpoint { epoch: Epoch(1) })));
+    assert!(has(&a, |a| matches!(
+        a,
+        Action::CancelCheckpoint { epoch: Epoch(1) }
+    )));
     assert!(has(&a, |a| matches!(a, Action::ResumeVm)));
     assert!(commits(&h.feed(Input::Acked { epoch: Epoch(1) })).is_empty());
 }
@@ -203,9 +220,15 @@ fn device_lost_mid_seal_stops_cycle_and_vm() {
         device: 1,
         error: "EOF".into(),
     });
-    assert!(has(&a, |a| matches!(a, Action::Report(Event::SealFailed { .. }))));
+    assert!(has(&a, |a| matches!(
+        a,
+        Action::Report(Event::SealFailed { .. })
+    )));
     assert!(has(&a, |a| matches!(a, Action::StopVm)));
-    assert!(!has(&a, |a| matches!(a, Action::StartCheckpoint { .. } | Action::ResumeVm)));
+    assert!(!has(&a, |a| matches!(
+        a,
+        Action::StartCheckpoint { .. } | Action::ResumeVm
+    )));
     assert!(seals(&h.advance(100)).is_empty());
     let s = h.c.status();
     assert!(s.halted.unwrap().contains("disconnected"));
@@ -278,7 +301,12 @@ fn abort_drops_pending_epochs_and_stops_cutting() {
     let a = h.feed(Input::Abort {
         generation: Generation(9),
     });
-    assert!(has(&a, |a| matches!(a, Action::AbortAll { generation: Generation(9) })));
+    assert!(has(&a, |a| matches!(
+        a,
+        Action::AbortAll {
+            generation: Generation(9)
+        }
+    )));
     assert!(has(&a, |a| matches!(a, Action::StopVm)));
     assert!(commits(&h.feed(Input::Acked { epoch: Epoch(1) })).is_empty());
     assert!(seals(&h.advance(100)).is_empty());
@@ -446,7 +474,7 @@ proptest! {
             };
             let _ = a;
             // Check every new action against the world and the invariants.
-            for act in h.log[seen..].to_vec() {
+            for act in h.log[seen..].iter().cloned() {
                 match act {
                     Action::SealAll { epoch, devices, .. } => {
                         prop_assert!(epoch.0 > last_seal, "seal {} after {}", epoch.0, last_seal);
