@@ -22,8 +22,20 @@ fn binary_runs_the_cycle_and_stops_on_sigterm() {
         .arg(format!("vda={}", a.path.display()))
         .arg("--device")
         .arg(format!("net0={}", b.path.display()))
-        .args(["--checkpointer", "sim:1", "--interval-ms", "1000", "--min-interval-ms", "1"])
-        .args(["--on-device-failure", "continue", "--checkpoint-timeout-ms", "2000"])
+        .args([
+            "--checkpointer",
+            "sim:1",
+            "--interval-ms",
+            "1000",
+            "--min-interval-ms",
+            "1",
+        ])
+        .args([
+            "--on-device-failure",
+            "continue",
+            "--checkpoint-timeout-ms",
+            "2000",
+        ])
         .arg("--state-file")
         .arg(&state)
         .arg("--api")

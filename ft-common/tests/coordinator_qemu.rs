@@ -29,9 +29,15 @@ fn start_qemu(dir: &Path) -> Option<Qemu> {
     cmd.args(["-accel", "tcg", "-machine", "pc", "-m", "32", "-nodefaults"])
         .args(["-display", "none", "-serial", "none", "-monitor", "none"])
         .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", dir.join("qmp.sock").display()))
+        .arg(format!(
+            "unix:{},server=on,wait=off",
+            dir.join("qmp.sock").display()
+        ))
         .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", dir.join("oracle.sock").display()))
+        .arg(format!(
+            "unix:{},server=on,wait=off",
+            dir.join("oracle.sock").display()
+        ))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
@@ -56,7 +62,10 @@ fn real_qemu_is_paused_at_every_seal_and_running_after() {
     let oracle = QmpClient::connect(dir.path().join("oracle.sock"), Duration::from_secs(10))
         .expect("QMP oracle");
     let oracle = Mutex::new(oracle);
-    assert!(oracle.lock().unwrap().running().unwrap(), "VM should start running");
+    assert!(
+        oracle.lock().unwrap().running().unwrap(),
+        "VM should start running"
+    );
     let a = FakeDevice::start("vda", dir.path().join("vda.ctl"), DeviceKind::Blk);
     a.set_hooks(Hooks {
         fail_commits: None,
@@ -86,5 +95,8 @@ fn real_qemu_is_paused_at_every_seal_and_running_after() {
     // Drop the oracle connection (QEMU serves one client per monitor), then ask again.
     a.set_hooks(Hooks::default());
     let q = QmpClient::connect(dir.path().join("oracle.sock"), Duration::from_secs(10));
-    assert!(q.unwrap().running().unwrap(), "coordinator left the VM paused");
+    assert!(
+        q.unwrap().running().unwrap(),
+        "coordinator left the VM paused"
+    );
 }

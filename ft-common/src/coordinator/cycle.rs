@@ -127,6 +127,11 @@ pub enum Input {
     Abort {
         generation: Generation,
     },
+    /// The coordinator is stopping: cut no more; a cut in progress ends without a checkpoint
+    /// (a seal in flight is waited for, so no SEAL reaches a daemon after the VM runs again)
+    /// and the VM runs again unless a failure policy or an abort keeps it stopped. Held output
+    /// stays held in the daemons. The shell feeds inputs until [`Cycle::is_idle`].
+    WindDown,
 }
 
 /// A latency sample for telemetry.
@@ -313,6 +318,7 @@ pub struct Cycle {
     paused: bool,
     halted: Option<String>,
     deposed: bool,
+    winding_down: bool,
     vm_stopped: bool,
     last_sealed: Option<Epoch>,
     last_committed: Option<Epoch>,
@@ -341,6 +347,7 @@ impl Cycle {
             paused: false,
             halted: None,
             deposed: false,
+            winding_down: false,
             vm_stopped: false,
             last_sealed: None,
             last_committed: None,
@@ -354,6 +361,26 @@ impl Cycle {
 
     pub fn generation(&self) -> Generation {
         self.generation
+    }
+
+    /// No cut is in progress (the VM is not paused by the cycle).
+    pub fn is_idle(&self) -> bool {
+        matches!(self.phase, Phase::Idle)
+    }
+
+    fn wind_down(&mut self, out: &mut Vec<Action>) {
+        self.paused = true;
+        self.winding_down = true;
+        match self.phase {
+            Phase::Capturing { epoch, .. } => {
+                out.push(Action::CancelCheckpoint { epoch });
+                self.epochs_dropped += 1;
+                self.resume_vm_unless_halted(out);
+            }
+            // A seal in flight finishes in `finish_sealing`; pausing and resuming are
+            // answered synchronously by the shell.
+            Phase::Idle | Phase::Sealing { .. } | Phase::Pausing { .. } | Phase::Resuming => {}
+        }
     }
 
     /// Feeds one input at time `now`; actions are appended to `out` in execution order.
@@ -415,6 +442,12 @@ impl Cycle {
                 if let Some(d) = self.devices.get_mut(device) {
                     d.connected = true;
                 }
+                // Seals made over the old connection may not exist in this incarnation of
+                // the daemon (it may have restarted): don't COMMIT them to it. Skipping is
+                // safe, the next epoch it seals and commits releases everything older.
+                for p in &mut self.pending {
+                    p.devices.retain(|d| *d != device);
+                }
                 // Never seal below what a device already has open (a restarted coordinator).
                 self.next_epoch = self.next_epoch.max(open_epoch);
                 if output_pending {
@@ -422,6 +455,7 @@ impl Cycle {
                 }
             }
             Input::Abort { generation } => self.abort(generation, out),
+            Input::WindDown => self.wind_down(out),
         }
         self.expire(now, out);
         self.try_commit(now, out);
@@ -629,7 +663,7 @@ impl Cycle {
         out.push(Action::Record(Sample::Seal(
             now.saturating_duration_since(started),
         )));
-        if self.deposed {
+        if self.deposed || self.winding_down {
             self.resume_vm_unless_halted(out);
             return;
         }

@@ -157,6 +157,7 @@ impl Coordinator {
             out: Vec::with_capacity(16),
             queue: VecDeque::with_capacity(16),
             last_abort: None,
+            call_timeout: cfg.link.call_timeout,
         };
         let thread = std::thread::Builder::new()
             .name("ft-coordinator".into())
@@ -262,6 +263,7 @@ struct Shell {
     out: Vec<Action>,
     queue: VecDeque<Input>,
     last_abort: Option<Value>,
+    call_timeout: Duration,
 }
 
 impl Shell {
@@ -280,6 +282,23 @@ impl Shell {
                 }
                 Ok(Msg::Shutdown) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 Err(mpsc::RecvTimeoutError::Timeout) => self.feed(Input::Tick),
+            }
+        }
+        // Let a cut in progress end cleanly (bounded by the control call timeout).
+        self.feed(Input::WindDown);
+        let deadline = Instant::now() + self.call_timeout;
+        while !self.cycle.is_idle() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(Msg::Input(i)) => self.feed(i),
+                Ok(Msg::Op(_, answer)) => {
+                    let _ = answer.send(Err("coordinator is stopping".into()));
+                }
+                Ok(Msg::Shutdown) => {}
+                Err(_) => {
+                    log::error!("a cut was still in progress at shutdown; the VM may stay paused");
+                    break;
+                }
             }
         }
         // Dropping the links closes the control connections; daemons keep holding output.

@@ -246,6 +246,66 @@ fn device_lost_mid_seal_stops_cycle_and_vm() {
 }
 
 #[test]
+fn a_reconnected_device_is_not_committed_epochs_sealed_before() {
+    let mut h = H::new(cfg(), 2);
+    h.seal_all(1, 2);
+    h.feed(Input::Captured { epoch: Epoch(1) });
+    h.feed(Input::DeviceLost {
+        device: 1,
+        error: "EOF".into(),
+    });
+    h.feed(Input::DeviceConnected {
+        device: 1,
+        open_epoch: Epoch(1),
+        output_pending: false,
+    });
+    let a = h.feed(Input::Acked { epoch: Epoch(1) });
+    assert!(has(
+        &a,
+        |a| matches!(a, Action::Commit { epoch: Epoch(1), devices, .. } if devices == &vec![0])
+    ));
+}
+
+#[test]
+fn wind_down_mid_cut_waits_for_the_seal_then_resumes() {
+    let mut h = H::new(cfg(), 2);
+    h.feed(Input::Sealed {
+        device: 0,
+        epoch: Epoch(1),
+        state: state(0),
+    });
+    let a = h.feed(Input::WindDown);
+    assert!(
+        !has(&a, |a| matches!(a, Action::ResumeVm)),
+        "resumed before all sealed"
+    );
+    assert!(!h.c.is_idle());
+    let a = h.feed(Input::Sealed {
+        device: 1,
+        epoch: Epoch(1),
+        state: state(1),
+    });
+    assert!(has(&a, |a| matches!(a, Action::ResumeVm)));
+    assert!(!has(&a, |a| matches!(a, Action::StartCheckpoint { .. })));
+    assert!(h.c.is_idle());
+    assert!(seals(&h.advance(1000)).is_empty());
+}
+
+#[test]
+fn wind_down_while_capturing_cancels_and_resumes() {
+    let mut h = H::new(cfg(), 1);
+    h.seal_all(1, 1);
+    let a = h.feed(Input::WindDown);
+    assert!(has(&a, |a| matches!(
+        a,
+        Action::CancelCheckpoint { epoch: Epoch(1) }
+    )));
+    assert!(has(&a, |a| matches!(a, Action::ResumeVm)));
+    assert!(h.c.is_idle());
+    assert!(commits(&h.feed(Input::Acked { epoch: Epoch(1) })).is_empty());
+}
+
+#[test]
 fn commit_failure_halts_with_continue_policy_leaving_vm_running() {
     let mut c = cfg();
     c.on_device_failure = FailurePolicy::Continue;
