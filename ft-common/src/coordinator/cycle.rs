@@ -417,15 +417,20 @@ impl Cycle {
                 epoch,
                 error,
             } => {
-                if let Some(d) = self.devices.get_mut(device) {
-                    d.commits_failed += 1;
+                // Only an answer we wait for counts: a device already reported lost (and so
+                // no longer awaited) must not be failed twice.
+                let awaited = self
+                    .commit
+                    .as_ref()
+                    .is_some_and(|c| c.epoch == epoch && c.waiting.contains(&device));
+                if awaited {
+                    if let Some(d) = self.devices.get_mut(device) {
+                        d.commits_failed += 1;
+                    }
+                    let error = format!("commit of epoch {epoch} failed: {error}");
+                    self.device_failed(device, error, out);
+                    self.commit_reply(now, device, epoch, out);
                 }
-                self.device_failed(
-                    device,
-                    format!("commit of epoch {epoch} failed: {error}"),
-                    out,
-                );
-                self.commit_reply(now, device, epoch, out);
             }
             Input::DeviceLost { device, error } => {
                 if let Some(d) = self.devices.get_mut(device) {

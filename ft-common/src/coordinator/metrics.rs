@@ -336,7 +336,7 @@ pub fn render(c: &CycleStatus, t: &Telemetry, devices: &[DeviceView]) -> String 
         "ft_device_commits_failed_total",
         "counter",
         "COMMIT_FAILED or refused commits.",
-        &rows(&|i, _| dt(i).map_or(0.0, |x| x.commits_failed as f64)),
+        &rows(&|i, _| c.devices.get(i).map_or(0.0, |x| x.commits_failed as f64)),
     );
     scalar(
         &mut o,

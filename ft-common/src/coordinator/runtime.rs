@@ -310,7 +310,6 @@ impl Shell {
         while let Some(i) = self.queue.pop_front() {
             match &i {
                 Input::Committed { device, stats, .. } => self.telemetry.committed(*device, stats),
-                Input::CommitFailed { device, .. } => self.telemetry.commit_failed(*device),
                 Input::DeviceLost { device, .. } => self.telemetry.disconnected(*device),
                 _ => {}
             }
@@ -532,7 +531,7 @@ impl Shell {
                     "held_epochs": epochs,
                     "daemon_last_committed": v.status.as_ref().and_then(|s| s.last_committed),
                     "commits_ok": dt.commits_ok,
-                    "commits_failed": dt.commits_failed,
+                    "commits_failed": cd.map_or(0, |c| c.commits_failed),
                     "disconnects": dt.disconnects,
                     "fdatasync": dt.fdatasync.summary(),
                 })

@@ -74,7 +74,6 @@ pub struct DeviceTelemetry {
     pub fdatasync: Latency,
     pub commit_total: Latency,
     pub commits_ok: u64,
-    pub commits_failed: u64,
     pub requests_committed: u64,
     pub bytes_committed: u64,
     pub disconnects: u64,
@@ -119,12 +118,6 @@ impl Telemetry {
                 d.fdatasync.record_us(stats.fdatasync_us);
             }
             d.commit_total.record_us(stats.total_us);
-        }
-    }
-
-    pub fn commit_failed(&mut self, device: usize) {
-        if let Some(d) = self.devices.get_mut(device) {
-            d.commits_failed += 1;
         }
     }
 
