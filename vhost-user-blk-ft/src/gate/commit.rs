@@ -240,3 +240,195 @@ impl CommitEngine {
         self.wave = waves_of_non_flush;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::OpenOpts;
+    use crate::request::{parse, BlkRequest, DiskLimits};
+    use ft_common::epoch::Epoch;
+    use ft_common::txqueue::{Limits, TxQueue};
+    use std::io::Write;
+    use virtio_bindings::virtio_blk::*;
+    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    type Mem = GuestMemoryMmap<()>;
+    const SECTORS: u64 = 4096;
+    const LIMITS: DiskLimits = DiskLimits {
+        capacity_sectors: SECTORS,
+        readonly: false,
+    };
+
+    fn d(addr: u64, len: u32, write: bool) -> RawDescriptor {
+        let flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
+        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0))
+    }
+
+    /// A request built by the real parser; `n` selects private header/status addresses.
+    fn req(mem: &Mem, n: u64, rtype: u32, sector: u64, data: Option<(u64, u32)>) -> BlkRequest {
+        let hdr_at = 0x1_0000 + n * 32;
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&rtype.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        mem.write_slice(&h, GuestAddress(hdr_at)).unwrap();
+        let mut v = vec![d(hdr_at, 16, false)];
+        if let Some((a, l)) = data {
+            v.push(d(a, l, false));
+        }
+        v.push(d(0x3_0000 + n, 1, true));
+        let q = MockSplitQueue::create(mem, GuestAddress(0x1000), 16);
+        parse(q.build_desc_chain(&v).unwrap(), &LIMITS).unwrap()
+    }
+
+    struct Fx {
+        _dir: tempfile::TempDir,
+        path: std::path::PathBuf,
+        engine: CommitEngine,
+        mem: Mem,
+        txq: TxQueue<HeldReq>,
+    }
+
+    fn fx() -> Fx {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.raw");
+        let mut f = std::fs::File::create(&path).unwrap();
+        f.write_all(&vec![0u8; (SECTORS * 512) as usize]).unwrap();
+        let image = Arc::new(Image::open(&path, OpenOpts::default()).unwrap());
+        Fx {
+            _dir: dir,
+            path,
+            engine: CommitEngine::new(image, 128).unwrap(),
+            mem: GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x80_0000)]).unwrap(),
+            txq: TxQueue::new(Limits {
+                max_requests: 128,
+                max_bytes: 1 << 30,
+            }),
+        }
+    }
+
+    impl Fx {
+        fn write(&mut self, n: u64, sector: u64, fill: u8, len: u32) {
+            let data = 0x10_0000 + n * 0x1_0000;
+            self.mem
+                .write_slice(&vec![fill; len as usize], GuestAddress(data))
+                .unwrap();
+            let r = req(&self.mem, n, VIRTIO_BLK_T_OUT, sector, Some((data, len)));
+            self.hold(r);
+        }
+
+        fn hold(&mut self, req: BlkRequest) {
+            let bytes = held_bytes(&req);
+            self.txq
+                .push(
+                    HeldReq {
+                        queue: 0,
+                        conn: 0,
+                        req,
+                    },
+                    bytes,
+                )
+                .unwrap();
+        }
+
+        fn commit(&mut self, e: u64) -> CommitOutcome {
+            self.txq.seal(Epoch(e)).unwrap();
+            let batch = self.txq.take_committable(Epoch(e)).unwrap();
+            self.engine.run(batch)
+        }
+
+        fn file(&self) -> Vec<u8> {
+            std::fs::read(&self.path).unwrap()
+        }
+    }
+
+    #[test]
+    fn disjoint_writes_are_one_wave_one_submit_one_sync() {
+        let mut f = fx();
+        for n in 0..64 {
+            f.write(n, n * 8, n as u8 + 1, 4096);
+        }
+        let flush = req(&f.mem, 100, VIRTIO_BLK_T_FLUSH, 0, None);
+        f.hold(flush);
+        let out = f.commit(1);
+        assert!(out.error.is_none(), "{:?}", out.error);
+        assert_eq!((out.requests, out.bytes), (65, 64 * 4096));
+        assert_eq!(
+            (out.waves, out.submit_calls, out.synced),
+            (1, 1, true),
+            "64 disjoint writes: one io_uring_enter, one fdatasync"
+        );
+        assert_eq!(f.engine.fdatasyncs(), 1);
+        assert_eq!(out.done.len(), 65);
+        assert!(out.done.iter().all(|(_, s)| *s == STATUS_OK));
+        let file = f.file();
+        for n in 0..64usize {
+            assert!(file[n * 4096..(n + 1) * 4096]
+                .iter()
+                .all(|&b| b == n as u8 + 1));
+        }
+    }
+
+    #[test]
+    fn overlapping_writes_go_in_waves_in_guest_order() {
+        let mut f = fx();
+        // 0: [0,8K)  1: [4K,8K) overlaps 0  2: [16K,20K) disjoint  3: [0,4K) overlaps 0
+        f.write(0, 0, 0xa0, 8192);
+        f.write(1, 8, 0xa1, 4096);
+        f.write(2, 32, 0xa2, 4096);
+        f.write(3, 0, 0xa3, 4096);
+        let out = f.commit(1);
+        assert!(out.error.is_none());
+        assert_eq!(out.waves, 2);
+        let file = f.file();
+        assert!(file[..4096].iter().all(|&b| b == 0xa3));
+        assert!(file[4096..8192].iter().all(|&b| b == 0xa1));
+        assert!(file[16384..20480].iter().all(|&b| b == 0xa2));
+    }
+
+    #[test]
+    fn empty_commit_does_not_sync() {
+        let mut f = fx();
+        let out = f.commit(1);
+        assert_eq!((out.requests, out.synced, out.waves), (0, false, 0));
+        assert_eq!(f.engine.fdatasyncs(), 0);
+    }
+
+    #[test]
+    fn a_failed_write_fails_later_flushes_only() {
+        let mut f = fx();
+        let early_flush = req(&f.mem, 50, VIRTIO_BLK_T_FLUSH, 0, None);
+        f.hold(early_flush);
+        f.write(0, 0, 1, 4096);
+        // An engine on a read-only descriptor of the image: the write fails with EBADF while
+        // fdatasync still succeeds, so only the write and the flush after it may fail.
+        let ro = Arc::new(
+            Image::open(
+                &f.path,
+                OpenOpts {
+                    readonly: true,
+                    direct: false,
+                },
+            )
+            .unwrap(),
+        );
+        f.engine = CommitEngine::new(ro, 8).unwrap();
+        let late_flush = req(&f.mem, 51, VIRTIO_BLK_T_FLUSH, 0, None);
+        f.hold(late_flush);
+        let out = f.commit(1);
+        let (msg, errno) = out.error.clone().expect("commit must fail");
+        assert_eq!(errno, Some(libc::EBADF), "{msg}");
+        let statuses: Vec<(RequestKind, u8)> =
+            out.done.iter().map(|(h, s)| (h.req.kind(), *s)).collect();
+        assert_eq!(
+            statuses,
+            vec![
+                (RequestKind::Write { sector: 0 }, STATUS_IOERR),
+                (RequestKind::Flush, STATUS_OK),
+                (RequestKind::Flush, STATUS_IOERR),
+            ]
+        );
+    }
+}
