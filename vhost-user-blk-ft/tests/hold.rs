@@ -153,6 +153,17 @@ fn error_code(r: &Reply) -> ErrorCode {
 
 /// Places a request (header, optional data, status) on queue 0; returns (head, status gpa).
 fn blk_req(f: &mut TestFrontend, rtype: u32, sector: u64, data: Option<(u64, u32)>) -> (u16, u64) {
+    blk_req_on(f, 0, rtype, sector, data)
+}
+
+/// [`blk_req`] on queue `q`.
+fn blk_req_on(
+    f: &mut TestFrontend,
+    q: usize,
+    rtype: u32,
+    sector: u64,
+    data: Option<(u64, u32)>,
+) -> (u16, u64) {
     let hdr = f.alloc(16);
     let mut h = [0u8; 16];
     h[0..4].copy_from_slice(&rtype.to_le_bytes());
@@ -177,7 +188,7 @@ fn blk_req(f: &mut TestFrontend, rtype: u32, sector: u64, data: Option<(u64, u32
         len: 1,
         writable: true,
     });
-    (f.add_chain(0, &bufs), status)
+    (f.add_chain(q, &bufs), status)
 }
 
 /// A write of `data` at `sector`; returns (head, status gpa).
@@ -314,6 +325,54 @@ fn held_writes_land_only_at_commit_with_one_fdatasync() {
     assert_eq!(f.wait_used(0, 4, T).len(), 4);
     assert_eq!(status(&mut c).fdatasyncs, 2);
     assert!(d.bytes(4096 * 512, 4 * 4096).iter().all(|&b| b == 0x5a));
+}
+
+/// Two queues, one transaction queue: SEAL reports both rings, COMMIT completes on both.
+#[test]
+fn seal_and_commit_span_all_queues() {
+    let d = start(&["--queues", "2"]);
+    let mut c = d.control();
+    let mut f = TestFrontend::connect(&d.sock, 2, T);
+    f.handshake();
+    f.set_mem_table();
+    for q in 0..2 {
+        f.init_queue(q, 128);
+        f.setup_vring(q, 0);
+        f.fe.set_vring_enable(q, true).expect("enable");
+    }
+    let mut heads = [Vec::new(), Vec::new()];
+    for i in 0..6u64 {
+        let q = (i % 2) as usize;
+        let buf = f.alloc(4096);
+        f.write(buf, &[0x40 + i as u8; 4096]);
+        heads[q].push(blk_req_on(&mut f, q, VIRTIO_BLK_T_OUT, i * 8, Some((buf, 4096))).0);
+    }
+    f.kick(0);
+    f.kick(1);
+    wait_held(&mut c, 6);
+    match seal(&mut c, 1) {
+        Reply::Sealed { state, .. } => {
+            assert_eq!(state.queues.len(), 2);
+            for q in 0..2 {
+                assert_eq!(state.queues[q].queue, q as u16);
+                assert_eq!(state.queues[q].next_avail, 3);
+                assert_eq!(state.queues[q].held_heads, heads[q]);
+            }
+        }
+        r => panic!("{r:?}"),
+    }
+    assert!(matches!(commit(&mut c, 1), Reply::Committed { .. }));
+    for q in 0..2 {
+        assert_eq!(f.wait_used(q, 3, T).len(), 3);
+    }
+    for i in 0..6u64 {
+        assert!(d.bytes(i * 4096, 4096).iter().all(|&b| b == 0x40 + i as u8));
+    }
+    assert_eq!(
+        status(&mut c).fdatasyncs,
+        1,
+        "one fdatasync for both queues"
+    );
 }
 
 #[test]
