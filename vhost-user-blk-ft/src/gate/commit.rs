@@ -209,7 +209,7 @@ impl CommitEngine {
             out.done.push((held, status));
         }
         for (id, held) in flushes {
-            let ok = sync_err.is_none() && first_failed.is_none_or(|f| f > id);
+            let ok = sync_err.is_none() && !matches!(first_failed, Some(f) if f < id);
             out.done
                 .push((held, if ok { STATUS_OK } else { STATUS_IOERR }));
         }
