@@ -353,10 +353,10 @@ fn seal_and_commit_span_all_queues() {
     match seal(&mut c, 1) {
         Reply::Sealed { state, .. } => {
             assert_eq!(state.queues.len(), 2);
-            for q in 0..2 {
-                assert_eq!(state.queues[q].queue, q as u16);
-                assert_eq!(state.queues[q].next_avail, 3);
-                assert_eq!(state.queues[q].held_heads, heads[q]);
+            for (q, (qs, want)) in state.queues.iter().zip(&heads).enumerate() {
+                assert_eq!(qs.queue, q as u16);
+                assert_eq!(qs.next_avail, 3);
+                assert_eq!(&qs.held_heads, want);
             }
         }
         r => panic!("{r:?}"),
