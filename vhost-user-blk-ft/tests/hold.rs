@@ -549,8 +549,9 @@ fn ring_stop_and_restart_keeps_held_requests_without_duplicates() {
         }
         r => panic!("{r:?}"),
     }
-    // VM cont: inflight region again, ring restarted from the reported base.
+    // VM cont: memory table and inflight region again, ring restarted from the reported base.
     use std::os::fd::AsRawFd;
+    f.set_mem_table();
     f.fe.set_inflight_fd(&info, file.as_raw_fd())
         .expect("set_inflight_fd");
     f.setup_vring(0, base as u16);
