@@ -12,6 +12,11 @@
 //! failed `fdatasync` fails everything in the batch (nothing is reported durable that is not).
 //! Nothing is retried.
 //!
+//! Cancel: daemon shutdown calls [`CommitCancel::cancel`]. A running commit then submits nothing
+//! more (queued AIOCBs are cancelled, never written), sends `IORING_OP_ASYNC_CANCEL` for the ones
+//! in flight and waits for those the kernel cannot cancel; it skips the `fdatasync` and fails
+//! every request of the batch (nothing is reported durable that is not).
+//!
 //! Cost per commit of N writes with no overlaps: one `io_uring_enter` to submit (plus waits for
 //! completions) and one `fdatasync`, no allocation once the buffers have grown.
 
@@ -21,8 +26,83 @@ use crate::image::{Image, SECTOR_SHIFT};
 use crate::request::{RequestKind, STATUS_IOERR, STATUS_OK};
 use ft_common::aiocb::{Aiocb, AiocbId, InFlight};
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Cancels the running and every later commit (daemon shutdown). Cheap to clone; any thread.
+#[derive(Clone, Debug)]
+pub struct CommitCancel(Arc<CancelInner>);
+
+#[derive(Debug)]
+struct CancelInner {
+    cancelled: AtomicBool,
+    /// Wakes a commit waiting for completions.
+    wake: EventFd,
+}
+
+impl CommitCancel {
+    fn new() -> std::io::Result<CommitCancel> {
+        Ok(CommitCancel(Arc::new(CancelInner {
+            cancelled: AtomicBool::new(false),
+            wake: EventFd::new(EFD_NONBLOCK)?,
+        })))
+    }
+
+    pub fn cancel(&self) {
+        self.0.cancelled.store(true, Ordering::Release);
+        // Fails only if the counter would overflow, and then a wakeup is pending anyway.
+        let _ = self.0.wake.write(1);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.0.cancelled.load(Ordering::Acquire)
+    }
+}
+
+/// Waits until `engine` is idle, handing each completion to `f`; on cancel, asks the kernel to
+/// cancel everything in flight (once) and keeps waiting for what it could not cancel.
+fn wait_all(
+    engine: &mut Engine<InFlight<HeldReq>>,
+    cancel: &CommitCancel,
+    cancel_sent: &mut bool,
+    mut f: impl FnMut(Completion<InFlight<HeldReq>>),
+) {
+    loop {
+        engine.drain(&mut f);
+        if engine.in_flight() == 0 {
+            return;
+        }
+        if cancel.is_cancelled() && !*cancel_sent {
+            *cancel_sent = true;
+            if let Err(e) = engine.cancel_all() {
+                log::error!("commit: ASYNC_CANCEL: {e}");
+            }
+            continue;
+        }
+        let mut fds = [
+            libc::pollfd {
+                fd: engine.eventfd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: cancel.0.wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // After the cancel went out only completions matter (the wake fd stays readable).
+        let n = if *cancel_sent { 1 } else { 2 };
+        // SAFETY: `fds` is a valid array of at least `n` pollfds.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), n, -1) };
+        if rc < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            log::error!("commit: poll: {}", std::io::Error::last_os_error());
+            return;
+        }
+    }
+}
 
 /// What one commit did.
 #[derive(Debug, Default)]
@@ -50,6 +130,7 @@ pub struct CommitEngine {
     pending: Vec<Option<Aiocb<HeldReq>>>,
     wave: Vec<u32>,
     fdatasyncs: u64,
+    cancel: CommitCancel,
 }
 
 /// The byte range a request changes on the image; None for FLUSH (no range).
@@ -73,7 +154,13 @@ impl CommitEngine {
             pending: Vec::new(),
             wave: Vec::new(),
             fdatasyncs: 0,
+            cancel: CommitCancel::new()?,
         })
+    }
+
+    /// The handle that cancels this engine's commits (for shutdown).
+    pub fn cancel_handle(&self) -> CommitCancel {
+        self.cancel.clone()
     }
 
     /// `fdatasync` calls that succeeded so far.
@@ -107,6 +194,8 @@ impl CommitEngine {
         let mut first_failed: Option<AiocbId> = None;
         let mut results: Vec<(AiocbId, HeldReq, u8)> = Vec::with_capacity(self.pending.len());
         let max_wave = self.wave.iter().copied().max().unwrap_or(0);
+        let mut cancel_sent = false;
+        let mut never_submitted: Vec<HeldReq> = Vec::new();
         let t0 = Instant::now();
         let mut collect = |c: Completion<InFlight<HeldReq>>,
                            ff: &mut Option<AiocbId>,
@@ -141,6 +230,11 @@ impl CommitEngine {
                 let Some(a) = self.pending[i].take() else {
                     continue;
                 };
+                if self.cancel.is_cancelled() {
+                    // Shutdown: never submitted, never written.
+                    never_submitted.push(a.cancel());
+                    continue;
+                }
                 let tag = a.id().get();
                 let mut f = a.submit();
                 loop {
@@ -166,9 +260,9 @@ impl CommitEngine {
                             }
                             let ff = &mut first_failed;
                             let err = &mut out.error;
-                            if let Err(e) = self.engine.wait_idle(|c| collect(c, ff, err)) {
-                                log::error!("commit: io_uring wait: {e}");
-                            }
+                            wait_all(&mut self.engine, &self.cancel, &mut cancel_sent, |c| {
+                                collect(c, ff, err)
+                            });
                         }
                     }
                 }
@@ -176,14 +270,31 @@ impl CommitEngine {
             let _ = self.engine.submit();
             let ff = &mut first_failed;
             let err = &mut out.error;
-            if let Err(e) = self.engine.wait_idle(|c| collect(c, ff, err)) {
-                log::error!("commit: io_uring wait: {e}");
-            }
+            wait_all(&mut self.engine, &self.cancel, &mut cancel_sent, |c| {
+                collect(c, ff, err)
+            });
         }
         out.waves = max_wave + 1;
         out.submit_to_drain = t0.elapsed();
         out.submit_calls = self.engine.stats().submit_calls - submit_calls0;
 
+        if self.cancel.is_cancelled() {
+            // Whatever ran is not made durable and not reported so.
+            out.error = Some((
+                "commit cancelled: daemon shutting down".into(),
+                Some(libc::ECANCELED),
+            ));
+            for (_, held, _) in results {
+                out.done.push((held, STATUS_IOERR));
+            }
+            for (_, held) in flushes {
+                out.done.push((held, STATUS_IOERR));
+            }
+            for held in never_submitted {
+                out.done.push((held, STATUS_IOERR));
+            }
+            return out;
+        }
         let t1 = Instant::now();
         // SAFETY: plain syscall on the image's fd, which lives as long as `self.image`.
         let rc = unsafe { libc::fdatasync(self.image.as_raw_fd()) };
@@ -386,6 +497,24 @@ mod tests {
         assert!(file[..4096].iter().all(|&b| b == 0xa3));
         assert!(file[4096..8192].iter().all(|&b| b == 0xa1));
         assert!(file[16384..20480].iter().all(|&b| b == 0xa2));
+    }
+
+    #[test]
+    fn a_cancelled_engine_writes_nothing_and_fails_everything() {
+        let mut f = fx();
+        for n in 0..8 {
+            f.write(n, 0, n as u8 + 1, 4096);
+        }
+        let flush = req(&f.mem, 100, VIRTIO_BLK_T_FLUSH, 0, None);
+        f.hold(flush);
+        f.engine.cancel_handle().cancel();
+        let out = f.commit(1);
+        assert_eq!(out.error.as_ref().map(|e| e.1), Some(Some(libc::ECANCELED)));
+        assert!(!out.synced);
+        assert_eq!(out.done.len(), 9);
+        assert!(out.done.iter().all(|(_, s)| *s == STATUS_IOERR));
+        assert_eq!(f.engine.fdatasyncs(), 0);
+        assert!(f.file().iter().all(|&b| b == 0), "a cancelled commit wrote");
     }
 
     #[test]
