@@ -781,3 +781,60 @@ fn shutdown_cancels_a_running_commit() {
     eprintln!("write {last} of {N} was the last to land");
     assert!(last < N, "every wave ran: the commit was not cancelled");
 }
+
+/// Held writes of a frontend that disconnects are cancelled, never written; with an inflight
+/// region the reconnecting frontend resubmits them and they are held again, in the open epoch.
+#[test]
+fn disconnect_with_inflight_region_resubmits_held_writes() {
+    use std::os::fd::AsRawFd;
+    let d = start(&[]);
+    let mut c = d.control();
+    let mut f = TestFrontend::connect(&d.sock, 1, T);
+    f.handshake();
+    f.set_mem_table();
+    let (info, file) = f.setup_inflight(1, 256);
+    f.init_queue(0, 256);
+    f.setup_vring(0, 0);
+    f.fe.set_vring_enable(0, true).expect("enable");
+    let mut heads = Vec::new();
+    for i in 0..4u64 {
+        heads.push(write(&mut f, i * 8, &pattern(0x60 + i as u8, 4096)));
+    }
+    f.kick(0);
+    wait_held(&mut c, 4);
+    // Epoch 1 sealed but not committed when the frontend goes away.
+    assert!(matches!(seal(&mut c, 1), Reply::Sealed { .. }));
+    f.reconnect(&d.sock, T);
+    wait_held(&mut c, 0);
+    f.handshake();
+    f.set_mem_table();
+    f.fe.set_inflight_fd(&info, file.as_raw_fd())
+        .expect("set_inflight_fd");
+    let used = f.used_idx(0);
+    assert_eq!(used, 0);
+    f.setup_vring(0, used);
+    f.fe.set_vring_enable(0, true).expect("enable");
+    wait_held(&mut c, 4);
+    assert!(
+        d.bytes(0, 4 * 4096).iter().all(|&b| b == 0),
+        "cancelled writes landed"
+    );
+    // Held again in epoch 2: committing epoch 1 releases nothing.
+    match commit(&mut c, 1) {
+        Reply::Committed { stats, .. } => assert_eq!(stats.requests, 0),
+        r => panic!("{r:?}"),
+    }
+    assert!(f.wait_used(0, 1, QUIET).is_empty());
+    assert!(matches!(seal(&mut c, 2), Reply::Sealed { .. }));
+    assert!(matches!(commit(&mut c, 2), Reply::Committed { .. }));
+    let mut done: Vec<u16> = f.wait_used(0, 4, T).into_iter().map(|u| u.0).collect();
+    done.sort_unstable();
+    let mut want: Vec<u16> = heads.iter().map(|h| h.0).collect();
+    want.sort_unstable();
+    assert_eq!(done, want);
+    assert!(f.wait_used(0, 1, QUIET).is_empty(), "completed twice");
+    for (i, (_, st)) in heads.iter().enumerate() {
+        assert_eq!(f.read(*st, 1), [VIRTIO_BLK_S_OK as u8]);
+        assert!(d.bytes(i as u64 * 4096, 4096) == pattern(0x60 + i as u8, 4096));
+    }
+}
