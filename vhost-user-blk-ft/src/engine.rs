@@ -253,6 +253,13 @@ impl<R: SlotRequest> Engine<R> {
         }
     }
 
+    /// Whether completions are waiting in the CQ (no syscall). Page-cache hits complete inside
+    /// the `io_uring_enter` that submitted them, so this is worth checking right after
+    /// [`Engine::submit`].
+    pub fn has_completions(&mut self) -> bool {
+        !self.ring.completion().is_empty()
+    }
+
     /// Reaps every available completion, calling `f` for each finished request. Returns how
     /// many requests finished. Also clears the eventfd.
     pub fn drain(&mut self, mut f: impl FnMut(Completion<R>)) -> usize {
