@@ -650,6 +650,28 @@ mod tests {
     }
 
     #[test]
+    fn inline_completions_are_visible_right_after_submit() {
+        let fx = fixture();
+        let mut e = Engine::new(fx.image.clone(), 4).unwrap();
+        assert!(!e.has_completions());
+        // GET_ID is a NOP in the ring: it always completes inside io_uring_enter.
+        e.push(
+            req(&fx.mem, 0, VIRTIO_BLK_T_GET_ID, 0, Some((0x10_0000, 20))),
+            3,
+            false,
+        )
+        .unwrap();
+        assert!(!e.has_completions(), "nothing before submit");
+        e.submit().unwrap();
+        assert!(e.has_completions(), "the NOP completed inside submit");
+        let mut tags = Vec::new();
+        assert_eq!(e.drain(|c| tags.push(c.tag)), 1);
+        assert_eq!(tags, vec![3]);
+        assert!(!e.has_completions());
+        assert_eq!(e.in_flight(), 0);
+    }
+
+    #[test]
     fn cancel_hands_every_request_back_once() {
         let fx = fixture();
         let mut e = Engine::new(fx.image.clone(), 32).unwrap();
