@@ -244,11 +244,25 @@ impl BlkQueue {
                 }
             }
         }
-        vring.signal_used();
+        // Page-cache hits have completed inside that submit: answer them in this batch, under
+        // the same notification, instead of one epoll round trip (eventfd wakeup) later.
+        if self.engine.has_completions() {
+            let queue = self.queue;
+            self.engine.drain(|c| complete(ctx, queue, c));
+            self.publish();
+        }
+        if let Some(vring) = ctx.queue(self.queue) {
+            vring.signal_used();
+        }
         self.counters.requests.fetch_add(popped, Ordering::Relaxed);
         self.counters
             .rejected
             .fetch_add(rejected, Ordering::Relaxed);
+        // The drain above consumed the eventfd: if it freed slots of a stalled ring, no later
+        // wakeup would resume it, so resume now.
+        if self.stalled && self.engine.in_flight() < self.engine.capacity() {
+            self.process_ring(ctx);
+        }
     }
 
     /// Sends a parsed request on its way. This is the seam for output commit: with `--ft hold`,
