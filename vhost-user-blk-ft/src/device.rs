@@ -5,6 +5,7 @@
 //! guest-writable field is `writeback`.
 
 use crate::config::BlkConfig;
+use crate::gate::hold::Hold;
 use crate::image::Image;
 use crate::queue::{BlkCounters, BlkQueue};
 use ft_common::vhost_user::{DeviceError, QueueWorker, VhostUserDevice};
@@ -15,6 +16,8 @@ pub struct BlkDevice {
     config: Arc<BlkConfig>,
     queue_size: u16,
     counters: Arc<BlkCounters>,
+    /// Output commit (`--ft hold`); None for the plain backend.
+    hold: Option<Arc<Hold>>,
 }
 
 impl BlkDevice {
@@ -24,7 +27,14 @@ impl BlkDevice {
             config,
             queue_size,
             counters: Arc::default(),
+            hold: None,
         }
+    }
+
+    /// Holds output requests in `hold` until the coordinator commits them (`--ft hold`).
+    pub fn with_hold(mut self, hold: Arc<Hold>) -> BlkDevice {
+        self.hold = Some(hold);
+        self
     }
 
     /// Counters summed over all queues.
@@ -80,6 +90,7 @@ impl VhostUserDevice for BlkDevice {
             self.config.clone(),
             u32::from(self.queue_size),
             self.counters.clone(),
+            self.hold.clone(),
         )?;
         Ok(Box::new(q))
     }

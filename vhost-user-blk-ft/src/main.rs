@@ -2,14 +2,20 @@
 //!
 //! Opens the image, builds the virtio-blk device and serves it on a vhost-user socket until
 //! SIGINT/SIGTERM; frontends may disconnect and reconnect in between (the device and its queue
-//! threads outlive connections).
+//! threads outlive connections). With `--ft hold` it also serves the coordinator's control
+//! socket (`--control`, required then) and holds output until commit (see `gate`).
 
 use clap::{Parser, ValueEnum};
+use ft_common::control::ControlServer;
+use ft_common::txqueue::Limits;
 use ft_common::vhost_user::VhostUserServer;
 use std::path::PathBuf;
 use std::sync::Arc;
 use vhost_user_blk_ft::config::{BlkConfig, BlkParams};
 use vhost_user_blk_ft::device::BlkDevice;
+use vhost_user_blk_ft::gate::commit::CommitEngine;
+use vhost_user_blk_ft::gate::control::{BlkControl, OnCommitError};
+use vhost_user_blk_ft::gate::hold::Hold;
 use vhost_user_blk_ft::image::{Image, OpenOpts};
 
 /// Output-commit gating mode.
@@ -17,6 +23,18 @@ use vhost_user_blk_ft::image::{Image, OpenOpts};
 enum FtMode {
     /// Plain backend: every request is executed at once.
     Off,
+    /// Output commit: writes, flushes, discards and write-zeroes wait for COMMIT of their
+    /// epoch (needs --control).
+    Hold,
+}
+
+/// `--on-commit-error`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum OnError {
+    /// Refuse further commits after a failed one.
+    Stop,
+    /// Report the failure and keep committing later epochs.
+    Report,
 }
 
 /// vhost-user virtio-blk backend with fault-tolerance (output commit) support.
@@ -47,6 +65,18 @@ struct Args {
     /// Output-commit gating mode.
     #[arg(long, value_enum, default_value_t = FtMode::Off)]
     ft: FtMode,
+    /// Coordinator control socket (created with mode 0600); required with --ft hold.
+    #[arg(long)]
+    control: Option<PathBuf>,
+    /// What a failed commit does to later commits.
+    #[arg(long, value_enum, default_value_t = OnError::Stop)]
+    on_commit_error: OnError,
+    /// Most output requests held at once (over all queues); when full, the rings wait.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    max_held_requests: u32,
+    /// Most bytes of writes held at once.
+    #[arg(long, default_value_t = 64 << 20, value_parser = clap::value_parser!(u64).range(1..))]
+    max_held_bytes: u64,
 }
 
 fn main() {
@@ -59,6 +89,18 @@ fn main() {
 }
 
 fn run(args: Args) -> std::io::Result<()> {
+    let control = match (args.ft, &args.control) {
+        (FtMode::Hold, Some(p)) => Some(ControlServer::bind(p).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("control socket {}: {e}", p.display()))
+        })?),
+        (FtMode::Hold, None) => {
+            return Err(std::io::Error::other("--ft hold needs --control PATH"));
+        }
+        (FtMode::Off, Some(_)) => {
+            return Err(std::io::Error::other("--control needs --ft hold"));
+        }
+        (FtMode::Off, None) => None,
+    };
     let opts = OpenOpts {
         readonly: args.readonly,
         direct: args.direct,
@@ -88,14 +130,46 @@ fn run(args: Args) -> std::io::Result<()> {
     );
     let image = Arc::new(image);
     let config = Arc::new(BlkConfig::new(params));
-    let device = Arc::new(BlkDevice::new(image, config, args.queue_size));
+    let mut device = BlkDevice::new(image.clone(), config, args.queue_size);
+    let mut hold = None;
+    if let Some(c) = &control {
+        let limits = Limits {
+            max_requests: args.max_held_requests as usize,
+            max_bytes: args.max_held_bytes,
+        };
+        let h = Arc::new(Hold::new(limits, args.queues, c.notifier()));
+        device = device.with_hold(h.clone());
+        hold = Some(h);
+    }
+    let device = Arc::new(device);
     let counters = device.counters().clone();
     let server = VhostUserServer::new(device, &args.socket)?;
+    let control = match (control, hold) {
+        (Some(c), Some(h)) => {
+            let engine = CommitEngine::new(image, args.max_held_requests)?;
+            let policy = match args.on_commit_error {
+                OnError::Stop => OnCommitError::Stop,
+                OnError::Report => OnCommitError::Report,
+            };
+            let name = args
+                .image
+                .file_name()
+                .map_or_else(|| "blk".into(), |n| n.to_string_lossy().into_owned());
+            let ctl = BlkControl::new(h, server.worker_handles(), name, policy, engine);
+            log::info!("control socket {}", c.path().display());
+            Some(c.spawn(ctl.into_handler())?)
+        }
+        _ => None,
+    };
     server
         .stop_handle()
         .on_signals(&[libc::SIGINT, libc::SIGTERM])?;
     log::info!("listening on {}", args.socket.display());
-    server.run()?;
+    let res = server.run();
+    if let Some(c) = control {
+        c.stop();
+    }
+    res?;
     log::info!("stopped; {}", counters.summary());
     Ok(())
 }

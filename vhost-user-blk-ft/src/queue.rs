@@ -14,14 +14,27 @@
 //!   no request of an old connection is leaked or completed twice.
 //! - Data is read into guest memory by the kernel, so the written ranges are marked dirty
 //!   before the request is completed.
+//!
+//! With `--ft hold` ([`crate::gate`]) output requests go into the device's transaction queue
+//! instead of the engine. The worker then also:
+//! - keeps a bitmap of the heads it owes the guest (popped, not completed); a head the server
+//!   resubmits from the inflight region while still owed (ring restarted on the same
+//!   connection, e.g. every VM stop/cont) is skipped, so nothing is held or completed twice;
+//! - parks a request the full transaction queue refuses and takes nothing more from the ring
+//!   until a commit frees room (backpressure; OUTPUT_PENDING asks for an early cut);
+//! - keeps held requests across a ring stop (GET_VRING_BASE does not wait for commit: QEMU
+//!   stops the rings at every checkpoint, and the commit comes only after the VM runs again);
+//!   completions arriving while the ring is stopped are delivered when it runs again;
+//! - on disconnect or device reset cancels its held requests (never written) and forgets them.
 
 use crate::config::BlkConfig;
 use crate::engine::{Completion, Engine};
+use crate::gate::hold::{held_bytes, GateAck, GateMsg, HeldReq, Hold};
 use crate::image::Image;
 use crate::request::{
     parse, BlkRequest, DiskLimits, Rejected, RequestKind, STATUS_IOERR, STATUS_OK,
 };
-use ft_common::vhost_user::{QueueWorker, StopStatus, VringHandle, WorkerCtx};
+use ft_common::vhost_user::{DeviceMsg, QueueWorker, StopStatus, VringHandle, WorkerCtx};
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -66,6 +79,33 @@ pub struct BlkQueue {
     counters: Arc<BlkCounters>,
     /// Engine stats already added to `counters`.
     reported: crate::engine::EngineStats,
+    /// Output-commit state; None with `--ft off` (the plain path is untouched).
+    hold: Option<QueueHold>,
+}
+
+/// One worker's part of `hold` mode. See the module docs.
+struct QueueHold {
+    shared: Arc<Hold>,
+    /// Bumped on every reset/disconnect; held requests carry the value they were popped under.
+    conn: u64,
+    /// Heads popped and not completed yet (held, committing, parked or deferred).
+    owed: Vec<bool>,
+    /// A request the full transaction queue refused; retried before the ring is read again.
+    parked: Option<BlkRequest>,
+    /// Completions for a ring that was stopped when they arrived: (head, status addr, status).
+    deferred: Vec<(u16, GuestAddress, u8)>,
+}
+
+impl QueueHold {
+    fn owes(&self, head: u16) -> bool {
+        self.owed.get(usize::from(head)).copied().unwrap_or(false)
+    }
+
+    fn set_owed(&mut self, head: u16, v: bool) {
+        if let Some(b) = self.owed.get_mut(usize::from(head)) {
+            *b = v;
+        }
+    }
 }
 
 impl BlkQueue {
@@ -75,6 +115,7 @@ impl BlkQueue {
         config: Arc<BlkConfig>,
         depth: u32,
         counters: Arc<BlkCounters>,
+        hold: Option<Arc<Hold>>,
     ) -> std::io::Result<BlkQueue> {
         let limits = DiskLimits {
             capacity_sectors: config.params().capacity_sectors,
@@ -88,6 +129,13 @@ impl BlkQueue {
             stalled: false,
             counters,
             reported: Default::default(),
+            hold: hold.map(|shared| QueueHold {
+                shared,
+                conn: 0,
+                owed: vec![false; depth.clamp(1, 1 << 16) as usize],
+                parked: None,
+                deferred: Vec::new(),
+            }),
         })
     }
 
@@ -117,11 +165,34 @@ impl BlkQueue {
             return;
         };
         self.stalled = false;
+        if let Some(h) = self.hold.as_mut() {
+            if let Some(req) = h.parked.take() {
+                if let Err(req) = hold_push(h, self.queue, vring, req) {
+                    // Still full: wait for a commit.
+                    h.parked = Some(req);
+                    return;
+                }
+            }
+        }
         let (mut popped, mut rejected) = (0u64, 0u64);
         'outer: loop {
             vring.disable_notification();
-            while self.engine.in_flight() < self.engine.capacity() {
+            loop {
+                let resubmit = vring.resubmit_pending() > 0;
+                let parked = self.hold.as_ref().is_some_and(|h| h.parked.is_some());
+                if !resubmit && (parked || self.engine.in_flight() >= self.engine.capacity()) {
+                    break;
+                }
                 let Some(chain) = vring.pop() else { break };
+                if resubmit
+                    && self
+                        .hold
+                        .as_ref()
+                        .is_some_and(|h| h.owes(chain.head_index()))
+                {
+                    // Still held from before the ring stopped: not a new request.
+                    continue;
+                }
                 popped += 1;
                 match parse(chain, &self.limits) {
                     Err(rej) => {
@@ -147,12 +218,30 @@ impl BlkQueue {
                 self.stalled = true;
                 break 'outer;
             }
+            if self.hold.as_ref().is_some_and(|h| h.parked.is_some()) {
+                // The transaction queue is full; a commit resumes us.
+                break 'outer;
+            }
             if !vring.enable_notification() {
                 break;
             }
         }
         if let Err(e) = self.engine.submit() {
             log::error!("queue {}: io_uring submit: {e}", self.queue);
+        }
+        if let Some(h) = self.hold.as_mut() {
+            // Reads taken after the last held request move the index too.
+            let parked = u16::from(h.parked.is_some());
+            h.shared
+                .publish_avail(self.queue, vring.next_avail().wrapping_sub(parked));
+            // Resubmitted heads are consumed first by the loop above, so a deferred completion
+            // can no longer come back as a resubmission.
+            for (head, addr, status) in h.deferred.drain(..) {
+                finish(vring, head, addr, status, 1);
+                if let Some(b) = h.owed.get_mut(usize::from(head)) {
+                    *b = false;
+                }
+            }
         }
         vring.signal_used();
         self.counters.requests.fetch_add(popped, Ordering::Relaxed);
@@ -166,6 +255,21 @@ impl BlkQueue {
     /// open epoch) instead of the engine, and are pushed to the engine from there at COMMIT.
     fn dispatch(&mut self, vring: &mut VringHandle, mut req: BlkRequest, dsync: bool) {
         req.hold_memory(vring.memory().clone());
+        if let Some(h) = self.hold.as_mut() {
+            if req.kind().is_output() {
+                h.set_owed(req.head(), true);
+                if let Err(req) = hold_push(h, self.queue, vring, req) {
+                    if h.parked.is_some() {
+                        // Cannot happen: nothing is popped while a request is parked.
+                        h.set_owed(req.head(), false);
+                        finish(vring, req.head(), req.status_addr(), STATUS_IOERR, 1);
+                    } else {
+                        h.parked = Some(req);
+                    }
+                }
+                return;
+            }
+        }
         if let Err(req) = self.engine.push(req, 0, dsync) {
             finish(vring, req.head(), req.status_addr(), STATUS_IOERR, 1);
         }
@@ -182,6 +286,45 @@ impl BlkQueue {
         self.publish();
         if self.stalled {
             self.process_ring(ctx);
+        }
+    }
+}
+
+/// Holds `req` in the open epoch (publishing the ring's next avail index under the same lock, so
+/// a SEAL sees both or neither). Returns the request when the transaction queue is full.
+// By value on purpose: boxing would allocate per request.
+#[allow(clippy::result_large_err)]
+fn hold_push(
+    h: &mut QueueHold,
+    queue: u16,
+    vring: &VringHandle,
+    req: BlkRequest,
+) -> Result<(), BlkRequest> {
+    let bytes = held_bytes(&req);
+    let held = HeldReq {
+        queue,
+        conn: h.conn,
+        req,
+    };
+    let mut txq = h.shared.lock();
+    match txq.push(held, bytes) {
+        Ok(p) => {
+            h.shared.publish_avail(queue, vring.next_avail());
+            drop(txq);
+            if p.first_in_epoch {
+                h.shared.notifier().output_pending(p.epoch);
+            }
+            Ok(())
+        }
+        Err(full) => {
+            let open = txq.open_epoch();
+            // The parked request is not held: a SEAL must not count it as taken off the ring.
+            h.shared
+                .publish_avail(queue, vring.next_avail().wrapping_sub(1));
+            drop(txq);
+            // Output is waiting and cannot even be held: ask for an early checkpoint.
+            h.shared.notifier().output_pending(open);
+            Err(full.payload.req)
         }
     }
 }
@@ -267,6 +410,12 @@ impl QueueWorker for BlkQueue {
         self.engine.drain(|c| complete(ctx, q, c));
         if let Some(v) = ctx.queue(q) {
             v.signal_used();
+            if let Some(h) = &self.hold {
+                // Held requests stay held (and owed) across the stop; see the module docs.
+                let parked = u16::from(h.parked.is_some());
+                h.shared
+                    .publish_avail(q, v.next_avail().wrapping_sub(parked));
+            }
         }
         self.publish();
         if self.engine.in_flight() == 0 {
@@ -280,5 +429,75 @@ impl QueueWorker for BlkQueue {
     fn reset(&mut self, _ctx: &mut WorkerCtx) {
         self.stalled = false;
         self.config.reset();
+        if let Some(h) = self.hold.as_mut() {
+            // The connection is gone (or the device reset): its held requests are cancelled,
+            // never written. A new frontend resubmits them from its inflight region. Requests
+            // already taken by a commit belong to an acknowledged epoch and may land; their
+            // completions are dropped by the connection check.
+            let q = self.queue;
+            let cancelled = h.shared.lock().cancel_where(|r| r.queue == q);
+            if !cancelled.is_empty() {
+                log::info!("queue {q}: cancelled {} held request(s)", cancelled.len());
+            }
+            drop(cancelled);
+            h.conn += 1;
+            h.parked = None;
+            h.deferred.clear();
+            h.owed.fill(false);
+        }
+    }
+
+    fn handle_message(&mut self, ctx: &mut WorkerCtx, msg: DeviceMsg) -> DeviceMsg {
+        let msg = match msg.downcast::<GateMsg>() {
+            Ok(m) => *m,
+            Err(other) => return other,
+        };
+        let mut ack = GateAck {
+            completed: 0,
+            deferred: 0,
+            dropped: 0,
+        };
+        let q = self.queue;
+        let Some(h) = self.hold.as_mut() else {
+            return Box::new(ack);
+        };
+        match msg {
+            GateMsg::Complete(list) => {
+                for (held, status) in list {
+                    if held.conn != h.conn || held.queue != q {
+                        ack.dropped += 1;
+                        continue;
+                    }
+                    let r = &held.req;
+                    match ctx.queue(q) {
+                        Some(v) => {
+                            finish(v, r.head(), r.status_addr(), status, r.used_len(status));
+                            h.set_owed(r.head(), false);
+                            ack.completed += 1;
+                        }
+                        None => {
+                            h.deferred.push((r.head(), r.status_addr(), status));
+                            ack.deferred += 1;
+                        }
+                    }
+                }
+                if let Some(v) = ctx.queue(q) {
+                    v.signal_used();
+                }
+                // Room was freed: take from the ring again (a parked request first).
+                if ctx.queue(q).is_some() {
+                    self.process_ring(ctx);
+                }
+            }
+            GateMsg::Forget(list) => {
+                for held in list {
+                    if held.conn == h.conn {
+                        h.set_owed(held.req.head(), false);
+                    }
+                    ack.dropped += 1;
+                }
+            }
+        }
+        Box::new(ack)
     }
 }
