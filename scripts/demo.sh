@@ -29,6 +29,27 @@ FIO_SIZE=${FT_DEMO_FIO_SIZE:-32M}
 IPERF_SECS=${FT_DEMO_IPERF_SECS:-3}
 MAC=52:54:00:12:34:56
 
+# Flattens pretty-printed JSON (one member per line, as ftctl prints it) into path=value lines;
+# array elements get their index (devices.1.name=blk). No jq on a fresh Debian.
+FLAT_JSON='
+function path(   i, p) { p = ""; for (i = 1; i <= depth; i++) p = p (p == "" ? "" : ".") stack[i]; return p }
+{
+    line = $0
+    sub(/^[ \t]+/, "", line); sub(/,$/, "", line)
+    key = ""
+    if (match(line, /^"[^"]*": /)) { key = substr(line, 2, RLENGTH - 4); line = substr(line, RLENGTH + 1) }
+    else if (depth > 0 && isarr[depth] && line !~ /^[\]}]/) { key = idx[depth]++ }
+    if (line == "{" || line == "[") {
+        depth++; stack[depth] = key; isarr[depth] = (line == "["); idx[depth] = 0
+        if (depth == 1) stack[1] = ""
+        next
+    }
+    if (line ~ /^[\]}]/) { depth--; next }
+    gsub(/"/, "", line)
+    p = path(); print (p == "" ? "" : p ".") key "=" line
+}
+'
+
 say() { echo "demo: $*" >&2; }
 die() {
     say "error: $*"
@@ -57,13 +78,17 @@ else
 fi
 
 mkdir -p "$DIR"
+# Started processes, newest first: stopping them in this order ends QEMU (the frontend) and
+# the iperf3 server, then the coordinator (its last commit releases what the daemons still
+# hold), then the daemons, each one waited for before the next.
 PIDS=()
 cleanup() {
     local p
-    # QEMU first (it is the frontend), then the coordinator, then the daemons: a daemon's
-    # held output of the last epochs is released by the coordinator's final commit.
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]}"; do
+        kill "$p" 2>/dev/null || true
+        wait "$p" 2>/dev/null || true
+    done
+    PIDS=()
     ip link del "$TAP" 2>/dev/null || true
 }
 trap cleanup EXIT
@@ -123,14 +148,13 @@ qemu_pid=$!
 PIDS=("$qemu_pid" "${PIDS[@]}")
 wait "$qemu_pid" || true
 elapsed=$((SECONDS - start))
-status_json=$("$BIN/ftctl" --api "$DIR/api.sock" status 2>&1 || true)
-echo "$status_json" >"$DIR/ftctl-status.json"
+"$BIN/ftctl" --api "$DIR/api.sock" status >"$DIR/ftctl-status.json" 2>&1 || true
+"$BIN/ftctl" --api "$DIR/api.sock" metrics >"$DIR/metrics.txt" 2>&1 || true
 
 result=$(tr -d '\r' <"$DIR/serial.log" | grep -a -o 'FT-RESULT: .*' | head -n1 || true)
 
 # Stop the coordinator and daemons now so their final counters are in the logs.
 cleanup
-trap - EXIT
 
 {
     echo "================ ft-vhost demo summary ================"
@@ -140,10 +164,27 @@ trap - EXIT
     echo "checkpointer: $CHECKPOINTER, periodic cut 20 ms, event-driven cut >= 5 ms after output"
     echo "--- guest results"
     tr -d '\r' <"$DIR/serial.log" | grep -a -o 'FT-DEMO: .*' | sed 's/^FT-DEMO: /  /' || true
-    echo "--- ftctl status (at the end of the guest run)"
-    echo "$status_json" | sed 's/^/  /'
+    echo "--- coordinator (ftctl status; full JSON in $DIR/ftctl-status.json)"
+    awk "$FLAT_JSON" "$DIR/ftctl-status.json" | awk -F= '
+        { v[$1] = $2 }
+        function us(key) { return sprintf("p50 %.2f ms, p99 %.2f ms", v[key ".p50_us"] / 1000, v[key ".p99_us"] / 1000) }
+        END {
+            printf "  generation %s: epochs sealed %s, committed %s, dropped %s\n", v["cycle.generation"],
+                v["cycle.epochs_sealed"], v["cycle.epochs_committed"], v["cycle.epochs_dropped"]
+            printf "  seal %s; checkpoint %s\n", us("latency.seal"), us("latency.checkpoint")
+            printf "  commit %s; seal to commit %s\n", us("latency.commit"), us("latency.seal_to_commit")
+            for (i = 0; ("devices." i ".name") in v; i++) {
+                d = "devices." i
+                sync = v[d ".name"] == "blk" ? sprintf(", fdatasyncs %s (%s)", v[d ".fdatasync.count"], us(d ".fdatasync")) : ""
+                printf "  device %-4s commits %s (failed %s)%s, still held: %s requests, %s bytes\n",
+                    v[d ".name"], v[d ".commits_ok"], v[d ".commits_failed"], sync, v[d ".held_requests"], v[d ".held_bytes"]
+            }
+        }'
+    grep -E '^ft_device_committed_bytes_total' "$DIR/metrics.txt" |
+        sed -E 's/^ft_device_committed_bytes_total\{device="([^"]*)"\} /  device \1 released after commit: /; s/$/ bytes/' || true
     echo "--- daemon counters (at shutdown)"
-    grep -h -a -E 'stopped|stats|committed' "$DIR/net.log" "$DIR/blk.log" | sed 's/^/  /' || true
+    grep -h -a -E 'vhost_user_(net|blk)_ft\] stopped' "$DIR/net.log" "$DIR/blk.log" |
+        sed -E 's/^.*(vhost_user_[a-z]+_ft)\] /  \1: /; s/_/-/g' || true
     echo "--- logs: $DIR/{serial,blk,net,coordinator,qemu}.log"
 } | tee "$DIR/summary.txt"
 case "$result" in
