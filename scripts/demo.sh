@@ -6,13 +6,14 @@
 #      vhost-user-blk-ft  on it                     (gating: see BLK_FT below)
 #      vhost-user-net-ft  on tap ftdemo0 10.99.0.1/24, --ft hold (TX held per epoch)
 #      ft-coordinator     over both control sockets (sim:2 checkpointer, 20 ms periodic cuts
-#                         plus event-driven cuts 5 ms after output appears), --api for ftctl
+#                         plus event-driven cuts 5 ms after output appears), --api for ftctl;
+#                         FT_DEMO_CHECKPOINTER=qmp uses QEMU's QMP socket (stop/cont per epoch)
 #      iperf3 -s          on 10.99.0.1
 # 3. boots the small test guest under QEMU (TCG) with both devices; inside, fio writes 32 MiB
 #    with crc32c verification, then ping and iperf3 go to the host through the gated NIC;
 # 4. prints a summary (guest results, ftctl status, daemon counters) and shuts everything down.
 #
-# Usage: scripts/demo.sh [--keep]   (--keep: leave .work/demo/ logs; they are kept anyway)
+# Usage: scripts/demo.sh   (logs and the summary stay in .work/demo/)
 # Environment: FT_DEMO_DIR (default .work/demo), FT_DEMO_TAP (ftdemo0), FT_DEMO_NET (10.99.0),
 #              FT_DEMO_CHECKPOINTER (sim:2), FT_DEMO_FIO_SIZE (32M), FT_DEMO_IPERF_SECS (3).
 # Rerunnable: a previous run's leftovers (tap, sockets) are cleaned up first.
@@ -78,12 +79,18 @@ else
 fi
 
 mkdir -p "$DIR"
-# Started processes, newest first: stopping them in this order ends QEMU (the frontend) and
-# the iperf3 server, then the coordinator (its last commit releases what the daemons still
+# Started processes, newest first. Cleanup ends QEMU (the frontend) first, then in this order
+# the coordinator (its last commit releases what the daemons still
 # hold), then the daemons, each one waited for before the next.
 PIDS=()
+QEMU_PID=
 cleanup() {
     local p
+    if [ -n "$QEMU_PID" ]; then
+        kill "$QEMU_PID" 2>/dev/null || true
+        wait "$QEMU_PID" 2>/dev/null || true
+        QEMU_PID=
+    fi
     for p in "${PIDS[@]}"; do
         kill "$p" 2>/dev/null || true
         wait "$p" 2>/dev/null || true
@@ -94,7 +101,7 @@ cleanup() {
 trap cleanup EXIT
 # A previous run killed hard may have left the tap behind.
 ip link del "$TAP" 2>/dev/null || true
-rm -f "$DIR"/*.sock "$DIR"/*.ctl "$DIR"/*.log "$DIR"/summary.txt
+rm -f "$DIR"/*.sock "$DIR"/*.json "$DIR"/*.txt "$DIR"/*.ctl "$DIR"/*.log "$DIR"/summary.txt
 
 wait_for() { # PATH SECONDS
     local n=0
@@ -122,14 +129,6 @@ wait_for "$DIR/blk.sock" 10
 wait_for "$DIR/net.sock" 10
 wait_for "$DIR/net.ctl" 10
 
-devices=(--device "net=$DIR/net.ctl")
-[ "$BLK_FT" = off ] || devices+=(--device "blk=$DIR/blk.ctl")
-"$BIN/ft-coordinator" "${devices[@]}" --checkpointer "$CHECKPOINTER" --interval-ms 20 \
-    --min-interval-ms 5 --state-file "$DIR/coordinator.state" --api "$DIR/api.sock" \
-    >"$DIR/coordinator.log" 2>&1 &
-PIDS=("$!" "${PIDS[@]}")
-wait_for "$DIR/api.sock" 10
-
 iperf3 -s -B "$HOST_IP" >"$DIR/iperf3-server.log" 2>&1 &
 PIDS=("$!" "${PIDS[@]}")
 
@@ -140,13 +139,27 @@ qemu=(qemu-system-x86_64 -accel tcg -cpu max -nodefaults -display none -serial s
     -chardev "socket,id=blk0,path=$DIR/blk.sock" -device vhost-user-blk-pci,chardev=blk0,num-queues=1
     -chardev "socket,id=net0,path=$DIR/net.sock" -netdev vhost-user,id=net0,chardev=net0
     -device "virtio-net-pci,netdev=net0,vectors=0,mac=$MAC"
+    -qmp "unix:$DIR/qmp.sock,server=on,wait=off"
     -kernel "$CACHE/guest/vmlinux" -initrd "$CACHE/guest/initrd.img"
     -append "console=ttyS0 panic=-1 loglevel=4 ft.test=demo ft.size=$FIO_SIZE ft.ip=$GUEST_IP ft.peer=$HOST_IP ft.iperf_secs=$IPERF_SECS")
 start=$SECONDS
 timeout 600 "${qemu[@]}" </dev/null >"$DIR/serial.log" 2>"$DIR/qemu.err" &
-qemu_pid=$!
-PIDS=("$qemu_pid" "${PIDS[@]}")
-wait "$qemu_pid" || true
+QEMU_PID=$!
+# The coordinator comes after QEMU: a qmp: checkpointer needs QEMU's QMP socket. Until it is
+# connected the daemons hold whatever the guest writes or sends (the guest just waits).
+case "$CHECKPOINTER" in
+    qmp) CHECKPOINTER=qmp:$DIR/qmp.sock ;;
+esac
+wait_for "$DIR/qmp.sock" 10
+devices=(--device "net=$DIR/net.ctl")
+[ "$BLK_FT" = off ] || devices+=(--device "blk=$DIR/blk.ctl")
+"$BIN/ft-coordinator" "${devices[@]}" --checkpointer "$CHECKPOINTER" --interval-ms 20 \
+    --min-interval-ms 5 --state-file "$DIR/coordinator.state" --api "$DIR/api.sock" \
+    >"$DIR/coordinator.log" 2>&1 &
+PIDS=("$!" "${PIDS[@]}")
+wait_for "$DIR/api.sock" 10
+wait "$QEMU_PID" || true
+QEMU_PID=
 elapsed=$((SECONDS - start))
 "$BIN/ftctl" --api "$DIR/api.sock" status >"$DIR/ftctl-status.json" 2>&1 || true
 "$BIN/ftctl" --api "$DIR/api.sock" metrics >"$DIR/metrics.txt" 2>&1 || true
