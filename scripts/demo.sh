@@ -5,9 +5,11 @@
 # 2. creates a 1 GiB sparse disk image (.work/demo/disk.img) and starts
 #      vhost-user-blk-ft  on it                     (gating: see BLK_FT below)
 #      vhost-user-net-ft  on tap ftdemo0 10.99.0.1/24, --ft hold (TX held per epoch)
-#      ft-coordinator     over both control sockets (sim:2 checkpointer, 20 ms periodic cuts
-#                         plus event-driven cuts 5 ms after output appears), --api for ftctl;
-#                         FT_DEMO_CHECKPOINTER=qmp uses QEMU's QMP socket (stop/cont per epoch)
+#      ft-coordinator     over both control sockets, checkpointer qmp: on QEMU's QMP socket
+#                         (the VM is stopped for every seal and continued after it), a cut
+#                         every 20 ms plus event-driven cuts 5 ms after output appears;
+#                         --api for ftctl. FT_DEMO_CHECKPOINTER=sim:2 acknowledges after 2 ms
+#                         without stopping the VM; exec:CMD runs CMD per checkpoint
 #      iperf3 -s          on 10.99.0.1
 # 3. boots the small test guest under QEMU (TCG) with both devices; inside, fio writes 32 MiB
 #    with crc32c verification, then ping and iperf3 go to the host through the gated NIC;
@@ -15,7 +17,7 @@
 #
 # Usage: scripts/demo.sh   (logs and the summary stay in .work/demo/)
 # Environment: FT_DEMO_DIR (default .work/demo), FT_DEMO_TAP (ftdemo0), FT_DEMO_NET (10.99.0),
-#              FT_DEMO_CHECKPOINTER (sim:2), FT_DEMO_FIO_SIZE (32M), FT_DEMO_IPERF_SECS (3).
+#              FT_DEMO_CHECKPOINTER (qmp), FT_DEMO_FIO_SIZE (32M), FT_DEMO_IPERF_SECS (3).
 # Rerunnable: a previous run's leftovers (tap, sockets) are cleaned up first.
 set -euo pipefail
 
@@ -25,7 +27,7 @@ TAP=${FT_DEMO_TAP:-ftdemo0}
 NET=${FT_DEMO_NET:-10.99.0}
 HOST_IP=$NET.1
 GUEST_IP=$NET.2/24
-CHECKPOINTER=${FT_DEMO_CHECKPOINTER:-sim:2}
+CHECKPOINTER=${FT_DEMO_CHECKPOINTER:-qmp}
 FIO_SIZE=${FT_DEMO_FIO_SIZE:-32M}
 IPERF_SECS=${FT_DEMO_IPERF_SECS:-3}
 MAC=52:54:00:12:34:56
