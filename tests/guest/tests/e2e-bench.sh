@@ -40,8 +40,9 @@ run() {
         --time_based --runtime="$RUNTIME" --ramp_time=1 --minimal "$@" 2>/tmp/fio.err) ||
         { cat /tmp/fio.err; fail "fio $name failed"; }
     echo "$out" | awk -F';' -v name="$name" '{
-        printf "FT-BENCH: fio job=%s iops=%.0f bw_kib=%.0f lat_us=%.0f\n", name, $8 + $49, $7 + $48,
-            ($8 + $49) > 0 ? ($8 * $40 + $49 * $81) / ($8 + $49) : 0 }'
+        iops = $8 + $49
+        lat = iops > 0 ? ($8 * $40 + $49 * $81) / iops : 0
+        printf "FT-BENCH: fio job=%s iops=%.0f bw_kib=%.0f lat_us=%.0f\n", name, iops, $7 + $48, lat }'
 }
 run randread-4k-qd1 --rw=randread --bs=4k --iodepth=1
 run randread-4k-qd32 --rw=randread --bs=4k --iodepth=32
