@@ -144,9 +144,11 @@ fn run(args: Args) -> std::io::Result<()> {
     let device = Arc::new(device);
     let counters = device.counters().clone();
     let server = VhostUserServer::new(device, &args.socket)?;
+    let mut commit_cancel = None;
     let control = match (control, hold) {
         (Some(c), Some(h)) => {
             let engine = CommitEngine::new(image, args.max_held_requests)?;
+            commit_cancel = Some(engine.cancel_handle());
             let policy = match args.on_commit_error {
                 OnError::Stop => OnCommitError::Stop,
                 OnError::Report => OnCommitError::Report,
@@ -166,6 +168,11 @@ fn run(args: Args) -> std::io::Result<()> {
         .on_signals(&[libc::SIGINT, libc::SIGTERM])?;
     log::info!("listening on {}", args.socket.display());
     let res = server.run();
+    // A commit still running is cancelled (ASYNC_CANCEL; queued requests never written) before
+    // the control thread is joined.
+    if let Some(c) = commit_cancel {
+        c.cancel();
+    }
     if let Some(c) = control {
         c.stop();
     }

@@ -168,9 +168,8 @@ impl BlkQueue {
         if let Some(h) = self.hold.as_mut() {
             if let Some(req) = h.parked.take() {
                 if let Err(req) = hold_push(h, self.queue, vring, req) {
-                    // Still full: wait for a commit.
+                    // Still full: only owed resubmissions are taken below; wait for a commit.
                     h.parked = Some(req);
-                    return;
                 }
             }
         }
@@ -234,12 +233,14 @@ impl BlkQueue {
             let parked = u16::from(h.parked.is_some());
             h.shared
                 .publish_avail(self.queue, vring.next_avail().wrapping_sub(parked));
-            // Resubmitted heads are consumed first by the loop above, so a deferred completion
-            // can no longer come back as a resubmission.
-            for (head, addr, status) in h.deferred.drain(..) {
-                finish(vring, head, addr, status, 1);
-                if let Some(b) = h.owed.get_mut(usize::from(head)) {
-                    *b = false;
+            // Resubmitted heads are consumed first by the loop above, so once none is left a
+            // deferred completion can no longer come back as a resubmission.
+            if vring.resubmit_pending() == 0 {
+                for (head, addr, status) in h.deferred.drain(..) {
+                    finish(vring, head, addr, status, 1);
+                    if let Some(b) = h.owed.get_mut(usize::from(head)) {
+                        *b = false;
+                    }
                 }
             }
         }
@@ -469,7 +470,9 @@ impl QueueWorker for BlkQueue {
                         continue;
                     }
                     let r = &held.req;
-                    match ctx.queue(q) {
+                    // While the server still has heads to resubmit, an owed head completed now
+                    // could come back as a new request: defer until they are consumed.
+                    match ctx.queue(q).filter(|v| v.resubmit_pending() == 0) {
                         Some(v) => {
                             finish(v, r.head(), r.status_addr(), status, r.used_len(status));
                             h.set_owed(r.head(), false);

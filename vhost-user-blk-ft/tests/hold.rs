@@ -153,6 +153,17 @@ fn error_code(r: &Reply) -> ErrorCode {
 
 /// Places a request (header, optional data, status) on queue 0; returns (head, status gpa).
 fn blk_req(f: &mut TestFrontend, rtype: u32, sector: u64, data: Option<(u64, u32)>) -> (u16, u64) {
+    blk_req_on(f, 0, rtype, sector, data)
+}
+
+/// [`blk_req`] on queue `q`.
+fn blk_req_on(
+    f: &mut TestFrontend,
+    q: usize,
+    rtype: u32,
+    sector: u64,
+    data: Option<(u64, u32)>,
+) -> (u16, u64) {
     let hdr = f.alloc(16);
     let mut h = [0u8; 16];
     h[0..4].copy_from_slice(&rtype.to_le_bytes());
@@ -177,7 +188,7 @@ fn blk_req(f: &mut TestFrontend, rtype: u32, sector: u64, data: Option<(u64, u32
         len: 1,
         writable: true,
     });
-    (f.add_chain(0, &bufs), status)
+    (f.add_chain(q, &bufs), status)
 }
 
 /// A write of `data` at `sector`; returns (head, status gpa).
@@ -314,6 +325,54 @@ fn held_writes_land_only_at_commit_with_one_fdatasync() {
     assert_eq!(f.wait_used(0, 4, T).len(), 4);
     assert_eq!(status(&mut c).fdatasyncs, 2);
     assert!(d.bytes(4096 * 512, 4 * 4096).iter().all(|&b| b == 0x5a));
+}
+
+/// Two queues, one transaction queue: SEAL reports both rings, COMMIT completes on both.
+#[test]
+fn seal_and_commit_span_all_queues() {
+    let d = start(&["--queues", "2"]);
+    let mut c = d.control();
+    let mut f = TestFrontend::connect(&d.sock, 2, T);
+    f.handshake();
+    f.set_mem_table();
+    for q in 0..2 {
+        f.init_queue(q, 128);
+        f.setup_vring(q, 0);
+        f.fe.set_vring_enable(q, true).expect("enable");
+    }
+    let mut heads = [Vec::new(), Vec::new()];
+    for i in 0..6u64 {
+        let q = (i % 2) as usize;
+        let buf = f.alloc(4096);
+        f.write(buf, &[0x40 + i as u8; 4096]);
+        heads[q].push(blk_req_on(&mut f, q, VIRTIO_BLK_T_OUT, i * 8, Some((buf, 4096))).0);
+    }
+    f.kick(0);
+    f.kick(1);
+    wait_held(&mut c, 6);
+    match seal(&mut c, 1) {
+        Reply::Sealed { state, .. } => {
+            assert_eq!(state.queues.len(), 2);
+            for (q, (qs, want)) in state.queues.iter().zip(&heads).enumerate() {
+                assert_eq!(qs.queue, q as u16);
+                assert_eq!(qs.next_avail, 3);
+                assert_eq!(&qs.held_heads, want);
+            }
+        }
+        r => panic!("{r:?}"),
+    }
+    assert!(matches!(commit(&mut c, 1), Reply::Committed { .. }));
+    for q in 0..2 {
+        assert_eq!(f.wait_used(q, 3, T).len(), 3);
+    }
+    for i in 0..6u64 {
+        assert!(d.bytes(i * 4096, 4096).iter().all(|&b| b == 0x40 + i as u8));
+    }
+    assert_eq!(
+        status(&mut c).fdatasyncs,
+        1,
+        "one fdatasync for both queues"
+    );
 }
 
 #[test]
@@ -490,8 +549,9 @@ fn ring_stop_and_restart_keeps_held_requests_without_duplicates() {
         }
         r => panic!("{r:?}"),
     }
-    // VM cont: inflight region again, ring restarted from the reported base.
+    // VM cont: memory table and inflight region again, ring restarted from the reported base.
     use std::os::fd::AsRawFd;
+    f.set_mem_table();
     f.fe.set_inflight_fd(&info, file.as_raw_fd())
         .expect("set_inflight_fd");
     f.setup_vring(0, base as u16);
@@ -643,4 +703,138 @@ fn hold_without_control_is_refused() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--control"));
+}
+
+/// SIGTERM while a long commit runs (hundreds of overlapping 1 MiB O_DIRECT writes, one wave
+/// each): the commit is cancelled (later waves never submitted, in-flight ones get
+/// ASYNC_CANCEL), reported as failed, nothing is synced, and the daemon exits cleanly.
+#[test]
+fn shutdown_cancels_a_running_commit() {
+    let mut d = start(&[
+        "--direct",
+        "--queue-size",
+        "1024",
+        "--max-held-bytes",
+        "1073741824",
+    ]);
+    let mut c = d.control();
+    let mut f = TestFrontend::connect(&d.sock, 1, T);
+    f.handshake();
+    f.set_mem_table();
+    f.init_queue(0, 1024);
+    f.setup_vring(0, 0);
+    f.fe.set_vring_enable(0, true).expect("enable");
+    let aligned = |f: &mut TestFrontend, len: u64| f.alloc(len + 4096).div_ceil(4096) * 4096;
+    let shared = aligned(&mut f, 1 << 20);
+    f.write(shared, &vec![0xee; 1 << 20]);
+    const N: u16 = 250; // 4 descriptors each in a ring of 1024
+    for i in 0..N {
+        let tag = aligned(&mut f, 512);
+        let mut t = [0u8; 512];
+        t[..2].copy_from_slice(&(i + 1).to_le_bytes());
+        f.write(tag, &t);
+        let hdr = f.alloc(16);
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
+        f.write(hdr, &h);
+        let status = f.alloc(1);
+        let buf = |gpa, len, writable| Buf { gpa, len, writable };
+        f.add_chain(
+            0,
+            &[
+                buf(hdr, 16, false),
+                buf(tag, 512, false),
+                buf(shared, 1 << 20, false),
+                buf(status, 1, true),
+            ],
+        );
+    }
+    f.kick(0);
+    wait_held(&mut c, u64::from(N));
+    assert!(matches!(seal(&mut c, 1), Reply::Sealed { .. }));
+    c.send(&Request::Commit {
+        generation: G,
+        epoch: Epoch(1),
+    })
+    .expect("send commit");
+    std::thread::sleep(Duration::from_millis(50));
+    let child = d.child.as_mut().unwrap();
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + T;
+    let code = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st.code();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "daemon did not exit during a commit"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(code, Some(0));
+    match c.recv_reply() {
+        Ok(Reply::CommitFailed { errno, .. }) => assert_eq!(errno, Some(libc::ECANCELED)),
+        Ok(r) => panic!("commit not cancelled: {r:?}"),
+        Err(e) => eprintln!("no reply before shutdown: {e}"),
+    }
+    let last = u16::from_le_bytes(d.bytes(0, 2).try_into().unwrap());
+    eprintln!("write {last} of {N} was the last to land");
+    assert!(last < N, "every wave ran: the commit was not cancelled");
+}
+
+/// Held writes of a frontend that disconnects are cancelled, never written; with an inflight
+/// region the reconnecting frontend resubmits them and they are held again, in the open epoch.
+#[test]
+fn disconnect_with_inflight_region_resubmits_held_writes() {
+    use std::os::fd::AsRawFd;
+    let d = start(&[]);
+    let mut c = d.control();
+    let mut f = TestFrontend::connect(&d.sock, 1, T);
+    f.handshake();
+    f.set_mem_table();
+    let (info, file) = f.setup_inflight(1, 256);
+    f.init_queue(0, 256);
+    f.setup_vring(0, 0);
+    f.fe.set_vring_enable(0, true).expect("enable");
+    let mut heads = Vec::new();
+    for i in 0..4u64 {
+        heads.push(write(&mut f, i * 8, &pattern(0x60 + i as u8, 4096)));
+    }
+    f.kick(0);
+    wait_held(&mut c, 4);
+    // Epoch 1 sealed but not committed when the frontend goes away.
+    assert!(matches!(seal(&mut c, 1), Reply::Sealed { .. }));
+    f.reconnect(&d.sock, T);
+    wait_held(&mut c, 0);
+    f.handshake();
+    f.set_mem_table();
+    f.fe.set_inflight_fd(&info, file.as_raw_fd())
+        .expect("set_inflight_fd");
+    let used = f.used_idx(0);
+    assert_eq!(used, 0);
+    f.setup_vring(0, used);
+    f.fe.set_vring_enable(0, true).expect("enable");
+    wait_held(&mut c, 4);
+    assert!(
+        d.bytes(0, 4 * 4096).iter().all(|&b| b == 0),
+        "cancelled writes landed"
+    );
+    // Held again in epoch 2: committing epoch 1 releases nothing.
+    match commit(&mut c, 1) {
+        Reply::Committed { stats, .. } => assert_eq!(stats.requests, 0),
+        r => panic!("{r:?}"),
+    }
+    assert!(f.wait_used(0, 1, QUIET).is_empty());
+    assert!(matches!(seal(&mut c, 2), Reply::Sealed { .. }));
+    assert!(matches!(commit(&mut c, 2), Reply::Committed { .. }));
+    let mut done: Vec<u16> = f.wait_used(0, 4, T).into_iter().map(|u| u.0).collect();
+    done.sort_unstable();
+    let mut want: Vec<u16> = heads.iter().map(|h| h.0).collect();
+    want.sort_unstable();
+    assert_eq!(done, want);
+    assert!(f.wait_used(0, 1, QUIET).is_empty(), "completed twice");
+    for (i, (_, st)) in heads.iter().enumerate() {
+        assert_eq!(f.read(*st, 1), [VIRTIO_BLK_S_OK as u8]);
+        assert!(d.bytes(i as u64 * 4096, 4096) == pattern(0x60 + i as u8, 4096));
+    }
 }

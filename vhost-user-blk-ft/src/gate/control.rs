@@ -8,6 +8,13 @@
 //! which notifies its queue once.
 //!
 //! Decisions:
+//! - Order of a commit: writes drained, `fdatasync` returned, guest completions handed to the
+//!   workers (each notifies its queue once), then the `COMMITTED` reply. So a guest never sees a
+//!   completion for data that is not durable, and `COMMITTED` also means "answered".
+//! - Requests already taken by a commit are not cancelled by a disconnect or reset of their
+//!   connection: their epoch is acknowledged, so they may land; their completions are dropped
+//!   (the frontend resubmits from its inflight region). Shutdown does cancel them
+//!   ([`crate::gate::commit::CommitCancel`]).
 //! - A repeated `SEAL E` of the last sealed epoch (the coordinator lost the reply) is answered
 //!   with the very `SEALED` record of the first seal, not re-sealed; any other old epoch is
 //!   `STALE_EPOCH`.
