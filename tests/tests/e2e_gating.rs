@@ -32,8 +32,10 @@ use ft_tests::guest::{
 const DISK_SIZE: u64 = 64 << 20;
 /// fio's area with the gated disk (slow: every write waits ~250 ms for its commit).
 const FIO_SIZE: u64 = 32 << 20;
-/// fio's area with the ungated disk: large enough to keep writing through the pause window.
+/// fio's area with the ungated disk, written at [`UNGATED_RATE`]: the write pass lasts ~15 s,
+/// well past the pause window, however fast the machine.
 const FIO_SIZE_UNGATED: u64 = 60 << 20;
+const UNGATED_RATE: &str = "4m";
 const BLOCK: usize = 4096;
 const TAP: &str = "fte2e0";
 const HOST_IP: &str = "10.98.0.1";
@@ -300,6 +302,9 @@ impl Rig {
             format!("ft.ip={GUEST_IP}"),
             format!("ft.peer={HOST_IP}"),
         ];
+        if !self.blk_gated {
+            config.cmdline_extra.push(format!("ft.rate={UNGATED_RATE}"));
+        }
         Guest::start(&config).expect("start QEMU")
     }
 

@@ -5,10 +5,13 @@
 # kills the coordinator during the write pass and checks that nothing leaves meanwhile.
 #
 # Parameters: ft.size=32M ft.bs=64k ft.ip=10.98.0.2/24 ft.peer=10.98.0.1
+#             ft.rate=4m (optional fio --rate for the write pass: keeps an ungated run busy long
+#             enough for the host's checks)
 SIZE=${FT_SIZE:-32M}
 BS=${FT_BS:-64k}
 IP=${FT_IP:-10.98.0.2/24}
 PEER=${FT_PEER:-10.98.0.1}
+RATE=${FT_RATE:+--rate=$FT_RATE}
 
 n=0
 until disk=$(first_virtio_disk); do
@@ -47,7 +50,7 @@ job() {
         --randrepeat=1 --fsync=16 --group_reporting --eta=never "$@"
 }
 stage busy
-job --do_verify=1 || fail "fio write+verify pass failed"
+job --do_verify=1 $RATE || fail "fio write+verify pass failed"
 stage write-done
 job --verify_only || fail "fio verify-only pass failed"
 stage verify-done
