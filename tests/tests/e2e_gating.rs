@@ -13,8 +13,9 @@
 //!   wrote in the image (and nothing beyond).
 //!
 //! Everything runs in a network namespace of its own (the tap and its address stay private).
-//! Frames "on the tap" are the tap's RX counter in `/proc/thread-self/net/dev`: every frame the
-//! daemon writes to the tap is counted there, whoever reads it.
+//! Frames "on the tap" are watched twice: the tap's RX counter in `/proc/thread-self/net/dev`
+//! (every frame the daemon writes to the tap) and a packet socket bound to the tap (what a
+//! host-side observer such as tcpdump would capture).
 
 use std::collections::hash_map::DefaultHasher;
 use std::ffi::{OsStr, OsString};
@@ -22,7 +23,8 @@ use std::hash::Hasher;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ft_tests::guest::{
@@ -143,9 +145,112 @@ fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     false
 }
 
+/// A packet socket on the tap: counts the frames the daemon writes into it (what a host-side
+/// observer sees), independently of the interface counters.
+struct Capture {
+    frames: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Capture {
+    /// Must be called on a thread in the tap's network namespace (the socket is bound there).
+    fn start(tap: &str) -> Capture {
+        let name = std::ffi::CString::new(tap).expect("tap name");
+        // SAFETY: plain libc calls on a fresh fd we own; sockaddr_ll is zero-initialised.
+        let fd = unsafe {
+            let ifindex = libc::if_nametoindex(name.as_ptr());
+            assert_ne!(
+                ifindex,
+                0,
+                "if_nametoindex({tap}): {}",
+                io::Error::last_os_error()
+            );
+            let proto = (libc::ETH_P_ALL as u16).to_be();
+            let fd = libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                proto.into(),
+            );
+            assert!(fd >= 0, "packet socket: {}", io::Error::last_os_error());
+            let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_protocol = proto;
+            addr.sll_ifindex = ifindex as i32;
+            let r = libc::bind(
+                fd,
+                &addr as *const libc::sockaddr_ll as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            );
+            assert_eq!(r, 0, "bind packet socket: {}", io::Error::last_os_error());
+            let tv = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 100_000,
+            };
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &tv as *const libc::timeval as *const libc::c_void,
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            );
+            fd
+        };
+        let frames = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (f, st) = (frames.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while !st.load(Ordering::Relaxed) {
+                // SAFETY: recvfrom into our buffer; addr is a plain out-parameter.
+                let (n, kind) = unsafe {
+                    let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+                    let mut len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+                    let n = libc::recvfrom(
+                        fd,
+                        buf.as_mut_ptr().cast(),
+                        buf.len(),
+                        0,
+                        &mut addr as *mut libc::sockaddr_ll as *mut libc::sockaddr,
+                        &mut len,
+                    );
+                    (n, addr.sll_pkttype)
+                };
+                // Frames the host sends towards the guest are PACKET_OUTGOING: not guest output.
+                if n > 0 && kind != libc::PACKET_OUTGOING {
+                    f.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            // SAFETY: our fd, closed once.
+            unsafe { libc::close(fd) };
+        });
+        Capture {
+            frames,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn frames(&self) -> u64 {
+        self.frames.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 struct Output {
     image: u64,
+    /// The tap's RX counter.
     frames: u64,
+    /// Guest frames seen by the packet socket.
+    captured: u64,
 }
 
 /// Both daemons, the coordinator with the oracle checkpointer, and the paths they use.
@@ -156,6 +261,7 @@ struct Rig {
     blk: Backend,
     net: Backend,
     coordinator: Option<Backend>,
+    capture: Capture,
     blk_gated: bool,
     fio_size: u64,
 }
@@ -220,6 +326,7 @@ impl Rig {
             blk,
             net,
             coordinator: None,
+            capture: Capture::start(TAP),
             blk_gated,
             fio_size: if blk_gated {
                 FIO_SIZE
@@ -289,6 +396,7 @@ impl Rig {
         Output {
             image: image_hash(&self.disk),
             frames: tap_frames(),
+            captured: self.capture.frames(),
         }
     }
 
@@ -315,7 +423,9 @@ impl Rig {
         assert!(
             eventually(Duration::from_secs(30), || {
                 let now = self.output();
-                now.image != before.image && now.frames > before.frames
+                now.image != before.image
+                    && now.frames > before.frames
+                    && now.captured > before.captured
             }),
             "no output reached the image and the tap while acknowledgements flow"
         );
@@ -344,6 +454,10 @@ impl Rig {
             first.frames, second.frames,
             "{what}: frames reached the tap while no checkpoint was acknowledged"
         );
+        assert_eq!(
+            first.captured, second.captured,
+            "{what}: the packet socket on the tap saw guest frames while nothing was acknowledged"
+        );
         let pid = guest.pid().expect("QEMU pid");
         assert!(
             Path::new(&format!("/proc/{pid}")).exists(),
@@ -359,7 +473,9 @@ impl Rig {
             eventually(Duration::from_secs(30), || {
                 let now = self.output();
                 // An ungated disk never held anything (its writes may even be over by now).
-                (now.image != frozen.image || !self.blk_gated) && now.frames > frozen.frames
+                (now.image != frozen.image || !self.blk_gated)
+                    && now.frames > frozen.frames
+                    && now.captured > frozen.captured
             }),
             "{what}: held output was not released after acknowledgements resumed"
         );
@@ -425,7 +541,10 @@ fn paused_acknowledgements_hold_disk_and_network_output() {
 
         std::fs::write(&rig.pause, b"").expect("create pause file");
         let frozen = rig.assert_frozen(&guest, "acks paused");
-        println!("acks paused: image and tap frozen for {FROZEN_FOR:?}");
+        println!(
+            "acks paused: image and tap frozen for {FROZEN_FOR:?} ({} guest frames captured before)",
+            frozen.captured
+        );
         std::fs::remove_file(&rig.pause).expect("remove pause file");
         rig.assert_released(&frozen, "acks resumed");
         rig.finish(guest, started);
@@ -450,7 +569,10 @@ fn coordinator_death_holds_output_until_restart() {
         unsafe { libc::kill(pid, libc::SIGKILL) };
         drop(coordinator);
         let frozen = rig.assert_frozen(&guest, "coordinator dead");
-        println!("coordinator killed: image and tap frozen for {FROZEN_FOR:?}");
+        println!(
+            "coordinator killed: image and tap frozen for {FROZEN_FOR:?} ({} guest frames captured before)",
+            frozen.captured
+        );
         rig.start_coordinator();
         rig.assert_released(&frozen, "coordinator restarted");
         // The restarted coordinator fenced its dead predecessor: next generation.
