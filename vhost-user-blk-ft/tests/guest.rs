@@ -2,6 +2,7 @@
 //! crc32c verification on a disk served by the vhost-user-blk-ft binary; the image file is then
 //! checked block by block. Uses the shared guest harness (`ft_tests::guest`).
 
+use std::ffi::OsStr;
 use std::io::Read;
 use std::path::Path;
 use std::time::Duration;
@@ -31,24 +32,48 @@ fn nonzero_blocks(path: &Path, split: u64) -> (u64, u64) {
 }
 
 fn daemon(disk: &Path, sock: &Path) -> BackendCommand {
-    BackendCommand::new(
-        env!("CARGO_BIN_EXE_vhost-user-blk-ft"),
-        [
-            "--socket".as_ref(),
-            sock.as_os_str(),
-            "--image".as_ref(),
-            disk.as_os_str(),
-            "--queues".as_ref(),
-            "2".as_ref(),
-        ],
-        sock,
-    )
+    daemon_with(disk, sock, &[])
+}
+
+fn daemon_with(disk: &Path, sock: &Path, extra: &[&OsStr]) -> BackendCommand {
+    let mut args: Vec<&OsStr> = vec![
+        "--socket".as_ref(),
+        sock.as_os_str(),
+        "--image".as_ref(),
+        disk.as_os_str(),
+        "--queues".as_ref(),
+        "2".as_ref(),
+    ];
+    args.extend_from_slice(extra);
+    BackendCommand::new(env!("CARGO_BIN_EXE_vhost-user-blk-ft"), args, sock)
+}
+
+/// How the first daemon goes away mid-I/O.
+enum Restart {
+    /// SIGTERM: the daemon finishes what it has in flight and exits.
+    Term,
+    /// SIGKILL of a daemon in `--ft hold` that was never told to commit: every write fio has
+    /// outstanding is held (in flight, not written) when the process dies. QEMU hands the
+    /// inflight region to the new daemon (`--ft off`), which must resubmit them.
+    Kill,
 }
 
 /// The daemon is restarted (SIGTERM, then a new process on the same socket) while the guest's
 /// fio write pass runs; QEMU reconnects and the guest never sees an error or lost data.
 #[test]
 fn guest_survives_daemon_restart_mid_io() {
+    restart_mid_io(Restart::Term);
+}
+
+/// The daemon is killed with SIGKILL while it holds requests and is restarted: QEMU
+/// (`reconnect=1`) reconnects, the new daemon resubmits the held requests from the inflight
+/// region, and fio's verify pass still passes.
+#[test]
+fn guest_survives_daemon_kill9_mid_io() {
+    restart_mid_io(Restart::Kill);
+}
+
+fn restart_mid_io(how: Restart) {
     let image = GuestImage::ensure().unwrap_or_else(|e| panic!("guest prerequisites: {e}"));
     let scratch = ScratchDir::new("blkft-restart").expect("scratch dir");
     let disk = scratch
@@ -56,8 +81,22 @@ fn guest_survives_daemon_restart_mid_io() {
         .expect("disk image");
     let sock = scratch.join("blk.sock");
     let cmd = daemon(&disk, &sock);
+    let control = scratch.join("control.sock");
+    let first_cmd = match how {
+        Restart::Term => daemon(&disk, &sock),
+        Restart::Kill => daemon_with(
+            &disk,
+            &sock,
+            &[
+                "--ft".as_ref(),
+                "hold".as_ref(),
+                "--control".as_ref(),
+                control.as_os_str(),
+            ],
+        ),
+    };
     let log1 = scratch.join("backend1.log");
-    let first = Backend::start(&cmd, &log1, Duration::from_secs(10)).expect("start daemon");
+    let first = Backend::start(&first_cmd, &log1, Duration::from_secs(10)).expect("start daemon");
 
     let mut config = GuestConfig::new(&image, "fio-verify", scratch.path());
     config.disks.push(sock.clone());
@@ -72,14 +111,39 @@ fn guest_survives_daemon_restart_mid_io() {
     let guest = Guest::start(&config).expect("start QEMU");
     assert!(guest.wait_for_stage("fio-write-start"), "fio never started");
     std::thread::sleep(Duration::from_secs(3));
-    let status = first.stop(Duration::from_secs(5)).expect("stop daemon");
-    let text1 = std::fs::read_to_string(&log1).unwrap_or_default();
-    assert!(status.success(), "daemon exit {status}\n{text1}");
+    let text1;
+    match how {
+        Restart::Term => {
+            let status = first.stop(Duration::from_secs(5)).expect("stop daemon");
+            text1 = std::fs::read_to_string(&log1).unwrap_or_default();
+            assert!(status.success(), "daemon exit {status}\n{text1}");
+        }
+        Restart::Kill => {
+            let status = first.kill().expect("kill daemon");
+            text1 = std::fs::read_to_string(&log1).unwrap_or_default();
+            use std::os::unix::process::ExitStatusExt;
+            assert_eq!(status.signal(), Some(libc::SIGKILL), "{text1}");
+            // Output commit: nothing held by the killed daemon reached the image.
+            assert_eq!(
+                nonzero_blocks(&disk, FIO_SIZE),
+                (0, 0),
+                "held writes on disk"
+            );
+        }
+    }
     let log2 = scratch.join("backend2.log");
     let second = Backend::start(&cmd, &log2, Duration::from_secs(10)).expect("restart daemon");
     let outcome = guest.wait().expect("run guest");
     let text2 = std::fs::read_to_string(&log2).unwrap_or_default();
     println!("first daemon: {}", text1.lines().last().unwrap_or(""));
+    let resubmitted: Vec<&str> = text2
+        .lines()
+        .filter(|l| l.contains("resubmitting"))
+        .collect();
+    println!("second daemon: {resubmitted:?}");
+    if matches!(how, Restart::Kill) {
+        assert!(!resubmitted.is_empty(), "no resubmission\n{text2}");
+    }
     assert!(
         outcome.passed(),
         "{}\n--- daemon 2 ---\n{text2}",
