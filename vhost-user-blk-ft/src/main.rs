@@ -145,10 +145,12 @@ fn run(args: Args) -> std::io::Result<()> {
     let counters = device.counters().clone();
     let server = VhostUserServer::new(device, &args.socket)?;
     let mut commit_cancel = None;
+    let mut commit_syncs = None;
     let control = match (control, hold) {
         (Some(c), Some(h)) => {
             let engine = CommitEngine::new(image, args.max_held_requests)?;
             commit_cancel = Some(engine.cancel_handle());
+            commit_syncs = Some(engine.fdatasync_counter());
             let policy = match args.on_commit_error {
                 OnError::Stop => OnCommitError::Stop,
                 OnError::Report => OnCommitError::Report,
@@ -178,5 +180,11 @@ fn run(args: Args) -> std::io::Result<()> {
     }
     res?;
     log::info!("stopped; {}", counters.summary());
+    if let Some(n) = commit_syncs {
+        log::info!(
+            "commit fdatasyncs {}",
+            n.load(std::sync::atomic::Ordering::Relaxed)
+        );
+    }
     Ok(())
 }

@@ -60,7 +60,7 @@ pub struct BlkCounters {
 impl BlkCounters {
     pub fn summary(&self) -> String {
         format!(
-            "requests {}, rejected {}, completed I/O {}, fdatasyncs {}",
+            "requests {}, rejected {}, completed I/O {}, FLUSH fdatasyncs {}",
             self.requests.load(Ordering::Relaxed),
             self.rejected.load(Ordering::Relaxed),
             self.completed.load(Ordering::Relaxed),

@@ -26,7 +26,7 @@ use crate::image::{Image, SECTOR_SHIFT};
 use crate::request::{RequestKind, STATUS_IOERR, STATUS_OK};
 use ft_common::aiocb::{Aiocb, AiocbId, InFlight};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -129,7 +129,8 @@ pub struct CommitEngine {
     /// Per batch: the queued AIOCBs (taken out wave by wave) and their waves.
     pending: Vec<Option<Aiocb<HeldReq>>>,
     wave: Vec<u32>,
-    fdatasyncs: u64,
+    /// Shared so the daemon can report it after the control thread has taken the engine.
+    fdatasyncs: Arc<AtomicU64>,
     cancel: CommitCancel,
 }
 
@@ -153,7 +154,7 @@ impl CommitEngine {
             image,
             pending: Vec::new(),
             wave: Vec::new(),
-            fdatasyncs: 0,
+            fdatasyncs: Arc::new(AtomicU64::new(0)),
             cancel: CommitCancel::new()?,
         })
     }
@@ -165,7 +166,12 @@ impl CommitEngine {
 
     /// `fdatasync` calls that succeeded so far.
     pub fn fdatasyncs(&self) -> u64 {
-        self.fdatasyncs
+        self.fdatasyncs.load(Ordering::Relaxed)
+    }
+
+    /// The live count of successful commit `fdatasync`s, for the daemon's exit summary.
+    pub fn fdatasync_counter(&self) -> Arc<AtomicU64> {
+        self.fdatasyncs.clone()
     }
 
     /// Executes `batch` (guest order, as `take_committable` hands it out) and syncs once.
@@ -301,7 +307,7 @@ impl CommitEngine {
         out.fdatasync = t1.elapsed();
         out.synced = true;
         let sync_err = if rc == 0 {
-            self.fdatasyncs += 1;
+            self.fdatasyncs.fetch_add(1, Ordering::Relaxed);
             None
         } else {
             let e = std::io::Error::last_os_error();
