@@ -1,3 +1,4 @@
 //! test support
+pub mod acknowledger;
 pub mod frontend;
 pub mod guest;
