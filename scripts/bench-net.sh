@@ -11,8 +11,11 @@
 # Under TCG the guest's vCPU is the bottleneck: the numbers compare end-to-end behaviour of the
 # configurations on the same guest, not raw backend speed.
 #
-# Usage: scripts/bench-net.sh [--iperf-secs 5] [--pings 50] [--ping-interval 0.1]
+# Usage: scripts/bench-net.sh [--iperf-secs 5] [--pings 50] [--ping-interval 0.1] [--rounds 3]
 #                             [--configs "off hold-1 hold-5 hold-25 qemu"] [--no-doc]
+# Rounds run the configurations interleaved (round 1: all configs, round 2: all, ...), so a
+# burst of load on the shared machine hits them alike; throughput is the median over rounds
+# (min-max shown), RTT percentiles pool the pings of all rounds.
 # Needs root, the host tools of scripts/setup.sh and the guest of tests/guest/build-guest.sh
 # (both run on demand). Results and logs: $FT_BENCH_DIR (default /tmp/ft-bench-net).
 set -euo pipefail
@@ -23,6 +26,7 @@ IPERF_SECS=5
 PINGS=50
 PING_INTERVAL=0.1
 CONFIGS="off hold-1 hold-5 hold-25 qemu"
+ROUNDS=3
 WRITE_DOC=1
 WORK=${FT_BENCH_DIR:-/tmp/ft-bench-net}
 HOST_IP=10.77.0.1
@@ -35,8 +39,9 @@ while [ $# -gt 0 ]; do
         --pings) PINGS=$2; shift 2 ;;
         --ping-interval) PING_INTERVAL=$2; shift 2 ;;
         --configs) CONFIGS=$2; shift 2 ;;
+        --rounds) ROUNDS=$2; shift 2 ;;
         --no-doc) WRITE_DOC=0; shift ;;
-        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -87,9 +92,9 @@ wait_for() {
 # stop_pid PID: SIGTERM and reap (ours exit cleanly on SIGTERM).
 stop_pid() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 
-# run_config NAME: one guest run; leaves $WORK/NAME/{serial.log,...}.
+# run_config NAME ROUND: one guest run; leaves $WORK/NAME/rROUND/{serial.log,...}.
 run_config() {
-    local name=$1 dir="$WORK/$1" tap="ftb${1//-/}" netdev daemon_pid="" ack_pid="" iperf_pid
+    local name=$1 dir="$WORK/$1/r$2" tap="ftb${1//-/}" netdev daemon_pid="" ack_pid="" iperf_pid
     mkdir -p "$dir"
     case "$name" in
         qemu)
@@ -130,10 +135,10 @@ run_config() {
         -kernel "$KERNEL" -initrd "$INITRD"
         -append "console=ttyS0 panic=-1 loglevel=4 ft.test=net-iperf ft.ip=$GUEST_IP ft.peer=$HOST_IP ft.pings=$PINGS ft.ping_interval=$PING_INTERVAL ft.iperf_secs=$IPERF_SECS")
     echo "${qemu[*]}" >"$dir/qemu.cmd"
-    log "$name: guest running"
+    log "$name round $2: guest running"
     local start=$SECONDS
     nsx timeout 300 "${qemu[@]}" </dev/null >"$dir/serial.log" 2>"$dir/qemu.err" || true
-    log "$name: guest done in $((SECONDS - start)) s: $(grep -a -o 'FT-RESULT: .*' "$dir/serial.log" | tr -d '\r' || echo 'no result')"
+    log "$name round $2: guest done in $((SECONDS - start)) s: $(grep -a -o 'FT-RESULT: .*' "$dir/serial.log" | tr -d '\r' || echo 'no result')"
 
     stop_pid "$iperf_pid"
     # After the guest: ft-ack's last round releases what was still held.
@@ -142,39 +147,47 @@ run_config() {
     [ "$name" != qemu ] || nsx ip link del "$tap"
 }
 
-# summarize NAME: one line "name tx_mbit rx_mbit p50 p99 pings result ack" from the logs.
+# summarize NAME: one line "name tx_med tx_min tx_max rx_med rx_min rx_max p50 p99 pings
+# results ack" over all rounds of NAME.
 summarize() {
-    local dir="$WORK/$1" result ack="-"
-    result=$(grep -a -o 'FT-RESULT: [A-Z]*' "$dir/serial.log" | head -n1 | awk '{ print $2 }' || true)
-    if [ -f "$dir/ack.log" ]; then
-        ack=$(awk '/^ft-ack:/ {
+    local name=$1 d per_round="" rtts results="" ack="-" r
+    for d in "$WORK/$name"/r*; do
+        per_round+=$(tr -d '\r' <"$d/serial.log" | awk '
+            /FT-NET: iperf / {
+                sub(/.*FT-NET: /, "")
+                for (i = 1; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+                mbit[v["dir"]] = v["seconds"] > 0 ? v["received_bytes"] * 8 / v["seconds"] / 1e6 : 0
+            }
+            END { printf "%.0f %.0f\n", mbit["tx"] + 0, mbit["rx"] + 0 }')$'\n'
+        r=$(grep -a -o 'FT-RESULT: [A-Z]*' "$d/serial.log" | head -n1 | awk '{ print $2 }' || true)
+        results+="${r:-NONE},"
+    done
+    if ls "$WORK/$name"/r*/ack.log >/dev/null 2>&1; then
+        ack=$(cat "$WORK/$name"/r*/ack.log | awk '/^ft-ack:/ {
             for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
-            printf "%d/%d", v["rounds"], v["nonempty_commits"] }' "$dir/ack.log")
-        [ -n "$ack" ] || ack="failed"
+            rounds += v["rounds"]; nonempty += v["nonempty_commits"]; runs++ }
+            END { if (runs) printf "%d/%d", rounds, nonempty; else print "failed" }')
     fi
-    tr -d '\r' <"$dir/serial.log" | awk -v name="$1" -v result="${result:-NONE}" -v ack="$ack" '
-        function kv(key,   i, a) {
-            for (i = 1; i <= NF; i++) if (index($i, key "=") == 1) return substr($i, length(key) + 2)
-            return ""
-        }
-        /FT-NET: rtt_ms=/ { sub(/.*FT-NET: /, ""); rtt[n++] = kv("rtt_ms") + 0 }
-        /FT-NET: iperf / {
-            sub(/.*FT-NET: /, "")
-            s = kv("seconds") + 0
-            mbit[kv("dir")] = s > 0 ? kv("received_bytes") * 8 / s / 1e6 : 0
-        }
-        /FT-NET: ping / { sub(/.*FT-NET: /, ""); pings = kv("received") "/" kv("sent") }
-        END {
-            # insertion sort: n is small
-            for (i = 1; i < n; i++) { x = rtt[i]; for (j = i - 1; j >= 0 && rtt[j] > x; j--) rtt[j + 1] = rtt[j]; rtt[j + 1] = x }
-            p50 = n ? rtt[int((n - 1) * 0.50 + 0.5)] : 0
-            p99 = n ? rtt[int((n - 1) * 0.99 + 0.5)] : 0
-            printf "%s %.1f %.1f %.2f %.2f %s %s %s\n", name, mbit["tx"] + 0, mbit["rx"] + 0, p50, p99,
-                pings == "" ? "-" : pings, result, ack
-        }'
+    # Pooled RTTs of all rounds, sorted; pings received/sent over all rounds.
+    rtts=$(cat "$WORK/$name"/r*/serial.log | tr -d '\r' | sed -n 's/.*FT-NET: rtt_ms=\([0-9.]*\).*/\1/p' | sort -n)
+    local pings
+    pings=$(cat "$WORK/$name"/r*/serial.log | tr -d '\r' | sed -n 's/.*FT-NET: ping sent=\([0-9]*\) received=\([0-9]*\).*/\1 \2/p' |
+        awk '{ s += $1; r += $2 } END { printf "%d/%d", r, s }')
+    results=${results%,}
+    [ "$(echo "$results" | tr ',' '\n' | sort -u)" = PASS ] && results=PASS
+    local cols
+    cols=$({
+        echo "$per_round" | awk 'NF' | sort -n -k1,1 | awk '{ v[NR] = $1 } END { printf "%s %s %s ", v[int((NR + 1) / 2)], v[1], v[NR] }'
+        echo "$per_round" | awk 'NF' | sort -n -k2,2 | awk '{ v[NR] = $2 } END { printf "%s %s %s ", v[int((NR + 1) / 2)], v[1], v[NR] }'
+        echo "$rtts" | awk 'NF { v[n++] = $1 } END {
+            printf "%.2f %.2f ", n ? v[int((n - 1) * 0.50 + 0.5)] : 0, n ? v[int((n - 1) * 0.99 + 0.5)] : 0 }'
+    })
+    echo "$name $cols $pings $results $ack"
 }
 
-for c in $CONFIGS; do run_config "$c"; done
+for round in $(seq 1 "$ROUNDS"); do
+    for c in $CONFIGS; do run_config "$c" "$round"; done
+done
 : >"$WORK/summary.txt"
 for c in $CONFIGS; do summarize "$c" >>"$WORK/summary.txt"; done
 cat "$WORK/summary.txt" >&2
@@ -182,15 +195,17 @@ cat "$WORK/summary.txt" >&2
 # The table, with ratios to QEMU's own virtio-net (if it ran).
 table() {
     awk '
-        { name[NR] = $1; tx[NR] = $2; rx[NR] = $3; p50[NR] = $4; p99[NR] = $5; pings[NR] = $6; res[NR] = $7; ack[NR] = $8
-          if ($1 == "qemu") { btx = $2; brx = $3; bp50 = $4 } }
+        { name[NR] = $1; tx[NR] = $2; txr[NR] = $3 "-" $4; rx[NR] = $5; rxr[NR] = $6 "-" $7
+          p50[NR] = $8; p99[NR] = $9; pings[NR] = $10; res[NR] = $11; ack[NR] = $12
+          if ($1 == "qemu") { btx = $2; brx = $5; bp50 = $8; bp99 = $9 } }
         function ratio(a, b) { return b > 0 ? sprintf("%.2f", a / b) : "-" }
         END {
-            print "| config | guest->host Mbit/s | (x qemu) | host->guest Mbit/s | (x qemu) | ping p50 ms | p99 ms | (p50 x qemu) | pings | commits (all/non-empty) | guest |"
-            print "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+            print "| config | guest->host Mbit/s (min-max) | x qemu | host->guest Mbit/s (min-max) | x qemu | ping p50 ms | x qemu | ping p99 ms | x qemu | pings | commits (all/non-empty) | guest |"
+            print "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
             for (i = 1; i <= NR; i++)
-                printf "| %s | %.1f | %s | %.1f | %s | %.2f | %.2f | %s | %s | %s | %s |\n", name[i], tx[i], ratio(tx[i], btx),
-                    rx[i], ratio(rx[i], brx), p50[i], p99[i], ratio(p50[i], bp50), pings[i], ack[i], res[i]
+                printf "| %s | %.0f (%s) | %s | %.0f (%s) | %s | %.2f | %s | %.2f | %s | %s | %s | %s |\n", name[i],
+                    tx[i], txr[i], ratio(tx[i], btx), rx[i], rxr[i], ratio(rx[i], brx),
+                    p50[i], ratio(p50[i], bp50), p99[i], ratio(p99[i], bp99), pings[i], ack[i], res[i]
         }' "$WORK/summary.txt"
 }
 
@@ -203,7 +218,7 @@ DIRTY=$(git -C "$ROOT" status --porcelain 2>/dev/null | grep -q . && echo " (+ l
     echo "<!-- BEGIN bench-net (generated by scripts/bench-net.sh; do not edit by hand) -->"
     echo
     echo "Run $(date -u '+%Y-%m-%d %H:%M UTC') at commit \`$COMMIT\`$DIRTY:"
-    echo "\`scripts/bench-net.sh --iperf-secs $IPERF_SECS --pings $PINGS --ping-interval $PING_INTERVAL --configs \"$CONFIGS\"\`."
+    echo "\`scripts/bench-net.sh --iperf-secs $IPERF_SECS --pings $PINGS --ping-interval $PING_INTERVAL --rounds $ROUNDS --configs \"$CONFIGS\"\`."
     echo
     echo "- Machine: $CPU, $(nproc) CPUs, kernel $(uname -r), load average at the end $(cut -d' ' -f1-3 /proc/loadavg)."
     echo "- $QEMU_VER, TCG, 1 vCPU, 512 MiB; guest kernel $(awk '{ print $2, $3 }' "$CACHE/guest/kernel-choice" 2>/dev/null) (Debian 12); $IPERF_VER."
