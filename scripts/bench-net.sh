@@ -51,9 +51,17 @@ log() { echo "bench-net: $*" >&2; }
 [ "$(id -u)" -eq 0 ] || { log "needs root (taps, network namespaces)"; exit 1; }
 command -v qemu-system-x86_64 >/dev/null && command -v iperf3 >/dev/null || "$ROOT/scripts/setup.sh"
 CACHE=${FT_CACHE:-$HOME/.cache/ft-vhost}
-bash "$ROOT/tests/guest/build-guest.sh" "$CACHE/guest" >&2
-KERNEL=$CACHE/guest/vmlinux
-INITRD=$CACHE/guest/initrd.img
+# A guest directory of our own: the shared one ($CACHE/guest) is rebuilt by any test run from a
+# checkout whose guest scripts differ, which would swap the image under a long benchmark. The
+# kernel .deb is taken from the shared cache when it is there (no second download).
+GUEST=${FT_BENCH_GUEST:-$CACHE/guest-bench-net}
+mkdir -p "$GUEST/debs"
+for deb in "$CACHE"/guest/debs/*.deb; do
+    [ -e "$deb" ] && [ ! -e "$GUEST/debs/$(basename "$deb")" ] && cp "$deb" "$GUEST/debs/"
+done
+bash "$ROOT/tests/guest/build-guest.sh" "$GUEST" >&2
+KERNEL=$GUEST/vmlinux
+INITRD=$GUEST/initrd.img
 
 log "building release binaries"
 (cd "$ROOT" && cargo build --release -q -p vhost-user-net-ft -p ft-tests --bin vhost-user-net-ft --bin ft-ack)
@@ -221,7 +229,7 @@ DIRTY=$(git -C "$ROOT" status --porcelain 2>/dev/null | grep -q . && echo " (+ l
     echo "\`scripts/bench-net.sh --iperf-secs $IPERF_SECS --pings $PINGS --ping-interval $PING_INTERVAL --rounds $ROUNDS --configs \"$CONFIGS\"\`."
     echo
     echo "- Machine: $CPU, $(nproc) CPUs, kernel $(uname -r), load average at the end $(cut -d' ' -f1-3 /proc/loadavg)."
-    echo "- $QEMU_VER, TCG, 1 vCPU, 512 MiB; guest kernel $(awk '{ print $2, $3 }' "$CACHE/guest/kernel-choice" 2>/dev/null) (Debian 12); $IPERF_VER."
+    echo "- $QEMU_VER, TCG, 1 vCPU, 512 MiB; guest kernel $(awk '{ print $2, $3 }' "$GUEST/kernel-choice" 2>/dev/null) (Debian 12); $IPERF_VER."
     echo "- Guest: \`iperf3 -c $HOST_IP -t $IPERF_SECS -J\` (then \`-R\`), \`ping -c $PINGS -i $PING_INTERVAL $HOST_IP\`; Mbit/s = bytes received / seconds."
     echo
     table
@@ -229,6 +237,13 @@ DIRTY=$(git -C "$ROOT" status --porcelain 2>/dev/null | grep -q . && echo " (+ l
     echo "<!-- END bench-net -->"
 } >"$WORK/section.md"
 
+FAILED=$(awk '$11 != "PASS" { print $1 }' "$WORK/summary.txt" | tr '\n' ' ')
+if [ -n "$FAILED" ]; then
+    # A failed guest has no numbers: keep the documented table, show what happened.
+    cat "$WORK/section.md"
+    log "guest runs failed for: $FAILED(logs in $WORK); $DOC left unchanged"
+    exit 1
+fi
 if [ "$WRITE_DOC" = 1 ]; then
     mkdir -p "$(dirname "$DOC")"
     [ -f "$DOC" ] || printf '# Benchmarks\n' >"$DOC"
