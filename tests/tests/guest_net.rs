@@ -4,8 +4,9 @@
 //!
 //! Each test runs in a network namespace of its own (tap, addresses and the iperf3 server vanish
 //! with it; the fixed 10.77.0.0/24 addresses cannot clash with another run). Run once with the
-//! daemon's gating off and once with `--ft hold` while an acknowledger (SEAL/COMMIT every 5 ms)
-//! plays the coordinator: held frames must all be released, nothing left held at the end.
+//! daemon's gating off and once with `--ft hold`: first without any commit (the guest's frames
+//! are held and none reaches the tap), then with an acknowledger (SEAL/COMMIT every 5 ms)
+//! playing the coordinator: held frames must all be released, nothing left held at the end.
 //!
 //! The daemon binary comes from the workspace target directory (built on demand). Run with
 //! `--nocapture` for timings and throughput.
@@ -211,7 +212,7 @@ fn run_in_netns(image: GuestImage, daemon: PathBuf, gated: bool) {
         "--socket".into(),
         sock.display().to_string(),
         "--tap".into(),
-        tap,
+        tap.clone(),
         "--ip".into(),
         format!("{HOST_IP}/24"),
         "--mac".into(),
@@ -233,10 +234,6 @@ fn run_in_netns(image: GuestImage, daemon: PathBuf, gated: bool) {
     )
     .expect("start vhost-user-net-ft");
     let _iperf = start_iperf_server(&scratch.join("iperf3.log"));
-    let ack = gated.then(|| {
-        Acknowledger::start(std::slice::from_ref(&ctl), ACK_INTERVAL, Generation(1))
-            .expect("start acknowledger")
-    });
 
     let mut config = GuestConfig::new(&image, "net-iperf", scratch.path());
     config.net = Some(sock.clone());
@@ -248,10 +245,13 @@ fn run_in_netns(image: GuestImage, daemon: PathBuf, gated: bool) {
         "ft.ping_interval=0.2".into(),
         format!("ft.iperf_secs={IPERF_SECS}"),
     ];
-    let outcome = Guest::start(&config)
-        .expect("start QEMU")
-        .wait()
-        .expect("run guest");
+    let guest = Guest::start(&config).expect("start QEMU");
+    let ack = gated.then(|| {
+        hold_before_first_commit(&guest, &ctl, &tap);
+        Acknowledger::start(std::slice::from_ref(&ctl), ACK_INTERVAL, Generation(1))
+            .expect("start acknowledger")
+    });
+    let outcome = guest.wait().expect("run guest");
     let report = parse_report(&outcome.serial);
     println!(
         "[{label}] boot to net-up {:.1} s, ping rtt {:?} ms, iperf guest->host {:.1} Mbit/s, \
@@ -316,6 +316,47 @@ fn run_in_netns(image: GuestImage, daemon: PathBuf, gated: bool) {
     } else {
         assert_eq!(committed, 0, "nothing is committed with gating off");
     }
+}
+
+/// Frames the host end of `tap` received (the daemon's writes to the tap fd), from this
+/// thread's network namespace.
+fn tap_rx_packets(tap: &str) -> u64 {
+    let dev =
+        std::fs::read_to_string("/proc/thread-self/net/dev").expect("/proc/thread-self/net/dev");
+    dev.lines()
+        .find_map(|l| l.trim_start().strip_prefix(tap)?.strip_prefix(':'))
+        .and_then(|rest| rest.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or_else(|| panic!("{tap} not in /proc/net/dev:\n{dev}"))
+}
+
+/// Before any commit the guest's first frames (ARP, pings) are held: the daemon reports them
+/// and nothing reached the tap. The guest keeps retrying its first ping meanwhile.
+fn hold_before_first_commit(guest: &Guest, ctl: &Path, tap: &str) {
+    assert!(
+        guest.wait_for_stage("net-up"),
+        "guest never brought its NIC up"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let held = loop {
+        let s = status(ctl);
+        if s.held_requests >= 2 || Instant::now() >= deadline {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    println!(
+        "[hold] before the first commit: {} frames / {} bytes held, tap received {}",
+        held.held_requests,
+        held.held_bytes,
+        tap_rx_packets(tap)
+    );
+    assert!(held.held_requests >= 2, "guest output not held: {held:?}");
+    assert_eq!(held.last_committed, None);
+    assert_eq!(
+        tap_rx_packets(tap),
+        0,
+        "frames left the daemon before any commit"
+    );
 }
 
 /// With gating on: commits happened, released the guest's traffic, and nothing is left held.
