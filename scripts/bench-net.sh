@@ -173,8 +173,9 @@ summarize() {
     if ls "$WORK/$name"/r*/ack.log >/dev/null 2>&1; then
         ack=$(cat "$WORK/$name"/r*/ack.log | awk '/^ft-ack:/ {
             for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
-            rounds += v["rounds"]; nonempty += v["nonempty_commits"]; runs++ }
-            END { if (runs) printf "%d/%d", rounds, nonempty; else print "failed" }')
+            rounds += v["rounds"]; nonempty += v["nonempty_commits"]; runs++
+            if (v["max_round_us"] > slowest) slowest = v["max_round_us"] }
+            END { if (runs) printf "%d/%d/%.1f", rounds, nonempty, slowest / 1000; else print "failed" }')
     fi
     # Pooled RTTs of all rounds, sorted; pings received/sent over all rounds.
     rtts=$(cat "$WORK/$name"/r*/serial.log | tr -d '\r' | sed -n 's/.*FT-NET: rtt_ms=\([0-9.]*\).*/\1/p' | sort -n)
@@ -208,7 +209,7 @@ table() {
           if ($1 == "qemu") { btx = $2; brx = $5; bp50 = $8; bp99 = $9 } }
         function ratio(a, b) { return b > 0 ? sprintf("%.2f", a / b) : "-" }
         END {
-            print "| config | guest->host Mbit/s (min-max) | x qemu | host->guest Mbit/s (min-max) | x qemu | ping p50 ms | x qemu | ping p99 ms | x qemu | pings | commits (all/non-empty) | guest |"
+            print "| config | guest->host Mbit/s (min-max) | x qemu | host->guest Mbit/s (min-max) | x qemu | ping p50 ms | x qemu | ping p99 ms | x qemu | pings | commits (all/non-empty/slowest ms) | guest |"
             print "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
             for (i = 1; i <= NR; i++)
                 printf "| %s | %.0f (%s) | %s | %.0f (%s) | %s | %.2f | %s | %.2f | %s | %s | %s | %s |\n", name[i],
