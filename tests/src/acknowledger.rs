@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 
 /// Per-call timeout: a daemon that takes longer is broken for our purposes.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Rounds slower than this are logged (warn).
+const SLOW_ROUND: Duration = Duration::from_millis(50);
 
 /// What the acknowledger did, summed over all daemons.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -160,8 +162,14 @@ fn run(
         if deadline < now {
             deadline = now + interval;
         }
+        let started = Instant::now();
         if let Err(e) = round(&mut daemons, generation, epoch, &mut stats) {
             break Err(e);
+        }
+        // A stalled round delays every frame of its epoch: say when it happened.
+        let took = started.elapsed();
+        if took > SLOW_ROUND {
+            log::warn!("SEAL/COMMIT of epoch {epoch} took {} ms", took.as_millis());
         }
         epoch = epoch.next();
     };
