@@ -18,6 +18,7 @@ PACKAGES=(
     qemu-system-x86 qemu-utils   # always together, see qemu_ok below
     fio iperf3 busybox-static iproute2 strace
     cpio gzip xz-utils zstd kmod # initramfs building, module decompression
+    linux-perf                   # kernel-side check that FLUSH/COMMIT reach fdatasync
 )
 
 # Other helpers may run apt at the same time on a shared machine: wait for the lock.
@@ -45,7 +46,15 @@ for p in "${PACKAGES[@]}"; do
     esac
 done
 
+# perf reads the ext4 sync tracepoints from tracefs; mount it if the kernel has it unmounted.
+ensure_tracefs() {
+    if [ -d /sys/kernel/tracing ] && ! [ -e /sys/kernel/tracing/events ]; then
+        "${SUDO[@]}" mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null || true
+    fi
+}
+
 if [ "${#missing[@]}" -eq 0 ]; then
+    ensure_tracefs
     exit 0
 fi
 
@@ -75,4 +84,5 @@ qemu_ok || {
     echo "setup.sh: qemu-system-x86 and qemu-utils versions still differ" >&2
     exit 1
 }
+ensure_tracefs
 echo "setup.sh: done" >&2

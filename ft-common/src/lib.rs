@@ -5,12 +5,15 @@
 //! - [`txqueue`]: the per-device transaction queue holding output by epoch until commit.
 //! - [`control`]: the coordinator <-> daemon control protocol (messages, framing, socket ends).
 //! - [`vhost_user`]: the vhost-user device server both daemons run.
+//! - [`coordinator`]: the coordinator that seals epochs across devices, drives a checkpointer and
+//!   commits in epoch order (binaries `ft-coordinator` and `ftctl`).
 //!
 //! The one invariant everything here serves (ARCHITECTURE.md section 1): no byte of an epoch later
 //! than the last committed one reaches the backing file or the tap.
 
 pub mod aiocb;
 pub mod control;
+pub mod coordinator;
 pub mod epoch;
 pub mod txqueue;
 pub mod vhost_user;

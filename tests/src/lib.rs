@@ -1,4 +1,15 @@
-//! test support
+//! Test support shared by the cross-crate integration tests and the benchmarks.
+//!
+//! - [`frontend`]: a raw vhost-user frontend (vhost `Frontend`, memfd guest memory, a small
+//!   split-ring driver) for protocol tests, including malformed chains.
+//! - [`blk_client`]: a virtio-blk client over vhost-user built on `virtio-driver`, for block tests
+//!   and the benchmark.
+//! - [`guest`]: the QEMU (TCG) guest harness: boots a small Linux guest with our daemons attached
+//!   and reads its verdict from the serial console.
+//! - [`acknowledger`]: a stand-in coordinator that seals and commits an epoch every interval on
+//!   daemon control sockets (guest net test, `ft-ack` for benchmarks).
+
 pub mod acknowledger;
+pub mod blk_client;
 pub mod frontend;
 pub mod guest;

@@ -1,1 +1,182 @@
-fn main() {}
+//! `vhost-user-blk-ft`: CLI, daemon setup and signal handling.
+//!
+//! Opens the image, builds the virtio-blk device and serves it on a vhost-user socket until
+//! SIGINT/SIGTERM; frontends may disconnect and reconnect in between (the device and its queue
+//! threads outlive connections). With `--ft hold` it also serves the coordinator's control
+//! socket (`--control`, required then) and holds output until commit (see `gate`).
+
+use clap::{Parser, ValueEnum};
+use ft_common::control::ControlServer;
+use ft_common::txqueue::Limits;
+use ft_common::vhost_user::VhostUserServer;
+use std::path::PathBuf;
+use std::sync::Arc;
+use vhost_user_blk_ft::config::{BlkConfig, BlkParams};
+use vhost_user_blk_ft::device::BlkDevice;
+use vhost_user_blk_ft::gate::commit::CommitEngine;
+use vhost_user_blk_ft::gate::control::{BlkControl, OnCommitError};
+use vhost_user_blk_ft::gate::hold::Hold;
+use vhost_user_blk_ft::image::{Image, OpenOpts};
+
+/// Output-commit gating mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum FtMode {
+    /// Plain backend: every request is executed at once.
+    Off,
+    /// Output commit: writes, flushes, discards and write-zeroes wait for COMMIT of their
+    /// epoch (needs --control).
+    Hold,
+}
+
+/// `--on-commit-error`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum OnError {
+    /// Refuse further commits after a failed one.
+    Stop,
+    /// Report the failure and keep committing later epochs.
+    Report,
+}
+
+/// vhost-user virtio-blk backend with fault-tolerance (output commit) support.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// vhost-user socket to listen on (an existing socket file is replaced).
+    #[arg(long)]
+    socket: PathBuf,
+    /// Raw image file or block device.
+    #[arg(long)]
+    image: PathBuf,
+    /// Expose the disk read-only (the image is opened O_RDONLY).
+    #[arg(long)]
+    readonly: bool,
+    /// Open the image with O_DIRECT (bypass the host page cache).
+    #[arg(long)]
+    direct: bool,
+    /// Number of virtqueues (one I/O thread and io_uring each).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    queues: u16,
+    /// Largest virtqueue size accepted.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    queue_size: u16,
+    /// Serial number reported by GET_ID (at most 20 bytes are used).
+    #[arg(long, default_value = "vhost-user-blk-ft")]
+    serial: String,
+    /// Output-commit gating mode.
+    #[arg(long, value_enum, default_value_t = FtMode::Off)]
+    ft: FtMode,
+    /// Coordinator control socket (created with mode 0600); required with --ft hold.
+    #[arg(long)]
+    control: Option<PathBuf>,
+    /// What a failed commit does to later commits.
+    #[arg(long, value_enum, default_value_t = OnError::Stop)]
+    on_commit_error: OnError,
+    /// Most output requests held at once (over all queues); when full, the rings wait.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    max_held_requests: u32,
+    /// Most bytes of writes held at once.
+    #[arg(long, default_value_t = 64 << 20, value_parser = clap::value_parser!(u64).range(1..))]
+    max_held_bytes: u64,
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let args = Args::parse();
+    if let Err(e) = run(args) {
+        log::error!("{e}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> std::io::Result<()> {
+    let control = match (args.ft, &args.control) {
+        (FtMode::Hold, Some(p)) => Some(ControlServer::bind(p).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("control socket {}: {e}", p.display()))
+        })?),
+        (FtMode::Hold, None) => {
+            return Err(std::io::Error::other("--ft hold needs --control PATH"));
+        }
+        (FtMode::Off, Some(_)) => {
+            return Err(std::io::Error::other("--control needs --ft hold"));
+        }
+        (FtMode::Off, None) => None,
+    };
+    let opts = OpenOpts {
+        readonly: args.readonly,
+        direct: args.direct,
+    };
+    let image = Image::open(&args.image, opts).map_err(|e| {
+        std::io::Error::new(e.kind(), format!("open {}: {e}", args.image.display()))
+    })?;
+    if args.serial.len() > 20 {
+        log::warn!("serial longer than 20 bytes is truncated");
+    }
+    let params = BlkParams::new(&image, args.queues, &args.serial);
+    log::info!(
+        "image {} ({:?}): {} sectors, block size {}, {}{}; {} queue(s) of up to {}, ft {:?}",
+        args.image.display(),
+        image.kind(),
+        params.capacity_sectors,
+        params.logical_block_size,
+        if image.readonly() {
+            "read-only"
+        } else {
+            "read-write"
+        },
+        if image.direct() { ", O_DIRECT" } else { "" },
+        args.queues,
+        args.queue_size,
+        args.ft,
+    );
+    let image = Arc::new(image);
+    let config = Arc::new(BlkConfig::new(params));
+    let mut device = BlkDevice::new(image.clone(), config, args.queue_size);
+    let mut hold = None;
+    if let Some(c) = &control {
+        let limits = Limits {
+            max_requests: args.max_held_requests as usize,
+            max_bytes: args.max_held_bytes,
+        };
+        let h = Arc::new(Hold::new(limits, args.queues, c.notifier()));
+        device = device.with_hold(h.clone());
+        hold = Some(h);
+    }
+    let device = Arc::new(device);
+    let counters = device.counters().clone();
+    let server = VhostUserServer::new(device, &args.socket)?;
+    let mut commit_cancel = None;
+    let control = match (control, hold) {
+        (Some(c), Some(h)) => {
+            let engine = CommitEngine::new(image, args.max_held_requests)?;
+            commit_cancel = Some(engine.cancel_handle());
+            let policy = match args.on_commit_error {
+                OnError::Stop => OnCommitError::Stop,
+                OnError::Report => OnCommitError::Report,
+            };
+            let name = args
+                .image
+                .file_name()
+                .map_or_else(|| "blk".into(), |n| n.to_string_lossy().into_owned());
+            let ctl = BlkControl::new(h, server.worker_handles(), name, policy, engine);
+            log::info!("control socket {}", c.path().display());
+            Some(c.spawn(ctl.into_handler())?)
+        }
+        _ => None,
+    };
+    server
+        .stop_handle()
+        .on_signals(&[libc::SIGINT, libc::SIGTERM])?;
+    log::info!("listening on {}", args.socket.display());
+    let res = server.run();
+    // A commit still running is cancelled (ASYNC_CANCEL; queued requests never written) before
+    // the control thread is joined.
+    if let Some(c) = commit_cancel {
+        c.cancel();
+    }
+    if let Some(c) = control {
+        c.stop();
+    }
+    res?;
+    log::info!("stopped; {}", counters.summary());
+    Ok(())
+}

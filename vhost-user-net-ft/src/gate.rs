@@ -13,14 +13,13 @@
 use crate::device::{FtMode, GateOp, NetMsg, NetReply};
 use crate::mac::MacAddr;
 use crate::tx_hold::Released;
+use ft_common::control::gate::{self, EpochMerge};
 use ft_common::control::{
-    CommitStats, ControlHandler, DeviceKind, DeviceStatus, EpochHeld, ErrorCode, QueueState, Reply,
-    Request, TransactionState,
+    CommitStats, ControlHandler, DeviceKind, DeviceStatus, ErrorCode, QueueState, Reply, Request,
+    TransactionState,
 };
 use ft_common::epoch::{Epoch, Fence};
-use ft_common::txqueue::TxError;
 use ft_common::vhost_user::WorkerHandle;
-use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -38,16 +37,6 @@ pub struct NetControl {
     mac: MacAddr,
     mode: FtMode,
     state: Mutex<GateState>,
-}
-
-fn refused(e: TxError) -> Reply {
-    let code = match e {
-        TxError::Stale { .. } | TxError::EpochOverflow(_) => ErrorCode::StaleEpoch,
-        TxError::NotSealed { .. } => ErrorCode::NotSealed,
-        TxError::Aborted { .. } => ErrorCode::Aborted,
-        TxError::NotHeld(_) => ErrorCode::Internal,
-    };
-    Reply::error(code, e.to_string())
 }
 
 impl NetControl {
@@ -69,7 +58,7 @@ impl NetControl {
                 .call(Box::new(NetMsg::Gate(op())))
                 .map_err(|e| Reply::error(ErrorCode::Internal, e.to_string()))?;
             match r.downcast::<NetReply>().map(|r| *r) {
-                Ok(NetReply::Refused(e)) => return Err(refused(e)),
+                Ok(NetReply::Refused(e)) => return Err(gate::tx_error_reply(e)),
                 Ok(NetReply::NotHolding) => {
                     return Err(Reply::error(
                         ErrorCode::Unsupported,
@@ -208,7 +197,7 @@ impl NetControl {
                 Err(e) => return e,
             };
             let now = Instant::now();
-            let mut epochs: BTreeMap<Epoch, EpochHeld> = BTreeMap::new();
+            let mut epochs = EpochMerge::default();
             for r in replies {
                 let NetReply::Status {
                     counters: Some(c),
@@ -221,17 +210,9 @@ impl NetControl {
                 s.last_sealed = c.last_sealed;
                 s.held_requests += c.held_requests as u64;
                 s.held_bytes += c.held_bytes;
-                for e in es {
-                    let h = epochs.entry(e.epoch).or_insert(EpochHeld {
-                        epoch: e.epoch,
-                        ..Default::default()
-                    });
-                    h.requests += e.requests as u64;
-                    h.bytes += e.bytes;
-                    h.oldest_age_us = h.oldest_age_us.max(e.oldest_age(now).as_micros() as u64);
-                }
+                epochs.add(es, now);
             }
-            s.epochs = epochs.into_values().collect();
+            s.epochs = epochs.into_vec();
         }
         Reply::Status(Box::new(s))
     }
@@ -242,10 +223,8 @@ impl ControlHandler for NetControl {
         let Ok(mut st) = self.state.lock() else {
             return Reply::error(ErrorCode::Internal, "control state poisoned");
         };
-        if let Some(g) = req.generation() {
-            if let Err(e) = st.fence.admit(g) {
-                return Reply::error(ErrorCode::Fenced, e.to_string());
-            }
+        if let Err(refused) = gate::admit(&mut st.fence, &req) {
+            return refused;
         }
         match req {
             Request::Seal { epoch, .. } => self.seal(epoch),

@@ -5,6 +5,7 @@
 //! - [`codec`]: length-prefixed, versioned, size-bounded framing; blocking and incremental.
 //! - [`server`]: the daemon's control thread, its handler trait and the queue threads' notifier.
 //! - [`client`]: the coordinator's connection.
+//! - [`gate`]: daemon-independent handler pieces (fencing, error codes, STATUS epochs).
 //!
 //! Protocol invariants: one reply per request, in order; every fenced command carries a
 //! generation; no frame exceeds [`codec::MAX_FRAME_LEN`]; bad input is an error reply or a clean
@@ -12,6 +13,7 @@
 
 pub mod client;
 pub mod codec;
+pub mod gate;
 pub mod message;
 pub mod server;
 

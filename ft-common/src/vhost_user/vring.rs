@@ -13,7 +13,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use log::{error, warn};
+use log::{error, info, warn};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
@@ -107,6 +107,10 @@ impl VringHandle {
                 let heads = inf.recover(used_idx);
                 let n = heads.len() as u16;
                 if n > 0 {
+                    info!(
+                        "queue {}: resubmitting {n} request(s) left in flight by a previous daemon or connection",
+                        setup.index
+                    );
                     shadow = Some(Self::shadow_queue(&setup, &mem, &heads)?);
                     resubmit_left = n;
                 }

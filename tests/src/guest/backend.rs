@@ -172,6 +172,16 @@ impl Backend {
             self.command.program_name()
         )))
     }
+
+    /// SIGKILL at once, as a crash would: no cleanup, the socket file stays behind.
+    pub fn kill(mut self) -> Result<ExitStatus> {
+        let mut child = self.child.take().expect("running backend");
+        let what = format!("killing {}", self.command.program_name());
+        child
+            .kill()
+            .and_then(|()| child.wait())
+            .map_err(HarnessError::io(what))
+    }
 }
 
 impl Drop for Backend {

@@ -1,0 +1,107 @@
+//! `ft-coordinator`: drives the ft-vhost device daemons through the epoch cycle (SEAL,
+//! checkpoint, COMMIT) so no output leaves the primary before its checkpoint is acknowledged.
+
+use clap::{Parser, ValueEnum};
+use ft_common::coordinator::{
+    CheckpointerSpec, Coordinator, CoordinatorConfig, CycleConfig, DeviceSpec, FailurePolicy,
+    LinkConfig,
+};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum OnFailure {
+    StopVm,
+    Continue,
+}
+
+#[derive(Parser, Debug)]
+#[command(version, about = "ft-vhost coordinator: epoch cycle and output commit")]
+struct Args {
+    /// A device daemon's control socket, NAME=CONTROL_SOCKET (repeatable; block and net alike).
+    #[arg(long = "device", required = true)]
+    devices: Vec<DeviceSpec>,
+    /// sim[:ACK_DELAY_MS] | exec:CMD | qmp:QMP_SOCKET
+    #[arg(long, default_value = "sim")]
+    checkpointer: CheckpointerSpec,
+    /// Periodic cut every N ms (0: no periodic cut).
+    #[arg(long, default_value_t = 100)]
+    interval_ms: u64,
+    /// Event-driven cut on OUTPUT_PENDING, no sooner than N ms after the previous cut
+    /// (Kemari: checkpoint as soon as output is waiting). Off when not given.
+    #[arg(long)]
+    min_interval_ms: Option<u64>,
+    /// A checkpoint not captured and acknowledged within N ms fails (its output stays held).
+    #[arg(long, default_value_t = 10_000)]
+    checkpoint_timeout_ms: u64,
+    /// What happens to the VM when a device disconnects or a commit fails.
+    #[arg(long, value_enum, default_value = "stop-vm")]
+    on_device_failure: OnFailure,
+    /// Bound on one control call to a daemon.
+    #[arg(long, default_value_t = 5_000)]
+    call_timeout_ms: u64,
+    /// Captured epochs allowed to wait for acknowledgement before cutting pauses.
+    #[arg(long, default_value_t = 64)]
+    max_pending: usize,
+    /// The persisted generation (fencing); created if missing.
+    #[arg(long)]
+    state_file: PathBuf,
+    /// Unix socket for ftctl.
+    #[arg(long)]
+    api: Option<PathBuf>,
+    /// Prometheus endpoint, a loopback address such as 127.0.0.1:9464.
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let a = Args::parse();
+    // Block SIGINT/SIGTERM before any thread starts so only sigwait below sees them.
+    // SAFETY: plain libc signal-mask calls on a zeroed, initialised sigset_t.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    let cfg = CoordinatorConfig {
+        devices: a.devices,
+        checkpointer: a.checkpointer,
+        cycle: CycleConfig {
+            interval: (a.interval_ms > 0).then(|| Duration::from_millis(a.interval_ms)),
+            min_interval: a.min_interval_ms.map(Duration::from_millis),
+            checkpoint_timeout: Duration::from_millis(a.checkpoint_timeout_ms),
+            on_device_failure: match a.on_device_failure {
+                OnFailure::StopVm => FailurePolicy::StopVm,
+                OnFailure::Continue => FailurePolicy::Continue,
+            },
+            max_pending: a.max_pending.max(1),
+        },
+        link: LinkConfig {
+            call_timeout: Duration::from_millis(a.call_timeout_ms.max(1)),
+            ..LinkConfig::default()
+        },
+        state_file: a.state_file,
+        api: a.api,
+        metrics: a.metrics,
+    };
+    let c = match Coordinator::start(cfg) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ft-coordinator: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Some(m) = c.metrics_addr() {
+        log::info!("metrics on http://{m}/metrics");
+    }
+    let mut sig: libc::c_int = 0;
+    // SAFETY: `set` is an initialised sigset_t and `sig` a valid out pointer.
+    unsafe { libc::sigwait(&set, &mut sig) };
+    log::info!("signal {sig}: shutting down");
+    c.shutdown();
+}

@@ -1,0 +1,30 @@
+//! The coordinator: drives every device daemon through the epoch cycle (SEAL, checkpoint,
+//! COMMIT) so that no output leaves the primary before its checkpoint is acknowledged.
+//!
+//! - [`cycle`]: the epoch cycle as a pure state machine (pipelining, in-order commits,
+//!   failure policy, timeouts); all decisions live here.
+//! - [`runtime`]: the I/O shell running the state machine on one thread.
+//! - [`device_link`]: one thread per daemon control connection.
+//! - [`checkpointer`]: `sim`, `exec:CMD`, `qmp:SOCK` behind one trait; [`qmp`]: QMP client.
+//! - [`generation_store`]: the persisted fencing generation.
+//! - [`api`]: the `ftctl` socket; [`metrics`]: Prometheus text over HTTP on loopback;
+//!   [`telemetry`]: latency histograms and counters.
+//!
+//! Invariants (ARCHITECTURE.md sections 1 and 6): nothing is committed for an epoch whose
+//! checkpoint was not acknowledged; commits go out in epoch order; the generation is persisted
+//! before any command is sent and only grows, so a restarted or deposed coordinator is fenced.
+
+pub mod api;
+pub mod checkpointer;
+pub mod cycle;
+pub mod device_link;
+pub mod generation_store;
+pub mod metrics;
+pub mod qmp;
+pub mod runtime;
+pub mod telemetry;
+
+pub use checkpointer::{Checkpointer, CheckpointerSpec};
+pub use cycle::{CycleConfig, FailurePolicy};
+pub use device_link::LinkConfig;
+pub use runtime::{Coordinator, CoordinatorConfig, DeviceSpec, Op};

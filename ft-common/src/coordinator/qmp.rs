@@ -1,0 +1,124 @@
+//! A minimal QMP client: connect to QEMU's QMP unix socket, read the greeting, negotiate
+//! capabilities, and run commands (`stop`, `cont`, `query-status`) synchronously.
+//!
+//! Invariants: one command in flight at a time, so the next `return`/`error` object answers it;
+//! asynchronous events (`{"event": ...}`) in between are skipped; every read has a timeout and
+//! every line a size bound, so a silent or garbage-spewing peer is an error, never a hang.
+
+use serde_json::{json, Value};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+/// Largest QMP line accepted (replies to our commands are tiny).
+const MAX_LINE: u64 = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QmpError {
+    #[error("QMP I/O: {0}")]
+    Io(#[from] io::Error),
+    #[error("QMP protocol: {0}")]
+    Protocol(String),
+    #[error("QMP command {command} failed: {class}: {desc}")]
+    Command {
+        command: String,
+        class: String,
+        desc: String,
+    },
+}
+
+/// A negotiated QMP connection.
+#[derive(Debug)]
+pub struct QmpClient {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    line: Vec<u8>,
+}
+
+impl QmpClient {
+    /// Connects, reads the greeting and leaves capabilities negotiation mode.
+    pub fn connect(path: impl AsRef<Path>, timeout: Duration) -> Result<QmpClient, QmpError> {
+        let stream = UnixStream::connect(path.as_ref())?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        let writer = stream.try_clone()?;
+        let mut c = QmpClient {
+            reader: BufReader::new(stream),
+            writer,
+            line: Vec::with_capacity(256),
+        };
+        let greeting = c.read_object()?;
+        if greeting.get("QMP").is_none() {
+            return Err(QmpError::Protocol(format!(
+                "expected greeting, got {greeting}"
+            )));
+        }
+        c.execute("qmp_capabilities")?;
+        Ok(c)
+    }
+
+    /// Runs `command` without arguments; returns its `return` value.
+    pub fn execute(&mut self, command: &str) -> Result<Value, QmpError> {
+        let mut req = serde_json::to_vec(&json!({ "execute": command }))
+            .map_err(|e| QmpError::Protocol(e.to_string()))?;
+        req.push(b'\n');
+        self.writer.write_all(&req)?;
+        loop {
+            let v = self.read_object()?;
+            if let Some(r) = v.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = v.get("error") {
+                let s = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+                return Err(QmpError::Command {
+                    command: command.into(),
+                    class: s("class"),
+                    desc: s("desc"),
+                });
+            }
+            if v.get("event").is_none() {
+                return Err(QmpError::Protocol(format!("unexpected QMP message {v}")));
+            }
+        }
+    }
+
+    /// Pauses the guest's vCPUs.
+    pub fn stop(&mut self) -> Result<(), QmpError> {
+        self.execute("stop").map(drop)
+    }
+
+    /// Resumes the guest's vCPUs.
+    pub fn cont(&mut self) -> Result<(), QmpError> {
+        self.execute("cont").map(drop)
+    }
+
+    /// Whether the VM is running, per `query-status`.
+    pub fn running(&mut self) -> Result<bool, QmpError> {
+        let r = self.execute("query-status")?;
+        r.get("running")
+            .and_then(Value::as_bool)
+            .ok_or_else(|| QmpError::Protocol(format!("bad query-status reply {r}")))
+    }
+
+    fn read_object(&mut self) -> Result<Value, QmpError> {
+        self.line.clear();
+        let n = (&mut self.reader)
+            .take(MAX_LINE)
+            .read_until(b'\n', &mut self.line)?;
+        if n == 0 {
+            return Err(QmpError::Io(io::ErrorKind::UnexpectedEof.into()));
+        }
+        if self.line.last() != Some(&b'\n') {
+            return Err(QmpError::Protocol("QMP line too long or cut short".into()));
+        }
+        let v: Value = serde_json::from_slice(&self.line)
+            .map_err(|e| QmpError::Protocol(format!("bad JSON from QMP: {e}")))?;
+        if !v.is_object() {
+            return Err(QmpError::Protocol(format!(
+                "QMP message is not an object: {v}"
+            )));
+        }
+        Ok(v)
+    }
+}

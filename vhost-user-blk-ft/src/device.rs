@@ -1,0 +1,97 @@
+//! The virtio-blk device as ft-common's vhost-user server sees it.
+//!
+//! Holds what lives as long as the daemon (image, config space) and creates one [`BlkQueue`]
+//! worker per queue. Invariant: the config space is the one of [`BlkConfig`], whose only
+//! guest-writable field is `writeback`.
+
+use crate::config::BlkConfig;
+use crate::gate::hold::Hold;
+use crate::image::Image;
+use crate::queue::{BlkCounters, BlkQueue};
+use ft_common::vhost_user::{DeviceError, QueueWorker, VhostUserDevice};
+use std::sync::Arc;
+
+pub struct BlkDevice {
+    image: Arc<Image>,
+    config: Arc<BlkConfig>,
+    queue_size: u16,
+    counters: Arc<BlkCounters>,
+    /// Output commit (`--ft hold`); None for the plain backend.
+    hold: Option<Arc<Hold>>,
+}
+
+impl BlkDevice {
+    pub fn new(image: Arc<Image>, config: Arc<BlkConfig>, queue_size: u16) -> BlkDevice {
+        BlkDevice {
+            image,
+            config,
+            queue_size,
+            counters: Arc::default(),
+            hold: None,
+        }
+    }
+
+    /// Holds output requests in `hold` until the coordinator commits them (`--ft hold`).
+    pub fn with_hold(mut self, hold: Arc<Hold>) -> BlkDevice {
+        self.hold = Some(hold);
+        self
+    }
+
+    /// Counters summed over all queues.
+    pub fn counters(&self) -> &Arc<BlkCounters> {
+        &self.counters
+    }
+
+    pub fn config(&self) -> &Arc<BlkConfig> {
+        &self.config
+    }
+}
+
+impl VhostUserDevice for BlkDevice {
+    fn num_queues(&self) -> usize {
+        usize::from(self.config.params().num_queues)
+    }
+
+    fn max_queue_size(&self) -> u16 {
+        self.queue_size
+    }
+
+    fn features(&self) -> u64 {
+        self.config.params().features()
+    }
+
+    fn read_config(&self, offset: u32, buf: &mut [u8]) {
+        self.config.read(offset, buf)
+    }
+
+    fn write_config(&self, offset: u32, data: &[u8]) -> Result<(), DeviceError> {
+        if self.config.write(offset, data) {
+            Ok(())
+        } else {
+            Err(DeviceError::InvalidArgument(format!(
+                "config write of {} bytes at {offset}: read-only field",
+                data.len()
+            )))
+        }
+    }
+
+    fn create_worker(
+        &self,
+        _group: usize,
+        queues: &[u16],
+    ) -> std::io::Result<Box<dyn QueueWorker>> {
+        let &[queue] = queues else {
+            return Err(std::io::Error::other("virtio-blk: one queue per worker"));
+        };
+        // One slot per descriptor chain the ring can hold: the pool never runs dry.
+        let q = BlkQueue::new(
+            queue,
+            self.image.clone(),
+            self.config.clone(),
+            u32::from(self.queue_size),
+            self.counters.clone(),
+            self.hold.clone(),
+        )?;
+        Ok(Box::new(q))
+    }
+}

@@ -1,0 +1,185 @@
+//! The backing image: a raw file or a block device, opened once per daemon.
+//!
+//! Invariants: the capacity is fixed at open (in 512-byte sectors, rounded down; a partial tail
+//! sector is never exposed); a read-only image is opened `O_RDONLY`, so even a parser bug cannot
+//! write it; the file descriptor lives as long as the [`Image`] (engines borrow it by `Arc`).
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::path::Path;
+
+/// virtio-blk addresses the disk in 512-byte sectors whatever the block size.
+pub const SECTOR_SHIFT: u32 = 9;
+pub const SECTOR_SIZE: u64 = 1 << SECTOR_SHIFT;
+
+// <linux/fs.h> ioctls (not in the libc crate).
+const BLKSSZGET: libc::c_ulong = 0x1268;
+const BLKPBSZGET: libc::c_ulong = 0x127b;
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+
+/// What the image is; it decides how discard and write-zeroes map onto `fallocate`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageKind {
+    File,
+    BlockDevice,
+}
+
+/// How to open the image.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OpenOpts {
+    pub readonly: bool,
+    /// `O_DIRECT`: bypass the host page cache (guest buffers must be block aligned).
+    pub direct: bool,
+}
+
+/// An open backing image and its geometry.
+#[derive(Debug)]
+pub struct Image {
+    file: File,
+    kind: ImageKind,
+    readonly: bool,
+    direct: bool,
+    capacity_sectors: u64,
+    logical_block_size: u32,
+    physical_block_size: u32,
+}
+
+impl Image {
+    /// Opens `path`. A regular file is used as is (its size is the disk size); a block device is
+    /// asked for its size and block sizes.
+    pub fn open(path: &Path, opts: OpenOpts) -> io::Result<Image> {
+        let mut oo = OpenOptions::new();
+        oo.read(true).write(!opts.readonly);
+        if opts.direct {
+            oo.custom_flags(libc::O_DIRECT);
+        }
+        let file = oo.open(path)?;
+        let meta = file.metadata()?;
+        let ft = meta.file_type();
+        let (kind, bytes, lbs, pbs) = if ft.is_block_device() {
+            let fd = file.as_raw_fd();
+            let mut size: u64 = 0;
+            let mut lbs: libc::c_int = 0;
+            let mut pbs: libc::c_uint = 0;
+            // SAFETY: each ioctl writes one integer of the given type into a local we own.
+            unsafe {
+                if libc::ioctl(fd, BLKGETSIZE64, &mut size as *mut u64) < 0
+                    || libc::ioctl(fd, BLKSSZGET, &mut lbs as *mut libc::c_int) < 0
+                    || libc::ioctl(fd, BLKPBSZGET, &mut pbs as *mut libc::c_uint) < 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            let lbs = u32::try_from(lbs).unwrap_or(512).max(512);
+            (ImageKind::BlockDevice, size, lbs, pbs.max(lbs))
+        } else if ft.is_file() {
+            (ImageKind::File, meta.len(), 512, 4096)
+        } else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "image must be a regular file or a block device",
+            ));
+        };
+        Ok(Image {
+            file,
+            kind,
+            readonly: opts.readonly,
+            direct: opts.direct,
+            capacity_sectors: bytes >> SECTOR_SHIFT,
+            logical_block_size: lbs,
+            physical_block_size: pbs,
+        })
+    }
+
+    pub fn kind(&self) -> ImageKind {
+        self.kind
+    }
+    pub fn readonly(&self) -> bool {
+        self.readonly
+    }
+    pub fn direct(&self) -> bool {
+        self.direct
+    }
+    /// Disk size in 512-byte sectors.
+    pub fn capacity_sectors(&self) -> u64 {
+        self.capacity_sectors
+    }
+    pub fn logical_block_size(&self) -> u32 {
+        self.logical_block_size
+    }
+    pub fn physical_block_size(&self) -> u32 {
+        self.physical_block_size
+    }
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// `fallocate` mode that discards `[off, off+len)`: deallocates and reads back as zeroes
+    /// on both files and block devices.
+    pub fn discard_mode(&self) -> i32 {
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+    }
+
+    /// `fallocate` mode for WRITE_ZEROES. With `unmap` the range may be deallocated (a hole
+    /// reads as zeroes); without it the blocks must stay allocated.
+    pub fn write_zeroes_mode(&self, unmap: bool) -> i32 {
+        if unmap {
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+        } else {
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+        }
+    }
+}
+
+impl AsRawFd for Image {
+    fn as_raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn tmp_image(bytes: usize) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("disk.raw");
+        let mut f = File::create(&p).unwrap();
+        f.write_all(&vec![0u8; bytes]).unwrap();
+        (dir, p)
+    }
+
+    #[test]
+    fn capacity_rounds_down_to_sectors() {
+        let (_d, p) = tmp_image(4096 + 100);
+        let img = Image::open(&p, OpenOpts::default()).unwrap();
+        assert_eq!(img.capacity_sectors(), 8);
+        assert_eq!(img.kind(), ImageKind::File);
+        assert_eq!(img.logical_block_size(), 512);
+    }
+
+    #[test]
+    fn readonly_image_is_opened_readonly() {
+        let (_d, p) = tmp_image(4096);
+        let img = Image::open(
+            &p,
+            OpenOpts {
+                readonly: true,
+                direct: false,
+            },
+        )
+        .unwrap();
+        let fl = unsafe { libc::fcntl(img.as_raw_fd(), libc::F_GETFL) };
+        assert_eq!(fl & libc::O_ACCMODE, libc::O_RDONLY);
+    }
+
+    #[test]
+    fn rejects_directories_and_missing_files() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(Image::open(d.path(), OpenOpts::default()).is_err());
+        assert!(Image::open(&d.path().join("nope"), OpenOpts::default()).is_err());
+    }
+}

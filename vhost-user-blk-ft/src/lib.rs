@@ -1,0 +1,20 @@
+//! vhost-user-blk-ft: a virtio-blk vhost-user backend built for output commit.
+//!
+//! - [`image`]: the backing file or block device.
+//! - [`config`]: feature bits and the virtio-blk config space.
+//! - [`request`]: descriptor chain -> validated, self-contained [`request::BlkRequest`].
+//! - [`engine`]: io_uring submission/completion with a fixed slot pool, one per queue thread.
+//! - [`queue`]: the per-queue worker (pop, parse, submit, complete).
+//! - [`device`]: the device for ft-common's vhost-user server.
+//! - [`gate`]: output commit (`--ft hold`): held requests, commit engine, control handler.
+//!
+//! Parsing and submission are separate on purpose: a parsed request can wait in the transaction
+//! queue (output commit) and be submitted later from an engine slot.
+
+pub mod config;
+pub mod device;
+pub mod engine;
+pub mod gate;
+pub mod image;
+pub mod queue;
+pub mod request;

@@ -1,0 +1,520 @@
+//! The per-queue worker: pops chains, parses them, feeds the io_uring engine, completes.
+//!
+//! Runs on the queue's worker thread (ft-common's server gives each queue its own thread), so
+//! the engine, its ring and its slot pool belong to exactly one thread and need no lock, and
+//! every completion is delivered by the thread that owns the ring (as the virtio-blk dataplane
+//! does).
+//!
+//! Invariants:
+//! - A chain popped from the ring is answered exactly once: at once (parse error, GET_ID) or
+//!   when its engine slot completes. The used-ring notification is sent once per batch (kick or
+//!   CQ drain), subject to EVENT_IDX.
+//! - Stopping a queue (GET_VRING_BASE, disconnect, shutdown) waits until the engine is idle:
+//!   every in-flight request is completed to the guest before the ring's base is reported, so
+//!   no request of an old connection is leaked or completed twice.
+//! - Data is read into guest memory by the kernel, so the written ranges are marked dirty
+//!   before the request is completed.
+//!
+//! With `--ft hold` ([`crate::gate`]) output requests go into the device's transaction queue
+//! instead of the engine. The worker then also:
+//! - keeps a bitmap of the heads it owes the guest (popped, not completed); a head the server
+//!   resubmits from the inflight region while still owed (ring restarted on the same
+//!   connection, e.g. every VM stop/cont) is skipped, so nothing is held or completed twice;
+//! - parks a request the full transaction queue refuses and takes nothing more from the ring
+//!   until a commit frees room (backpressure; OUTPUT_PENDING asks for an early cut);
+//! - keeps held requests across a ring stop (GET_VRING_BASE does not wait for commit: QEMU
+//!   stops the rings at every checkpoint, and the commit comes only after the VM runs again);
+//!   completions arriving while the ring is stopped are delivered when it runs again;
+//! - on disconnect or device reset cancels its held requests (never written) and forgets them.
+
+use crate::config::BlkConfig;
+use crate::engine::{Completion, Engine};
+use crate::gate::hold::{held_bytes, GateAck, GateMsg, HeldReq, Hold};
+use crate::image::Image;
+use crate::request::{
+    parse, BlkRequest, DiskLimits, Rejected, RequestKind, STATUS_IOERR, STATUS_OK,
+};
+use ft_common::vhost_user::{DeviceMsg, QueueWorker, StopStatus, VringHandle, WorkerCtx};
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
+use vm_memory::{Bytes, GuestAddress};
+
+/// Token of the engine's eventfd in the worker's epoll set.
+const ENGINE_TOKEN: u64 = 1;
+
+/// Device-wide counters, summed over queues; updated once per batch, not per request.
+#[derive(Debug, Default)]
+pub struct BlkCounters {
+    /// Chains taken off the rings.
+    pub requests: AtomicU64,
+    /// Chains answered with an error status at parse time (or never answerable).
+    pub rejected: AtomicU64,
+    /// Requests that went through io_uring and completed (any status).
+    pub completed: AtomicU64,
+    /// FLUSH requests that completed a real `fsync(DATASYNC)` on the image.
+    pub fsyncs: AtomicU64,
+}
+
+impl BlkCounters {
+    pub fn summary(&self) -> String {
+        format!(
+            "requests {}, rejected {}, completed I/O {}, fdatasyncs {}",
+            self.requests.load(Ordering::Relaxed),
+            self.rejected.load(Ordering::Relaxed),
+            self.completed.load(Ordering::Relaxed),
+            self.fsyncs.load(Ordering::Relaxed),
+        )
+    }
+}
+
+pub struct BlkQueue {
+    queue: u16,
+    engine: Engine,
+    config: Arc<BlkConfig>,
+    limits: DiskLimits,
+    /// The ring was left with chains on it because every slot was busy; resume on completion.
+    stalled: bool,
+    counters: Arc<BlkCounters>,
+    /// Engine stats already added to `counters`.
+    reported: crate::engine::EngineStats,
+    /// Output-commit state; None with `--ft off` (the plain path is untouched).
+    hold: Option<QueueHold>,
+}
+
+/// One worker's part of `hold` mode. See the module docs.
+struct QueueHold {
+    shared: Arc<Hold>,
+    /// Bumped on every reset/disconnect; held requests carry the value they were popped under.
+    conn: u64,
+    /// Heads popped and not completed yet (held, committing, parked or deferred).
+    owed: Vec<bool>,
+    /// A request the full transaction queue refused; retried before the ring is read again.
+    parked: Option<BlkRequest>,
+    /// Completions for a ring that was stopped when they arrived: (head, status addr, status).
+    deferred: Vec<(u16, GuestAddress, u8)>,
+}
+
+impl QueueHold {
+    fn owes(&self, head: u16) -> bool {
+        self.owed.get(usize::from(head)).copied().unwrap_or(false)
+    }
+
+    fn set_owed(&mut self, head: u16, v: bool) {
+        if let Some(b) = self.owed.get_mut(usize::from(head)) {
+            *b = v;
+        }
+    }
+}
+
+impl BlkQueue {
+    pub fn new(
+        queue: u16,
+        image: Arc<Image>,
+        config: Arc<BlkConfig>,
+        depth: u32,
+        counters: Arc<BlkCounters>,
+        hold: Option<Arc<Hold>>,
+    ) -> std::io::Result<BlkQueue> {
+        let limits = DiskLimits {
+            capacity_sectors: config.params().capacity_sectors,
+            readonly: config.params().readonly,
+        };
+        Ok(BlkQueue {
+            queue,
+            engine: Engine::new(image, depth)?,
+            config,
+            limits,
+            stalled: false,
+            counters,
+            reported: Default::default(),
+            hold: hold.map(|shared| QueueHold {
+                shared,
+                conn: 0,
+                owed: vec![false; depth.clamp(1, 1 << 16) as usize],
+                parked: None,
+                deferred: Vec::new(),
+            }),
+        })
+    }
+
+    /// Publishes the engine's counters accumulated since the last call.
+    fn publish(&mut self) {
+        let now = self.engine.stats();
+        let c = &self.counters;
+        c.completed
+            .fetch_add(now.completed - self.reported.completed, Ordering::Relaxed);
+        c.fsyncs
+            .fetch_add(now.fsyncs - self.reported.fsyncs, Ordering::Relaxed);
+        self.reported = now;
+    }
+
+    /// Write-through unless the guest negotiated FLUSH and left the cache in write-back mode
+    /// (virtio 1.x 5.2.6.2: without FLUSH the device must not rely on the guest flushing).
+    fn dsync(&self, ctx: &WorkerCtx) -> bool {
+        let flush_acked = ctx.acked_features() & (1 << VIRTIO_BLK_F_FLUSH) != 0;
+        !(flush_acked && self.config.writeback())
+    }
+
+    /// Takes every available chain off the ring, answering or submitting each; one
+    /// `io_uring_enter` for the whole batch.
+    fn process_ring(&mut self, ctx: &mut WorkerCtx) {
+        let dsync = self.dsync(ctx);
+        let Some(vring) = ctx.queue(self.queue) else {
+            return;
+        };
+        self.stalled = false;
+        if let Some(h) = self.hold.as_mut() {
+            if let Some(req) = h.parked.take() {
+                if let Err(req) = hold_push(h, self.queue, vring, req) {
+                    // Still full: only owed resubmissions are taken below; wait for a commit.
+                    h.parked = Some(req);
+                }
+            }
+        }
+        let (mut popped, mut rejected) = (0u64, 0u64);
+        'outer: loop {
+            vring.disable_notification();
+            loop {
+                let resubmit = vring.resubmit_pending() > 0;
+                let parked = self.hold.as_ref().is_some_and(|h| h.parked.is_some());
+                if !resubmit && (parked || self.engine.in_flight() >= self.engine.capacity()) {
+                    break;
+                }
+                let Some(chain) = vring.pop() else { break };
+                if resubmit
+                    && self
+                        .hold
+                        .as_ref()
+                        .is_some_and(|h| h.owes(chain.head_index()))
+                {
+                    // Still held from before the ring stopped: not a new request.
+                    continue;
+                }
+                popped += 1;
+                match parse(chain, &self.limits) {
+                    Err(rej) => {
+                        rejected += 1;
+                        answer_rejected(vring, rej);
+                    }
+                    Ok(req) if req.kind() == RequestKind::GetId => {
+                        let n = req.write_data(&**vring.memory(), &self.config.params().serial);
+                        // The id buffer may be shorter than 20 bytes: a truncated id is fine.
+                        finish(
+                            vring,
+                            req.head(),
+                            req.status_addr(),
+                            STATUS_OK,
+                            n as u32 + 1,
+                        );
+                    }
+                    Ok(req) => self.dispatch(vring, req, dsync),
+                }
+            }
+            if self.engine.in_flight() >= self.engine.capacity() {
+                // Leave the rest on the ring; completions will call us again.
+                self.stalled = true;
+                break 'outer;
+            }
+            if self.hold.as_ref().is_some_and(|h| h.parked.is_some()) {
+                // The transaction queue is full; a commit resumes us.
+                break 'outer;
+            }
+            if !vring.enable_notification() {
+                break;
+            }
+        }
+        if let Err(e) = self.engine.submit() {
+            log::error!("queue {}: io_uring submit: {e}", self.queue);
+        }
+        if let Some(h) = self.hold.as_mut() {
+            // Reads taken after the last held request move the index too.
+            let parked = u16::from(h.parked.is_some());
+            h.shared
+                .publish_avail(self.queue, vring.next_avail().wrapping_sub(parked));
+            // Resubmitted heads are consumed first by the loop above, so once none is left a
+            // deferred completion can no longer come back as a resubmission.
+            if vring.resubmit_pending() == 0 {
+                for (head, addr, status) in h.deferred.drain(..) {
+                    finish(vring, head, addr, status, 1);
+                    if let Some(b) = h.owed.get_mut(usize::from(head)) {
+                        *b = false;
+                    }
+                }
+            }
+        }
+        // Page-cache hits have completed inside that submit: answer them in this batch, under
+        // the same notification, instead of one epoll round trip (eventfd wakeup) later.
+        if self.engine.has_completions() {
+            let queue = self.queue;
+            self.engine.drain(|c| complete(ctx, queue, c));
+            self.publish();
+        }
+        if let Some(vring) = ctx.queue(self.queue) {
+            vring.signal_used();
+        }
+        self.counters.requests.fetch_add(popped, Ordering::Relaxed);
+        self.counters
+            .rejected
+            .fetch_add(rejected, Ordering::Relaxed);
+        // The drain above consumed the eventfd: if it freed slots of a stalled ring, no later
+        // wakeup would resume it, so resume now.
+        if self.stalled && self.engine.in_flight() < self.engine.capacity() {
+            self.process_ring(ctx);
+        }
+    }
+
+    /// Sends a parsed request on its way. This is the seam for output commit: with `--ft hold`,
+    /// requests whose `kind().is_output()` go into the transaction queue here (tagged with the
+    /// open epoch) instead of the engine, and are pushed to the engine from there at COMMIT.
+    fn dispatch(&mut self, vring: &mut VringHandle, mut req: BlkRequest, dsync: bool) {
+        req.hold_memory(vring.memory().clone());
+        if let Some(h) = self.hold.as_mut() {
+            if req.kind().is_output() {
+                h.set_owed(req.head(), true);
+                if let Err(req) = hold_push(h, self.queue, vring, req) {
+                    if h.parked.is_some() {
+                        // Cannot happen: nothing is popped while a request is parked.
+                        h.set_owed(req.head(), false);
+                        finish(vring, req.head(), req.status_addr(), STATUS_IOERR, 1);
+                    } else {
+                        h.parked = Some(req);
+                    }
+                }
+                return;
+            }
+        }
+        if let Err(req) = self.engine.push(req, 0, dsync) {
+            finish(vring, req.head(), req.status_addr(), STATUS_IOERR, 1);
+        }
+    }
+
+    /// Completes everything the engine has finished.
+    fn reap(&mut self, ctx: &mut WorkerCtx) {
+        let queue = self.queue;
+        let mut done = |c: Completion| complete(ctx, queue, c);
+        self.engine.drain(&mut done);
+        if let Some(v) = ctx.queue(queue) {
+            v.signal_used();
+        }
+        self.publish();
+        if self.stalled {
+            self.process_ring(ctx);
+        }
+    }
+}
+
+/// Holds `req` in the open epoch (publishing the ring's next avail index under the same lock, so
+/// a SEAL sees both or neither). Returns the request when the transaction queue is full.
+// By value on purpose: boxing would allocate per request.
+#[allow(clippy::result_large_err)]
+fn hold_push(
+    h: &mut QueueHold,
+    queue: u16,
+    vring: &VringHandle,
+    req: BlkRequest,
+) -> Result<(), BlkRequest> {
+    let bytes = held_bytes(&req);
+    let held = HeldReq {
+        queue,
+        conn: h.conn,
+        req,
+    };
+    let mut txq = h.shared.lock();
+    match txq.push(held, bytes) {
+        Ok(p) => {
+            h.shared.publish_avail(queue, vring.next_avail());
+            drop(txq);
+            if p.first_in_epoch {
+                h.shared.notifier().output_pending(p.epoch);
+            }
+            Ok(())
+        }
+        Err(full) => {
+            let open = txq.open_epoch();
+            // The parked request is not held: a SEAL must not count it as taken off the ring.
+            h.shared
+                .publish_avail(queue, vring.next_avail().wrapping_sub(1));
+            drop(txq);
+            // Output is waiting and cannot even be held: ask for an early checkpoint.
+            h.shared.notifier().output_pending(open);
+            Err(full.payload.req)
+        }
+    }
+}
+
+/// Writes `status` and puts `head` on the used ring.
+fn finish(vring: &mut VringHandle, head: u16, status_addr: GuestAddress, status: u8, len: u32) {
+    let len = match vring.memory().write_obj(status, status_addr) {
+        Ok(()) => len,
+        // The status byte was checked at parse time; if memory changed since, report nothing.
+        Err(_) => 0,
+    };
+    if let Err(e) = vring.add_used(head, len) {
+        log::error!("queue {}: add_used({head}): {e:?}", vring.index());
+    }
+}
+
+fn answer_rejected(vring: &mut VringHandle, rej: Rejected) {
+    match rej.status_addr {
+        Some(a) => finish(vring, rej.head, a, rej.status, 1),
+        None => {
+            if let Err(e) = vring.add_used(rej.head, 0) {
+                log::error!("queue {}: add_used({}): {e:?}", vring.index(), rej.head);
+            }
+        }
+    }
+}
+
+fn complete(ctx: &mut WorkerCtx, queue: u16, c: Completion) {
+    let status = c.status();
+    if status == STATUS_OK {
+        c.req
+            .for_each_written_range(c.req.data_len() as usize, |gpa, len| {
+                ctx.mark_dirty(gpa, len)
+            });
+    } else {
+        // Negative results are -errno; a non-negative one here is a short transfer.
+        log::warn!(
+            "queue {queue}: {:?} failed (result {}, expected {} bytes)",
+            c.req.kind(),
+            c.result,
+            c.req.data_len()
+        );
+    }
+    match ctx.queue(queue) {
+        Some(v) => finish(
+            v,
+            c.req.head(),
+            c.req.status_addr(),
+            status,
+            c.req.used_len(status),
+        ),
+        // Cannot happen: a ring is only dropped once stop_queue reported the engine idle.
+        None => log::error!("queue {queue}: completion for a ring that is gone"),
+    }
+}
+
+impl QueueWorker for BlkQueue {
+    fn fds(&self) -> Vec<(RawFd, u64)> {
+        vec![(self.engine.eventfd(), ENGINE_TOKEN)]
+    }
+
+    fn handle_kick(&mut self, ctx: &mut WorkerCtx, queue: u16) {
+        if queue == self.queue {
+            self.process_ring(ctx);
+        }
+    }
+
+    fn handle_fd(&mut self, ctx: &mut WorkerCtx, token: u64, _events: u32) {
+        if token == ENGINE_TOKEN {
+            self.reap(ctx);
+        }
+    }
+
+    fn stop_queue(&mut self, ctx: &mut WorkerCtx, queue: u16) -> StopStatus {
+        if queue != self.queue {
+            return StopStatus::Done;
+        }
+        // Plain I/O on a local image finishes quickly: complete it rather than cancel, so the
+        // guest sees every request it issued answered. (Held requests of the output-commit
+        // mode will be cancelled here instead.)
+        self.stalled = false;
+        let q = self.queue;
+        self.engine.drain(|c| complete(ctx, q, c));
+        if let Some(v) = ctx.queue(q) {
+            v.signal_used();
+            if let Some(h) = &self.hold {
+                // Held requests stay held (and owed) across the stop; see the module docs.
+                let parked = u16::from(h.parked.is_some());
+                h.shared
+                    .publish_avail(q, v.next_avail().wrapping_sub(parked));
+            }
+        }
+        self.publish();
+        if self.engine.in_flight() == 0 {
+            log::debug!("queue {q}: stopped, engine {:?}", self.engine.stats());
+            StopStatus::Done
+        } else {
+            StopStatus::Pending
+        }
+    }
+
+    fn reset(&mut self, _ctx: &mut WorkerCtx) {
+        self.stalled = false;
+        self.config.reset();
+        if let Some(h) = self.hold.as_mut() {
+            // The connection is gone (or the device reset): its held requests are cancelled,
+            // never written. A new frontend resubmits them from its inflight region. Requests
+            // already taken by a commit belong to an acknowledged epoch and may land; their
+            // completions are dropped by the connection check.
+            let q = self.queue;
+            let cancelled = h.shared.lock().cancel_where(|r| r.queue == q);
+            if !cancelled.is_empty() {
+                log::info!("queue {q}: cancelled {} held request(s)", cancelled.len());
+            }
+            drop(cancelled);
+            h.conn += 1;
+            h.parked = None;
+            h.deferred.clear();
+            h.owed.fill(false);
+        }
+    }
+
+    fn handle_message(&mut self, ctx: &mut WorkerCtx, msg: DeviceMsg) -> DeviceMsg {
+        let msg = match msg.downcast::<GateMsg>() {
+            Ok(m) => *m,
+            Err(other) => return other,
+        };
+        let mut ack = GateAck {
+            completed: 0,
+            deferred: 0,
+            dropped: 0,
+        };
+        let q = self.queue;
+        let Some(h) = self.hold.as_mut() else {
+            return Box::new(ack);
+        };
+        match msg {
+            GateMsg::Complete(list) => {
+                for (held, status) in list {
+                    if held.conn != h.conn || held.queue != q {
+                        ack.dropped += 1;
+                        continue;
+                    }
+                    let r = &held.req;
+                    // While the server still has heads to resubmit, an owed head completed now
+                    // could come back as a new request: defer until they are consumed.
+                    match ctx.queue(q).filter(|v| v.resubmit_pending() == 0) {
+                        Some(v) => {
+                            finish(v, r.head(), r.status_addr(), status, r.used_len(status));
+                            h.set_owed(r.head(), false);
+                            ack.completed += 1;
+                        }
+                        None => {
+                            h.deferred.push((r.head(), r.status_addr(), status));
+                            ack.deferred += 1;
+                        }
+                    }
+                }
+                if let Some(v) = ctx.queue(q) {
+                    v.signal_used();
+                }
+                // Room was freed: take from the ring again (a parked request first).
+                if ctx.queue(q).is_some() {
+                    self.process_ring(ctx);
+                }
+            }
+            GateMsg::Forget(list) => {
+                for held in list {
+                    if held.conn == h.conn {
+                        h.set_owed(held.req.head(), false);
+                    }
+                    ack.dropped += 1;
+                }
+            }
+        }
+        Box::new(ack)
+    }
+}

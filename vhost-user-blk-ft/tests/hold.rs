@@ -1,0 +1,840 @@
+//! `--ft hold`: the daemon binary driven through the real vhost-user protocol (the raw test
+//! frontend) and the real control protocol (`ControlClient`): held output never reaches the
+//! image before COMMIT, one fdatasync per commit (daemon counters and the kernel's ext4
+//! tracepoint), guest order of overlapping writes, ENOSPC failing the commit, ABORT / reset /
+//! disconnect cancelling held writes, ring stop+restart (VM pause) without duplicates,
+//! backpressure, and bad control input.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ft_common::control::{ControlClient, ErrorCode, Notification, Reply, Request};
+use ft_common::epoch::{Epoch, Generation};
+use ft_tests::frontend::{Buf, TestFrontend};
+use vhost::vhost_user::VhostUserFrontend;
+use vhost::VhostBackend;
+use virtio_bindings::virtio_blk::*;
+
+const T: Duration = Duration::from_secs(10);
+const QUIET: Duration = Duration::from_millis(300);
+const IMG_SIZE: u64 = 16 << 20;
+
+struct Daemon {
+    child: Option<Child>,
+    sock: PathBuf,
+    ctl: PathBuf,
+    img: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn start(extra: &[&str]) -> Daemon {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("disk.img");
+    File::create(&img)
+        .and_then(|f| f.set_len(IMG_SIZE))
+        .expect("image");
+    start_on(dir, img, extra)
+}
+
+fn start_on(dir: tempfile::TempDir, img: PathBuf, extra: &[&str]) -> Daemon {
+    let sock = dir.path().join("blk.sock");
+    let ctl = dir.path().join("ctl.sock");
+    let child = Command::new(env!("CARGO_BIN_EXE_vhost-user-blk-ft"))
+        .arg("--socket")
+        .arg(&sock)
+        .arg("--image")
+        .arg(&img)
+        .args(["--ft", "hold", "--control"])
+        .arg(&ctl)
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let mut d = Daemon {
+        child: Some(child),
+        sock,
+        ctl,
+        img,
+        _dir: dir,
+    };
+    let deadline = Instant::now() + T;
+    while !(d.sock.exists() && d.ctl.exists()) {
+        if let Some(st) = d.child.as_mut().unwrap().try_wait().unwrap() {
+            panic!("daemon exited early: {st}");
+        }
+        assert!(Instant::now() < deadline, "sockets never appeared");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    d
+}
+
+impl Daemon {
+    fn control(&self) -> ControlClient {
+        ControlClient::connect(&self.ctl, T).expect("control connect")
+    }
+
+    fn session(&self) -> TestFrontend {
+        let mut f = TestFrontend::connect(&self.sock, 1, T);
+        f.handshake();
+        f.set_mem_table();
+        f.init_queue(0, 256);
+        f.setup_vring(0, 0);
+        f.fe.set_vring_enable(0, true).expect("enable");
+        f
+    }
+
+    fn bytes(&self, off: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        File::open(&self.img)
+            .unwrap()
+            .read_exact_at(&mut v, off)
+            .unwrap();
+        v
+    }
+}
+
+const G: Generation = Generation(1);
+
+fn seal(c: &mut ControlClient, e: u64) -> Reply {
+    c.call(&Request::Seal {
+        generation: G,
+        epoch: Epoch(e),
+    })
+    .expect("seal")
+}
+
+fn commit(c: &mut ControlClient, e: u64) -> Reply {
+    c.call(&Request::Commit {
+        generation: G,
+        epoch: Epoch(e),
+    })
+    .expect("commit")
+}
+
+fn status(c: &mut ControlClient) -> ft_common::control::DeviceStatus {
+    match c.call(&Request::Status).expect("status") {
+        Reply::Status(s) => *s,
+        r => panic!("{r:?}"),
+    }
+}
+
+/// Waits until the daemon holds `n` requests (the worker takes them asynchronously).
+fn wait_held(c: &mut ControlClient, n: u64) {
+    let deadline = Instant::now() + T;
+    loop {
+        let held = status(c).held_requests;
+        if held == n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "holding {held}, expected {n}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn error_code(r: &Reply) -> ErrorCode {
+    match r {
+        Reply::Error { code, .. } => *code,
+        r => panic!("expected an error, got {r:?}"),
+    }
+}
+
+/// Places a request (header, optional data, status) on queue 0; returns (head, status gpa).
+fn blk_req(f: &mut TestFrontend, rtype: u32, sector: u64, data: Option<(u64, u32)>) -> (u16, u64) {
+    blk_req_on(f, 0, rtype, sector, data)
+}
+
+/// [`blk_req`] on queue `q`.
+fn blk_req_on(
+    f: &mut TestFrontend,
+    q: usize,
+    rtype: u32,
+    sector: u64,
+    data: Option<(u64, u32)>,
+) -> (u16, u64) {
+    let hdr = f.alloc(16);
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&rtype.to_le_bytes());
+    h[8..16].copy_from_slice(&sector.to_le_bytes());
+    f.write(hdr, &h);
+    let status = f.alloc(1);
+    f.write(status, &[0xff]);
+    let mut bufs = vec![Buf {
+        gpa: hdr,
+        len: 16,
+        writable: false,
+    }];
+    if let Some((gpa, len)) = data {
+        bufs.push(Buf {
+            gpa,
+            len,
+            writable: rtype == VIRTIO_BLK_T_IN,
+        });
+    }
+    bufs.push(Buf {
+        gpa: status,
+        len: 1,
+        writable: true,
+    });
+    (f.add_chain(q, &bufs), status)
+}
+
+/// A write of `data` at `sector`; returns (head, status gpa).
+fn write(f: &mut TestFrontend, sector: u64, data: &[u8]) -> (u16, u64) {
+    let buf = f.alloc(data.len() as u64);
+    f.write(buf, data);
+    blk_req(f, VIRTIO_BLK_T_OUT, sector, Some((buf, data.len() as u32)))
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1)
+        .collect()
+}
+
+/// Counts the fdatasyncs ext4 sees on `img` while `f` runs (see tests/protocol.rs).
+fn kernel_fdatasyncs<R>(img: &Path, f: impl FnOnce() -> R) -> (Option<u64>, R) {
+    use std::os::unix::fs::MetadataExt;
+    if !Path::new("/sys/kernel/tracing/events/ext4/ext4_sync_file_enter").exists() {
+        return (None, f());
+    }
+    let ino = std::fs::metadata(img).unwrap().ino();
+    let out = img.with_extension("perf");
+    let Ok(mut perf) = Command::new("perf")
+        .args([
+            "stat",
+            "-x,",
+            "-a",
+            "-e",
+            "ext4:ext4_sync_file_enter",
+            "--filter",
+        ])
+        .arg(format!("ino == {ino} && datasync == 1"))
+        .arg("-o")
+        .arg(&out)
+        .stderr(Stdio::null())
+        .spawn()
+    else {
+        return (None, f());
+    };
+    std::thread::sleep(Duration::from_millis(700));
+    if perf.try_wait().ok().flatten().is_some() {
+        return (None, f());
+    }
+    let r = f();
+    unsafe { libc::kill(perf.id() as i32, libc::SIGINT) };
+    let _ = perf.wait();
+    let n = std::fs::read_to_string(&out).ok().and_then(|t| {
+        let line = t.lines().find(|l| l.contains("ext4_sync_file_enter"))?;
+        line.split(',').next()?.trim().parse().ok()
+    });
+    (n, r)
+}
+
+#[test]
+fn held_writes_land_only_at_commit_with_one_fdatasync() {
+    let d = start(&[]);
+    let mut c = d.control();
+    let mut f = d.session();
+    const N: u64 = 16;
+    let mut heads = Vec::new();
+    for i in 0..N {
+        heads.push(write(&mut f, i * 16, &pattern(i as u8, 8192)));
+    }
+    let (flush_head, flush_status) = blk_req(&mut f, VIRTIO_BLK_T_FLUSH, 0, None);
+    f.kick(0);
+    // Reads are not held.
+    let rbuf = f.alloc(512);
+    let (rhead, _) = blk_req(&mut f, VIRTIO_BLK_T_IN, 4096, Some((rbuf, 512)));
+    f.kick(0);
+    assert_eq!(f.wait_used(0, 1, T), vec![(rhead, 513)]);
+    match c.wait_notification(T).expect("notification") {
+        Some(Notification::OutputPending { epoch }) => assert_eq!(epoch, Epoch(1)),
+        n => panic!("expected OUTPUT_PENDING 1, got {n:?}"),
+    }
+    assert!(f.wait_used(0, 1, QUIET).is_empty(), "held write completed");
+    assert!(d.bytes(0, (N * 8192) as usize).iter().all(|&b| b == 0));
+
+    let st = status(&mut c);
+    assert_eq!((st.held_requests, st.held_bytes), (N + 1, N * 8192));
+    match seal(&mut c, 1) {
+        Reply::Sealed { epoch, state } => {
+            assert_eq!(epoch, Epoch(1));
+            assert_eq!(state.queues.len(), 1);
+            assert_eq!(state.queues[0].next_avail, N as u16 + 2);
+            let mut want: Vec<u16> = heads.iter().map(|h| h.0).collect();
+            want.push(flush_head);
+            assert_eq!(state.queues[0].held_heads, want);
+        }
+        r => panic!("{r:?}"),
+    }
+    // Sealed is not committed.
+    assert!(f.wait_used(0, 1, QUIET).is_empty());
+    assert!(d.bytes(0, 8192).iter().all(|&b| b == 0));
+
+    let (kernel, reply) = kernel_fdatasyncs(&d.img, || commit(&mut c, 1));
+    let stats = match reply {
+        Reply::Committed { epoch, stats } => {
+            assert_eq!(epoch, Epoch(1));
+            stats
+        }
+        r => panic!("{r:?}"),
+    };
+    assert_eq!(
+        (stats.requests, stats.bytes, stats.epochs),
+        (N + 1, N * 8192, 1)
+    );
+    eprintln!("commit of {N} writes + 1 flush: {stats:?}");
+    match kernel {
+        Some(n) => assert_eq!(n, 1, "kernel saw {n} fdatasyncs for one commit"),
+        None => eprintln!("perf/tracefs/ext4 unavailable: daemon counters only"),
+    }
+    let used = f.wait_used(0, N as usize + 1, T);
+    assert_eq!(used.len(), N as usize + 1);
+    for (i, (head, st)) in heads.iter().enumerate() {
+        assert!(used.contains(&(*head, 1)), "write {i} not completed once");
+        assert_eq!(f.read(*st, 1), [VIRTIO_BLK_S_OK as u8]);
+        assert!(d.bytes(i as u64 * 8192, 8192) == pattern(i as u8, 8192));
+    }
+    assert_eq!(f.read(flush_status, 1), [VIRTIO_BLK_S_OK as u8]);
+    let st = status(&mut c);
+    assert_eq!((st.fdatasyncs, st.commits_ok, st.held_requests), (1, 1, 0));
+    assert_eq!(st.last_committed, Some(Epoch(1)));
+
+    // A second epoch: again exactly one more fdatasync.
+    for i in 0..4u64 {
+        write(&mut f, 4096 + i * 8, &[0x5a; 4096]);
+    }
+    f.kick(0);
+    wait_held(&mut c, 4);
+    assert!(f.wait_used(0, 1, QUIET).is_empty());
+    assert!(matches!(seal(&mut c, 2), Reply::Sealed { .. }));
+    assert!(matches!(commit(&mut c, 2), Reply::Committed { .. }));
+    assert_eq!(f.wait_used(0, 4, T).len(), 4);
+    assert_eq!(status(&mut c).fdatasyncs, 2);
+    assert!(d.bytes(4096 * 512, 4 * 4096).iter().all(|&b| b == 0x5a));
+}
+
+/// Two queues, one transaction queue: SEAL reports both rings, COMMIT completes on both.
+#[test]
+fn seal_and_commit_span_all_queues() {
+    let d = start(&["--queues", "2"]);
+    let mut c = d.control();
+    let mut f = TestFrontend::connect(&d.sock, 2, T);
+    f.handshake();
+    f.set_mem_table();
+    for q in 0..2 {
+        f.init_queue(q, 128);
+        f.setup_vring(q, 0);
+        f.fe.set_vring_enable(q, true).expect("enable");
+    }
+    let mut heads = [Vec::new(), Vec::new()];
+    for i in 0..6u64 {
+        let q = (i % 2) as usize;
+        let buf = f.alloc(4096);
+        f.write(buf, &[0x40 + i as u8; 4096]);
+        heads[q].push(blk_req_on(&mut f, q, VIRTIO_BLK_T_OUT, i * 8, Some((buf, 4096))).0);
+    }
+    f.kick(0);
+    f.kick(1);
+    wait_held(&mut c, 6);
+    match seal(&mut c, 1) {
+        Reply::Sealed { state, .. } => {
+            assert_eq!(state.queues.len(), 2);
+            for (q, (qs, want)) in state.queues.iter().zip(&heads).enumerate() {
+                assert_eq!(qs.queue, q as u16);
+                assert_eq!(qs.next_avail, 3);
+                assert_eq!(&qs.held_heads, want);
+            }
+        }
+        r => panic!("{r:?}"),
+    }
+    assert!(matches!(commit(&mut c, 1), Reply::Committed { .. }));
+    for q in 0..2 {
+        assert_eq!(f.wait_used(q, 3, T).len(), 3);
+    }
+    for i in 0..6u64 {
+        assert!(d.bytes(i * 4096, 4096).iter().all(|&b| b == 0x40 + i as u8));
+    }
+    assert_eq!(
+        status(&mut c).fdatasyncs,
+        1,
+        "one fdatasync for both queues"
+    );
+}
+
+#[test]
+fn overlapping_writes_land_in_guest_order() {
+    let d = start(&[]);
+    let mut c = d.control();
+    let mut f = d.session();
+    // 24 writes over the same 64 KiB, each shifted by a sector: only guest order explains the
+    // final content, and the wide ones force several waves.
+    let mut expect = vec![0u8; 96 << 10];
+    for i in 0..24u64 {
+        let len = if i % 3 == 0 { 64 << 10 } else { 4096 };
+        let data = pattern(i as u8 + 1, len);
+        let off = (i % 8) * 512;
+        expect[off as usize..off as usize + len].copy_from_slice(&data);
+        write(&mut f, i % 8, &data);
+    }
+    f.kick(0);
+    wait_held(&mut c, 24);
+    assert!(f.wait_used(0, 1, QUIET).is_empty());
+    assert!(matches!(seal(&mut c, 1), Reply::Sealed { .. }));
+    assert!(matches!(commit(&mut c, 1), Reply::Committed { .. }));
+    assert_eq!(f.wait_used(0, 24, T).len(), 24);
+    assert!(d.bytes(0, expect.len()) == expect, "writes reordered");
+}
+
+#[test]
+fn control_errors_fencing_and_seal_retry() {
+    let d = start(&[]);
+    let mut c = d.control();
+    // Garbage on a second connection: an error reply, and the daemon keeps serving.
+    {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&d.ctl).unwrap();
+        s.set_read_timeout(Some(T)).unwrap();
+        let body = b"{\"type\":\"NOPE\"}";
+        let mut frame = ((body.len() + 1) as u32).to_be_bytes().to_vec();
+        frame.push(1);
+        frame.extend_from_slice(body);
+        s.write_all(&frame).unwrap();
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len).unwrap();
+        let mut rest = vec![0u8; u32::from_be_bytes(len) as usize];
+        s.read_exact(&mut rest).unwrap();
+        let text = String::from_utf8_lossy(&rest[1..]);
+        assert!(text.contains("MALFORMED"), "{text}");
+    }
+    assert_eq!(error_code(&commit(&mut c, 1)), ErrorCode::NotSealed);
+    let first = seal(&mut c, 3);
+    assert!(matches!(first, Reply::Sealed { .. }));
+    // A retried SEAL of the same epoch gets the same record; older ones are stale.
+    assert_eq!(seal(&mut c, 3), first);
+    assert_eq!(error_code(&seal(&mut c, 2)), ErrorCode::StaleEpoch);
+    assert!(matches!(commit(&mut c, 3), Reply::Committed { .. }));
+    assert_eq!(error_code(&commit(&mut c, 3)), ErrorCode::StaleEpoch);
+    assert_eq!(error_code(&commit(&mut c, 9)), ErrorCode::NotSealed);
+    // A newer generation fences the old one.
+    let r = c
+        .call(&Request::Seal {
+            generation: Generation(5),
+            epoch: Epoch(4),
+        })
+        .unwrap();
+    assert!(matches!(r, Reply::Sealed { .. }));
+    assert_eq!(error_code(&commit(&mut c, 4)), ErrorCode::Fenced);
+    let r = c
+        .call(&Request::Announce {
+            generation: Generation(5),
+        })
+        .unwrap();
+    assert_eq!(error_code(&r), ErrorCode::Unsupported);
+    assert_eq!(status(&mut c).generation, Generation(5));
+}
+
+#[test]
+fn abort_cancels_held_writes() {
+    let d = start(&[]);
+    let mut c = d.control();
+    let mut f = d.session();
+    for i in 0..5u64 {
+        write(&mut f, i * 8, &[0x77; 4096]);
+    }
+    f.kick(0);
+    wait_held(&mut c, 5);
+    assert!(f.wait_used(0, 1, QUIET).is_empty());
+    assert!(matches!(seal(&mut c, 1), Reply::Sealed { .. }));
+    let r = c.call(&Request::Abort { generation: G }).unwrap();
+    assert_eq!(
+        r,
+        Reply::Aborted {
+            cancelled_requests: 5,
+            cancelled_bytes: 5 * 4096,
+            last_committed: None
+        }
+    );
+    assert_eq!(error_code(&commit(&mut c, 1)), ErrorCode::Aborted);
+    // The abort closed open epoch 2 as well; epochs after it work. Nothing of the aborted ones
+    // was ever written or completed.
+    assert_eq!(error_code(&seal(&mut c, 2)), ErrorCode::StaleEpoch);
+    assert!(matches!(seal(&mut c, 3), Reply::Sealed { .. }));
+    assert!(matches!(commit(&mut c, 3), Reply::Committed { .. }));
+    assert!(f.wait_used(0, 1, QUIET).is_empty());
+    assert!(d.bytes(0, 5 * 4096).iter().all(|&b| b == 0));
+    assert_eq!(status(&mut c).held_requests, 0);
+}
+
+#[test]
+fn disconnect_and_reset_cancel_held_writes() {
+    let d = start(&[]);
+    let mut c = d.control();
+    {
+        let mut f = d.session();
+        for i in 0..3u64 {
+            write(&mut f, i * 8, &[0x11; 4096]);
+        }
+        f.kick(0);
+        assert!(f.wait_used(0, 1, QUIET).is_empty());
+        wait_held(&mut c, 3);
+    } // disconnect
+    let deadline = Instant::now() + T;
+    while status(&mut c).held_requests != 0 {
+        assert!(Instant::now() < deadline, "disconnect did not cancel");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut f = d.session();
+    for i in 0..2u64 {
+        write(&mut f, 64 + i * 8, &[0x22; 4096]);
+    }
+    f.kick(0);
+    assert!(f.wait_used(0, 1, QUIET).is_empty());
+    wait_held(&mut c, 2);
+    f.fe.reset_device().expect("reset_device");
+    assert_eq!(status(&mut c).held_requests, 0);
+    assert!(matches!(seal(&mut c, 1), Reply::Sealed { .. }));
+    assert!(matches!(commit(&mut c, 1), Reply::Committed { .. }));
+    assert!(d.bytes(0, 3 * 4096).iter().all(|&b| b == 0));
+    assert!(d.bytes(64 * 512, 2 * 4096).iter().all(|&b| b == 0));
+}
+
+/// QEMU stops the rings (GET_VRING_BASE) at every VM stop, i.e. every checkpoint, and restarts
+/// them on cont, re-sending the inflight region. Held requests survive it, are not resubmitted
+/// as new requests, and complete exactly once at commit.
+#[test]
+fn ring_stop_and_restart_keeps_held_requests_without_duplicates() {
+    let d = start(&[]);
+    let mut c = d.control();
+    let mut f = TestFrontend::connect(&d.sock, 1, T);
+    f.handshake();
+    f.set_mem_table();
+    let (info, file) = f.setup_inflight(1, 256);
+    f.init_queue(0, 256);
+    f.setup_vring(0, 0);
+    f.fe.set_vring_enable(0, true).expect("enable");
+    let mut heads = Vec::new();
+    for i in 0..6u64 {
+        heads.push(write(&mut f, i * 8, &pattern(i as u8, 4096)).0);
+    }
+    f.kick(0);
+    wait_held(&mut c, 6);
+    assert!(f.wait_used(0, 1, QUIET).is_empty());
+    // VM stop: must not wait for the commit.
+    let t0 = Instant::now();
+    let base = f.fe.get_vring_base(0).expect("get_vring_base");
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "stop waited for commit"
+    );
+    assert_eq!(base, 6);
+    let sealed = seal(&mut c, 1);
+    match &sealed {
+        Reply::Sealed { state, .. } => {
+            assert_eq!(state.queues[0].held_heads, heads);
+            assert_eq!(state.queues[0].next_avail, 6);
+        }
+        r => panic!("{r:?}"),
+    }
+    // VM cont: memory table and inflight region again, ring restarted from the reported base.
+    use std::os::fd::AsRawFd;
+    f.set_mem_table();
+    f.fe.set_inflight_fd(&info, file.as_raw_fd())
+        .expect("set_inflight_fd");
+    f.setup_vring(0, base as u16);
+    f.fe.set_vring_enable(0, true).expect("enable");
+    f.kick(0);
+    assert!(
+        f.wait_used(0, 1, QUIET).is_empty(),
+        "resubmitted or completed early"
+    );
+    assert_eq!(status(&mut c).held_requests, 6, "held twice");
+    assert!(matches!(commit(&mut c, 1), Reply::Committed { .. }));
+    let mut used: Vec<u16> = f.wait_used(0, 6, T).into_iter().map(|u| u.0).collect();
+    used.sort_unstable();
+    let mut want = heads.clone();
+    want.sort_unstable();
+    assert_eq!(used, want);
+    assert!(f.wait_used(0, 1, QUIET).is_empty(), "completed twice");
+    for i in 0..6u64 {
+        assert!(d.bytes(i * 4096, 4096) == pattern(i as u8, 4096));
+    }
+    // And once more with the commit arriving while the ring is stopped: the completions wait
+    // for the restart.
+    for i in 0..2u64 {
+        write(&mut f, 512 + i * 8, &[0x3c; 4096]);
+    }
+    f.kick(0);
+    wait_held(&mut c, 2);
+    assert!(f.wait_used(0, 1, QUIET).is_empty());
+    let base = f.fe.get_vring_base(0).expect("get_vring_base");
+    assert!(matches!(seal(&mut c, 2), Reply::Sealed { .. }));
+    assert!(matches!(commit(&mut c, 2), Reply::Committed { .. }));
+    assert!(d.bytes(512 * 512, 2 * 4096).iter().all(|&b| b == 0x3c));
+    f.fe.set_inflight_fd(&info, file.as_raw_fd())
+        .expect("set_inflight_fd");
+    f.setup_vring(0, base as u16);
+    f.fe.set_vring_enable(0, true).expect("enable");
+    f.kick(0);
+    assert_eq!(f.wait_used(0, 2, T).len(), 2);
+    assert!(f.wait_used(0, 1, QUIET).is_empty(), "completed twice");
+}
+
+#[test]
+fn full_transaction_queue_applies_backpressure() {
+    let d = start(&["--max-held-requests", "4"]);
+    let mut c = d.control();
+    let mut f = d.session();
+    for i in 0..6u64 {
+        write(&mut f, i * 8, &[i as u8 + 1; 4096]);
+    }
+    f.kick(0);
+    wait_held(&mut c, 4);
+    std::thread::sleep(QUIET);
+    assert_eq!(status(&mut c).held_requests, 4, "limit not applied");
+    assert!(matches!(seal(&mut c, 1), Reply::Sealed { .. }));
+    assert!(matches!(commit(&mut c, 1), Reply::Committed { .. }));
+    assert_eq!(f.wait_used(0, 4, T).len(), 4);
+    // The commit freed room: the rest is held now, in epoch 2.
+    wait_held(&mut c, 2);
+    assert!(matches!(seal(&mut c, 2), Reply::Sealed { .. }));
+    assert!(matches!(commit(&mut c, 2), Reply::Committed { .. }));
+    assert_eq!(f.wait_used(0, 2, T).len(), 2);
+    for i in 0..6u64 {
+        assert!(d.bytes(i * 4096, 4096).iter().all(|&b| b == i as u8 + 1));
+    }
+}
+
+/// A tmpfs of 1 MiB, unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn enospc_fails_the_commit_and_the_flush() {
+    for policy in ["stop", "report"] {
+        let dir = tempfile::tempdir().unwrap();
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+            .arg(&mnt)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !ok {
+            eprintln!("cannot mount tmpfs here: skipping");
+            return;
+        }
+        let _m = Tmpfs(mnt.clone());
+        let img = mnt.join("disk.img");
+        File::create(&img).unwrap().set_len(IMG_SIZE).unwrap();
+        let d = start_on(dir, img, &["--on-commit-error", policy]);
+        let mut c = d.control();
+        let mut f = d.session();
+        let mut writes = Vec::new();
+        for i in 0..16u64 {
+            writes.push(write(&mut f, i * 256, &[0xab; 128 << 10]));
+        }
+        let (_, flush_status) = blk_req(&mut f, VIRTIO_BLK_T_FLUSH, 0, None);
+        f.kick(0);
+        wait_held(&mut c, 17);
+        assert!(matches!(seal(&mut c, 1), Reply::Sealed { .. }));
+        match commit(&mut c, 1) {
+            Reply::CommitFailed {
+                epoch,
+                errno,
+                error,
+            } => {
+                assert_eq!(epoch, Epoch(1));
+                assert_eq!(errno, Some(libc::ENOSPC), "{error}");
+            }
+            r => panic!("{r:?}"),
+        }
+        assert_eq!(f.wait_used(0, 17, T).len(), 17);
+        assert_eq!(f.read(flush_status, 1), [VIRTIO_BLK_S_IOERR as u8]);
+        let failed = writes
+            .iter()
+            .filter(|w| f.read(w.1, 1) == [VIRTIO_BLK_S_IOERR as u8])
+            .count();
+        assert!(failed > 0, "no write failed on a full filesystem");
+        let st = status(&mut c);
+        assert_eq!(st.commits_failed, 1);
+        assert_eq!(st.commit_refused, policy == "stop");
+        assert!(matches!(seal(&mut c, 2), Reply::Sealed { .. }));
+        let r = commit(&mut c, 2);
+        if policy == "stop" {
+            assert_eq!(error_code(&r), ErrorCode::CommitRefused);
+        } else {
+            assert!(matches!(r, Reply::Committed { .. }), "{r:?}");
+        }
+    }
+}
+
+#[test]
+fn hold_without_control_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    File::create(&img).unwrap().set_len(1 << 20).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_vhost-user-blk-ft"))
+        .arg("--socket")
+        .arg(dir.path().join("s"))
+        .arg("--image")
+        .arg(&img)
+        .args(["--ft", "hold"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--control"));
+}
+
+/// SIGTERM while a long commit runs (hundreds of overlapping 1 MiB O_DIRECT writes, one wave
+/// each): the commit is cancelled (later waves never submitted, in-flight ones get
+/// ASYNC_CANCEL), reported as failed, nothing is synced, and the daemon exits cleanly.
+#[test]
+fn shutdown_cancels_a_running_commit() {
+    let mut d = start(&[
+        "--direct",
+        "--queue-size",
+        "1024",
+        "--max-held-bytes",
+        "1073741824",
+    ]);
+    let mut c = d.control();
+    let mut f = TestFrontend::connect(&d.sock, 1, T);
+    f.handshake();
+    f.set_mem_table();
+    f.init_queue(0, 1024);
+    f.setup_vring(0, 0);
+    f.fe.set_vring_enable(0, true).expect("enable");
+    let aligned = |f: &mut TestFrontend, len: u64| f.alloc(len + 4096).div_ceil(4096) * 4096;
+    let shared = aligned(&mut f, 1 << 20);
+    f.write(shared, &vec![0xee; 1 << 20]);
+    const N: u16 = 250; // 4 descriptors each in a ring of 1024
+    for i in 0..N {
+        let tag = aligned(&mut f, 512);
+        let mut t = [0u8; 512];
+        t[..2].copy_from_slice(&(i + 1).to_le_bytes());
+        f.write(tag, &t);
+        let hdr = f.alloc(16);
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
+        f.write(hdr, &h);
+        let status = f.alloc(1);
+        let buf = |gpa, len, writable| Buf { gpa, len, writable };
+        f.add_chain(
+            0,
+            &[
+                buf(hdr, 16, false),
+                buf(tag, 512, false),
+                buf(shared, 1 << 20, false),
+                buf(status, 1, true),
+            ],
+        );
+    }
+    f.kick(0);
+    wait_held(&mut c, u64::from(N));
+    assert!(matches!(seal(&mut c, 1), Reply::Sealed { .. }));
+    c.send(&Request::Commit {
+        generation: G,
+        epoch: Epoch(1),
+    })
+    .expect("send commit");
+    std::thread::sleep(Duration::from_millis(50));
+    let child = d.child.as_mut().unwrap();
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + T;
+    let code = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st.code();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "daemon did not exit during a commit"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(code, Some(0));
+    match c.recv_reply() {
+        Ok(Reply::CommitFailed { errno, .. }) => assert_eq!(errno, Some(libc::ECANCELED)),
+        Ok(r) => panic!("commit not cancelled: {r:?}"),
+        Err(e) => eprintln!("no reply before shutdown: {e}"),
+    }
+    let last = u16::from_le_bytes(d.bytes(0, 2).try_into().unwrap());
+    eprintln!("write {last} of {N} was the last to land");
+    assert!(last < N, "every wave ran: the commit was not cancelled");
+}
+
+/// Held writes of a frontend that disconnects are cancelled, never written; with an inflight
+/// region the reconnecting frontend resubmits them and they are held again, in the open epoch.
+#[test]
+fn disconnect_with_inflight_region_resubmits_held_writes() {
+    use std::os::fd::AsRawFd;
+    let d = start(&[]);
+    let mut c = d.control();
+    let mut f = TestFrontend::connect(&d.sock, 1, T);
+    f.handshake();
+    f.set_mem_table();
+    let (info, file) = f.setup_inflight(1, 256);
+    f.init_queue(0, 256);
+    f.setup_vring(0, 0);
+    f.fe.set_vring_enable(0, true).expect("enable");
+    let mut heads = Vec::new();
+    for i in 0..4u64 {
+        heads.push(write(&mut f, i * 8, &pattern(0x60 + i as u8, 4096)));
+    }
+    f.kick(0);
+    wait_held(&mut c, 4);
+    // Epoch 1 sealed but not committed when the frontend goes away.
+    assert!(matches!(seal(&mut c, 1), Reply::Sealed { .. }));
+    f.reconnect(&d.sock, T);
+    wait_held(&mut c, 0);
+    f.handshake();
+    f.set_mem_table();
+    f.fe.set_inflight_fd(&info, file.as_raw_fd())
+        .expect("set_inflight_fd");
+    let used = f.used_idx(0);
+    assert_eq!(used, 0);
+    f.setup_vring(0, used);
+    f.fe.set_vring_enable(0, true).expect("enable");
+    wait_held(&mut c, 4);
+    assert!(
+        d.bytes(0, 4 * 4096).iter().all(|&b| b == 0),
+        "cancelled writes landed"
+    );
+    // Held again in epoch 2: committing epoch 1 releases nothing.
+    match commit(&mut c, 1) {
+        Reply::Committed { stats, .. } => assert_eq!(stats.requests, 0),
+        r => panic!("{r:?}"),
+    }
+    assert!(f.wait_used(0, 1, QUIET).is_empty());
+    assert!(matches!(seal(&mut c, 2), Reply::Sealed { .. }));
+    assert!(matches!(commit(&mut c, 2), Reply::Committed { .. }));
+    let mut done: Vec<u16> = f.wait_used(0, 4, T).into_iter().map(|u| u.0).collect();
+    done.sort_unstable();
+    let mut want: Vec<u16> = heads.iter().map(|h| h.0).collect();
+    want.sort_unstable();
+    assert_eq!(done, want);
+    assert!(f.wait_used(0, 1, QUIET).is_empty(), "completed twice");
+    for (i, (_, st)) in heads.iter().enumerate() {
+        assert_eq!(f.read(*st, 1), [VIRTIO_BLK_S_OK as u8]);
+        assert!(d.bytes(i as u64 * 4096, 4096) == pattern(0x60 + i as u8, 4096));
+    }
+}
