@@ -6,7 +6,10 @@
 //!   and the benchmark.
 //! - [`guest`]: the QEMU (TCG) guest harness: boots a small Linux guest with our daemons attached
 //!   and reads its verdict from the serial console.
+//! - [`acknowledger`]: a stand-in coordinator that seals and commits an epoch every interval on
+//!   daemon control sockets (guest net test, `ft-ack` for benchmarks).
 
+pub mod acknowledger;
 pub mod blk_client;
 pub mod frontend;
 pub mod guest;
