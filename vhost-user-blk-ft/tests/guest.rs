@@ -3,33 +3,16 @@
 //! checked block by block. Uses the shared guest harness (`ft_tests::guest`).
 
 use std::ffi::OsStr;
-use std::io::Read;
 use std::path::Path;
 use std::time::Duration;
 
-use ft_tests::guest::{Backend, BackendCommand, Guest, GuestConfig, GuestImage, ScratchDir};
+use ft_tests::guest::{
+    nonzero_blocks, Backend, BackendCommand, Guest, GuestConfig, GuestImage, ScratchDir,
+};
 
 const DISK_SIZE: u64 = 128 << 20;
 const FIO_SIZE: u64 = 32 << 20;
 const BLOCK: usize = 4096;
-
-/// Non-zero 4 KiB blocks of `path` before and after `split`.
-fn nonzero_blocks(path: &Path, split: u64) -> (u64, u64) {
-    let mut file = std::fs::File::open(path).expect("open disk image");
-    let mut buf = vec![0u8; BLOCK];
-    let (mut before, mut after, mut offset) = (0, 0, 0u64);
-    while file.read_exact(&mut buf).is_ok() {
-        if buf.iter().any(|&b| b != 0) {
-            if offset < split {
-                before += 1;
-            } else {
-                after += 1;
-            }
-        }
-        offset += BLOCK as u64;
-    }
-    (before, after)
-}
 
 fn daemon(disk: &Path, sock: &Path) -> BackendCommand {
     daemon_with(disk, sock, &[])
@@ -125,7 +108,7 @@ fn restart_mid_io(how: Restart) {
             assert_eq!(status.signal(), Some(libc::SIGKILL), "{text1}");
             // Output commit: nothing held by the killed daemon reached the image.
             assert_eq!(
-                nonzero_blocks(&disk, FIO_SIZE),
+                nonzero_blocks(&disk, FIO_SIZE).expect("scan disk image"),
                 (0, 0),
                 "held writes on disk"
             );
@@ -157,7 +140,7 @@ fn restart_mid_io(how: Restart) {
         );
     }
     second.stop(Duration::from_secs(5)).expect("stop daemon");
-    let (inside, outside) = nonzero_blocks(&disk, FIO_SIZE);
+    let (inside, outside) = nonzero_blocks(&disk, FIO_SIZE).expect("scan disk image");
     assert_eq!(inside, FIO_SIZE / BLOCK as u64, "blocks written by fio");
     assert_eq!(outside, 0, "blocks written beyond fio's area");
 }
@@ -201,7 +184,7 @@ fn guest_fio_verify_on_vhost_user_blk_ft() {
     assert!(text.contains("stopped; requests"), "{text}");
 
     // fio's random map writes every 4 KiB block of its area once (non-zero verify headers).
-    let (inside, outside) = nonzero_blocks(&disk, FIO_SIZE);
+    let (inside, outside) = nonzero_blocks(&disk, FIO_SIZE).expect("scan disk image");
     assert_eq!(inside, FIO_SIZE / BLOCK as u64, "blocks written by fio");
     assert_eq!(outside, 0, "blocks written beyond fio's area");
 }
@@ -316,7 +299,7 @@ fn guest_fio_verify_with_output_commit() {
     let status = backend.stop(Duration::from_secs(5)).expect("stop daemon");
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(status.success(), "daemon exit {status}\n{text}");
-    let (inside, outside) = nonzero_blocks(&disk, FIO_SIZE);
+    let (inside, outside) = nonzero_blocks(&disk, FIO_SIZE).expect("scan disk image");
     assert_eq!(inside, FIO_SIZE / BLOCK as u64, "blocks written by fio");
     assert_eq!(outside, 0, "blocks written beyond fio's area");
 }
