@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use ft_common::control::{ControlClient, ErrorCode, Notification, Reply, Request};
 use ft_common::epoch::{Epoch, Generation};
 use ft_tests::frontend::{Buf, TestFrontend};
+use vhost::vhost_user::message::VhostUserInflight;
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::VhostBackend;
 use virtio_bindings::virtio_blk::*;
@@ -39,14 +40,28 @@ impl Daemon {
         ControlClient::connect(&self.ctl, T).expect("control connect")
     }
 
+    /// A frontend with queue 0 (256 entries) running.
     fn session(&self) -> TestFrontend {
+        self.session_with(false).0
+    }
+
+    /// [`Daemon::session`] with an inflight region set up first (as QEMU does for reconnects):
+    /// returns its description and memfd too.
+    fn inflight_session(&self) -> (TestFrontend, VhostUserInflight, File) {
+        let (f, region) = self.session_with(true);
+        let (info, file) = region.expect("inflight region");
+        (f, info, file)
+    }
+
+    fn session_with(&self, inflight: bool) -> (TestFrontend, Option<(VhostUserInflight, File)>) {
         let mut f = TestFrontend::connect(&self.sock, 1, T);
         f.handshake();
         f.set_mem_table();
+        let region = inflight.then(|| f.setup_inflight(1, 256));
         f.init_queue(0, 256);
         f.setup_vring(0, 0);
         f.fe.set_vring_enable(0, true).expect("enable");
-        f
+        (f, region)
     }
 
     fn bytes(&self, off: u64, len: usize) -> Vec<u8> {
@@ -428,13 +443,7 @@ fn disconnect_and_reset_cancel_held_writes() {
 fn ring_stop_and_restart_keeps_held_requests_without_duplicates() {
     let d = start(&[]);
     let mut c = d.control();
-    let mut f = TestFrontend::connect(&d.sock, 1, T);
-    f.handshake();
-    f.set_mem_table();
-    let (info, file) = f.setup_inflight(1, 256);
-    f.init_queue(0, 256);
-    f.setup_vring(0, 0);
-    f.fe.set_vring_enable(0, true).expect("enable");
+    let (mut f, info, file) = d.inflight_session();
     let mut heads = Vec::new();
     for i in 0..6u64 {
         heads.push(write(&mut f, i * 8, &pattern(i as u8, 4096)).0);
@@ -698,13 +707,7 @@ fn disconnect_with_inflight_region_resubmits_held_writes() {
     use std::os::fd::AsRawFd;
     let d = start(&[]);
     let mut c = d.control();
-    let mut f = TestFrontend::connect(&d.sock, 1, T);
-    f.handshake();
-    f.set_mem_table();
-    let (info, file) = f.setup_inflight(1, 256);
-    f.init_queue(0, 256);
-    f.setup_vring(0, 0);
-    f.fe.set_vring_enable(0, true).expect("enable");
+    let (mut f, info, file) = d.inflight_session();
     let mut heads = Vec::new();
     for i in 0..4u64 {
         heads.push(write(&mut f, i * 8, &pattern(0x60 + i as u8, 4096)));
