@@ -48,14 +48,7 @@ fn fio_verify_on_qemu_storage_daemon() {
     )
     .expect("start qemu-storage-daemon");
 
-    let mut config = GuestConfig::new(&image, "fio-verify", scratch.path());
-    config.disks.push(backend.socket().to_path_buf());
-    config.cmdline_extra = vec![
-        format!("ft.size={}M", FIO_SIZE >> 20),
-        "ft.bs=4k".into(),
-        "ft.iodepth=16".into(),
-        "ft.passes=write,verify".into(),
-    ];
+    let config = GuestConfig::fio_verify(&image, scratch.path(), backend.socket(), FIO_SIZE);
     let outcome = Guest::start(&config)
         .expect("start QEMU")
         .wait()

@@ -81,16 +81,9 @@ fn restart_mid_io(how: Restart) {
     let log1 = scratch.join("backend1.log");
     let first = Backend::start(&first_cmd, &log1, Duration::from_secs(10)).expect("start daemon");
 
-    let mut config = GuestConfig::new(&image, "fio-verify", scratch.path());
-    config.disks.push(sock.clone());
+    let mut config = GuestConfig::fio_verify(&image, scratch.path(), &sock, FIO_SIZE);
     config.disk_queues = 2;
     config.reconnect_secs = Some(1);
-    config.cmdline_extra = vec![
-        format!("ft.size={}M", FIO_SIZE >> 20),
-        "ft.bs=4k".into(),
-        "ft.iodepth=16".into(),
-        "ft.passes=write,verify".into(),
-    ];
     let guest = Guest::start(&config).expect("start QEMU");
     assert!(guest.wait_for_stage("fio-write-start"), "fio never started");
     std::thread::sleep(Duration::from_secs(3));
@@ -157,15 +150,8 @@ fn guest_fio_verify_on_vhost_user_blk_ft() {
     let log = scratch.join("backend.log");
     let backend = Backend::start(&cmd, &log, Duration::from_secs(10)).expect("start daemon");
 
-    let mut config = GuestConfig::new(&image, "fio-verify", scratch.path());
-    config.disks.push(sock.clone());
+    let mut config = GuestConfig::fio_verify(&image, scratch.path(), &sock, FIO_SIZE);
     config.disk_queues = 2;
-    config.cmdline_extra = vec![
-        format!("ft.size={}M", FIO_SIZE >> 20),
-        "ft.bs=4k".into(),
-        "ft.iodepth=16".into(),
-        "ft.passes=write,verify".into(),
-    ];
     let outcome = Guest::start(&config)
         .expect("start QEMU")
         .wait()
@@ -264,15 +250,8 @@ fn guest_fio_verify_with_output_commit() {
         })
     };
 
-    let mut config = GuestConfig::new(&image, "fio-verify", scratch.path());
-    config.disks.push(sock.clone());
+    let mut config = GuestConfig::fio_verify(&image, scratch.path(), &sock, FIO_SIZE);
     config.disk_queues = 2;
-    config.cmdline_extra = vec![
-        format!("ft.size={}M", FIO_SIZE >> 20),
-        "ft.bs=4k".into(),
-        "ft.iodepth=16".into(),
-        "ft.passes=write,verify".into(),
-    ];
     let outcome = Guest::start(&config)
         .expect("start QEMU")
         .wait()
