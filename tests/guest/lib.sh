@@ -30,3 +30,51 @@ first_virtio_disk() {
     done
     return 1
 }
+
+# find_disk [NAME]: wait up to 20 s for the first virtio disk (or use NAME if given), then for
+# its /dev node; sets $disk.
+find_disk() {
+    disk=$1
+    if [ -z "$disk" ]; then
+        n=0
+        until disk=$(first_virtio_disk); do
+            n=$((n + 1))
+            [ "$n" -le 200 ] || fail "no virtio disk found"
+            usleep 100000
+        done
+    fi
+    wait_block_dev "$disk" 20 || fail "/dev/$disk did not appear"
+}
+
+# first_nic: name of the first network interface backed by a device (eth0, ...; not lo),
+# empty if none yet.
+first_nic() {
+    for d in /sys/class/net/*; do
+        [ -e "$d/device" ] && { basename "$d"; return 0; }
+    done
+    return 1
+}
+
+# nic_up ADDR/PREFIX [REASON]: wait up to 20 s for the first NIC (fail REASON, default
+# "no network interface", if none), bring up lo and the NIC with ADDR; sets $nic.
+nic_up() {
+    n=0
+    until nic=$(first_nic); do
+        n=$((n + 1))
+        [ "$n" -le 200 ] || fail "${2:-no network interface}"
+        usleep 100000
+    done
+    ip link set lo up || fail "ip link set lo up"
+    ip addr add "$1" dev "$nic" || fail "ip addr add $1 dev $nic"
+    ip link set "$nic" up || fail "ip link set $nic up"
+}
+
+# wait_peer HOST TRIES: first contact (ARP, carrier) may take a moment: ping HOST (1 s timeout
+# each) until it answers, at most TRIES + 1 times.
+wait_peer() {
+    n=0
+    until ping -c 1 -W 1 "$1" >/dev/null 2>&1; do
+        n=$((n + 1))
+        [ "$n" -le "$2" ] || fail "host $1 unreachable"
+    done
+}

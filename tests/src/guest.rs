@@ -8,6 +8,7 @@
 //! - [`vm`]: run QEMU with vhost-user-blk / vhost-user-net devices, capture the serial console,
 //!   wait for the guest's `FT-RESULT:` line or a timeout; killed on drop.
 //! - [`scratch`]: per-test scratch directories.
+//! - [`disk`]: host-side reading of a guest's raw disk image (which blocks it wrote).
 //!
 //! Invariants: QEMU always runs with `-accel tcg` (nested KVM hangs on the test machines), with
 //! memfd-backed shared guest memory (vhost-user needs it), and never outlives its [`vm::Guest`];
@@ -15,12 +16,14 @@
 //! failed, never as passed.
 
 pub mod backend;
+pub mod disk;
 pub mod error;
 pub mod image;
 pub mod scratch;
 pub mod vm;
 
 pub use backend::{Backend, BackendCommand};
+pub use disk::nonzero_blocks;
 pub use error::HarnessError;
 pub use image::{ensure_host_tools, GuestImage};
 pub use scratch::ScratchDir;

@@ -8,8 +8,10 @@
 //!   and reads its verdict from the serial console.
 //! - [`acknowledger`]: a stand-in coordinator that seals and commits an epoch every interval on
 //!   daemon control sockets (guest net test, `ft-ack` for benchmarks).
+//! - [`netns`]: run a closure in a private network namespace (guest net and end-to-end tests).
 
 pub mod acknowledger;
 pub mod blk_client;
 pub mod frontend;
 pub mod guest;
+pub mod netns;

@@ -27,9 +27,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ft_tests::guest::image::workspace_binary;
 use ft_tests::guest::{
-    Backend, BackendCommand, Guest, GuestConfig, GuestImage, GuestResult, ScratchDir,
+    nonzero_blocks, Backend, BackendCommand, Guest, GuestConfig, GuestImage, GuestResult,
+    ScratchDir,
 };
+use ft_tests::netns::in_netns;
 
 const DISK_SIZE: u64 = 64 << 20;
 /// fio's area with the gated disk (slow: every write waits ~250 ms for its commit).
@@ -50,43 +53,9 @@ const SETTLE: Duration = Duration::from_millis(1500);
 /// One guest at a time: each is a busy TCG thread on a small shared machine.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-/// Runs `f` on a thread in a fresh network namespace; processes spawned from that thread
-/// inherit it.
-fn in_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    std::thread::spawn(move || {
-        // SAFETY: unshare only changes this thread's network namespace.
-        let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-        assert_eq!(
-            r,
-            0,
-            "unshare(CLONE_NEWNET): {}",
-            io::Error::last_os_error()
-        );
-        f()
-    })
-    .join()
-    .unwrap_or_else(|e| std::panic::resume_unwind(e))
-}
-
 /// A workspace binary next to this test's own (target/<profile>/), built if missing.
 fn binary(package: &str, name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binary lives in target/<profile>/deps");
-    let bin = dir.join(name);
-    if !bin.is_file() {
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-p", package, "--bin", name])
-            .current_dir(ft_tests::guest::image::repo_root())
-            .status()
-            .expect("running cargo build");
-        assert!(status.success(), "building {name} failed");
-    }
-    assert!(bin.is_file(), "{} missing after build", bin.display());
-    bin
+    workspace_binary(package, name).unwrap_or_else(|e| panic!("{name} binary: {e}"))
 }
 
 fn os_args(args: &[&OsStr]) -> Vec<OsString> {
@@ -115,22 +84,6 @@ fn image_hash(path: &Path) -> u64 {
         }
         h.write(&buf[..n]);
     }
-}
-
-/// Non-zero 4 KiB blocks in `[0, split)` and `[split, end)`.
-fn nonzero_blocks(path: &Path, split: u64) -> (u64, u64) {
-    let data = std::fs::read(path).expect("read image");
-    let (mut inside, mut outside) = (0, 0);
-    for (i, block) in data.chunks(BLOCK).enumerate() {
-        if block.iter().any(|&b| b != 0) {
-            if (i * BLOCK) as u64 >= split {
-                outside += 1;
-            } else {
-                inside += 1;
-            }
-        }
-    }
-    (inside, outside)
 }
 
 /// Waits until `f` holds, polling; false after `timeout`.
@@ -513,7 +466,7 @@ impl Rig {
         );
         // Final commits happened before the guest could finish: stop everything, then read.
         drop(self.coordinator.take());
-        let (inside, outside) = nonzero_blocks(&self.disk, self.fio_size);
+        let (inside, outside) = nonzero_blocks(&self.disk, self.fio_size).expect("scan disk image");
         assert_eq!(
             inside,
             self.fio_size / BLOCK as u64,

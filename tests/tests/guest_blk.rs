@@ -5,13 +5,13 @@
 //! Prerequisites are set up on demand (scripts/setup.sh, tests/guest/build-guest.sh); if that
 //! fails the tests fail. Run with `--nocapture` to see boot and fio timings.
 
-use std::io::Read;
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use ft_tests::guest::{
-    Backend, BackendCommand, Guest, GuestConfig, GuestImage, GuestResult, ScratchDir,
+    nonzero_blocks, Backend, BackendCommand, Guest, GuestConfig, GuestImage, GuestResult,
+    ScratchDir,
 };
 
 const DISK_SIZE: u64 = 256 << 20;
@@ -33,29 +33,6 @@ fn secs(d: Option<Duration>) -> String {
         .unwrap_or_else(|| "n/a".into())
 }
 
-/// Counts the 4 KiB blocks of `path` that are not all zero, in `[0, split)` and `[split, end)`.
-fn nonzero_blocks(path: &Path, split: u64) -> (u64, u64) {
-    let mut file = std::fs::File::open(path).expect("open disk image");
-    let mut buf = vec![0u8; BLOCK];
-    let (mut before, mut after, mut offset) = (0, 0, 0u64);
-    loop {
-        match file.read_exact(&mut buf) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
-            Err(e) => panic!("reading disk image: {e}"),
-        }
-        if buf.iter().any(|&b| b != 0) {
-            if offset < split {
-                before += 1;
-            } else {
-                after += 1;
-            }
-        }
-        offset += BLOCK as u64;
-    }
-    (before, after)
-}
-
 #[test]
 fn fio_verify_on_qemu_storage_daemon() {
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -71,14 +48,7 @@ fn fio_verify_on_qemu_storage_daemon() {
     )
     .expect("start qemu-storage-daemon");
 
-    let mut config = GuestConfig::new(&image, "fio-verify", scratch.path());
-    config.disks.push(backend.socket().to_path_buf());
-    config.cmdline_extra = vec![
-        format!("ft.size={}M", FIO_SIZE >> 20),
-        "ft.bs=4k".into(),
-        "ft.iodepth=16".into(),
-        "ft.passes=write,verify".into(),
-    ];
+    let config = GuestConfig::fio_verify(&image, scratch.path(), backend.socket(), FIO_SIZE);
     let outcome = Guest::start(&config)
         .expect("start QEMU")
         .wait()
@@ -105,7 +75,7 @@ fn fio_verify_on_qemu_storage_daemon() {
 
     // The data reached the backend's file: fio's random map writes every 4 KiB block of the
     // first 64 MiB exactly once (each with a non-zero verify header), and nothing beyond.
-    let (inside, outside) = nonzero_blocks(&disk, FIO_SIZE);
+    let (inside, outside) = nonzero_blocks(&disk, FIO_SIZE).expect("scan disk image");
     assert_eq!(inside, FIO_SIZE / BLOCK as u64, "blocks written by fio");
     assert_eq!(outside, 0, "blocks written beyond fio's area");
 }

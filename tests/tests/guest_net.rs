@@ -11,7 +11,6 @@
 //! The daemon binary comes from the workspace target directory (built on demand). Run with
 //! `--nocapture` for timings and throughput.
 
-use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -20,7 +19,9 @@ use std::time::{Duration, Instant};
 use ft_common::control::{ControlClient, Reply, Request};
 use ft_common::epoch::Generation;
 use ft_tests::acknowledger::{AckStats, Acknowledger};
+use ft_tests::guest::image::workspace_binary;
 use ft_tests::guest::{Backend, BackendCommand, Guest, GuestConfig, GuestImage, ScratchDir};
+use ft_tests::netns::in_netns;
 
 const HOST_IP: &str = "10.77.0.1";
 const GUEST_IP: &str = "10.77.0.2/24";
@@ -31,50 +32,10 @@ const ACK_INTERVAL: Duration = Duration::from_millis(5);
 /// One guest at a time: each is a busy TCG thread on a small shared machine.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-/// Runs `f` on a thread in a fresh network namespace; processes spawned from that thread
-/// inherit it.
-fn in_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    std::thread::spawn(move || {
-        // SAFETY: unshare only changes this thread's network namespace.
-        let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-        assert_eq!(
-            r,
-            0,
-            "unshare(CLONE_NEWNET): {}",
-            io::Error::last_os_error()
-        );
-        f()
-    })
-    .join()
-    .unwrap_or_else(|e| std::panic::resume_unwind(e))
-}
-
 /// `vhost-user-net-ft` next to this test's own binary (target/<profile>/), built if missing.
 fn daemon_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/guest_net-HASH -> target/<profile>/
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binary lives in target/<profile>/deps");
-    let bin = dir.join("vhost-user-net-ft");
-    if !bin.is_file() {
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let status = Command::new(cargo)
-            .args([
-                "build",
-                "-p",
-                "vhost-user-net-ft",
-                "--bin",
-                "vhost-user-net-ft",
-            ])
-            .current_dir(ft_tests::guest::image::repo_root())
-            .status()
-            .expect("running cargo build");
-        assert!(status.success(), "building vhost-user-net-ft failed");
-    }
-    assert!(bin.is_file(), "{} missing after build", bin.display());
-    bin
+    workspace_binary("vhost-user-net-ft", "vhost-user-net-ft")
+        .unwrap_or_else(|e| panic!("vhost-user-net-ft binary: {e}"))
 }
 
 /// A host process killed (and reaped) on drop.

@@ -3,33 +3,16 @@
 //! checked block by block. Uses the shared guest harness (`ft_tests::guest`).
 
 use std::ffi::OsStr;
-use std::io::Read;
 use std::path::Path;
 use std::time::Duration;
 
-use ft_tests::guest::{Backend, BackendCommand, Guest, GuestConfig, GuestImage, ScratchDir};
+use ft_tests::guest::{
+    nonzero_blocks, Backend, BackendCommand, Guest, GuestConfig, GuestImage, ScratchDir,
+};
 
 const DISK_SIZE: u64 = 128 << 20;
 const FIO_SIZE: u64 = 32 << 20;
 const BLOCK: usize = 4096;
-
-/// Non-zero 4 KiB blocks of `path` before and after `split`.
-fn nonzero_blocks(path: &Path, split: u64) -> (u64, u64) {
-    let mut file = std::fs::File::open(path).expect("open disk image");
-    let mut buf = vec![0u8; BLOCK];
-    let (mut before, mut after, mut offset) = (0, 0, 0u64);
-    while file.read_exact(&mut buf).is_ok() {
-        if buf.iter().any(|&b| b != 0) {
-            if offset < split {
-                before += 1;
-            } else {
-                after += 1;
-            }
-        }
-        offset += BLOCK as u64;
-    }
-    (before, after)
-}
 
 fn daemon(disk: &Path, sock: &Path) -> BackendCommand {
     daemon_with(disk, sock, &[])
@@ -98,16 +81,9 @@ fn restart_mid_io(how: Restart) {
     let log1 = scratch.join("backend1.log");
     let first = Backend::start(&first_cmd, &log1, Duration::from_secs(10)).expect("start daemon");
 
-    let mut config = GuestConfig::new(&image, "fio-verify", scratch.path());
-    config.disks.push(sock.clone());
+    let mut config = GuestConfig::fio_verify(&image, scratch.path(), &sock, FIO_SIZE);
     config.disk_queues = 2;
     config.reconnect_secs = Some(1);
-    config.cmdline_extra = vec![
-        format!("ft.size={}M", FIO_SIZE >> 20),
-        "ft.bs=4k".into(),
-        "ft.iodepth=16".into(),
-        "ft.passes=write,verify".into(),
-    ];
     let guest = Guest::start(&config).expect("start QEMU");
     assert!(guest.wait_for_stage("fio-write-start"), "fio never started");
     std::thread::sleep(Duration::from_secs(3));
@@ -125,7 +101,7 @@ fn restart_mid_io(how: Restart) {
             assert_eq!(status.signal(), Some(libc::SIGKILL), "{text1}");
             // Output commit: nothing held by the killed daemon reached the image.
             assert_eq!(
-                nonzero_blocks(&disk, FIO_SIZE),
+                nonzero_blocks(&disk, FIO_SIZE).expect("scan disk image"),
                 (0, 0),
                 "held writes on disk"
             );
@@ -157,7 +133,7 @@ fn restart_mid_io(how: Restart) {
         );
     }
     second.stop(Duration::from_secs(5)).expect("stop daemon");
-    let (inside, outside) = nonzero_blocks(&disk, FIO_SIZE);
+    let (inside, outside) = nonzero_blocks(&disk, FIO_SIZE).expect("scan disk image");
     assert_eq!(inside, FIO_SIZE / BLOCK as u64, "blocks written by fio");
     assert_eq!(outside, 0, "blocks written beyond fio's area");
 }
@@ -174,15 +150,8 @@ fn guest_fio_verify_on_vhost_user_blk_ft() {
     let log = scratch.join("backend.log");
     let backend = Backend::start(&cmd, &log, Duration::from_secs(10)).expect("start daemon");
 
-    let mut config = GuestConfig::new(&image, "fio-verify", scratch.path());
-    config.disks.push(sock.clone());
+    let mut config = GuestConfig::fio_verify(&image, scratch.path(), &sock, FIO_SIZE);
     config.disk_queues = 2;
-    config.cmdline_extra = vec![
-        format!("ft.size={}M", FIO_SIZE >> 20),
-        "ft.bs=4k".into(),
-        "ft.iodepth=16".into(),
-        "ft.passes=write,verify".into(),
-    ];
     let outcome = Guest::start(&config)
         .expect("start QEMU")
         .wait()
@@ -201,7 +170,7 @@ fn guest_fio_verify_on_vhost_user_blk_ft() {
     assert!(text.contains("stopped; requests"), "{text}");
 
     // fio's random map writes every 4 KiB block of its area once (non-zero verify headers).
-    let (inside, outside) = nonzero_blocks(&disk, FIO_SIZE);
+    let (inside, outside) = nonzero_blocks(&disk, FIO_SIZE).expect("scan disk image");
     assert_eq!(inside, FIO_SIZE / BLOCK as u64, "blocks written by fio");
     assert_eq!(outside, 0, "blocks written beyond fio's area");
 }
@@ -281,15 +250,8 @@ fn guest_fio_verify_with_output_commit() {
         })
     };
 
-    let mut config = GuestConfig::new(&image, "fio-verify", scratch.path());
-    config.disks.push(sock.clone());
+    let mut config = GuestConfig::fio_verify(&image, scratch.path(), &sock, FIO_SIZE);
     config.disk_queues = 2;
-    config.cmdline_extra = vec![
-        format!("ft.size={}M", FIO_SIZE >> 20),
-        "ft.bs=4k".into(),
-        "ft.iodepth=16".into(),
-        "ft.passes=write,verify".into(),
-    ];
     let outcome = Guest::start(&config)
         .expect("start QEMU")
         .wait()
@@ -316,7 +278,7 @@ fn guest_fio_verify_with_output_commit() {
     let status = backend.stop(Duration::from_secs(5)).expect("stop daemon");
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(status.success(), "daemon exit {status}\n{text}");
-    let (inside, outside) = nonzero_blocks(&disk, FIO_SIZE);
+    let (inside, outside) = nonzero_blocks(&disk, FIO_SIZE).expect("scan disk image");
     assert_eq!(inside, FIO_SIZE / BLOCK as u64, "blocks written by fio");
     assert_eq!(outside, 0, "blocks written beyond fio's area");
 }

@@ -6,79 +6,33 @@
 //! backpressure, and bad control input.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ft_common::control::{ControlClient, ErrorCode, Notification, Reply, Request};
 use ft_common::epoch::{Epoch, Generation};
 use ft_tests::frontend::{Buf, TestFrontend};
+use vhost::vhost_user::message::VhostUserInflight;
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::VhostBackend;
 use virtio_bindings::virtio_blk::*;
 
+mod common;
+use common::{file_bytes, kernel_fdatasyncs, new_image, spawn, Daemon, IMG_SIZE};
+
 const T: Duration = Duration::from_secs(10);
 const QUIET: Duration = Duration::from_millis(300);
-const IMG_SIZE: u64 = 16 << 20;
-
-struct Daemon {
-    child: Option<Child>,
-    sock: PathBuf,
-    ctl: PathBuf,
-    img: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 fn start(extra: &[&str]) -> Daemon {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let img = dir.path().join("disk.img");
-    File::create(&img)
-        .and_then(|f| f.set_len(IMG_SIZE))
-        .expect("image");
+    let (dir, img) = new_image();
     start_on(dir, img, extra)
 }
 
 fn start_on(dir: tempfile::TempDir, img: PathBuf, extra: &[&str]) -> Daemon {
-    let sock = dir.path().join("blk.sock");
-    let ctl = dir.path().join("ctl.sock");
-    let child = Command::new(env!("CARGO_BIN_EXE_vhost-user-blk-ft"))
-        .arg("--socket")
-        .arg(&sock)
-        .arg("--image")
-        .arg(&img)
-        .args(["--ft", "hold", "--control"])
-        .arg(&ctl)
-        .args(extra)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("spawn");
-    let mut d = Daemon {
-        child: Some(child),
-        sock,
-        ctl,
-        img,
-        _dir: dir,
-    };
-    let deadline = Instant::now() + T;
-    while !(d.sock.exists() && d.ctl.exists()) {
-        if let Some(st) = d.child.as_mut().unwrap().try_wait().unwrap() {
-            panic!("daemon exited early: {st}");
-        }
-        assert!(Instant::now() < deadline, "sockets never appeared");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    d
+    spawn(dir, img, true, T, |c| {
+        c.args(["--ft", "hold"]).args(extra);
+    })
 }
 
 impl Daemon {
@@ -86,23 +40,32 @@ impl Daemon {
         ControlClient::connect(&self.ctl, T).expect("control connect")
     }
 
+    /// A frontend with queue 0 (256 entries) running.
     fn session(&self) -> TestFrontend {
+        self.session_with(false).0
+    }
+
+    /// [`Daemon::session`] with an inflight region set up first (as QEMU does for reconnects):
+    /// returns its description and memfd too.
+    fn inflight_session(&self) -> (TestFrontend, VhostUserInflight, File) {
+        let (f, region) = self.session_with(true);
+        let (info, file) = region.expect("inflight region");
+        (f, info, file)
+    }
+
+    fn session_with(&self, inflight: bool) -> (TestFrontend, Option<(VhostUserInflight, File)>) {
         let mut f = TestFrontend::connect(&self.sock, 1, T);
         f.handshake();
         f.set_mem_table();
+        let region = inflight.then(|| f.setup_inflight(1, 256));
         f.init_queue(0, 256);
         f.setup_vring(0, 0);
         f.fe.set_vring_enable(0, true).expect("enable");
-        f
+        (f, region)
     }
 
     fn bytes(&self, off: u64, len: usize) -> Vec<u8> {
-        let mut v = vec![0u8; len];
-        File::open(&self.img)
-            .unwrap()
-            .read_exact_at(&mut v, off)
-            .unwrap();
-        v
+        file_bytes(&self.img, off, len)
     }
 }
 
@@ -202,45 +165,6 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1)
         .collect()
-}
-
-/// Counts the fdatasyncs ext4 sees on `img` while `f` runs (see tests/protocol.rs).
-fn kernel_fdatasyncs<R>(img: &Path, f: impl FnOnce() -> R) -> (Option<u64>, R) {
-    use std::os::unix::fs::MetadataExt;
-    if !Path::new("/sys/kernel/tracing/events/ext4/ext4_sync_file_enter").exists() {
-        return (None, f());
-    }
-    let ino = std::fs::metadata(img).unwrap().ino();
-    let out = img.with_extension("perf");
-    let Ok(mut perf) = Command::new("perf")
-        .args([
-            "stat",
-            "-x,",
-            "-a",
-            "-e",
-            "ext4:ext4_sync_file_enter",
-            "--filter",
-        ])
-        .arg(format!("ino == {ino} && datasync == 1"))
-        .arg("-o")
-        .arg(&out)
-        .stderr(Stdio::null())
-        .spawn()
-    else {
-        return (None, f());
-    };
-    std::thread::sleep(Duration::from_millis(700));
-    if perf.try_wait().ok().flatten().is_some() {
-        return (None, f());
-    }
-    let r = f();
-    unsafe { libc::kill(perf.id() as i32, libc::SIGINT) };
-    let _ = perf.wait();
-    let n = std::fs::read_to_string(&out).ok().and_then(|t| {
-        let line = t.lines().find(|l| l.contains("ext4_sync_file_enter"))?;
-        line.split(',').next()?.trim().parse().ok()
-    });
-    (n, r)
 }
 
 #[test]
@@ -519,13 +443,7 @@ fn disconnect_and_reset_cancel_held_writes() {
 fn ring_stop_and_restart_keeps_held_requests_without_duplicates() {
     let d = start(&[]);
     let mut c = d.control();
-    let mut f = TestFrontend::connect(&d.sock, 1, T);
-    f.handshake();
-    f.set_mem_table();
-    let (info, file) = f.setup_inflight(1, 256);
-    f.init_queue(0, 256);
-    f.setup_vring(0, 0);
-    f.fe.set_vring_enable(0, true).expect("enable");
+    let (mut f, info, file) = d.inflight_session();
     let mut heads = Vec::new();
     for i in 0..6u64 {
         heads.push(write(&mut f, i * 8, &pattern(i as u8, 4096)).0);
@@ -789,13 +707,7 @@ fn disconnect_with_inflight_region_resubmits_held_writes() {
     use std::os::fd::AsRawFd;
     let d = start(&[]);
     let mut c = d.control();
-    let mut f = TestFrontend::connect(&d.sock, 1, T);
-    f.handshake();
-    f.set_mem_table();
-    let (info, file) = f.setup_inflight(1, 256);
-    f.init_queue(0, 256);
-    f.setup_vring(0, 0);
-    f.fe.set_vring_enable(0, true).expect("enable");
+    let (mut f, info, file) = d.inflight_session();
     let mut heads = Vec::new();
     for i in 0..4u64 {
         heads.push(write(&mut f, i * 8, &pattern(0x60 + i as u8, 4096)));

@@ -3,73 +3,31 @@
 //! EVENT_IDX on and off, read-only, capacity edges, malformed chains, disconnect/reconnect and
 //! signal shutdown. Data is always checked in the image file too.
 
-use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ft_tests::blk_client::*;
 
-const IMG_SIZE: u64 = 16 << 20;
+mod common;
+use common::{file_bytes, kernel_fdatasyncs, new_image, spawn, Daemon, IMG_SIZE};
+
 const SECTORS: u64 = IMG_SIZE / SECTOR_SIZE;
 const EVENT_IDX: u64 = 1 << 29;
 
-struct Daemon {
-    child: Option<Child>,
-    sock: PathBuf,
-    img: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 fn start(extra: &[&str]) -> Daemon {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let img = dir.path().join("disk.img");
-    File::create(&img)
-        .and_then(|f| f.set_len(IMG_SIZE))
-        .expect("create image");
+    let (dir, img) = new_image();
     start_on(dir, img, extra)
 }
 
 fn start_on(dir: tempfile::TempDir, img: PathBuf, extra: &[&str]) -> Daemon {
-    let sock = dir.path().join("blk.sock");
-    let child = Command::new(env!("CARGO_BIN_EXE_vhost-user-blk-ft"))
-        .arg("--socket")
-        .arg(&sock)
-        .arg("--image")
-        .arg(&img)
-        .args(["--serial", "ft-serial-42"])
-        .args(extra)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn daemon");
-    let mut d = Daemon {
-        child: Some(child),
-        sock,
-        img,
-        _dir: dir,
-    };
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !d.sock.exists() {
-        if let Some(st) = d.child.as_mut().unwrap().try_wait().unwrap() {
-            panic!("daemon exited early: {st}");
-        }
-        assert!(Instant::now() < deadline, "socket never appeared");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    d
+    spawn(dir, img, false, Duration::from_secs(15), |c| {
+        c.args(["--serial", "ft-serial-42"])
+            .args(extra)
+            .stderr(Stdio::piped());
+    })
 }
 
 impl Daemon {
@@ -119,54 +77,9 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
     (0..len).map(|_| rng.u8(..)).collect()
 }
 
-fn file_bytes(img: &Path, offset: u64, len: usize) -> Vec<u8> {
-    let f = OpenOptions::new().read(true).open(img).unwrap();
-    let mut v = vec![0u8; len];
-    f.read_exact_at(&mut v, offset).unwrap();
-    v
-}
-
 /// Submits one request built by `f` on idle queue 0 and returns the raw status.
 fn one(c: &mut BlkClient, f: impl FnOnce(&mut BlkClient, usize) -> Result<()>) -> u8 {
     c.request_sync(0, f).expect("request")
-}
-
-/// Counts, in the kernel, the fdatasync calls ext4 sees on `img` while `f` runs (tracepoint
-/// `ext4:ext4_sync_file_enter` with `datasync == 1`, filtered by inode, via `perf stat`).
-/// None when perf, tracefs or ext4 is not available here.
-fn kernel_fdatasyncs(img: &Path, f: impl FnOnce()) -> Option<u64> {
-    use std::os::unix::fs::MetadataExt;
-    if !Path::new("/sys/kernel/tracing/events/ext4/ext4_sync_file_enter").exists() {
-        return None;
-    }
-    let ino = std::fs::metadata(img).ok()?.ino();
-    let out = img.with_extension("perf");
-    let mut perf = Command::new("perf")
-        .args([
-            "stat",
-            "-x,",
-            "-a",
-            "-e",
-            "ext4:ext4_sync_file_enter",
-            "--filter",
-        ])
-        .arg(format!("ino == {ino} && datasync == 1"))
-        .arg("-o")
-        .arg(&out)
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()?;
-    // perf needs a moment to open its events.
-    std::thread::sleep(Duration::from_millis(700));
-    if perf.try_wait().ok()?.is_some() {
-        return None;
-    }
-    f();
-    unsafe { libc::kill(perf.id() as i32, libc::SIGINT) };
-    perf.wait().ok()?;
-    let text = std::fs::read_to_string(&out).ok()?;
-    let line = text.lines().find(|l| l.contains("ext4_sync_file_enter"))?;
-    line.split(',').next()?.trim().parse().ok()
 }
 
 #[test]
@@ -193,16 +106,10 @@ fn write_read_flush_reach_the_image_and_fsync() {
             c.flush(0).unwrap();
         }
     };
-    match kernel_fdatasyncs(&d.img, flushes) {
+    match kernel_fdatasyncs(&d.img, flushes).0 {
         // Each FLUSH is one fdatasync of the image, seen by the filesystem itself.
         Some(n) => assert_eq!(n, 5, "kernel saw {n} fdatasyncs of the image for 5 FLUSHes"),
-        None => {
-            eprintln!("perf/tracefs/ext4 unavailable: checking the daemon's counters only");
-            for i in 0..5u8 {
-                c.write_at(0, 0, &[i; 4096]).unwrap();
-                c.flush(0).unwrap();
-            }
-        }
+        None => eprintln!("perf/tracefs/ext4 unavailable: checking the daemon's counters only"),
     }
     drop(c);
     let (code, log) = d.stop(libc::SIGTERM);
@@ -797,7 +704,7 @@ mod raw_frontend {
                 assert_eq!(f.read(status, 1), [VIRTIO_BLK_S_OK]);
             }
         };
-        let Some(wb) = kernel_fdatasyncs(&d.img, || writes(&mut f, 3)) else {
+        let Some(wb) = kernel_fdatasyncs(&d.img, || writes(&mut f, 3)).0 else {
             eprintln!("perf/tracefs/ext4 unavailable: skipping the kernel-side check");
             return;
         };
@@ -805,7 +712,7 @@ mod raw_frontend {
         f.fe.set_config(32, VhostUserConfigFlags::WRITABLE, &[0])
             .expect("set_config wce=0");
         assert_eq!(cfg(&mut f), 0);
-        let wt = kernel_fdatasyncs(&d.img, || writes(&mut f, 3)).unwrap();
+        let wt = kernel_fdatasyncs(&d.img, || writes(&mut f, 3)).0.unwrap();
         assert_eq!(wt, 3, "each write-through write is synced (RWF_DSYNC)");
         // Other config fields are read-only.
         assert!(f

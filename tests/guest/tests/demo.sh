@@ -12,13 +12,7 @@ SECS=${FT_IPERF_SECS:-3}
 
 demo() { echo "FT-DEMO: $*"; }
 
-n=0
-until disk=$(first_virtio_disk); do
-    n=$((n + 1))
-    [ "$n" -le 200 ] || fail "no virtio disk found"
-    usleep 100000
-done
-wait_block_dev "$disk" 20 || fail "/dev/$disk did not appear"
+find_disk
 demo "disk /dev/$disk $(($(cat /sys/block/$disk/size) / 2048)) MiB, write cache: $(cat /sys/block/$disk/queue/write_cache)"
 
 # Same job for both passes: the verify-only pass regenerates offsets and data (randrepeat).
@@ -37,25 +31,8 @@ job --verify_only || { tail -n 20 /tmp/fio.out; fail "fio verify-only pass faile
 demo "fio verify: every block written ($SIZE) read back with a matching crc32c"
 stage fio-done
 
-n=0
-nic=
-while [ -z "$nic" ]; do
-    for d in /sys/class/net/*; do
-        [ -e "$d/device" ] && { nic=$(basename "$d"); break; }
-    done
-    [ -n "$nic" ] && break
-    n=$((n + 1))
-    [ "$n" -le 200 ] || fail "no network interface"
-    usleep 100000
-done
-ip link set lo up
-ip addr add "$IP" dev "$nic" || fail "ip addr add $IP dev $nic"
-ip link set "$nic" up || fail "ip link set $nic up"
-n=0
-until ping -c 1 -W 1 "$PEER" >/dev/null 2>&1; do
-    n=$((n + 1))
-    [ "$n" -le 20 ] || fail "host $PEER unreachable"
-done
+nic_up "$IP"
+wait_peer "$PEER" 20
 stage ping-start
 ping -c "$PINGS" -i 0.2 "$PEER" >/tmp/ping.out 2>&1 || { cat /tmp/ping.out; fail "ping $PEER"; }
 demo "ping $(grep -E 'transmitted|round-trip|rtt' /tmp/ping.out | tr '\n' ' ')"

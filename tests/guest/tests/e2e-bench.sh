@@ -14,13 +14,7 @@ JOBS=${FT_JOBS:-all}
 
 bench() { echo "FT-BENCH: $*"; }
 
-n=0
-until disk=$(first_virtio_disk); do
-    n=$((n + 1))
-    [ "$n" -le 200 ] || fail "no virtio disk found"
-    usleep 100000
-done
-wait_block_dev "$disk" 20 || fail "/dev/$disk did not appear"
+find_disk
 echo "write back" >"/sys/block/$disk/cache_type" 2>/dev/null
 echo "disk cache: $(cat /sys/block/$disk/cache_type 2>/dev/null)"
 
@@ -53,25 +47,8 @@ run seqwrite-128k --rw=write --bs=128k --iodepth=8
 run fsync-4k --rw=randwrite --bs=4k --iodepth=1 --fsync=1
 
 if [ "$SECS" -gt 0 ]; then
-    n=0
-    nic=
-    while [ -z "$nic" ]; do
-        for d in /sys/class/net/*; do
-            [ -e "$d/device" ] && { nic=$(basename "$d"); break; }
-        done
-        [ -n "$nic" ] && break
-        n=$((n + 1))
-        [ "$n" -le 200 ] || fail "no network interface"
-        usleep 100000
-    done
-    ip link set lo up
-    ip addr add "$IP" dev "$nic" || fail "ip addr add $IP dev $nic"
-    ip link set "$nic" up || fail "ip link set $nic up"
-    n=0
-    until ping -c 1 -W 1 "$PEER" >/dev/null 2>&1; do
-        n=$((n + 1))
-        [ "$n" -le 30 ] || fail "host $PEER unreachable"
-    done
+    nic_up "$IP"
+    wait_peer "$PEER" 30
     stage iperf
     n=0
     until iperf3 -c "$PEER" -t "$SECS" -J >/tmp/iperf.json 2>&1; do

@@ -13,33 +13,10 @@ IP=${FT_IP:-10.98.0.2/24}
 PEER=${FT_PEER:-10.98.0.1}
 RATE=${FT_RATE:+--rate=$FT_RATE}
 
-n=0
-until disk=$(first_virtio_disk); do
-    n=$((n + 1))
-    [ "$n" -le 200 ] || fail "no virtio disk found"
-    usleep 100000
-done
-wait_block_dev "$disk" 20 || fail "/dev/$disk did not appear"
+find_disk
 
-n=0
-nic=
-while [ -z "$nic" ]; do
-    for d in /sys/class/net/*; do
-        [ -e "$d/device" ] && { nic=$(basename "$d"); break; }
-    done
-    [ -n "$nic" ] && break
-    n=$((n + 1))
-    [ "$n" -le 200 ] || fail "no network interface"
-    usleep 100000
-done
-ip link set lo up
-ip addr add "$IP" dev "$nic" || fail "ip addr add $IP dev $nic"
-ip link set "$nic" up || fail "ip link set $nic up"
-n=0
-until ping -c 1 -W 1 "$PEER" >/dev/null 2>&1; do
-    n=$((n + 1))
-    [ "$n" -le 30 ] || fail "host $PEER unreachable"
-done
+nic_up "$IP"
+wait_peer "$PEER" 30
 stage net-up
 ping -i 0.2 "$PEER" >/tmp/ping.out 2>&1 &
 pinger=$!

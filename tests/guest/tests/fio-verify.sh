@@ -3,16 +3,7 @@
 # Parameters (kernel command line): ft.disk=vda ft.size=64M ft.bs=4k ft.iodepth=16
 # ft.passes=write,verify (write = write + inline verify, verify = --verify_only re-read).
 
-disk=${FT_DISK:-}
-if [ -z "$disk" ]; then
-    n=0
-    until disk=$(first_virtio_disk); do
-        n=$((n + 1))
-        [ "$n" -le 200 ] || fail "no virtio disk found"
-        usleep 100000
-    done
-fi
-wait_block_dev "$disk" 20 || fail "/dev/$disk did not appear"
+find_disk "${FT_DISK:-}"
 echo "disk /dev/$disk: $(cat /sys/block/$disk/size) sectors, cache $(cat /sys/block/$disk/queue/write_cache 2>/dev/null)"
 
 size=${FT_SIZE:-64M}

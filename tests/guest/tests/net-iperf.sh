@@ -20,30 +20,13 @@ SECS=${FT_IPERF_SECS:-3}
 
 net() { echo "FT-NET: $*"; }
 
-# Virtio probing is asynchronous: wait for the NIC to show up.
-n=0
-nic=
-while [ -z "$nic" ]; do
-    for d in /sys/class/net/*; do
-        [ -e "$d/device" ] && { nic=$(basename "$d"); break; }
-    done
-    [ -n "$nic" ] && break
-    n=$((n + 1))
-    [ "$n" -le 200 ] || fail "no network interface after 20 s"
-    usleep 100000
-done
+# Virtio probing is asynchronous: nic_up waits for the NIC to show up.
+nic_up "$IP" "no network interface after 20 s"
 echo "nic: $nic"
-ip link set lo up || fail "ip link set lo up"
-ip addr add "$IP" dev "$nic" || fail "ip addr add $IP dev $nic"
-ip link set "$nic" up || fail "ip link set $nic up"
 stage net-up
 
-# First contact (ARP, carrier) may take a moment; not part of the measurement.
-n=0
-until ping -c 1 -W 1 "$PEER" >/dev/null 2>&1; do
-    n=$((n + 1))
-    [ "$n" -le 20 ] || fail "host $PEER unreachable"
-done
+# First contact is not part of the measurement.
+wait_peer "$PEER" 20
 stage ping-start
 ping -c "$PINGS" -i "$INTERVAL" -W 5 "$PEER" >/tmp/ping.out 2>&1
 sed -n 's/.*time=\([0-9.]*\) ms.*/FT-NET: rtt_ms=\1/p' /tmp/ping.out

@@ -40,6 +40,34 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// A workspace binary next to the running test's own executable (target/<profile>/deps/X ->
+/// target/<profile>/NAME), built with `cargo build -p PACKAGE --bin NAME` if missing.
+pub fn workspace_binary(package: &str, name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().map_err(HarnessError::io("test executable path"))?;
+    let dir = exe.parent().and_then(Path::parent).ok_or_else(|| {
+        HarnessError::Missing(format!("{} is not in target/<profile>/deps", exe.display()))
+    })?;
+    let bin = dir.join(name);
+    if !bin.is_file() {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", package, "--bin", name])
+            .current_dir(repo_root())
+            .status()
+            .map_err(HarnessError::io("running cargo build"))?;
+        if !status.success() {
+            return Err(HarnessError::Missing(format!("building {name} failed")));
+        }
+    }
+    if !bin.is_file() {
+        return Err(HarnessError::Missing(format!(
+            "{} missing after build",
+            bin.display()
+        )));
+    }
+    Ok(bin)
+}
+
 /// `${FT_CACHE:-$HOME/.cache/ft-vhost}`: where built guest images are kept across runs.
 pub fn cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("FT_CACHE") {

@@ -71,6 +71,21 @@ impl GuestConfig {
         }
     }
 
+    /// The `fio-verify` guest test on the vhost-user-blk socket `disk`: fio writes `size` bytes
+    /// (whole MiB) in 4 KiB blocks at queue depth 16 with crc32c checks, then verifies them all
+    /// again in a separate read-only pass.
+    pub fn fio_verify(image: &GuestImage, log_dir: &Path, disk: &Path, size: u64) -> GuestConfig {
+        let mut config = GuestConfig::new(image, "fio-verify", log_dir);
+        config.disks.push(disk.to_path_buf());
+        config.cmdline_extra = vec![
+            format!("ft.size={}M", size >> 20),
+            "ft.bs=4k".into(),
+            "ft.iodepth=16".into(),
+            "ft.passes=write,verify".into(),
+        ];
+        config
+    }
+
     pub fn cmdline(&self) -> String {
         // panic=-1 + -no-reboot: a guest kernel panic ends QEMU at once instead of hanging.
         let mut words = vec![

@@ -14,21 +14,7 @@ pub const ETH_P_TEST: u16 = 0x88b5;
 
 /// Runs `f` on a thread in a fresh network namespace (taps, addresses and packet sockets made
 /// there vanish with it; processes spawned from the thread inherit it).
-pub fn in_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    std::thread::spawn(move || {
-        // SAFETY: unshare only changes this thread's network namespace.
-        let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-        assert_eq!(
-            r,
-            0,
-            "unshare(CLONE_NEWNET): {}",
-            io::Error::last_os_error()
-        );
-        f()
-    })
-    .join()
-    .unwrap()
-}
+pub use ft_tests::netns::in_netns;
 
 /// An Ethernet test frame: dst, src, ETH_P_TEST, then `payload`.
 pub fn eth_frame(dst: [u8; 6], src: [u8; 6], payload: &[u8]) -> Vec<u8> {

@@ -1,0 +1,135 @@
+//! Setup shared by the daemon-binary tests (`hold.rs`, `protocol.rs`): a temporary directory
+//! with a zeroed image, the `vhost-user-blk-ft` binary spawned on it and waited for until its
+//! sockets exist, killed when the [`Daemon`] drops; reads of the image file behind its back and
+//! the kernel's own count of fdatasyncs on it.
+
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const IMG_SIZE: u64 = 16 << 20;
+
+/// A running daemon; its files live in `_dir` and vanish with it.
+pub struct Daemon {
+    pub child: Option<Child>,
+    pub sock: PathBuf,
+    /// The control socket (only served when spawned with `control`).
+    pub ctl: PathBuf,
+    pub img: PathBuf,
+    pub _dir: tempfile::TempDir,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A new temporary directory holding `disk.img`, [`IMG_SIZE`] bytes of zeroes.
+pub fn new_image() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("disk.img");
+    File::create(&img)
+        .and_then(|f| f.set_len(IMG_SIZE))
+        .expect("create image");
+    (dir, img)
+}
+
+/// Spawns the daemon with `--socket DIR/blk.sock --image IMG`, `--control DIR/ctl.sock` when
+/// `control`, then whatever `args` adds; waits up to `wait` until its socket(s) exist.
+pub fn spawn(
+    dir: tempfile::TempDir,
+    img: PathBuf,
+    control: bool,
+    wait: Duration,
+    args: impl FnOnce(&mut Command),
+) -> Daemon {
+    let sock = dir.path().join("blk.sock");
+    let ctl = dir.path().join("ctl.sock");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vhost-user-blk-ft"));
+    cmd.arg("--socket").arg(&sock).arg("--image").arg(&img);
+    if control {
+        cmd.arg("--control").arg(&ctl);
+    }
+    args(&mut cmd);
+    let child = cmd
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn daemon");
+    let mut d = Daemon {
+        child: Some(child),
+        sock,
+        ctl,
+        img,
+        _dir: dir,
+    };
+    let deadline = Instant::now() + wait;
+    while !(d.sock.exists() && (!control || d.ctl.exists())) {
+        if let Some(st) = d.child.as_mut().unwrap().try_wait().unwrap() {
+            panic!("daemon exited early: {st}");
+        }
+        assert!(Instant::now() < deadline, "socket(s) never appeared");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    d
+}
+
+/// `len` bytes of the image file at `offset`, read past the daemon.
+pub fn file_bytes(img: &Path, offset: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    File::open(img)
+        .unwrap()
+        .read_exact_at(&mut v, offset)
+        .unwrap();
+    v
+}
+
+/// Counts, in the kernel, the fdatasync calls ext4 sees on `img` while `f` runs (tracepoint
+/// `ext4:ext4_sync_file_enter` with `datasync == 1`, filtered by inode, via `perf stat`).
+/// `f` always runs once; the count is None when perf, tracefs or ext4 is not available here.
+pub fn kernel_fdatasyncs<R>(img: &Path, f: impl FnOnce() -> R) -> (Option<u64>, R) {
+    use std::os::unix::fs::MetadataExt;
+    if !Path::new("/sys/kernel/tracing/events/ext4/ext4_sync_file_enter").exists() {
+        return (None, f());
+    }
+    let ino = std::fs::metadata(img).unwrap().ino();
+    let out = img.with_extension("perf");
+    let Ok(mut perf) = Command::new("perf")
+        .args([
+            "stat",
+            "-x,",
+            "-a",
+            "-e",
+            "ext4:ext4_sync_file_enter",
+            "--filter",
+        ])
+        .arg(format!("ino == {ino} && datasync == 1"))
+        .arg("-o")
+        .arg(&out)
+        .stderr(Stdio::null())
+        .spawn()
+    else {
+        return (None, f());
+    };
+    // perf needs a moment to open its events.
+    std::thread::sleep(Duration::from_millis(700));
+    if perf.try_wait().ok().flatten().is_some() {
+        return (None, f());
+    }
+    let r = f();
+    unsafe { libc::kill(perf.id() as i32, libc::SIGINT) };
+    let _ = perf.wait();
+    let n = std::fs::read_to_string(&out).ok().and_then(|t| {
+        let line = t.lines().find(|l| l.contains("ext4_sync_file_enter"))?;
+        line.split(',').next()?.trim().parse().ok()
+    });
+    (n, r)
+}
