@@ -17,8 +17,9 @@
 //! Invariant: a request is marked from the moment it leaves the avail ring until its used entry
 //! is visible, so a daemon killed at any instant loses no request and completes none twice.
 
+use memmap2::{MmapOptions, MmapRaw};
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::FromRawFd;
 use std::sync::atomic::{fence, AtomicU16, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
@@ -37,23 +38,11 @@ pub fn queue_region_size(queue_size: u16) -> u64 {
 /// A mapped inflight region (all queues).
 #[derive(Debug)]
 pub struct InflightRegion {
-    addr: *mut u8,
-    len: usize,
+    /// Shared with the frontend and accessed through atomics only; each queue's area is
+    /// written by one worker thread.
+    map: MmapRaw,
     num_queues: u16,
     queue_size: u16,
-}
-
-// SAFETY: shared memory accessed through atomics only; each queue's area is written by one
-// worker thread.
-unsafe impl Send for InflightRegion {}
-// SAFETY: as above.
-unsafe impl Sync for InflightRegion {}
-
-impl Drop for InflightRegion {
-    fn drop(&mut self) {
-        // SAFETY: addr/len come from a successful mmap.
-        unsafe { libc::munmap(self.addr.cast(), self.len) };
-    }
 }
 
 impl InflightRegion {
@@ -107,24 +96,9 @@ impl InflightRegion {
         queue_size: u16,
     ) -> std::io::Result<Self> {
         let len = usize::try_from(size).map_err(|_| std::io::ErrorKind::InvalidInput)?;
-        let off = libc::off_t::try_from(offset).map_err(|_| std::io::ErrorKind::InvalidInput)?;
-        // SAFETY: mapping a caller-provided fd; the result is checked.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                off,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
+        let map = MmapOptions::new().offset(offset).len(len).map_raw(file)?;
         Ok(InflightRegion {
-            addr: addr.cast(),
-            len,
+            map,
             num_queues,
             queue_size,
         })
@@ -144,7 +118,7 @@ impl InflightRegion {
         assert!(q < self.num_queues);
         let off = queue_region_size(self.queue_size) * u64::from(q);
         // SAFETY: in bounds (checked at map time), 64-byte aligned, only atomics inside.
-        unsafe { &*(self.addr.add(off as usize) as *const QueueHeader) }
+        unsafe { &*(self.map.as_mut_ptr().add(off as usize) as *const QueueHeader) }
     }
 
     fn desc(&self, q: u16, head: u16) -> &DescState {

@@ -14,8 +14,8 @@
 //! - Vring addresses arrive as frontend virtual addresses; [`MemoryMap::va_to_gpa`] translates
 //!   them with the region table of the same connection.
 
+use memmap2::{MmapOptions, MmapRaw};
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -42,24 +42,6 @@ pub fn scratch_ring_gpa(index: u16, _size: u16) -> (u64, u64) {
 /// The guest memory type every device sees.
 pub type GuestMem = GuestMemoryMmap<LogBitmap>;
 
-/// One mmap of a LOG_SHMFD area.
-struct LogMapping {
-    addr: *mut AtomicU8,
-    len: usize,
-}
-
-// SAFETY: the mapping is plain shared memory accessed only through atomics.
-unsafe impl Send for LogMapping {}
-// SAFETY: as above.
-unsafe impl Sync for LogMapping {}
-
-impl Drop for LogMapping {
-    fn drop(&mut self) {
-        // SAFETY: addr/len come from a successful mmap and are unmapped exactly once.
-        unsafe { libc::munmap(self.addr.cast(), self.len) };
-    }
-}
-
 /// The dirty page log shared with the frontend: one bit per 4 KiB guest page, bit `p % 8` of
 /// byte `p / 8` for page `p`.
 #[derive(Default)]
@@ -67,7 +49,8 @@ pub struct DirtyLog {
     active: AtomicBool,
     addr: AtomicPtr<AtomicU8>,
     len: AtomicUsize,
-    mappings: Mutex<Vec<LogMapping>>,
+    /// Every LOG_SHMFD area mapped so far (plain shared memory, accessed through atomics).
+    mappings: Mutex<Vec<MmapRaw>>,
 }
 
 impl std::fmt::Debug for DirtyLog {
@@ -83,29 +66,13 @@ impl DirtyLog {
     /// Map `size` bytes of `file` at `offset` as the new log area (SET_LOG_BASE).
     pub fn set_base(&self, file: &File, size: u64, offset: u64) -> std::io::Result<()> {
         let len = usize::try_from(size).map_err(|_| std::io::ErrorKind::InvalidInput)?;
-        let off = libc::off_t::try_from(offset).map_err(|_| std::io::ErrorKind::InvalidInput)?;
         if len == 0 {
             return Err(std::io::ErrorKind::InvalidInput.into());
         }
-        // SAFETY: mapping a caller-provided fd; the result is checked.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                off,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
+        let map = MmapOptions::new().offset(offset).len(len).map_raw(file)?;
+        let addr = map.as_mut_ptr();
         let mut maps = self.mappings.lock().unwrap_or_else(|e| e.into_inner());
-        maps.push(LogMapping {
-            addr: addr.cast(),
-            len,
-        });
+        maps.push(map);
         // Publish len before addr is observed with a larger len: shrink first, then swap.
         self.len.store(0, Ordering::SeqCst);
         self.addr.store(addr.cast(), Ordering::SeqCst);
