@@ -265,6 +265,8 @@ struct Queue {
     inflight_count: usize,
     /// Used-ring entries naming a head we never submitted (a backend bug).
     spurious: u64,
+    /// Notifications [`BlkClient::kick`] sent (the ones the device did not suppress).
+    kicks_sent: u64,
 }
 
 struct Buffer {
@@ -385,6 +387,7 @@ impl BlkClient {
                     free_descs: opts.queue_size as usize,
                     inflight_count: 0,
                     spurious: 0,
+                    kicks_sent: 0,
                 }
             })
             .collect();
@@ -451,6 +454,12 @@ impl BlkClient {
     /// Used-ring entries for heads that were not in flight (a backend bug) on `q`.
     pub fn spurious_completions(&self, q: usize) -> u64 {
         self.queues[q].spurious
+    }
+
+    /// How many notifications [`kick`](Self::kick) actually sent on `q` (a device that
+    /// disabled notifications, e.g. while polling the ring, suppresses the others).
+    pub fn kicks_sent(&self, q: usize) -> u64 {
+        self.queues[q].kicks_sent
     }
 
     /// Allocates a memfd-backed buffer of `len` bytes (rounded up to 4 KiB) and registers it
@@ -759,6 +768,7 @@ impl BlkClient {
         let queue = &mut self.queues[q];
         if queue.vq.avail_notif_needed() {
             queue.kick.notify()?;
+            queue.kicks_sent += 1;
         }
         Ok(())
     }

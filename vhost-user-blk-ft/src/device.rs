@@ -10,6 +10,7 @@ use crate::image::Image;
 use crate::queue::{BlkCounters, BlkQueue};
 use ft_common::vhost_user::{DeviceError, QueueWorker, VhostUserDevice};
 use std::sync::Arc;
+use std::time::Duration;
 
 pub struct BlkDevice {
     image: Arc<Image>,
@@ -18,6 +19,8 @@ pub struct BlkDevice {
     counters: Arc<BlkCounters>,
     /// Output commit (`--ft hold`); None for the plain backend.
     hold: Option<Arc<Hold>>,
+    /// Busy-polling window limit of each queue thread (zero: never poll).
+    poll_max: Duration,
 }
 
 impl BlkDevice {
@@ -28,7 +31,15 @@ impl BlkDevice {
             queue_size,
             counters: Arc::default(),
             hold: None,
+            poll_max: Duration::ZERO,
         }
+    }
+
+    /// Lets each queue thread busy-poll its ring and io_uring for up to `max` after a batch
+    /// before sleeping (adaptive, see ft-common's worker); zero disables polling.
+    pub fn with_polling(mut self, max: Duration) -> BlkDevice {
+        self.poll_max = max;
+        self
     }
 
     /// Holds output requests in `hold` until the coordinator commits them (`--ft hold`).
@@ -91,6 +102,7 @@ impl VhostUserDevice for BlkDevice {
             u32::from(self.queue_size),
             self.counters.clone(),
             self.hold.clone(),
+            self.poll_max,
         )?;
         Ok(Box::new(q))
     }

@@ -262,9 +262,15 @@ impl<R: SlotRequest> Engine<R> {
 
     /// Reaps every available completion, calling `f` for each finished request. Returns how
     /// many requests finished. Also clears the eventfd.
-    pub fn drain(&mut self, mut f: impl FnMut(Completion<R>)) -> usize {
+    pub fn drain(&mut self, f: impl FnMut(Completion<R>)) -> usize {
         // Reset the level-triggered eventfd first, so a CQE posted after this read re-arms it.
         let _ = self.eventfd.read();
+        self.drain_cq(f)
+    }
+
+    /// [`Engine::drain`] without clearing the eventfd (one syscall less): for a thread that
+    /// is busy-polling the CQ and not waiting on the eventfd.
+    pub fn drain_cq(&mut self, mut f: impl FnMut(Completion<R>)) -> usize {
         let mut n = 0;
         loop {
             let cqe = self.ring.completion().next();

@@ -62,6 +62,13 @@ struct Args {
     /// Serial number reported by GET_ID (at most 20 bytes are used).
     #[arg(long, default_value = "vhost-user-blk-ft")]
     serial: String,
+    /// Longest busy-polling window of a queue thread, in ns (adaptive, as QEMU's IOThread
+    /// poll-max-ns; 32768 is QEMU's default there): after a batch the thread spins on its ring
+    /// and io_uring instead of sleeping, so the next request costs no wakeup. Worth it when
+    /// the host has idle CPUs; on a small host the spinning takes CPU from the kernel's
+    /// io_uring workers and the VM (see docs/benchmarks.md). 0 (default) disables polling.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
+    poll_max_ns: u64,
     /// Output-commit gating mode.
     #[arg(long, value_enum, default_value_t = FtMode::Off)]
     ft: FtMode,
@@ -113,7 +120,7 @@ fn run(args: Args) -> std::io::Result<()> {
     }
     let params = BlkParams::new(&image, args.queues, &args.serial);
     log::info!(
-        "image {} ({:?}): {} sectors, block size {}, {}{}; {} queue(s) of up to {}, ft {:?}",
+        "image {} ({:?}): {} sectors, block size {}, {}{}; {} queue(s) of up to {}, poll-max-ns {}, ft {:?}",
         args.image.display(),
         image.kind(),
         params.capacity_sectors,
@@ -126,11 +133,13 @@ fn run(args: Args) -> std::io::Result<()> {
         if image.direct() { ", O_DIRECT" } else { "" },
         args.queues,
         args.queue_size,
+        args.poll_max_ns,
         args.ft,
     );
     let image = Arc::new(image);
     let config = Arc::new(BlkConfig::new(params));
-    let mut device = BlkDevice::new(image.clone(), config, args.queue_size);
+    let mut device = BlkDevice::new(image.clone(), config, args.queue_size)
+        .with_polling(std::time::Duration::from_nanos(args.poll_max_ns));
     let mut hold = None;
     if let Some(c) = &control {
         let limits = Limits {

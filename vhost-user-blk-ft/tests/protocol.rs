@@ -462,6 +462,58 @@ fn batched_multiqueue(event_idx: bool) {
     assert!(c.buf(rbuf) == &expect[..]);
 }
 
+/// Bursts of back-to-back requests with idle gaps longer than the polling window: within a
+/// burst the polling worker finds each request with guest notifications off, so kicks are
+/// suppressed; after each gap it must have re-armed them, or the next request would never be
+/// seen. Returns (requests, kicks sent).
+fn bursts_with_gaps(poll_max_ns: &str, event_idx: bool) -> (u64, u64) {
+    let d = start(&["--poll-max-ns", poll_max_ns]);
+    let mut features = DEFAULT_FEATURES;
+    if !event_idx {
+        features &= !EVENT_IDX;
+    }
+    let mut c = d.connect_with(ClientOptions {
+        features,
+        ..ClientOptions::default()
+    });
+    let buf = c.alloc_buffer(4096).unwrap();
+    let mut requests = 0;
+    for burst in 0..10u64 {
+        for i in 0..40u64 {
+            let off = (burst * 40 + i) * 4096;
+            let data = pattern(off, 4096);
+            c.buf_mut(buf).copy_from_slice(&data);
+            let st = one(&mut c, |c, q| c.submit_write(q, off, buf.slice(0, 4096), 0));
+            assert_eq!(st, VIRTIO_BLK_S_OK);
+            c.buf_mut(buf).fill(0);
+            let st = one(&mut c, |c, q| c.submit_read(q, off, buf.slice(0, 4096), 0));
+            assert_eq!(st, VIRTIO_BLK_S_OK);
+            assert!(c.buf(buf) == &data[..], "burst {burst} request {i}");
+            requests += 2;
+        }
+        // Longer than the window: the worker stops polling and sleeps.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(c.spurious_completions(0), 0);
+    (requests, c.kicks_sent(0))
+}
+
+#[test]
+fn polling_suppresses_kicks_and_sleeps_between_bursts() {
+    for event_idx in [false, true] {
+        // Without polling the worker re-enables notifications before it answers, so every
+        // request is kicked.
+        let (n, kicks) = bursts_with_gaps("0", event_idx);
+        assert_eq!(kicks, n, "no polling, event_idx {event_idx}");
+        // With a generous window (debug build, busy CI), most requests are found by polling.
+        let (n, kicks) = bursts_with_gaps("2000000", event_idx);
+        assert!(
+            kicks < n / 2,
+            "polling, event_idx {event_idx}: {kicks} kicks for {n} requests"
+        );
+    }
+}
+
 #[test]
 fn multiqueue_batches_with_event_idx() {
     batched_multiqueue(true);

@@ -29,6 +29,7 @@
 use std::any::Any;
 use std::os::fd::RawFd;
 use std::sync::Arc;
+use std::time::Duration;
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use virtio_queue::DescriptorChain;
@@ -171,6 +172,27 @@ pub trait QueueWorker: Send {
     /// already. Drop per-connection state.
     fn reset(&mut self, ctx: &mut WorkerCtx) {
         let _ = ctx;
+    }
+
+    /// Adaptive polling (see `vhost_user::poll`): the longest the worker thread may spin on
+    /// [`poll`](Self::poll) after a batch before it sleeps in `epoll_wait`. Zero (the default)
+    /// disables polling: the worker then only reacts to kicks and fd events.
+    fn poll_max(&self) -> Duration {
+        Duration::ZERO
+    }
+
+    /// Look for work without blocking (new avail entries on a ring, completions of the
+    /// device's own I/O) and do it as a kick or fd event would; return true if anything was
+    /// done. Called in a loop while the worker polls. Return false for work that cannot be
+    /// taken now (e.g. a ring stalled on backpressure), or the worker never sleeps.
+    ///
+    /// While the worker polls, [`WorkerCtx::polling`] is true and it has disabled the
+    /// notifications of every running ring: leave them disabled (skip the usual
+    /// `enable_notification` recheck at the end of a batch). Before sleeping the worker
+    /// re-enables them and calls `poll` once more, with `polling()` false.
+    fn poll(&mut self, ctx: &mut WorkerCtx) -> bool {
+        let _ = ctx;
+        false
     }
 
     /// A message from another thread via [`WorkerHandle::call`]; the return value is the reply.

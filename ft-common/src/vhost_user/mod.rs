@@ -10,6 +10,7 @@
 //! - [`handler`]: per-connection protocol state.
 //! - [`vring`]: a running ring as a worker sees it.
 //! - [`worker`]: one epoll thread per queue group.
+//! - `poll`: the adaptive busy-polling window of a worker (QEMU's `poll-max-ns`).
 //! - [`memory`]: guest memory table and dirty log.
 //! - [`inflight`]: the INFLIGHT_SHMFD region.
 //!
@@ -49,6 +50,7 @@ pub mod device;
 pub mod handler;
 pub mod inflight;
 pub mod memory;
+mod poll;
 pub mod server;
 pub mod vring;
 pub mod worker;

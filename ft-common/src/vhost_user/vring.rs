@@ -215,6 +215,16 @@ impl VringHandle {
         Some(chain)
     }
 
+    /// Whether [`pop`](Self::pop) would return a chain: heads to resubmit, or avail entries
+    /// not taken yet. One load from the avail ring; for polling.
+    pub fn has_avail(&self) -> bool {
+        self.resubmit_left > 0
+            || self
+                .queue
+                .avail_idx(&*self.mem, Ordering::Acquire)
+                .is_ok_and(|idx| idx.0 != self.queue.next_avail())
+    }
+
     /// Put back the last chain returned by [`pop`](Self::pop) from the avail ring (the device
     /// could not take it now, e.g. TX backpressure). Not for resubmitted heads.
     pub fn unpop(&mut self, head: u16) {

@@ -7,6 +7,12 @@
 //! connection thread holds nothing the worker needs while it waits: this is what lets
 //! `stop_queue` wait for io_uring completions without deadlocking.
 //!
+//! With polling configured ([`QueueWorker::poll_max`]), the thread first spins on
+//! [`QueueWorker::poll`] for an adaptive window (see `poll.rs`) with ring notifications
+//! disabled, and sleeps in `epoll_wait` only when that finds nothing. While polling finds work
+//! it skips `epoll_wait` (kicks and completions are what it polls), but still takes commands
+//! at once and looks at the epoll set at least every [`EPOLL_EVERY`].
+//!
 //! Epoll data encoding: bits 56..64 are the kind (device fd, kick, control), bits 0..56 the
 //! device's token or the queue index. Device tokens must therefore be below 2^56.
 
@@ -15,6 +21,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use log::{error, warn};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -22,6 +29,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::device::{DeviceMsg, QueueWorker, StopStatus};
 use super::memory::{DirtyLog, GuestMem};
+use super::poll::AdaptivePoll;
 use super::vring::{RingSetup, VringHandle};
 
 const KIND_SHIFT: u64 = 56;
@@ -31,6 +39,9 @@ const KIND_CONTROL: u64 = 2;
 const TOKEN_MASK: u64 = (1 << KIND_SHIFT) - 1;
 /// How often a pending stop is re-checked when no fd event arrives.
 const STOP_POLL_MS: i32 = 5;
+/// While polling keeps finding work, the epoll set (device fds other than the polled ones)
+/// is still looked at this often.
+const EPOLL_EVERY: Duration = Duration::from_micros(100);
 
 /// Commands from the connection thread and other threads.
 pub(crate) enum Command {
@@ -105,6 +116,8 @@ pub struct WorkerCtx {
     mem: Option<Arc<GuestMem>>,
     log: Arc<DirtyLog>,
     epoll: Epoll,
+    /// The worker is busy-polling: ring notifications are disabled and must stay so.
+    polling: bool,
 }
 
 impl std::fmt::Debug for WorkerCtx {
@@ -132,6 +145,12 @@ impl WorkerCtx {
     /// Features the frontend acknowledged (0 before SET_FEATURES).
     pub fn acked_features(&self) -> u64 {
         self.features
+    }
+
+    /// Whether the worker is busy-polling (see [`QueueWorker::poll`]): ring notifications
+    /// are disabled and a batch must not re-enable them.
+    pub fn polling(&self) -> bool {
+        self.polling
     }
 
     /// Current guest memory, None between connections.
@@ -189,6 +208,7 @@ struct Worker {
     stopping: Vec<Stopping>,
     /// Disconnect waiting for all stops to finish.
     disconnecting: Option<Sender<Reply>>,
+    poll: AdaptivePoll,
 }
 
 /// Spawn the worker thread for `group`.
@@ -211,6 +231,7 @@ pub(crate) fn spawn(
         mem: None,
         log,
         epoll,
+        polling: false,
     };
     for (fd, token) in dev.fds() {
         ctx.watch_fd(fd, token, EventSet::IN.bits())?;
@@ -220,8 +241,10 @@ pub(crate) fn spawn(
         tx,
         wake: wake.clone(),
     };
+    let poll = AdaptivePoll::new(dev.poll_max());
     let mut w = Worker {
         group,
+        poll,
         dev,
         ctx,
         rx,
@@ -238,9 +261,22 @@ pub(crate) fn spawn(
 impl Worker {
     fn run(&mut self) {
         let mut events = vec![EpollEvent::default(); 64];
+        let mut last_epoll = Instant::now();
         loop {
+            let start = Instant::now();
+            let polled = self.poll_for_work(start);
+            if let Some(waited) = polled.filter(|_| last_epoll.elapsed() < EPOLL_EVERY) {
+                self.poll.record(waited);
+                // Polling did the work; commands are the only other input that cannot wait.
+                if !self.drain_commands() {
+                    return;
+                }
+                continue;
+            }
             // While a stop is pending, re-ask the device every few ms even without events.
-            let timeout = if self.stopping.is_empty() {
+            let timeout = if polled.is_some() {
+                0
+            } else if self.stopping.is_empty() {
                 -1
             } else {
                 STOP_POLL_MS
@@ -253,6 +289,8 @@ impl Worker {
                     return;
                 }
             };
+            last_epoll = Instant::now();
+            self.poll.record(polled.unwrap_or(last_epoll - start));
             for ev in &events[..n] {
                 let data = ev.data();
                 let token = data & TOKEN_MASK;
@@ -269,6 +307,46 @@ impl Worker {
             }
             self.poll_stopping();
         }
+    }
+
+    /// Spins on [`QueueWorker::poll`] for the adaptive window, with ring notifications
+    /// disabled. Returns how long it waited for work (from `start`) if it found and did some,
+    /// None if the thread should sleep. Leaves polling mode (re-enabling notifications and
+    /// looking once more) when the window is over or zero.
+    fn poll_for_work(&mut self, start: Instant) -> Option<Duration> {
+        let window = self.poll.window();
+        if window.is_zero() || !self.stopping.is_empty() || self.ctx.rings.is_empty() {
+            return self.stop_polling(start);
+        }
+        if !self.ctx.polling {
+            self.ctx.polling = true;
+            for r in self.ctx.rings.values_mut() {
+                r.disable_notification();
+            }
+        }
+        loop {
+            let now = Instant::now();
+            if self.dev.poll(&mut self.ctx) {
+                return Some(now - start);
+            }
+            if now - start >= window {
+                return self.stop_polling(start);
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    fn stop_polling(&mut self, start: Instant) -> Option<Duration> {
+        if !self.ctx.polling {
+            return None;
+        }
+        self.ctx.polling = false;
+        for r in self.ctx.rings.values_mut() {
+            r.enable_notification();
+        }
+        // A request made available between the last look and re-enabling raised no kick.
+        let now = Instant::now();
+        self.dev.poll(&mut self.ctx).then(|| now - start)
     }
 
     fn kick(&mut self, q: u16) {
