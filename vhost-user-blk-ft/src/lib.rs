@@ -3,6 +3,7 @@
 //! - [`image`]: the backing file or block device.
 //! - [`config`]: feature bits and the virtio-blk config space.
 //! - [`request`]: descriptor chain -> validated, self-contained [`request::BlkRequest`].
+//! - [`segments`]: the pooled iovec tables requests point to (small moves, no allocation).
 //! - [`engine`]: io_uring submission/completion with a fixed slot pool, one per queue thread.
 //! - [`queue`]: the per-queue worker (pop, parse, submit, complete).
 //! - [`device`]: the device for ft-common's vhost-user server.
@@ -18,3 +19,4 @@ pub mod gate;
 pub mod image;
 pub mod queue;
 pub mod request;
+pub mod segments;

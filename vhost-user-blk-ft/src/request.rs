@@ -6,9 +6,10 @@
 //!   arithmetic is checked, and every failure becomes a [`Rejected`] with the virtio status the
 //!   guest must see (IOERR for malformed / out of range / read-only, UNSUPP for unknown types).
 //! - A [`BlkRequest`] owns everything needed to submit and complete it later: head index, type,
-//!   sector, the host iovecs (stable inside the value, so the value can sit in a queue and be
-//!   submitted from an engine slot), the GPAs of guest-writable data (for dirty logging) and the
-//!   GPA of the status byte. It holds no borrow and does no heap allocation (fixed arrays).
+//!   sector, the host iovecs (in a pooled block the value points to, so their addresses stay
+//!   put while the value moves between queue, engine slot and transaction queue; see
+//!   [`crate::segments`]), the GPAs of data segments (for dirty logging) and the GPA of the
+//!   status byte. It holds no borrow and, once the pools are warm, allocates nothing.
 //! - The host pointers stay valid while the request is outstanding: the guest may not reuse its
 //!   buffers before completion, and the device must not drop the guest memory mapping while
 //!   requests are in flight (it drains or cancels them first).
@@ -20,15 +21,14 @@
 
 use crate::config::{MAX_DISCARD_SECTORS, MAX_DISCARD_SEGS};
 use crate::image::{SECTOR_SHIFT, SECTOR_SIZE};
+use crate::segments::SegTable;
+pub use crate::segments::MAX_DATA_SEGS;
 use std::any::Any;
 use std::ops::Deref;
 use std::sync::Arc;
 use virtio_bindings::virtio_blk::*;
 use virtio_queue::{desc::split::Descriptor, DescriptorChain};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
-
-/// Most data segments one request may carry (advertised as `seg_max`).
-pub const MAX_DATA_SEGS: usize = 128;
 
 /// Size of `struct virtio_blk_outhdr`.
 const HDR_LEN: u64 = 16;
@@ -83,18 +83,13 @@ pub struct BlkRequest {
     nsegs: u16,
     data_len: u32,
     status: GuestAddress,
-    iovecs: [libc::iovec; MAX_DATA_SEGS],
-    gpas: [u64; MAX_DATA_SEGS],
+    /// iovecs and GPAs of the data segments; entries `..nsegs` are valid.
+    segs: SegTable,
     /// Keeps the guest memory mapping the iovecs point into alive while the request exists
     /// (a memory table change cannot unmap it under an in-flight I/O). An `Arc` clone, no
     /// allocation.
     mem: Option<Arc<dyn Any + Send + Sync>>,
 }
-
-// SAFETY: the raw pointers in `iovecs` point into guest memory, a shared mapping that is valid
-// from any thread; the request is a plain description that may move between threads (e.g. from
-// a queue thread into the transaction queue).
-unsafe impl Send for BlkRequest {}
 
 impl std::fmt::Debug for BlkRequest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -126,11 +121,7 @@ impl BlkRequest {
             nsegs: 0,
             data_len: 0,
             status,
-            iovecs: [libc::iovec {
-                iov_base: std::ptr::null_mut(),
-                iov_len: 0,
-            }; MAX_DATA_SEGS],
-            gpas: [0; MAX_DATA_SEGS],
+            segs: SegTable::take(),
             mem: None,
         }
     }
@@ -156,7 +147,7 @@ impl BlkRequest {
     }
     /// The data iovecs (host addresses), for readv/writev.
     pub fn iovecs(&self) -> &[libc::iovec] {
-        &self.iovecs[..self.nsegs as usize]
+        &self.segs.iovecs[..self.nsegs as usize]
     }
     /// Byte offset in the image where the request starts.
     pub fn offset(&self) -> u64 {
@@ -188,7 +179,7 @@ impl BlkRequest {
             return;
         }
         let mut left = bytes;
-        for (iov, &gpa) in self.iovecs().iter().zip(&self.gpas) {
+        for (iov, &gpa) in self.iovecs().iter().zip(&self.segs.gpas) {
             if left == 0 {
                 break;
             }
@@ -201,7 +192,7 @@ impl BlkRequest {
     /// Copies `src` into the request's data buffers (for GET_ID); returns the bytes copied.
     pub fn write_data<M: GuestMemory + ?Sized>(&self, mem: &M, src: &[u8]) -> usize {
         let mut done = 0;
-        for (iov, &gpa) in self.iovecs().iter().zip(&self.gpas) {
+        for (iov, &gpa) in self.iovecs().iter().zip(&self.segs.gpas) {
             let n = iov.iov_len.min(src.len() - done);
             if n == 0
                 || mem
@@ -243,11 +234,11 @@ impl BlkRequest {
             if i >= MAX_DATA_SEGS {
                 return Err(STATUS_IOERR);
             }
-            self.iovecs[i] = libc::iovec {
+            self.segs.iovecs[i] = libc::iovec {
                 iov_base: s.ptr_guard_mut().as_ptr().cast(),
                 iov_len: s.len(),
             };
-            self.gpas[i] = gpa.raw_value();
+            self.segs.gpas[i] = gpa.raw_value();
             self.nsegs += 1;
             covered += s.len();
             gpa = gpa.unchecked_add(s.len() as u64);
@@ -442,7 +433,7 @@ where
 /// Reads the first `out.len()` bytes of the request's data (guest-readable segments).
 fn read_data<M: GuestMemory + ?Sized>(mem: &M, req: &BlkRequest, out: &mut [u8]) -> Result<(), ()> {
     let mut done = 0;
-    for (iov, &gpa) in req.iovecs().iter().zip(&req.gpas) {
+    for (iov, &gpa) in req.iovecs().iter().zip(&req.segs.gpas) {
         if done == out.len() {
             break;
         }
@@ -930,7 +921,7 @@ mod tests {
         assert_eq!(r.iovecs().len(), 2);
         assert_eq!(r.iovecs()[0].iov_len, 512);
         assert_eq!(r.iovecs()[1].iov_len, 512);
-        assert_eq!(r.gpas[1], 0x4_0000);
+        assert_eq!(r.segs.gpas[1], 0x4_0000);
     }
 
     #[test]
