@@ -19,7 +19,7 @@ use std::fs::File;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use vm_memory::bitmap::{Bitmap, BitmapSlice, WithBitmapSlice};
+use vm_memory::bitmap::{Bitmap, RefSlice, WithBitmapSlice};
 use vm_memory::mmap::{MmapRegionBuilder, NewBitmap};
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
@@ -144,11 +144,12 @@ impl LogBitmap {
     }
 }
 
-impl WithBitmapSlice<'_> for LogBitmap {
-    type S = Self;
+// Slices borrow the region's bitmap (a reference and an offset, Copy) rather than cloning it:
+// vm-memory makes a slice for every guest access, and cloning the `Arc` cost two atomic
+// operations each time, several per request.
+impl<'a> WithBitmapSlice<'a> for LogBitmap {
+    type S = RefSlice<'a, LogBitmap>;
 }
-
-impl BitmapSlice for LogBitmap {}
 
 impl Bitmap for LogBitmap {
     fn mark_dirty(&self, offset: usize, len: usize) {
@@ -162,11 +163,8 @@ impl Bitmap for LogBitmap {
         false
     }
 
-    fn slice_at(&self, offset: usize) -> Self {
-        LogBitmap {
-            log: self.log.clone(),
-            gpa: self.gpa.wrapping_add(offset as u64),
-        }
+    fn slice_at(&self, offset: usize) -> RefSlice<'_, LogBitmap> {
+        RefSlice::new(self, offset)
     }
 }
 
