@@ -9,6 +9,7 @@
 # Env:   BENCH_DIR   parent of the scratch directory (default /var/tmp; must not be tmpfs)
 #        OURS_BIN    vhost-user-blk-ft binary to use instead of building target/release's
 #        OURS_DESC   free text about that binary (e.g. its source commit) for the report
+#        OURS_ARGS   extra flags for vhost-user-blk-ft (e.g. "--poll-max-ns 32768"), reported
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -26,7 +27,7 @@ WRITE_DOC=1
 KEEP=0
 DOC="$ROOT/docs/benchmarks.md"
 
-usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -114,6 +115,8 @@ start_backend() {
         ours)
             local extra=()
             [ "$mode" = direct ] && extra+=(--direct)
+            # shellcheck disable=SC2206 # OURS_ARGS is a list of flags
+            extra+=(${OURS_ARGS:-})
             RUST_LOG=warn "$OURS" --socket "$sock" --image "$img" --queues "$QUEUES" "${extra[@]}" \
                 >"$WORK/logs/ours.log" 2>&1 &
             ;;
@@ -168,7 +171,7 @@ export MACHINE_CPU=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's
 export QSD_VERSION=$(qemu-storage-daemon --version | head -1)
 OURS_VERSION=""
 if [[ " $BACKENDS " == *" ours "* ]]; then
-    OURS_VERSION="ours: \`${OURS#"$ROOT"/}\` ($("$OURS" --version 2>/dev/null | head -1), built $(date -u -r "$OURS" '+%Y-%m-%d %H:%M UTC'))${OURS_DESC:+; $OURS_DESC}"
+    OURS_VERSION="ours: \`${OURS#"$ROOT"/}${OURS_ARGS:+ $OURS_ARGS}\` ($("$OURS" --version 2>/dev/null | head -1), built $(date -u -r "$OURS" '+%Y-%m-%d %H:%M UTC'))${OURS_DESC:+; $OURS_DESC}"
 fi
 export OURS_VERSION
 export DATE=$(date -u '+%Y-%m-%d %H:%M UTC')
