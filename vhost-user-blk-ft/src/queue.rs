@@ -46,9 +46,10 @@ use vm_memory::{Bytes, GuestAddress};
 const ENGINE_TOKEN: u64 = 1;
 
 /// Requests taken off the ring per `io_uring_enter` and guest notification. Measured with
-/// ft-blk-bench at 4k random read QD32 (docs/benchmarks.md): a whole ring-full per batch gave
-/// 167k IOPS, chunks of 4 or 8 about 250k; 1 costs too many syscalls, 16 starts to serialise.
-const CHUNK: u32 = 4;
+/// ft-blk-bench at 4k QD32 (docs/benchmarks.md): a whole ring-full per batch gave 167k random
+/// read IOPS on an idle machine, chunks of 2 to 16 about 320k; with a CPU hog beside, 8 did
+/// best (343-428k, ring-full 293-326k, 4 264-274k).
+const CHUNK: u32 = 8;
 
 /// Device-wide counters, summed over queues; updated once per batch, not per request.
 #[derive(Debug, Default)]
