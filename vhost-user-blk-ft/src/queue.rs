@@ -50,6 +50,10 @@ const ENGINE_TOKEN: u64 = 1;
 /// read IOPS on an idle machine, chunks of 2 to 16 about 320k; with a CPU hog beside, 8 did
 /// best (343-428k, ring-full 293-326k, 4 264-274k).
 const CHUNK: u32 = 8;
+/// A chunk also ends once it carries this much data: large requests take long to copy, so
+/// their replies should not wait for each other (128k sequential read QD8: 0.80x qsd's IOPS with
+/// one chunk for all 8, see docs/benchmarks.md).
+const CHUNK_BYTES: u64 = 64 << 10;
 
 /// Device-wide counters, summed over queues; updated once per batch, not per request.
 #[derive(Debug, Default)]
@@ -235,9 +239,10 @@ impl BlkQueue {
         }
     }
 
-    /// Takes up to [`CHUNK`] chains off the ring. Returns true if it stopped at the chunk limit
-    /// (call again), false once the ring is empty with notifications re-armed (or left off
-    /// while `polling`), every engine slot is busy (`stalled`), or a request is parked.
+    /// Takes up to [`CHUNK`] chains ([`CHUNK_BYTES`] of data) off the ring. Returns true if it
+    /// stopped at the chunk limit (call again), false once the ring is empty with notifications
+    /// re-armed (or left off while `polling`), every engine slot is busy (`stalled`), or a
+    /// request is parked.
     fn take_chunk(
         &mut self,
         vring: &mut VringHandle,
@@ -246,11 +251,11 @@ impl BlkQueue {
         popped: &mut u64,
         rejected: &mut u64,
     ) -> bool {
-        let mut taken = 0;
+        let (mut taken, mut bytes) = (0, 0u64);
         loop {
             vring.disable_notification();
             loop {
-                if taken == CHUNK {
+                if taken == CHUNK || bytes >= CHUNK_BYTES {
                     return true;
                 }
                 let resubmit = vring.resubmit_pending() > 0;
@@ -286,7 +291,10 @@ impl BlkQueue {
                             n as u32 + 1,
                         );
                     }
-                    Ok(req) => self.dispatch(vring, req, dsync),
+                    Ok(req) => {
+                        bytes += u64::from(req.data_len());
+                        self.dispatch(vring, req, dsync)
+                    }
                 }
             }
             if self.engine.in_flight() >= self.engine.capacity() {
