@@ -53,6 +53,10 @@ impl Ring for VringHandle {
     fn unpop(&mut self, head: u16) {
         VringHandle::unpop(self, head)
     }
+    fn can_unpop_all(&self) -> bool {
+        // With an inflight region, popped heads may be resubmissions, not avail entries.
+        !self.inflight_tracked()
+    }
     fn add_used(&mut self, head: u16, len: u32) -> bool {
         VringHandle::add_used(self, head, len).is_ok()
     }
@@ -283,6 +287,8 @@ impl NetWorker {
         }
         self.features = Some(acked);
         self.hdr_len = hdr_len_for(acked);
+        // A frame parked across a ring stop was read with the old header layout.
+        self.rx.reset(&self.counters);
         self.rx
             .set_features(self.hdr_len, acked & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0);
         self.tx.set_features(self.hdr_len, acked);
@@ -455,10 +461,10 @@ impl QueueWorker for NetWorker {
 
     fn stop_queue(&mut self, ctx: &mut WorkerCtx, queue: u16) -> StopStatus {
         if queue == self.rx_q {
-            // Chains taken for a parked frame are returned empty (the guest drops a zero-length
-            // buffer); the frame itself is lost, as on a real NIC reset.
+            // A ring stop is usually a VM pause (every checkpoint): chains taken for a parked
+            // frame go back on the avail ring and the frame waits for the ring to run again.
             if let Some(ring) = ctx.queue(self.rx_q) {
-                self.rx.abandon(ring, &self.counters);
+                self.rx.shelve(ring, &self.counters);
                 ring.signal_used();
             } else {
                 self.rx.reset(&self.counters);

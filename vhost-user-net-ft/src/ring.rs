@@ -14,6 +14,12 @@ pub trait Ring {
     fn pop(&mut self) -> Option<DescriptorChain<Self::M>>;
     /// Puts back the chain just popped (not completed, not consumed).
     fn unpop(&mut self, head: u16);
+    /// Whether [`unpop`](Self::unpop) may also put back chains popped before the last one, in
+    /// reverse order (false when chains may come from somewhere else than the avail ring, e.g.
+    /// inflight resubmission).
+    fn can_unpop_all(&self) -> bool {
+        true
+    }
     /// Completes `head` with `len` bytes written by the device.
     fn add_used(&mut self, head: u16, len: u32) -> bool;
     /// Re-enables guest kicks; true if chains arrived meanwhile.

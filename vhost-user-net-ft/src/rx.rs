@@ -8,8 +8,10 @@
 //!
 //! Invariants: a frame is either delivered whole or dropped and counted; chains taken for a frame
 //! stay owned by this path until the frame is complete (so a ring that runs dry in the middle of
-//! a frame just parks it until the guest adds buffers, with no used entry written twice); no
-//! heap allocation per frame (buffers and chain lists are reused).
+//! a frame just parks it until the guest adds buffers, with no used entry written twice); a ring
+//! stop (VM pause) does not lose a parked frame: its chains go back on the avail ring untouched
+//! and the frame is delivered when the ring runs again ([`RxPath::shelve`]); no heap allocation
+//! per frame (buffers and chain lists are reused).
 
 use crate::ring::Ring;
 use crate::stats::{DropReason, NetCounters};
@@ -60,6 +62,9 @@ pub struct RxPath {
     segs: Vec<(GuestAddress, u32)>,
     chains: Vec<Chain>,
     taken_cap: u64,
+    /// A bad chain was consumed (used, length 0) between chains of the parked frame, so they
+    /// are not the last ones popped and cannot be put back on the avail ring.
+    interleaved: bool,
 }
 
 impl Default for RxPath {
@@ -78,6 +83,7 @@ impl RxPath {
             segs: Vec::with_capacity(64),
             chains: Vec::with_capacity(64),
             taken_cap: 0,
+            interleaved: false,
         }
     }
 
@@ -92,16 +98,39 @@ impl RxPath {
         self.pending != 0
     }
 
-    /// Forgets the parked frame and chains (device reset or vring stop): the ring they came
-    /// from is being torn down, so nothing is written to it.
+    /// Forgets the parked frame and chains (device reset, disconnect, feature change): the ring
+    /// they came from is being torn down, so nothing is written to it.
     pub fn reset(&mut self, counters: &NetCounters) {
         if self.pending != 0 {
             counters.rx.count_drop(DropReason::Reset);
         }
         self.pending = 0;
+        self.release_chains();
+    }
+
+    fn release_chains(&mut self) {
         self.segs.clear();
         self.chains.clear();
         self.taken_cap = 0;
+        self.interleaved = false;
+    }
+
+    /// The ring is stopping while a frame waits for buffers, usually because the VM pauses
+    /// (QEMU stops the rings at every checkpoint). Puts the chains taken for the frame back on
+    /// the avail ring, untouched, and keeps the frame: when the ring runs again the frame is
+    /// delivered into them (or later buffers). Where the chains cannot be put back, falls back
+    /// to [`abandon`](Self::abandon).
+    pub fn shelve<R: Ring>(&mut self, q: &mut R, counters: &NetCounters) {
+        if self.pending == 0 {
+            return;
+        }
+        if self.interleaved || !q.can_unpop_all() {
+            return self.abandon(q, counters);
+        }
+        for c in self.chains.iter().rev() {
+            q.unpop(c.head);
+        }
+        self.release_chains();
     }
 
     /// Gives the chains taken for a parked frame back to the guest empty (used length 0) and
@@ -201,6 +230,7 @@ impl RxPath {
                 if q.add_used(head, 0) {
                     pass.used += 1;
                 }
+                self.interleaved |= !self.chains.is_empty();
                 continue;
             }
             if !self.mrg_rxbuf && (cap as u64) < need {
@@ -261,8 +291,6 @@ impl RxPath {
             );
         }
         self.pending = 0;
-        self.segs.clear();
-        self.chains.clear();
-        self.taken_cap = 0;
+        self.release_chains();
     }
 }

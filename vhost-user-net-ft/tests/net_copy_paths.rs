@@ -1,6 +1,7 @@
 //! RX and TX copy paths over virtio-queue's MockSplitQueue (a driver-side ring in test memory):
 //! multi-descriptor TX frames, every TX drop reason, backpressure, RX with and without merged
-//! buffers (num_buffers), a ring running dry in the middle of a frame.
+//! buffers (num_buffers), a ring running dry in the middle of a frame, a ring stopped while a
+//! frame is parked.
 
 use std::collections::VecDeque;
 use std::io;
@@ -12,7 +13,7 @@ use vhost_user_net_ft::vnet_hdr::{VnetHdr, VNET_HDR_LEN};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 type Mem = GuestMemoryMmap<()>;
@@ -287,6 +288,75 @@ fn rx_merged_buffers_span_chains_and_count_them() {
     assert_eq!(VnetHdr::decode(&s, VNET_HDR_LEN).num_buffers, 1);
     assert_eq!(s[VNET_HDR_LEN..], small[VNET_HDR_LEN..]);
     assert_eq!(c.rx.frames(), 2);
+}
+
+/// A ring stop (VM pause) while a frame is parked over two of three needed chains: the chains
+/// go back on the avail ring untouched and the frame arrives whole after the restart.
+#[test]
+fn rx_frame_parked_at_ring_stop_is_kept_and_delivered_after_restart() {
+    let m = mem();
+    let (mut drv, mut ring) = Driver::new(&m);
+    let h0 = drv.chain(&[(0x10_0000, 1000, true)]);
+    let h1 = drv.chain(&[(0x11_0000, 1000, true)]);
+    let f = frame(7, 2500);
+    let mut src = Frames(VecDeque::from([f.clone()]));
+    let c = NetCounters::default();
+    let mut rx = RxPath::new();
+    rx.set_features(VNET_HDR_LEN, true);
+    let pass = rx.process(&mut src, &mut ring, &c).unwrap();
+    assert!(pass.blocked);
+    assert_eq!(ring.queue.next_avail(), 2);
+    rx.shelve(&mut ring, &c);
+    // GET_VRING_BASE would now report 0: both chains are the guest's again, nothing used.
+    assert_eq!(ring.queue.next_avail(), 0);
+    assert!(drv.used().is_empty());
+    assert_eq!(c.rx.dropped_total(), 0);
+    assert!(rx.is_blocked(), "the frame is kept");
+    // The ring restarts from that base (a new Queue, as after SET_VRING_BASE 0) and the guest
+    // adds a third buffer.
+    let mut restarted = QueueRing {
+        queue: drv.vq.create_queue().unwrap(),
+        mem: &m,
+    };
+    let h2 = drv.chain(&[(0x12_0000, 1000, true)]);
+    let pass = rx.process(&mut src, &mut restarted, &c).unwrap();
+    assert_eq!((pass.frames, pass.used, pass.blocked), (1, 3, false));
+    assert_eq!(
+        drv.used(),
+        vec![
+            (h0 as u32, 1000),
+            (h1 as u32, 1000),
+            (h2 as u32, (f.len() - 2000) as u32)
+        ]
+    );
+    let mut got = read(&m, 0x10_0000, 1000);
+    got.extend(read(&m, 0x11_0000, 1000));
+    got.extend(read(&m, 0x12_0000, f.len() - 2000));
+    assert_eq!(VnetHdr::decode(&got, VNET_HDR_LEN).num_buffers, 3);
+    assert_eq!(got[VNET_HDR_LEN..], f[VNET_HDR_LEN..]);
+    assert_eq!((c.rx.frames(), c.rx.dropped_total()), (1, 0));
+}
+
+/// If a bad chain was consumed between the parked frame's chains, they cannot be put back one
+/// by one: the stop returns them empty and drops the frame (counted), never re-exposing the
+/// consumed chain.
+#[test]
+fn rx_shelve_falls_back_to_abandon_around_a_consumed_bad_chain() {
+    let m = mem();
+    let (mut drv, mut ring) = Driver::new(&m);
+    let h0 = drv.chain(&[(0x10_0000, 1000, true)]);
+    let bad = drv.chain(&[(0x11_0000, 1000, false)]);
+    let f = frame(8, 2500);
+    let mut src = Frames(VecDeque::from([f]));
+    let c = NetCounters::default();
+    let mut rx = RxPath::new();
+    rx.set_features(VNET_HDR_LEN, true);
+    assert!(rx.process(&mut src, &mut ring, &c).unwrap().blocked);
+    rx.shelve(&mut ring, &c);
+    assert_eq!(ring.queue.next_avail(), 2);
+    assert_eq!(drv.used(), vec![(bad as u32, 0), (h0 as u32, 0)]);
+    assert!(!rx.is_blocked());
+    assert_eq!(c.rx.dropped(DropReason::Reset), 1);
 }
 
 #[test]

@@ -4,7 +4,8 @@
 //!
 //! Checked: nothing reaches the tap before COMMIT, everything in guest order after it, nothing
 //! after ABORT; backpressure with a tiny hold buffer loses no frame; frames written to the tap
-//! arrive in the guest RX ring with correct virtio-net headers, including merged buffers;
+//! arrive in the guest RX ring with correct virtio-net headers, including merged buffers, and
+//! survive a ring stop while waiting for buffers;
 //! RARP on ANNOUNCE; frontend reconnect; clean exit on SIGTERM.
 
 mod common;
@@ -17,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use vhost::vhost_user::VhostUserFrontend;
+use vhost::VhostBackend;
 use vhost_user_net_ft::vnet_hdr::{VnetHdr, VNET_HDR_LEN};
 
 const GUEST: [u8; 6] = [0x52, 0x54, 0, 0xab, 0xcd, 0xef];
@@ -469,6 +471,59 @@ fn rx_frames_reach_the_guest_with_merged_buffers() {
             rx_test_frames(&mut f, &bufs, 1),
             vec![(1, small)],
             "RX after reconnect"
+        );
+        drop(f);
+        d.stop();
+    });
+}
+
+/// A VM pause (GET_VRING_BASE on the RX ring, as at every checkpoint) while a frame waits for
+/// more RX buffers: the buffers taken for it go back to the guest untouched (no used entry) and
+/// the frame arrives whole once the ring runs again.
+#[test]
+fn rx_frame_waiting_for_buffers_survives_a_ring_stop() {
+    in_netns(|| {
+        let d = Daemon::start("rxstop", "ftrxs0", &["--ft", "off"]);
+        let mut f = frontend(&d.sock);
+        let pkt = PacketSocket::bind("ftrxs0").expect("packet socket");
+        let mut bufs = std::collections::HashMap::new();
+        let mut add_bufs = |f: &mut TestFrontend, n: usize| {
+            for _ in 0..n {
+                let gpa = f.alloc(600);
+                let w = Buf {
+                    gpa,
+                    len: 600,
+                    writable: true,
+                };
+                bufs.insert(f.add_chain(RXQ, &[w]), gpa);
+            }
+            f.kick(RXQ);
+        };
+        // Two 600-byte buffers; a 1500-byte frame needs three.
+        add_bufs(&mut f, 2);
+        let big = eth_frame(GUEST, HOST, &(0..1486).map(|i| i as u8).collect::<Vec<_>>());
+        pkt.send(&big).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let used_before = f.used_idx(RXQ);
+        let base = f.fe.get_vring_base(RXQ).expect("get_vring_base") as u16;
+        assert_eq!(
+            base, used_before,
+            "buffers taken for the waiting frame are given back, not used"
+        );
+        assert_eq!(
+            f.used_idx(RXQ),
+            used_before,
+            "no used entry written at the stop"
+        );
+        // The VM runs again: the ring restarts from that base, the guest adds buffers.
+        f.setup_vring(RXQ, base);
+        f.fe.set_vring_enable(RXQ, true).expect("enable");
+        add_bufs(&mut f, 4);
+        let got = rx_test_frames(&mut f, &bufs, 1);
+        assert_eq!(
+            got,
+            vec![(3, big)],
+            "the frame arrives whole after the restart"
         );
         drop(f);
         d.stop();
