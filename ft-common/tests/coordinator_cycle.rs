@@ -108,8 +108,14 @@ fn held_output_released_only_after_ack_in_epoch_order_on_both_devices() {
         max_waiting = max_waiting.max(s["cycle"]["awaiting_ack"].as_u64().unwrap());
         // Nothing newer than the last committed epoch is ever out.
         for d in &devs {
+            // Released first: a commit landing between the two reads must not look like a
+            // release ahead of its commit.
+            let released = d.released();
             let committed = d.commit_epochs().last().copied().unwrap_or(Epoch(0));
-            assert!(d.released().iter().all(|(_, e)| *e <= committed));
+            assert!(
+                released.iter().all(|(_, e)| *e <= committed),
+                "released beyond commit {committed}: {released:?}"
+            );
         }
         std::thread::sleep(Duration::from_millis(10));
     }
