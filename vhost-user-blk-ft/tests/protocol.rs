@@ -526,7 +526,18 @@ fn multiqueue_batches_without_event_idx() {
 
 #[test]
 fn reconnect_keeps_data_and_in_flight_requests_are_not_leaked() {
-    let mut d = start(&[]);
+    reconnect_cycles(&[]);
+}
+
+/// The same while the worker busy-polls: the rings stop (disconnect) in the middle of a polling
+/// streak, and the worker must neither pop from a ring being stopped nor miss the next one.
+#[test]
+fn reconnect_while_polling() {
+    reconnect_cycles(&["--poll-max-ns", "2000000"]);
+}
+
+fn reconnect_cycles(extra: &[&str]) {
+    let mut d = start(extra);
     let data = pattern(77, 256 << 10);
     {
         let mut c = d.connect(1);

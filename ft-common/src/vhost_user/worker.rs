@@ -209,6 +209,8 @@ struct Worker {
     /// Disconnect waiting for all stops to finish.
     disconnecting: Option<Sender<Reply>>,
     poll: AdaptivePoll,
+    /// Scratch list of rings with avail entries when polling ends.
+    ready: Vec<u16>,
 }
 
 /// Spawn the worker thread for `group`.
@@ -251,6 +253,7 @@ pub(crate) fn spawn(
         wake,
         stopping: Vec::new(),
         disconnecting: None,
+        ready: Vec::new(),
     };
     let jh = std::thread::Builder::new()
         .name(format!("vu-worker-{group}"))
@@ -341,12 +344,27 @@ impl Worker {
             return None;
         }
         self.ctx.polling = false;
-        for r in self.ctx.rings.values_mut() {
-            r.enable_notification();
+        self.ready.clear();
+        for (q, r) in self.ctx.rings.iter_mut() {
+            if r.enable_notification() {
+                self.ready.push(*q);
+            }
         }
-        // A request made available between the last look and re-enabling raised no kick.
+        // A request made available between the last look and re-enabling raised no kick:
+        // look once more.
         let now = Instant::now();
-        self.dev.poll(&mut self.ctx).then(|| now - start)
+        if self.stopping.is_empty() {
+            return self.dev.poll(&mut self.ctx).then(|| now - start);
+        }
+        // A ring being stopped must not be popped again (its base is about to be reported);
+        // the others get the look a kick would give them.
+        for i in 0..self.ready.len() {
+            let q = self.ready[i];
+            if self.stopping.iter().all(|s| s.queue != q) {
+                self.dev.handle_kick(&mut self.ctx, q);
+            }
+        }
+        None
     }
 
     fn kick(&mut self, q: u16) {
