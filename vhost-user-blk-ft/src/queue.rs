@@ -173,7 +173,7 @@ impl BlkQueue {
     }
 
     /// Takes every available chain off the ring, answering or submitting each, in chunks of
-    /// [`CHUNK`]: one `io_uring_enter` per chunk, then the chunk's page-cache hits (which
+    /// [`CHUNK`] requests or [`CHUNK_BYTES`]: one `io_uring_enter` per chunk, then the chunk's page-cache hits (which
     /// complete inside that submit) are answered and the guest is notified before the next
     /// chunk is taken. Notifying per chunk rather than per ring-full lets the frontend work on
     /// the first replies while this thread does the rest; one ring-full answered at once makes
@@ -232,8 +232,8 @@ impl BlkQueue {
         self.counters
             .rejected
             .fetch_add(rejected, Ordering::Relaxed);
-        // The drain above consumed the eventfd: if it freed slots of a stalled ring, no later
-        // wakeup would resume it, so resume now.
+        // The drain above may have consumed the eventfd: if it freed slots of a stalled ring,
+        // no later wakeup would resume it, so resume now.
         if self.stalled && self.engine.in_flight() < self.engine.capacity() {
             self.process_ring(ctx);
         }
