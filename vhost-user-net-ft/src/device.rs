@@ -281,14 +281,18 @@ pub struct NetWorker {
 }
 
 impl NetWorker {
-    fn apply_features(&mut self, acked: u64) {
+    fn apply_features(&mut self, ctx: &mut WorkerCtx, acked: u64) {
         if self.features == Some(acked) {
             return;
         }
         self.features = Some(acked);
         self.hdr_len = hdr_len_for(acked);
-        // A frame parked across a ring stop was read with the old header layout.
-        self.rx.reset(&self.counters);
+        // A parked frame was read with the old header layout: drop it, and give back the
+        // chains taken for it if its ring runs (they would leak otherwise).
+        match ctx.queue(self.rx_q) {
+            Some(ring) => self.rx.abandon(ring, &self.counters),
+            None => self.rx.reset(&self.counters),
+        }
         self.rx
             .set_features(self.hdr_len, acked & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0);
         self.tx.set_features(self.hdr_len, acked);
@@ -440,7 +444,8 @@ impl QueueWorker for NetWorker {
     }
 
     fn queue_started(&mut self, ctx: &mut WorkerCtx, queue: u16) {
-        self.apply_features(ctx.acked_features());
+        let acked = ctx.acked_features();
+        self.apply_features(ctx, acked);
         self.handle_kick(ctx, queue);
     }
 
