@@ -189,7 +189,9 @@ pub trait QueueWorker: Send {
     /// While the worker polls, [`WorkerCtx::polling`] is true and it has disabled the
     /// notifications of every running ring: leave them disabled (skip the usual
     /// `enable_notification` recheck at the end of a batch). Before sleeping the worker
-    /// re-enables them and calls `poll` once more, with `polling()` false.
+    /// re-enables them and calls `poll` once more, with `polling()` false; while a ring of the
+    /// group is being stopped it calls [`handle_kick`](Self::handle_kick) for the others
+    /// instead, so a stopping ring is never popped.
     fn poll(&mut self, ctx: &mut WorkerCtx) -> bool {
         let _ = ctx;
         false
