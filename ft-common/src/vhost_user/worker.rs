@@ -11,7 +11,7 @@
 //! [`QueueWorker::poll`] for an adaptive window (see `poll.rs`) with ring notifications
 //! disabled, and sleeps in `epoll_wait` only when that finds nothing. While polling finds work
 //! it skips `epoll_wait` (kicks and completions are what it polls), but still takes commands
-//! at once and looks at the epoll set at least every [`EPOLL_EVERY`].
+//! at once and looks at the epoll set at least every `EPOLL_EVERY` (100 µs).
 //!
 //! Epoll data encoding: bits 56..64 are the kind (device fd, kick, control), bits 0..56 the
 //! device's token or the queue index. Device tokens must therefore be below 2^56.
