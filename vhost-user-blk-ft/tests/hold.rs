@@ -19,7 +19,7 @@ use vhost::VhostBackend;
 use virtio_bindings::virtio_blk::*;
 
 mod common;
-use common::{file_bytes, kernel_fdatasyncs, new_image, spawn, Daemon, IMG_SIZE};
+use common::{blk_req_on, file_bytes, kernel_fdatasyncs, new_image, spawn, Daemon, IMG_SIZE};
 
 const T: Duration = Duration::from_secs(10);
 const QUIET: Duration = Duration::from_millis(300);
@@ -117,41 +117,6 @@ fn error_code(r: &Reply) -> ErrorCode {
 /// Places a request (header, optional data, status) on queue 0; returns (head, status gpa).
 fn blk_req(f: &mut TestFrontend, rtype: u32, sector: u64, data: Option<(u64, u32)>) -> (u16, u64) {
     blk_req_on(f, 0, rtype, sector, data)
-}
-
-/// [`blk_req`] on queue `q`.
-fn blk_req_on(
-    f: &mut TestFrontend,
-    q: usize,
-    rtype: u32,
-    sector: u64,
-    data: Option<(u64, u32)>,
-) -> (u16, u64) {
-    let hdr = f.alloc(16);
-    let mut h = [0u8; 16];
-    h[0..4].copy_from_slice(&rtype.to_le_bytes());
-    h[8..16].copy_from_slice(&sector.to_le_bytes());
-    f.write(hdr, &h);
-    let status = f.alloc(1);
-    f.write(status, &[0xff]);
-    let mut bufs = vec![Buf {
-        gpa: hdr,
-        len: 16,
-        writable: false,
-    }];
-    if let Some((gpa, len)) = data {
-        bufs.push(Buf {
-            gpa,
-            len,
-            writable: rtype == VIRTIO_BLK_T_IN,
-        });
-    }
-    bufs.push(Buf {
-        gpa: status,
-        len: 1,
-        writable: true,
-    });
-    (f.add_chain(q, &bufs), status)
 }
 
 /// A write of `data` at `sector`; returns (head, status gpa).

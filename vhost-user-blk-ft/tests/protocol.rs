@@ -661,7 +661,7 @@ mod raw_frontend {
     //! Tests with the server's raw test frontend (`ft_tests::frontend`), which exposes what
     //! blk_client does not: SET_CONFIG and the dirty log.
     use super::*;
-    use ft_tests::frontend::{Buf, TestFrontend};
+    use ft_tests::frontend::TestFrontend;
     use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserVirtioFeatures};
     use vhost::vhost_user::VhostUserFrontend;
     use vhost::VhostBackend;
@@ -678,36 +678,9 @@ mod raw_frontend {
         (f, features)
     }
 
-    /// header + data + status; returns (head, status gpa).
+    /// header + data + status on queue 0; returns (head, status gpa).
     fn blk_req(f: &mut TestFrontend, rtype: u32, sector: u64, data: u64, len: u32) -> (u16, u64) {
-        let hdr = f.alloc(16);
-        let mut h = [0u8; 16];
-        h[0..4].copy_from_slice(&rtype.to_le_bytes());
-        h[8..16].copy_from_slice(&sector.to_le_bytes());
-        f.write(hdr, &h);
-        let status = f.alloc(1);
-        f.write(status, &[0xff]);
-        let head = f.add_chain(
-            0,
-            &[
-                Buf {
-                    gpa: hdr,
-                    len: 16,
-                    writable: false,
-                },
-                Buf {
-                    gpa: data,
-                    len,
-                    writable: rtype == VIRTIO_BLK_T_IN,
-                },
-                Buf {
-                    gpa: status,
-                    len: 1,
-                    writable: true,
-                },
-            ],
-        );
-        (head, status)
+        common::blk_req_on(f, 0, rtype, sector, Some((data, len)))
     }
 
     #[test]

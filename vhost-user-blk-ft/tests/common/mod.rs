@@ -1,7 +1,8 @@
 //! Setup shared by the daemon-binary tests (`hold.rs`, `protocol.rs`): a temporary directory
 //! with a zeroed image, the `vhost-user-blk-ft` binary spawned on it and waited for until its
 //! sockets exist, killed when the [`Daemon`] drops; reads of the image file behind its back and
-//! the kernel's own count of fdatasyncs on it.
+//! the kernel's own count of fdatasyncs on it; virtio-blk chains built by hand for the raw test
+//! frontend.
 
 #![allow(dead_code)]
 
@@ -10,6 +11,9 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use ft_tests::frontend::{Buf, TestFrontend};
+use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
 
 pub const IMG_SIZE: u64 = 16 << 20;
 
@@ -132,4 +136,41 @@ pub fn kernel_fdatasyncs<R>(img: &Path, f: impl FnOnce() -> R) -> (Option<u64>, 
         line.split(',').next()?.trim().parse().ok()
     });
     (n, r)
+}
+
+/// Places a virtio-blk request on queue `q` of the raw test frontend: a 16-byte header, the
+/// optional data buffer (device-writable for IN) and a status byte preset to 0xff. Returns
+/// (head, status gpa).
+pub fn blk_req_on(
+    f: &mut TestFrontend,
+    q: usize,
+    rtype: u32,
+    sector: u64,
+    data: Option<(u64, u32)>,
+) -> (u16, u64) {
+    let hdr = f.alloc(16);
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&rtype.to_le_bytes());
+    h[8..16].copy_from_slice(&sector.to_le_bytes());
+    f.write(hdr, &h);
+    let status = f.alloc(1);
+    f.write(status, &[0xff]);
+    let mut bufs = vec![Buf {
+        gpa: hdr,
+        len: 16,
+        writable: false,
+    }];
+    if let Some((gpa, len)) = data {
+        bufs.push(Buf {
+            gpa,
+            len,
+            writable: rtype == VIRTIO_BLK_T_IN,
+        });
+    }
+    bufs.push(Buf {
+        gpa: status,
+        len: 1,
+        writable: true,
+    });
+    (f.add_chain(q, &bufs), status)
 }
