@@ -134,7 +134,17 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
 
 #[test]
 fn held_writes_land_only_at_commit_with_one_fdatasync() {
-    let d = start(&[]);
+    held_writes_case(&[]);
+}
+
+/// Invariant 1 does not depend on how the worker finds requests: the same with busy polling.
+#[test]
+fn held_writes_land_only_at_commit_while_polling() {
+    held_writes_case(&["--poll-max-ns", "2000000"]);
+}
+
+fn held_writes_case(extra: &[&str]) {
+    let d = start(extra);
     let mut c = d.control();
     let mut f = d.session();
     const N: u64 = 16;
@@ -478,7 +488,20 @@ fn ring_stop_and_restart_keeps_held_requests_without_duplicates() {
 
 #[test]
 fn full_transaction_queue_applies_backpressure() {
-    let d = start(&["--max-held-requests", "4"]);
+    backpressure_case(&[]);
+}
+
+/// With busy polling, a request parked by a full transaction queue is neither lost nor written
+/// early, and the commit resumes the ring.
+#[test]
+fn backpressure_while_polling() {
+    backpressure_case(&["--poll-max-ns", "2000000"]);
+}
+
+fn backpressure_case(extra: &[&str]) {
+    let mut args = vec!["--max-held-requests", "4"];
+    args.extend_from_slice(extra);
+    let d = start(&args);
     let mut c = d.control();
     let mut f = d.session();
     for i in 0..6u64 {
