@@ -195,6 +195,7 @@ impl BlkQueue {
             }
         }
         let (mut popped, mut rejected) = (0u64, 0u64);
+        let mut inline = false;
         while let Some(vring) = ctx.queue(self.queue) {
             let more = self.take_chunk(vring, dsync, polling, &mut popped, &mut rejected);
             if let Err(e) = self.engine.submit() {
@@ -219,13 +220,22 @@ impl BlkQueue {
             // Page-cache hits have completed inside that submit: answer them now instead of
             // one epoll round trip (eventfd wakeup) later.
             if self.engine.has_completions() {
-                self.drain_engine(ctx);
+                self.drain_engine(ctx, false);
+                inline = true;
             }
             if let Some(vring) = ctx.queue(self.queue) {
                 vring.signal_used();
             }
             if !more {
                 break;
+            }
+        }
+        // Inline completions signalled the eventfd: reset it once per batch, not per chunk
+        // (and drain what completed since), so it does not wake the thread for nothing.
+        if inline && !polling {
+            self.drain_engine(ctx, true);
+            if let Some(vring) = ctx.queue(self.queue) {
+                vring.signal_used();
             }
         }
         self.counters.requests.fetch_add(popped, Ordering::Relaxed);
@@ -337,17 +347,16 @@ impl BlkQueue {
         }
     }
 
-    /// Completes everything in the engine's CQ (no signal). A polling worker is not waiting
-    /// on the eventfd, so it is left set (cleared by the next `epoll_wait` round) instead of
-    /// costing a `read` per poll.
-    fn drain_engine(&mut self, ctx: &mut WorkerCtx) {
+    /// Completes everything in the engine's CQ (no signal). `clear_eventfd` also resets the
+    /// engine's eventfd first (one `read`): needed before the thread sleeps on it, wasted while
+    /// it polls the CQ or drains again soon (chunks of one batch).
+    fn drain_engine(&mut self, ctx: &mut WorkerCtx, clear_eventfd: bool) {
         let queue = self.queue;
-        let polling = ctx.polling();
         let done = |c: Completion| complete(ctx, queue, c);
-        if polling {
-            self.engine.drain_cq(done);
-        } else {
+        if clear_eventfd {
             self.engine.drain(done);
+        } else {
+            self.engine.drain_cq(done);
         }
         self.publish();
     }
@@ -355,7 +364,8 @@ impl BlkQueue {
     /// Completes everything the engine has finished.
     fn reap(&mut self, ctx: &mut WorkerCtx) {
         let queue = self.queue;
-        self.drain_engine(ctx);
+        let polling = ctx.polling();
+        self.drain_engine(ctx, !polling);
         if let Some(v) = ctx.queue(queue) {
             v.signal_used();
         }
