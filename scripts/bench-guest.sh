@@ -61,13 +61,17 @@ mkdir -p "$WORK"
 NS=ftbg$$
 ip netns add "$NS"
 PIDS=()
-cleanup() {
+# Stops the processes of one configuration (and, through cleanup, of the whole run).
+cleanup_config() {
     local p
     for p in "${PIDS[@]}"; do
         kill "$p" 2>/dev/null || true
         wait "$p" 2>/dev/null || true
     done
     PIDS=()
+}
+cleanup() {
+    cleanup_config
     ip netns del "$NS" 2>/dev/null || true
 }
 trap cleanup EXIT
@@ -148,14 +152,6 @@ run_config() {
     cleanup_config
     [ "$name" != qsd ] || "${NSX[@]}" ip link del "$tap" 2>/dev/null || true
     rm -f "$dir/disk.img"
-}
-cleanup_config() {
-    local p
-    for p in "${PIDS[@]}"; do
-        kill "$p" 2>/dev/null || true
-        wait "$p" 2>/dev/null || true
-    done
-    PIDS=()
 }
 
 for c in $CONFIGS; do run_config "$c"; done
