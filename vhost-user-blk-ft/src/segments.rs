@@ -9,7 +9,7 @@
 //!
 //! A table returns to the pool of the thread that drops it. Requests are dropped on their
 //! queue's thread (completion), or on the control thread for held requests cancelled there;
-//! each pool keeps at most [`POOL_CAP`] blocks and frees the rest.
+//! each pool keeps at most `POOL_CAP` blocks and frees the rest.
 
 use std::cell::RefCell;
 use std::ops::{Deref, DerefMut};

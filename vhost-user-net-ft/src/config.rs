@@ -1,5 +1,5 @@
 //! The virtio-net device identity: offered feature bits and the config space
-//! (`struct virtio_net_config`: mac[6], status u16, max_virtqueue_pairs u16, little endian).
+//! (`struct virtio_net_config`: `mac[6]`, status u16, max_virtqueue_pairs u16, little endian).
 //!
 //! Invariants: an offload is offered only if the tap accepted it when probed (so whatever the
 //! guest negotiates can be forwarded with TUNSETOFFLOAD); MQ is offered only with more than one

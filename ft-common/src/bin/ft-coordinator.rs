@@ -22,8 +22,12 @@ struct Args {
     /// A device daemon's control socket, NAME=CONTROL_SOCKET (repeatable; block and net alike).
     #[arg(long = "device", required = true)]
     devices: Vec<DeviceSpec>,
-    /// sim[:ACK_DELAY_MS] | exec:CMD | qmp:QMP_SOCKET
-    #[arg(long, default_value = "sim")]
+    // The help text is an attribute, not a doc comment: rustdoc would read `[...]` as a link.
+    #[arg(
+        long,
+        default_value = "sim",
+        help = "sim[:ACK_DELAY_MS] | exec:CMD | qmp:QMP_SOCKET"
+    )]
     checkpointer: CheckpointerSpec,
     /// Periodic cut every N ms (0: no periodic cut).
     #[arg(long, default_value_t = 100)]

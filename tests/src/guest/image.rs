@@ -40,8 +40,8 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// A workspace binary next to the running test's own executable (target/<profile>/deps/X ->
-/// target/<profile>/NAME), built with `cargo build -p PACKAGE --bin NAME` if missing.
+/// A workspace binary next to the running test's own executable (`target/<profile>/deps/X` ->
+/// `target/<profile>/NAME`), built with `cargo build -p PACKAGE --bin NAME` if missing.
 pub fn workspace_binary(package: &str, name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe().map_err(HarnessError::io("test executable path"))?;
     let dir = exe.parent().and_then(Path::parent).ok_or_else(|| {
