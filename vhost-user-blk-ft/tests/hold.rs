@@ -19,7 +19,9 @@ use vhost::VhostBackend;
 use virtio_bindings::virtio_blk::*;
 
 mod common;
-use common::{blk_req_on, file_bytes, kernel_fdatasyncs, new_image, spawn, Daemon, IMG_SIZE};
+use common::{
+    blk_req_on, file_bytes, kernel_fdatasyncs, new_image, spawn, unavailable, Daemon, IMG_SIZE,
+};
 
 const T: Duration = Duration::from_secs(10);
 const QUIET: Duration = Duration::from_millis(300);
@@ -198,7 +200,7 @@ fn held_writes_case(extra: &[&str]) {
     eprintln!("commit of {N} writes + 1 flush: {stats:?}");
     match kernel {
         Some(n) => assert_eq!(n, 1, "kernel saw {n} fdatasyncs for one commit"),
-        None => eprintln!("perf/tracefs/ext4 unavailable: daemon counters only"),
+        None => unavailable("perf/tracefs/ext4 unavailable (kernel-side fdatasync count)"),
     }
     let used = f.wait_used(0, N as usize + 1, T);
     assert_eq!(used.len(), N as usize + 1);
@@ -546,7 +548,7 @@ fn enospc_fails_the_commit_and_the_flush() {
             .map(|s| s.success())
             .unwrap_or(false);
         if !ok {
-            eprintln!("cannot mount tmpfs here: skipping");
+            unavailable("cannot mount a tmpfs here");
             return;
         }
         let _m = Tmpfs(mnt.clone());

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use ft_tests::blk_client::*;
 
 mod common;
-use common::{file_bytes, kernel_fdatasyncs, new_image, spawn, Daemon, IMG_SIZE};
+use common::{file_bytes, kernel_fdatasyncs, new_image, spawn, unavailable, Daemon, IMG_SIZE};
 
 const SECTORS: u64 = IMG_SIZE / SECTOR_SIZE;
 const EVENT_IDX: u64 = 1 << 29;
@@ -109,7 +109,7 @@ fn write_read_flush_reach_the_image_and_fsync() {
     match kernel_fdatasyncs(&d.img, flushes).0 {
         // Each FLUSH is one fdatasync of the image, seen by the filesystem itself.
         Some(n) => assert_eq!(n, 5, "kernel saw {n} fdatasyncs of the image for 5 FLUSHes"),
-        None => eprintln!("perf/tracefs/ext4 unavailable: checking the daemon's counters only"),
+        None => unavailable("perf/tracefs/ext4 unavailable (kernel-side fdatasync count)"),
     }
     drop(c);
     let (code, log) = d.stop(libc::SIGTERM);
@@ -741,7 +741,7 @@ mod raw_frontend {
             }
         };
         let Some(wb) = kernel_fdatasyncs(&d.img, || writes(&mut f, 3)).0 else {
-            eprintln!("perf/tracefs/ext4 unavailable: skipping the kernel-side check");
+            unavailable("perf/tracefs/ext4 unavailable (kernel-side fdatasync count)");
             return;
         };
         assert_eq!(wb, 0, "write-back writes must not sync");
@@ -780,7 +780,7 @@ fn block_device_backend() {
     let dev = match out {
         Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
         _ => {
-            eprintln!("no loop devices here: skipping the block device test");
+            unavailable("no loop device here (losetup -f failed)");
             return;
         }
     };

@@ -96,9 +96,22 @@ pub fn file_bytes(img: &Path, offset: u64, len: usize) -> Vec<u8> {
     v
 }
 
+/// A check this machine cannot run (no perf, no tmpfs mount, no loop device). Outside CI it
+/// prints why and the caller skips the check; under `CI=true`, where `scripts/setup.sh` provides
+/// everything, it fails the test, so a green CI never hides a check that did not run.
+pub fn unavailable(what: &str) {
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{what}, but CI=true: scripts/setup.sh should have provided it");
+    }
+    eprintln!("{what}: skipping that check");
+}
+
 /// Counts, in the kernel, the fdatasync calls ext4 sees on `img` while `f` runs (tracepoint
 /// `ext4:ext4_sync_file_enter` with `datasync == 1`, filtered by inode, via `perf stat`).
 /// `f` always runs once; the count is None when perf, tracefs or ext4 is not available here.
+///
+/// perf starts with its events disabled (`-D -1`) and is enabled through its control fifo; its
+/// `ack` is the readiness check: every fdatasync after it is counted.
 pub fn kernel_fdatasyncs<R>(img: &Path, f: impl FnOnce() -> R) -> (Option<u64>, R) {
     use std::os::unix::fs::MetadataExt;
     if !Path::new("/sys/kernel/tracing/events/ext4/ext4_sync_file_enter").exists() {
@@ -106,16 +119,33 @@ pub fn kernel_fdatasyncs<R>(img: &Path, f: impl FnOnce() -> R) -> (Option<u64>, 
     }
     let ino = std::fs::metadata(img).unwrap().ino();
     let out = img.with_extension("perf");
+    let (ctl, ack) = (
+        img.with_extension("perf-ctl"),
+        img.with_extension("perf-ack"),
+    );
+    for fifo in [&ctl, &ack] {
+        let _ = std::fs::remove_file(fifo);
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        assert_eq!(
+            unsafe { libc::mkfifo(c.as_ptr(), 0o600) },
+            0,
+            "mkfifo {fifo:?}"
+        );
+    }
     let Ok(mut perf) = Command::new("perf")
         .args([
             "stat",
             "-x,",
             "-a",
+            "-D",
+            "-1",
             "-e",
             "ext4:ext4_sync_file_enter",
             "--filter",
         ])
         .arg(format!("ino == {ino} && datasync == 1"))
+        .arg("--control")
+        .arg(format!("fifo:{},{}", ctl.display(), ack.display()))
         .arg("-o")
         .arg(&out)
         .stderr(Stdio::null())
@@ -123,9 +153,9 @@ pub fn kernel_fdatasyncs<R>(img: &Path, f: impl FnOnce() -> R) -> (Option<u64>, 
     else {
         return (None, f());
     };
-    // perf needs a moment to open its events.
-    std::thread::sleep(Duration::from_millis(700));
-    if perf.try_wait().ok().flatten().is_some() {
+    if !perf_enable(&mut perf, &ctl, &ack) {
+        unsafe { libc::kill(perf.id() as i32, libc::SIGKILL) };
+        let _ = perf.wait();
         return (None, f());
     }
     let r = f();
@@ -136,6 +166,54 @@ pub fn kernel_fdatasyncs<R>(img: &Path, f: impl FnOnce() -> R) -> (Option<u64>, 
         line.split(',').next()?.trim().parse().ok()
     });
     (n, r)
+}
+
+/// Sends `enable` on perf's control fifo and waits (10 s at most) for its `ack`. False when perf
+/// exited or never answered.
+fn perf_enable(perf: &mut Child, ctl: &Path, ack: &Path) -> bool {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let alive = |perf: &mut Child| perf.try_wait().ok().flatten().is_none();
+    // The ack fifo opened non-blocking never waits for perf; reads give EOF until perf has it open.
+    let Ok(mut ack) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(ack)
+    else {
+        return false;
+    };
+    // A non-blocking open for writing fails (ENXIO) until perf has opened its end.
+    let mut ctl = loop {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(ctl)
+        {
+            Ok(f) => break f,
+            Err(_) if alive(perf) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(_) => return false,
+        }
+    };
+    if ctl.write_all(b"enable\n").is_err() {
+        return false;
+    }
+    let mut got = Vec::new();
+    while Instant::now() < deadline && alive(perf) {
+        let mut buf = [0u8; 16];
+        match ack.read(&mut buf) {
+            Ok(n) if n > 0 => {
+                got.extend_from_slice(&buf[..n]);
+                if got.windows(3).any(|w| w == b"ack") {
+                    return true;
+                }
+            }
+            _ => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+    false
 }
 
 /// Places a virtio-blk request on queue `q` of the raw test frontend: a 16-byte header, the
