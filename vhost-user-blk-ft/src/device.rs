@@ -103,7 +103,8 @@ impl VhostUserDevice for BlkDevice {
             self.counters.clone(),
             self.hold.clone(),
             self.poll_max,
-        )?;
+        )
+        .map_err(|e| std::io::Error::new(e.kind(), format!("queue {queue}: {e}")))?;
         Ok(Box::new(q))
     }
 }

@@ -101,6 +101,22 @@ pub struct Engine<R: SlotRequest = BlkRequest> {
     stats: EngineStats,
 }
 
+/// An io_uring setup error that says what was being set up and the usual cause of its errno,
+/// instead of a bare "Operation not permitted".
+fn setup_error(step: &str, e: io::Error) -> io::Error {
+    let cause = match e.raw_os_error() {
+        Some(libc::EPERM) => {
+            "; io_uring is disabled (sysctl kernel.io_uring_disabled) or blocked by a seccomp \
+             filter (container runtimes block it by default)"
+        }
+        Some(libc::ENOMEM) => "; the locked-memory limit is too low for the ring (ulimit -l)",
+        Some(libc::ENOSYS) => "; this kernel has no io_uring (Linux 5.6 or newer is needed)",
+        Some(libc::EINVAL) => "; this kernel does not support the ring parameters (too old?)",
+        _ => "",
+    };
+    io::Error::new(e.kind(), format!("io_uring setup: {step}: {e}{cause}"))
+}
+
 impl<R: SlotRequest> Engine<R> {
     /// A ring with room for `depth` requests in flight (at least 1).
     pub fn new(image: Arc<Image>, depth: u32) -> io::Result<Engine<R>> {
@@ -109,9 +125,12 @@ impl<R: SlotRequest> Engine<R> {
         // CQ twice the SQ: room for every request plus the CQEs of cancel requests.
         let ring = IoUring::builder()
             .setup_cqsize(entries * 2)
-            .build(entries)?;
+            .build(entries)
+            .map_err(|e| setup_error(&format!("creating a ring of {entries} entries"), e))?;
         let eventfd = EventFd::new(EFD_NONBLOCK)?;
-        ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
+        ring.submitter()
+            .register_eventfd(eventfd.as_raw_fd())
+            .map_err(|e| setup_error("registering its eventfd", e))?;
         let slots = (0..depth)
             .map(|_| Slot {
                 req: None,

@@ -157,7 +157,8 @@ fn run(args: Args) -> std::io::Result<()> {
     let mut commit_syncs = None;
     let control = match (control, hold) {
         (Some(c), Some(h)) => {
-            let engine = CommitEngine::new(image, args.max_held_requests)?;
+            let engine = CommitEngine::new(image, args.max_held_requests)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("commit engine: {e}")))?;
             commit_cancel = Some(engine.cancel_handle());
             commit_syncs = Some(engine.fdatasync_counter());
             let policy = match args.on_commit_error {
