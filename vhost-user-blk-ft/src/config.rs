@@ -2,20 +2,15 @@
 //!
 //! Invariants: the config layout is little-endian at the offsets of the virtio 1.x spec
 //! (section 5.2.4); the only guest-writable field is `writeback` (CONFIG_WCE), and a guest
-//! write anywhere else is ignored, never applied. Limits advertised here (seg_max, discard and
-//! write-zeroes limits) are the ones `request.rs` enforces.
+//! write anywhere else is ignored, never applied. The limits advertised here (seg_max, discard and
+//! write-zeroes limits) come from `limits.rs`, which `request.rs` enforces.
 
 use crate::image::{Image, SECTOR_SHIFT};
-use crate::request::MAX_DATA_SEGS;
+use crate::limits::{MAX_DATA_SEGS, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGS};
 use std::sync::atomic::{AtomicBool, Ordering};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-
-/// Largest DISCARD / WRITE_ZEROES range, in sectors (2 GiB): keeps one fallocate bounded.
-pub const MAX_DISCARD_SECTORS: u32 = 1 << 22;
-/// Segments per DISCARD / WRITE_ZEROES request. One: each request is one fallocate SQE.
-pub const MAX_DISCARD_SEGS: u32 = 1;
 
 /// Size of `struct virtio_blk_config` up to and including `write_zeroes_may_unmap` + padding.
 pub const CONFIG_SIZE: usize = 60;

@@ -1,6 +1,7 @@
 //! vhost-user-blk-ft: a virtio-blk vhost-user backend built for output commit.
 //!
 //! - [`image`]: the backing file or block device.
+//! - [`limits`]: the request size limits, advertised by `config` and enforced by `request`.
 //! - [`config`]: feature bits and the virtio-blk config space.
 //! - [`request`]: descriptor chain -> validated, self-contained [`request::BlkRequest`].
 //! - [`segments`]: the pooled iovec tables requests point to (small moves, no allocation).
@@ -17,6 +18,7 @@ pub mod device;
 pub mod engine;
 pub mod gate;
 pub mod image;
+pub mod limits;
 pub mod queue;
 pub mod request;
 pub mod segments;

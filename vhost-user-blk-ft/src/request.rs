@@ -19,10 +19,9 @@
 //! descriptors, and the status byte as the last byte of the last, device-writable descriptor
 //! (any bytes before it in that descriptor are data).
 
-use crate::config::{MAX_DISCARD_SECTORS, MAX_DISCARD_SEGS};
 use crate::image::{SECTOR_SHIFT, SECTOR_SIZE};
+use crate::limits::{MAX_DATA_SEGS, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGS};
 use crate::segments::SegTable;
-pub use crate::segments::MAX_DATA_SEGS;
 use std::any::Any;
 use std::ops::Deref;
 use std::sync::Arc;

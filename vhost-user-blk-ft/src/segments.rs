@@ -1,9 +1,9 @@
 //! Pooled segment tables: the large part of a request, recycled per thread.
 //!
-//! A request may carry [`MAX_DATA_SEGS`] data segments; their host iovecs and guest addresses
-//! take 3 KiB. Kept inline, every move of a [`BlkRequest`](crate::request::BlkRequest) (parser
-//! to engine slot, slot to completion, into and out of the transaction queue) copied those
-//! 3 KiB, about 6% of the CPU at 4k QD32. Here the table lives in a heap block that the request
+//! A request may carry `MAX_DATA_SEGS` data segments (see `limits.rs`); their host iovecs and
+//! guest addresses take 3 KiB. Kept inline, every move of a
+//! [`BlkRequest`](crate::request::BlkRequest) (parser to engine slot, slot to completion, into
+//! and out of the transaction queue) copied those 3 KiB, about 6% of the CPU at 4k QD32. Here the table lives in a heap block that the request
 //! points to, so a request is small to move, and blocks are recycled through a per-thread pool:
 //! after warm-up (at most one block per request in flight) the hot path allocates nothing.
 //!
@@ -11,11 +11,9 @@
 //! queue's thread (completion), or on the control thread for held requests cancelled there;
 //! each pool keeps at most `POOL_CAP` blocks and frees the rest.
 
+use crate::limits::MAX_DATA_SEGS;
 use std::cell::RefCell;
 use std::ops::{Deref, DerefMut};
-
-/// Most data segments one request may carry (advertised as `seg_max`).
-pub const MAX_DATA_SEGS: usize = 128;
 
 /// Blocks kept per thread (3 KiB each): more than a 1024-entry ring can have in flight.
 const POOL_CAP: usize = 1024;
