@@ -7,15 +7,23 @@
 //! write does not cancel the rest. If io_uring is unavailable (old kernel, seccomp) the writer
 //! falls back to a write(2) loop; the result is the same, only slower.
 //!
-//! Invariant: every frame passed to [`TapBatch::write_all`] is handed to the tap exactly once,
-//! in order, before it returns (it waits for all completions), so the caller may free the
-//! memory afterwards.
+//! Invariant (output commit depends on it): when [`TapBatch::write_all`] returns, the kernel
+//! holds no reference to any frame passed in: every SQE it queued has completed and been
+//! reaped, or was never consumed by the kernel and never will be. The caller then frees the
+//! arena space, which may next hold frames of a later, unacknowledged epoch; an SQE still in the
+//! ring would send those bytes at the next submit. So:
+//! - only as many SQEs are queued as the SQ has room for, and the wait is for exactly those;
+//! - a transient `io_uring_enter` error (`EINTR`, `EAGAIN`, `EBUSY`) is retried after reaping;
+//! - any other error retires the ring for good: the writer waits (polling the ring fd, no
+//!   `io_uring_enter`) until every SQE the kernel consumed has completed, drops the ring with
+//!   the unconsumed SQEs in it (the kernel never sees them), and writes the rest of the batch,
+//!   in order, with write(2). Every frame is still handed to the tap exactly once, in order.
 
 use crate::tap::Tap;
 use io_uring::{opcode, squeue, types, IoUring};
-use log::warn;
+use log::{error, warn};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 
 /// Submission queue size: frames per io_uring_enter.
 const BATCH: usize = 256;
@@ -66,60 +74,290 @@ impl TapBatch {
     /// # Safety
     /// Each iovec must describe memory valid for reads until this returns.
     pub unsafe fn write_all(&mut self, tap: &Tap, frames: &[libc::iovec]) -> BatchResult {
+        self.write_all_fd(tap.as_raw_fd(), frames)
+    }
+
+    /// [`TapBatch::write_all`] on any fd that takes one message per write.
+    ///
+    /// # Safety
+    /// As for [`TapBatch::write_all`]; `fd` must stay open until this returns.
+    unsafe fn write_all_fd(&mut self, fd: RawFd, frames: &[libc::iovec]) -> BatchResult {
         let mut r = BatchResult::default();
-        let Some(ring) = self.ring.as_mut() else {
-            for f in frames {
-                let buf = std::slice::from_raw_parts(f.iov_base as *const u8, f.iov_len);
-                r.syscalls += 1;
-                r.frames += 1;
-                if !matches!(tap.write(buf), Ok(n) if n == f.iov_len) {
-                    r.errors += 1;
-                }
-            }
-            return r;
-        };
-        let fd = types::Fd(tap.as_raw_fd());
-        for chunk in frames.chunks(BATCH) {
-            {
-                let mut sq = ring.submission();
-                for (i, f) in chunk.iter().enumerate() {
-                    let mut e = opcode::Write::new(fd, f.iov_base as *const u8, f.iov_len as u32)
-                        .offset(u64::MAX)
-                        .build()
-                        .user_data(f.iov_len as u64);
-                    if i + 1 < chunk.len() {
-                        e = e.flags(squeue::Flags::IO_HARDLINK);
-                    }
-                    // SAFETY: the buffer outlives the wait below (caller's contract); the SQ
-                    // has room for a whole chunk because every chunk is fully reaped first.
-                    if sq.push(&e).is_err() {
-                        break;
-                    }
-                }
-            }
-            let mut done = 0usize;
-            while done < chunk.len() {
-                r.syscalls += 1;
-                match ring.submit_and_wait(chunk.len() - done) {
-                    Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        // The kernel refused the batch: count what did not complete.
-                        warn!("io_uring submit: {e}");
-                        r.frames += (chunk.len() - done) as u64;
-                        r.errors += (chunk.len() - done) as u64;
-                        break;
-                    }
-                }
-                for cqe in ring.completion() {
-                    done += 1;
-                    r.frames += 1;
-                    if cqe.result() < 0 || cqe.result() as u64 != cqe.user_data() {
-                        r.errors += 1;
-                    }
+        let mut next = 0;
+        if let Some(ring) = self.ring.as_mut() {
+            match write_ring(ring, fd, frames, &mut r) {
+                Ok(()) => return r,
+                Err((e, resume)) => {
+                    // Everything the kernel took has completed; the SQEs it did not take go
+                    // away with the ring. Never submit on this ring again.
+                    error!(
+                        "io_uring_enter: {e}; {} of {} frames left for write(2), which every \
+                         later commit uses too",
+                        frames.len() - resume,
+                        frames.len()
+                    );
+                    self.ring = None;
+                    next = resume;
                 }
             }
         }
+        for f in &frames[next..] {
+            r.syscalls += 1;
+            r.frames += 1;
+            let n = libc::write(fd, f.iov_base, f.iov_len);
+            if n < 0 || n as usize != f.iov_len {
+                r.errors += 1;
+            }
+        }
         r
+    }
+}
+
+// Test hook: the next `io_uring_enter` calls on this thread fail with these errnos (0 = let it
+// through), without reaching the kernel, as a seccomp or strace fault injection would.
+#[cfg(test)]
+thread_local! {
+    static INJECT: std::cell::RefCell<std::collections::VecDeque<i32>> =
+        const { std::cell::RefCell::new(std::collections::VecDeque::new()) };
+}
+
+fn enter(ring: &IoUring, want: usize) -> io::Result<usize> {
+    #[cfg(test)]
+    if let Some(errno) = INJECT.with(|q| q.borrow_mut().pop_front()) {
+        if errno != 0 {
+            return Err(io::Error::from_raw_os_error(errno));
+        }
+    }
+    ring.submit_and_wait(want)
+}
+
+/// Reaps every available completion into `r`; returns how many.
+fn reap(ring: &mut IoUring, r: &mut BatchResult) -> usize {
+    let mut n = 0;
+    for cqe in ring.completion() {
+        n += 1;
+        r.frames += 1;
+        if cqe.result() < 0 || cqe.result() as u64 != cqe.user_data() {
+            r.errors += 1;
+        }
+    }
+    n
+}
+
+/// Transient `io_uring_enter` retries in a row before the ring is given up.
+const MAX_RETRIES: u32 = 1000;
+
+/// Writes `frames` through `ring`. On a hard error returns it with the index of the first frame
+/// the kernel never saw, after every frame it did see has completed (see the module doc).
+fn write_ring(
+    ring: &mut IoUring,
+    fd: RawFd,
+    frames: &[libc::iovec],
+    r: &mut BatchResult,
+) -> Result<(), (io::Error, usize)> {
+    let fd = types::Fd(fd);
+    let mut start = 0;
+    while start < frames.len() {
+        // Every earlier SQE has been reaped, so the SQ is empty; queue what fits, link all
+        // but the last so the chunk goes out in order.
+        let room = {
+            let sq = ring.submission();
+            sq.capacity() - sq.len()
+        };
+        let chunk = &frames[start..frames.len().min(start + room)];
+        let mut queued = 0;
+        {
+            let mut sq = ring.submission();
+            for (i, f) in chunk.iter().enumerate() {
+                let mut e = opcode::Write::new(fd, f.iov_base as *const u8, f.iov_len as u32)
+                    .offset(u64::MAX)
+                    .build()
+                    .user_data(f.iov_len as u64);
+                if i + 1 < chunk.len() {
+                    e = e.flags(squeue::Flags::IO_HARDLINK);
+                }
+                // SAFETY: the buffer outlives the wait below (caller's contract).
+                if unsafe { sq.push(&e) }.is_err() {
+                    // Cannot happen (room was checked); wait for what is queued, no more.
+                    break;
+                }
+                queued += 1;
+            }
+        }
+        let mut done = 0usize;
+        let mut retries = 0;
+        while done < queued {
+            r.syscalls += 1;
+            match enter(ring, queued - done) {
+                Ok(_) => retries = 0,
+                Err(e) => {
+                    let transient = matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+                    );
+                    retries += 1;
+                    if !transient || retries > MAX_RETRIES {
+                        let unconsumed = ring.submission().len();
+                        let consumed = queued - unconsumed;
+                        done += wait_consumed(ring, consumed - done, r);
+                        debug_assert_eq!(done, consumed);
+                        return Err((e, start + consumed));
+                    }
+                    if e.raw_os_error() == Some(libc::EAGAIN) {
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                }
+            }
+            done += reap(ring, r);
+        }
+        start += queued;
+    }
+    Ok(())
+}
+
+/// Waits, without `io_uring_enter`, for `n` more completions of SQEs the kernel has consumed,
+/// and reaps them. The ring fd polls readable when the CQ has entries, and returning from
+/// poll(2) runs the task work that posts completions. Returns how many were reaped.
+fn wait_consumed(ring: &mut IoUring, n: usize, r: &mut BatchResult) -> usize {
+    let mut got = 0;
+    let mut last_log = std::time::Instant::now();
+    while got < n {
+        got += reap(ring, r);
+        if got >= n {
+            break;
+        }
+        let mut p = libc::pollfd {
+            fd: ring.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut p, 1, 100) };
+        if last_log.elapsed() >= std::time::Duration::from_secs(10) {
+            // Freeing the frames now could send a later epoch's bytes: keep waiting.
+            warn!("still waiting for {} tap writes in flight", n - got);
+            last_log = std::time::Instant::now();
+        }
+    }
+    got
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::{FromRawFd, OwnedFd};
+
+    /// A SOCK_SEQPACKET pair: one message per write, like a tap.
+    fn pair() -> (OwnedFd, OwnedFd) {
+        let mut fds = [0; 2];
+        // SAFETY: socketpair writes two fds into the array.
+        let rc =
+            unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET, 0, fds.as_mut_ptr()) };
+        assert_eq!(rc, 0);
+        // SAFETY: fresh fds we own.
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+    }
+
+    fn frames(n: usize) -> Vec<Vec<u8>> {
+        (0..n)
+            .map(|i| format!("frame {i:05}").into_bytes().repeat(1 + i % 5))
+            .collect()
+    }
+
+    /// Writes `data` through `b` while a reader thread collects what arrives.
+    fn run(b: &mut TapBatch, data: &[Vec<u8>], inject: &[i32]) -> (BatchResult, Vec<Vec<u8>>) {
+        let (tx, rx) = pair();
+        let want = data.len();
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; 4096];
+            while got.len() < want {
+                let mut p = libc::pollfd {
+                    fd: rx.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd.
+                if unsafe { libc::poll(&mut p, 1, 2000) } <= 0 {
+                    break;
+                }
+                // SAFETY: reads into a buffer we own.
+                let n = unsafe { libc::read(rx.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+                assert!(n > 0);
+                got.push(buf[..n as usize].to_vec());
+            }
+            // Nothing more may arrive: a duplicate would show up here.
+            let mut p = libc::pollfd {
+                fd: rx.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            assert_eq!(unsafe { libc::poll(&mut p, 1, 200) }, 0, "extra frames");
+            got
+        });
+        let iov: Vec<libc::iovec> = data
+            .iter()
+            .map(|f| libc::iovec {
+                iov_base: f.as_ptr() as *mut libc::c_void,
+                iov_len: f.len(),
+            })
+            .collect();
+        INJECT.with(|q| q.borrow_mut().extend(inject.iter().copied()));
+        // SAFETY: `data` and `tx` outlive the call.
+        let r = unsafe { b.write_all_fd(tx.as_raw_fd(), &iov) };
+        INJECT.with(|q| q.borrow_mut().clear());
+        (r, reader.join().unwrap())
+    }
+
+    #[test]
+    fn batches_go_out_in_order_once() {
+        let mut b = TapBatch::new();
+        assert!(b.uses_io_uring());
+        let data = frames(600);
+        let (r, got) = run(&mut b, &data, &[]);
+        assert_eq!((r.frames, r.errors), (600, 0));
+        assert_eq!(r.syscalls, 3, "600 frames: three chunks of at most 256");
+        assert_eq!(got, data);
+    }
+
+    #[test]
+    fn a_failed_enter_retires_the_ring_after_reaping_and_loses_nothing() {
+        // The first enter fails before reaching the kernel: nothing was consumed. The old code
+        // returned with the SQEs still queued (they went out with the next batch, from freed
+        // memory) and counted the frames as errors.
+        let mut b = TapBatch::new();
+        let data = frames(10);
+        let (r, got) = run(&mut b, &data, &[libc::EIO]);
+        assert_eq!(got, data, "every frame exactly once, in order");
+        assert_eq!((r.frames, r.errors), (10, 0));
+        assert!(
+            !b.uses_io_uring(),
+            "a ring with unconsumed SQEs must never submit again"
+        );
+        let later = frames(3);
+        let (_, got) = run(&mut b, &later, &[]);
+        assert_eq!(got, later, "no stale SQE resurfaces in a later batch");
+    }
+
+    #[test]
+    fn a_failure_in_a_later_chunk_keeps_order() {
+        let mut b = TapBatch::new();
+        let data = frames(600);
+        // First chunk through the ring, the second chunk's enter fails hard.
+        let (r, got) = run(&mut b, &data, &[0, libc::EBADF]);
+        assert_eq!(got, data);
+        assert_eq!((r.frames, r.errors), (600, 0));
+        assert!(!b.uses_io_uring());
+    }
+
+    #[test]
+    fn transient_errors_are_retried_on_the_ring() {
+        let mut b = TapBatch::new();
+        let data = frames(20);
+        let (r, got) = run(&mut b, &data, &[libc::EAGAIN, libc::EINTR, libc::EBUSY]);
+        assert_eq!(got, data);
+        assert_eq!((r.frames, r.errors), (20, 0));
+        assert!(b.uses_io_uring());
     }
 }

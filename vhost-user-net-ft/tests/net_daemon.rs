@@ -30,6 +30,8 @@ const G: Generation = Generation(1);
 
 struct Daemon {
     child: Child,
+    /// The daemon's pid (the child's, or the wrapper's child's when run under a wrapper).
+    pid: i32,
     sock: PathBuf,
     ctl: PathBuf,
 }
@@ -37,6 +39,12 @@ struct Daemon {
 impl Daemon {
     /// Starts the daemon (in the caller thread's network namespace) and waits for its sockets.
     fn start(name: &str, tap: &str, extra: &[&str]) -> Daemon {
+        Self::start_wrapped(name, tap, extra, &[])
+    }
+
+    /// Like [`Daemon::start`], run as the last argument of `wrap` (e.g. strace), whose only
+    /// child it must be.
+    fn start_wrapped(name: &str, tap: &str, extra: &[&str], wrap: &[&str]) -> Daemon {
         let dir = std::env::temp_dir();
         let sock = dir.join(format!("ft-net-{name}-{}.sock", std::process::id()));
         let ctl = dir.join(format!("ft-net-{name}-{}.ctl", std::process::id()));
@@ -56,7 +64,16 @@ impl Daemon {
             ctl.to_str().unwrap(),
         ];
         args.extend_from_slice(extra);
-        let child = Command::new(env!("CARGO_BIN_EXE_vhost-user-net-ft"))
+        let bin = env!("CARGO_BIN_EXE_vhost-user-net-ft");
+        let mut cmd = match wrap.split_first() {
+            Some((w, rest)) => {
+                let mut c = Command::new(w);
+                c.args(rest).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let child = cmd
             .args(&args)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
@@ -70,7 +87,19 @@ impl Daemon {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        Daemon { child, sock, ctl }
+        let pid = if wrap.is_empty() {
+            child.id() as i32
+        } else {
+            let kids = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", child.id()))
+                .expect("wrapper's children");
+            kids.trim().parse().expect("one daemon under the wrapper")
+        };
+        Daemon {
+            child,
+            pid,
+            sock,
+            ctl,
+        }
     }
 
     /// A coordinator connection, already accepted by the daemon (one STATUS round trip), so
@@ -84,8 +113,8 @@ impl Daemon {
 
     /// SIGTERM and wait: the daemon must exit cleanly and promptly.
     fn stop(mut self) {
-        // SAFETY: signals our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        // SAFETY: signals our own child (or the wrapper's).
+        unsafe { libc::kill(self.pid, libc::SIGTERM) };
         let start = Instant::now();
         loop {
             if let Some(st) = self.child.try_wait().unwrap() {
@@ -103,6 +132,10 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        if self.pid != self.child.id() as i32 {
+            // SAFETY: our wrapper's child; a wrapper that is killed may leave it running.
+            unsafe { libc::kill(self.pid, libc::SIGKILL) };
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.sock);
@@ -582,6 +615,110 @@ fn multi_queue_pairs_each_get_a_tap_queue_and_commit_together() {
             |tag: u8| -> Vec<Vec<u8>> { got.iter().filter(|g| g[14] == tag).cloned().collect() };
         assert_eq!(only(0xa), a);
         assert_eq!(only(0xb), b);
+        drop(f);
+        d.stop();
+    });
+}
+
+/// Whether `tool` runs; without it a test is skipped, except in CI where that is a failure.
+fn have_tool(tool: &str) -> bool {
+    let ok = Command::new(tool)
+        .arg("-V")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{tool} is missing (scripts/setup.sh installs it)"
+        );
+        eprintln!("skipped: {tool} is missing (scripts/setup.sh installs it)");
+    }
+    ok
+}
+
+/// A commit whose `io_uring_enter` fails (strace injects EIO into the first one of each thread,
+/// without the kernel seeing it) must not leave SQEs behind that point into the hold arena:
+/// the arena is reused for later epochs, and a stale SQE sent at the next commit would put
+/// bytes of an unacknowledged epoch on the wire. Epoch 1 holds one long frame; epochs 2 and 3
+/// then hold short frames at the same arena offsets. Committing 2 must send exactly epoch 2's
+/// frame, and epoch 1's frame must not be lost either.
+#[test]
+fn a_failed_io_uring_submit_sends_nothing_of_a_later_epoch() {
+    if !have_tool("strace") {
+        return;
+    }
+    in_netns(|| {
+        let d = Daemon::start_wrapped(
+            "uring-fail",
+            "ftufail0",
+            &[],
+            &[
+                "strace",
+                "-f",
+                "-qq",
+                "-o",
+                "/dev/null",
+                "-e",
+                "trace=io_uring_enter",
+                "-e",
+                "inject=io_uring_enter:error=EIO:when=1",
+            ],
+        );
+        let mut f = frontend(&d.sock);
+        let pkt = PacketSocket::bind("ftufail0").expect("packet socket");
+        let mut ctl = d.control();
+        let long = eth_frame(HOST, GUEST, &[0x11; 1200]);
+        let e2 = eth_frame(HOST, GUEST, &[0x22; 50]);
+        let e3 = eth_frame(HOST, GUEST, &[0x33; 300]);
+
+        send(&mut f, &long);
+        f.kick(TXQ);
+        assert_eq!(f.wait_used(TXQ, 1, Duration::from_secs(5)).len(), 1);
+        match seal_commit(&mut ctl, 1) {
+            Reply::Committed { stats, .. } => assert_eq!(stats.requests, 1),
+            r => panic!("commit 1: {r:?}"),
+        }
+        assert_eq!(wait_collect(&pkt, 1), vec![long.clone()], "epoch 1 lost");
+
+        send(&mut f, &e2);
+        f.kick(TXQ);
+        assert_eq!(f.wait_used(TXQ, 1, Duration::from_secs(5)).len(), 1);
+        match call(
+            &mut ctl,
+            Request::Seal {
+                generation: G,
+                epoch: Epoch(2),
+            },
+        ) {
+            Reply::Sealed { .. } => {}
+            r => panic!("seal 2: {r:?}"),
+        }
+        send(&mut f, &e3);
+        f.kick(TXQ);
+        assert_eq!(f.wait_used(TXQ, 1, Duration::from_secs(5)).len(), 1);
+        match call(
+            &mut ctl,
+            Request::Commit {
+                generation: G,
+                epoch: Epoch(2),
+            },
+        ) {
+            Reply::Committed { .. } => {}
+            r => panic!("commit 2: {r:?}"),
+        }
+        let got = quiet(&pkt);
+        assert!(
+            !got.iter().any(|g| g.windows(16).any(|w| w == [0x33; 16])),
+            "bytes of unacknowledged epoch 3 reached the wire"
+        );
+        assert_eq!(got, vec![e2], "commit 2 sends exactly epoch 2");
+        match seal_commit(&mut ctl, 3) {
+            Reply::Committed { .. } => {}
+            r => panic!("commit 3: {r:?}"),
+        }
+        assert_eq!(wait_collect(&pkt, 1), vec![e3]);
         drop(f);
         d.stop();
     });
