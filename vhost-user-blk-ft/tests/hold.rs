@@ -20,7 +20,8 @@ use virtio_bindings::virtio_blk::*;
 
 mod common;
 use common::{
-    blk_req_on, file_bytes, kernel_fdatasyncs, new_image, spawn, unavailable, Daemon, IMG_SIZE,
+    blk_req_on, file_bytes, have_tool, kernel_fdatasyncs, new_image, spawn, spawn_wrapped,
+    unavailable, Daemon, IMG_SIZE,
 };
 
 const T: Duration = Duration::from_secs(10);
@@ -688,6 +689,60 @@ fn shutdown_cancels_a_running_commit() {
     let last = u16::from_le_bytes(d.bytes(0, 2).try_into().unwrap());
     eprintln!("write {last} of {N} was the last to land");
     assert!(last < N, "every wave ran: the commit was not cancelled");
+}
+
+/// A commit whose wait for completions fails (strace makes every `ppoll` fail with ENOMEM; only
+/// the commit waits with ppoll) must still wait for every write in
+/// flight: four overlapping 1 MiB O_DIRECT writes, one wave each, all completed to the guest
+/// before `COMMITTED`, and the last one's data on disk. Before the fix the commit went on with
+/// the first write in flight: the next wave overtook it, the `fdatasync` did not cover it, and
+/// its guest completion was lost.
+#[test]
+fn a_failed_wait_never_syncs_or_replies_with_io_in_flight() {
+    if !have_tool("strace") {
+        return;
+    }
+    let (dir, img) = new_image();
+    let wrap = [
+        "strace",
+        "-f",
+        "-qq",
+        "-o",
+        "/dev/null",
+        "-e",
+        "trace=ppoll",
+        "-e",
+        "inject=ppoll:error=ENOMEM",
+    ];
+    let d = spawn_wrapped(&wrap, dir, img, true, T, |c| {
+        c.args(["--ft", "hold", "--direct"]);
+    });
+    let mut c = d.control();
+    let mut f = d.session();
+    let aligned = |f: &mut TestFrontend, len: u64| f.alloc(len + 4096).div_ceil(4096) * 4096;
+    let mut status = Vec::new();
+    for i in 0..4u8 {
+        let buf = aligned(&mut f, 1 << 20);
+        f.write(buf, &vec![i + 1; 1 << 20]);
+        status.push(blk_req(&mut f, VIRTIO_BLK_T_OUT, 0, Some((buf, 1 << 20))));
+    }
+    f.kick(0);
+    wait_held(&mut c, 4);
+    assert!(matches!(seal(&mut c, 1), Reply::Sealed { .. }));
+    match commit(&mut c, 1) {
+        Reply::Committed { stats, .. } => assert_eq!(stats.requests, 4),
+        r => panic!("commit: {r:?}"),
+    }
+    // COMMITTED is sent after every completion was handed to the worker.
+    let used = f.wait_used(0, 4, QUIET);
+    assert_eq!(used.len(), 4, "guest completions lost: {used:?}");
+    for (_, st) in &status {
+        assert_eq!(f.read(*st, 1)[0], 0, "status OK");
+    }
+    assert!(
+        d.bytes(0, 1 << 20).iter().all(|&b| b == 4),
+        "the last write in guest order must win"
+    );
 }
 
 /// Held writes of a frontend that disconnects are cancelled, never written; with an inflight

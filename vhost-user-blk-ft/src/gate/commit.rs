@@ -8,6 +8,12 @@
 //! FLUSH requests are not submitted: the commit's single `fdatasync` satisfies every one of
 //! them (Kemari review: drain, then one fsync, never a fsync per request).
 //!
+//! Never with I/O in flight: a wave is submitted, and the `fdatasync` issued, only when
+//! nothing of the batch is in flight any more, and [`CommitEngine::run`] returns only then,
+//! whatever fails on the way (a failed wait for completions falls back to draining every
+//! millisecond). Otherwise a later overlapping write could overtake an earlier one, the sync
+//! would not cover it, and its guest completion would be lost.
+//!
 //! Errors: a failed or short write fails itself, and every FLUSH after it in guest order; a
 //! failed `fdatasync` fails everything in the batch (nothing is reported durable that is not).
 //! Nothing is retried.
@@ -61,14 +67,40 @@ impl CommitCancel {
     }
 }
 
+/// How a commit waits for completions: `ppoll(2)` semantics (a seam for fault-injection tests).
+type PollFn = fn(&mut [libc::pollfd]) -> std::io::Result<()>;
+
+fn ppoll_forever(fds: &mut [libc::pollfd]) -> std::io::Result<()> {
+    // SAFETY: `fds` is a valid, exclusively borrowed array of pollfds; no timeout, no sigmask.
+    let rc = unsafe {
+        libc::ppoll(
+            fds.as_mut_ptr(),
+            fds.len() as libc::nfds_t,
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Waits until `engine` is idle, handing each completion to `f`; on cancel, asks the kernel to
 /// cancel everything in flight (once) and keeps waiting for what it could not cancel.
+///
+/// Returns only when nothing is in flight, whatever fails: the kernel may still read guest
+/// memory for a request in flight, a later wave must not overtake it, and the `fdatasync` after
+/// the last wave must cover it. A failed wait (`poll`) is logged once and replaced by draining
+/// every millisecond.
 fn wait_all(
     engine: &mut Engine<InFlight<HeldReq>>,
     cancel: &CommitCancel,
     cancel_sent: &mut bool,
+    poll: PollFn,
     mut f: impl FnMut(Completion<InFlight<HeldReq>>),
 ) {
+    let mut poll_failed = false;
     loop {
         engine.drain(&mut f);
         if engine.in_flight() == 0 {
@@ -79,6 +111,10 @@ fn wait_all(
             if let Err(e) = engine.cancel_all() {
                 log::error!("commit: ASYNC_CANCEL: {e}");
             }
+            continue;
+        }
+        if poll_failed {
+            std::thread::sleep(Duration::from_millis(1));
             continue;
         }
         let mut fds = [
@@ -95,11 +131,16 @@ fn wait_all(
         ];
         // After the cancel went out only completions matter (the wake fd stays readable).
         let n = if *cancel_sent { 1 } else { 2 };
-        // SAFETY: `fds` is a valid array of at least `n` pollfds.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), n, -1) };
-        if rc < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-            log::error!("commit: poll: {}", std::io::Error::last_os_error());
-            return;
+        match poll(&mut fds[..n]) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                log::error!(
+                    "commit: poll: {e}; waiting for {} requests in flight by draining every ms",
+                    engine.in_flight()
+                );
+                poll_failed = true;
+            }
         }
     }
 }
@@ -132,6 +173,7 @@ pub struct CommitEngine {
     /// Shared so the daemon can report it after the control thread has taken the engine.
     fdatasyncs: Arc<AtomicU64>,
     cancel: CommitCancel,
+    poll: PollFn,
 }
 
 /// The byte range a request changes on the image; None for FLUSH (no range).
@@ -156,6 +198,7 @@ impl CommitEngine {
             wave: Vec::new(),
             fdatasyncs: Arc::new(AtomicU64::new(0)),
             cancel: CommitCancel::new()?,
+            poll: ppoll_forever,
         })
     }
 
@@ -266,9 +309,13 @@ impl CommitEngine {
                             }
                             let ff = &mut first_failed;
                             let err = &mut out.error;
-                            wait_all(&mut self.engine, &self.cancel, &mut cancel_sent, |c| {
-                                collect(c, ff, err)
-                            });
+                            wait_all(
+                                &mut self.engine,
+                                &self.cancel,
+                                &mut cancel_sent,
+                                self.poll,
+                                |c| collect(c, ff, err),
+                            );
                         }
                     }
                 }
@@ -276,9 +323,13 @@ impl CommitEngine {
             let _ = self.engine.submit();
             let ff = &mut first_failed;
             let err = &mut out.error;
-            wait_all(&mut self.engine, &self.cancel, &mut cancel_sent, |c| {
-                collect(c, ff, err)
-            });
+            wait_all(
+                &mut self.engine,
+                &self.cancel,
+                &mut cancel_sent,
+                self.poll,
+                |c| collect(c, ff, err),
+            );
         }
         out.waves = max_wave + 1;
         out.submit_to_drain = t0.elapsed();
@@ -521,6 +572,53 @@ mod tests {
         assert!(out.done.iter().all(|(_, s)| *s == STATUS_IOERR));
         assert_eq!(f.engine.fdatasyncs(), 0);
         assert!(f.file().iter().all(|&b| b == 0), "a cancelled commit wrote");
+    }
+
+    static FAILED_POLLS: AtomicU64 = AtomicU64::new(0);
+
+    fn failing_poll(_: &mut [libc::pollfd]) -> std::io::Result<()> {
+        FAILED_POLLS.fetch_add(1, Ordering::Relaxed);
+        Err(std::io::Error::from_raw_os_error(libc::ENOMEM))
+    }
+
+    #[test]
+    fn a_failing_poll_never_leaves_io_in_flight() {
+        let mut f = fx();
+        f.engine = CommitEngine::new(
+            Arc::new(
+                Image::open(
+                    &f.path,
+                    OpenOpts {
+                        readonly: false,
+                        direct: true,
+                    },
+                )
+                .unwrap(),
+            ),
+            8,
+        )
+        .unwrap();
+        f.engine.poll = failing_poll;
+        // Eight overlapping 1 MiB O_DIRECT writes: eight waves, each waiting for the last.
+        for n in 0..8 {
+            f.write(n, 0, n as u8 + 1, 1 << 20);
+        }
+        let out = f.commit(1);
+        assert!(out.error.is_none(), "{:?}", out.error);
+        assert_eq!(out.waves, 8);
+        assert_eq!(
+            f.engine.engine.in_flight(),
+            0,
+            "returned with I/O in flight"
+        );
+        assert_eq!(out.done.len(), 8, "completions lost");
+        assert!(out.done.iter().all(|(_, s)| *s == STATUS_OK));
+        assert!(f.file()[..1 << 20].iter().all(|&b| b == 8), "guest order");
+        // Proof that the failure path ran (O_DIRECT writes of 1 MiB do not complete inline).
+        assert!(
+            FAILED_POLLS.load(Ordering::Relaxed) > 0,
+            "poll never called"
+        );
     }
 
     #[test]

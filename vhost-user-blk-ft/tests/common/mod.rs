@@ -25,10 +25,16 @@ pub struct Daemon {
     pub ctl: PathBuf,
     pub img: PathBuf,
     pub _dir: tempfile::TempDir,
+    /// The daemon's pid when `child` is a wrapper (strace) around it.
+    pub wrapped_pid: Option<i32>,
 }
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        if let Some(pid) = self.wrapped_pid {
+            // SAFETY: our wrapper's child; killing the wrapper may leave it running.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -55,9 +61,30 @@ pub fn spawn(
     wait: Duration,
     args: impl FnOnce(&mut Command),
 ) -> Daemon {
+    spawn_wrapped(&[], dir, img, control, wait, args)
+}
+
+/// [`spawn`] with the daemon run as the last argument of `wrap` (e.g. strace), whose only child
+/// it must be; an empty `wrap` runs it directly.
+pub fn spawn_wrapped(
+    wrap: &[&str],
+    dir: tempfile::TempDir,
+    img: PathBuf,
+    control: bool,
+    wait: Duration,
+    args: impl FnOnce(&mut Command),
+) -> Daemon {
     let sock = dir.path().join("blk.sock");
     let ctl = dir.path().join("ctl.sock");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vhost-user-blk-ft"));
+    let bin = env!("CARGO_BIN_EXE_vhost-user-blk-ft");
+    let mut cmd = match wrap.split_first() {
+        Some((w, rest)) => {
+            let mut c = Command::new(w);
+            c.args(rest).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    };
     cmd.arg("--socket").arg(&sock).arg("--image").arg(&img);
     if control {
         cmd.arg("--control").arg(&ctl);
@@ -74,6 +101,7 @@ pub fn spawn(
         ctl,
         img,
         _dir: dir,
+        wrapped_pid: None,
     };
     let deadline = Instant::now() + wait;
     while !(d.sock.exists() && (!control || d.ctl.exists())) {
@@ -83,7 +111,27 @@ pub fn spawn(
         assert!(Instant::now() < deadline, "socket(s) never appeared");
         std::thread::sleep(Duration::from_millis(10));
     }
+    if !wrap.is_empty() {
+        let id = d.child.as_ref().unwrap().id();
+        let kids = std::fs::read_to_string(format!("/proc/{id}/task/{id}/children"))
+            .expect("wrapper's children");
+        d.wrapped_pid = Some(kids.trim().parse().expect("one daemon under the wrapper"));
+    }
     d
+}
+
+/// Whether `tool` runs; see [`unavailable`] for what happens when it does not.
+pub fn have_tool(tool: &str) -> bool {
+    let ok = Command::new(tool)
+        .arg("-V")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        unavailable(&format!("{tool} is missing"));
+    }
+    ok
 }
 
 /// `len` bytes of the image file at `offset`, read past the daemon.
