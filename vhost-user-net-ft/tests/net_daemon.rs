@@ -630,8 +630,8 @@ fn have_tool(tool: &str) -> bool {
         .is_ok_and(|s| s.success());
     if !ok {
         assert!(
-            std::env::var_os("CI").is_none(),
-            "{tool} is missing (scripts/setup.sh installs it)"
+            !std::env::var("CI").is_ok_and(|v| v == "true"),
+            "{tool} is missing, but CI=true: scripts/setup.sh should have provided it"
         );
         eprintln!("skipped: {tool} is missing (scripts/setup.sh installs it)");
     }
