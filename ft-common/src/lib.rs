@@ -7,6 +7,8 @@
 //! - [`vhost_user`]: the vhost-user device server both daemons run.
 //! - [`coordinator`]: the coordinator that seals epochs across devices, drives a checkpointer and
 //!   commits in epoch order (binaries `ft-coordinator` and `ftctl`).
+//! - [`standby`]: the checkpoint store and the standby process that receives checkpoints
+//!   (binary `ft-standby`).
 //!
 //! The one invariant everything here serves (ARCHITECTURE.md section 1): no byte of an epoch later
 //! than the last committed one reaches the backing file or the tap.
@@ -15,5 +17,6 @@ pub mod aiocb;
 pub mod control;
 pub mod coordinator;
 pub mod epoch;
+pub mod standby;
 pub mod txqueue;
 pub mod vhost_user;

@@ -1,0 +1,58 @@
+//! `ft-standby`: receives a checkpoint of the primary VM every epoch (QEMU's migration stream
+//! and the devices' SEALED records) and keeps the newest one durable in a store directory.
+//! The coordinator's `migrate:` checkpointer acknowledges an epoch only after this process
+//! answered that its checkpoint is durable.
+
+use clap::Parser;
+use ft_common::standby::{StandbyAddr, StandbyConfig, StandbyServer};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(version, about = "ft-vhost standby: durable checkpoint store")]
+struct Args {
+    /// Where checkpointers and QEMU connect: tcp:HOST:PORT or unix:PATH.
+    #[arg(long)]
+    listen: StandbyAddr,
+    /// The store directory (created if missing); see docs/operations.md for its layout.
+    #[arg(long)]
+    store: PathBuf,
+    /// Bound on waiting for a migration stream and on each read of it.
+    #[arg(long, default_value_t = 30_000)]
+    stream_timeout_ms: u64,
+    /// Test hook: sleep this long before the publish fsyncs (simulates a slow disk).
+    #[arg(long, default_value_t = 0, hide = true)]
+    fsync_delay_ms: u64,
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let a = Args::parse();
+    // SAFETY: plain libc signal-mask calls on a zeroed, initialised sigset_t, before any
+    // thread starts, so only sigwait below sees SIGINT/SIGTERM.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    let server = match StandbyServer::start(StandbyConfig {
+        listen: a.listen,
+        store: a.store,
+        fsync_delay: Duration::from_millis(a.fsync_delay_ms),
+        stream_timeout: Duration::from_millis(a.stream_timeout_ms.max(1)),
+    }) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("ft-standby: {e}");
+            std::process::exit(1);
+        }
+    };
+    let mut sig: libc::c_int = 0;
+    // SAFETY: `set` is an initialised sigset_t and `sig` a valid out pointer.
+    unsafe { libc::sigwait(&set, &mut sig) };
+    log::info!("signal {sig}: shutting down");
+    drop(server);
+}
