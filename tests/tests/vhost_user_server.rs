@@ -336,6 +336,77 @@ fn qemu10_blk_ordering_with_mem_slots() {
     assert_eq!(f.wait_used(0, 1, T), vec![(h, 5)]);
 }
 
+/// QEMU 10 gives every ring 1024 entries and sends SET_VRING_NUM without NEED_REPLY, then
+/// SET_VRING_ENABLE with it. A size above the device's maximum must make that ENABLE fail
+/// (never a success with the ring not running), with one error line naming ring and reason.
+#[test]
+fn oversized_ring_fails_enable_not_silently() {
+    use vhost::vhost_user::message::VhostUserHeaderFlag;
+    let s = sock("oversize");
+    let d = Daemon::spawn(&s, "oversize", &["--max-queue-size", "256"]);
+    let mut f = TestFrontend::connect(&s, 2, T);
+    f.handshake();
+    f.set_mem_table();
+    f.init_queue(0, 1024);
+    f.fe.set_hdr_flags(VhostUserHeaderFlag::empty());
+    f.setup_vring(0, 0);
+    f.fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    assert_ne!(
+        f.raw_vring_enable(0, true),
+        0,
+        "ENABLE of a ring that cannot start"
+    );
+    assert_eq!(d.count("queue 0 cannot start"), 1, "{}", d.text());
+    assert!(
+        d.text()
+            .contains("size 1024 is larger than this daemon's --queue-size 256"),
+        "{}",
+        d.text()
+    );
+    let (_, _) = request(&mut f, 0, b"lost");
+    f.kick(0);
+    assert!(f.wait_used(0, 1, QUIET).is_empty(), "a refused ring ran");
+    // Reported once: later messages that ask for a reply succeed.
+    f.fe.set_vring_enable(1, false)
+        .expect("unrelated message after the report");
+    // A size the device accepts starts the ring (the rings in memory are reset for it).
+    f.init_queue(0, 256);
+    f.setup_vring(0, 0);
+    assert_eq!(f.raw_vring_enable(0, true), 0);
+    let (h, out) = request(&mut f, 0, b"works");
+    f.kick(0);
+    assert_eq!(f.wait_used(0, 1, T), vec![(h, 5)]);
+    assert_eq!(f.read(out, 5), b"skrow");
+}
+
+/// A ring failure in a message that asked for no reply (QEMU 7.2 sends even SET_VRING_ENABLE
+/// without NEED_REPLY) fails the next message that asks for one, once.
+#[test]
+fn ring_failure_without_reply_fails_next_replied_message() {
+    use vhost::vhost_user::message::VhostUserHeaderFlag;
+    let s = sock("oversize72");
+    let d = Daemon::spawn(&s, "oversize72", &["--max-queue-size", "256"]);
+    let mut f = TestFrontend::connect(&s, 2, T);
+    f.handshake();
+    f.set_mem_table();
+    f.init_queue(0, 1024);
+    f.fe.set_hdr_flags(VhostUserHeaderFlag::empty());
+    f.setup_vring(0, 0);
+    let mut b = 0u32.to_le_bytes().to_vec();
+    b.extend_from_slice(&1u32.to_le_bytes());
+    f.send_raw(req::SET_VRING_ENABLE, 0x1, &b);
+    f.fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    assert!(
+        f.fe.set_vring_enable(1, false).is_err(),
+        "the next message asking for a reply must carry the failure"
+    );
+    assert!(
+        f.fe.set_vring_enable(1, false).is_ok(),
+        "reported only once"
+    );
+    assert_eq!(d.count("queue 0 cannot start"), 1, "{}", d.text());
+}
+
 /// QEMU's start of a session by hand (vhost's Frontend insists on SET_FEATURES before the
 /// protocol features): GET_FEATURES, GET/SET_PROTOCOL_FEATURES, SET_OWNER, GET_QUEUE_NUM,
 /// GET_MAX_MEM_SLOTS, GET_CONFIG. Returns (features, protocol features).
@@ -569,6 +640,77 @@ fn frontend_disconnect_mid_request_resubmits_held() {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert_eq!(f.used_idx(0), 0);
+}
+
+/// QEMU 10 asks GET_INFLIGHT_FD for its `queue-size` (default 128) but runs rings of 1024:
+/// the region must still track every head of the ring (here head 140), across a reconnect.
+#[test]
+fn inflight_region_covers_rings_larger_than_asked() {
+    let s = sock("inflight1024");
+    let d = Daemon::spawn(&s, "inflight1024", &[]);
+    let mut f = TestFrontend::connect(&s, 2, T);
+    f.handshake();
+    f.set_mem_table();
+    let (info, fd) = f.setup_inflight(2, 128);
+    assert_eq!(info.queue_size, 128, "the reply echoes the size asked for");
+    f.init_queue(0, 1024);
+    f.setup_vring(0, 0);
+    f.fe.set_vring_enable(0, true).expect("enable");
+    for i in 0..70u8 {
+        request(&mut f, 0, &[b'n', i]);
+    }
+    f.kick(0);
+    assert_eq!(f.wait_used(0, 70, T).len(), 70);
+    let (h, _) = request(&mut f, 0, b"Hx");
+    assert!(
+        h >= 128,
+        "head {h} should lie beyond the size QEMU asked for"
+    );
+    f.kick(0);
+    d.wait_for(&format!("held q=0 head={h}"), 1);
+    f.reconnect(&s, T);
+    f.handshake();
+    f.set_mem_table();
+    f.fe.set_inflight_fd(&info, std::os::fd::AsRawFd::as_raw_fd(&fd))
+        .expect("set_inflight_fd");
+    let used = f.used_idx(0);
+    f.setup_vring(0, used);
+    f.fe.set_vring_enable(0, true).expect("enable");
+    d.wait_for(&format!("held q=0 head={h}"), 2);
+    assert!(!d.text().contains("not tracked"), "{}", d.text());
+}
+
+/// A region the frontend laid out for smaller rings than it runs: the daemon says at ring
+/// start that in-flight requests are not tracked and names the QEMU option that fixes it.
+#[test]
+fn too_small_inflight_region_is_reported_with_the_fix() {
+    use std::os::fd::FromRawFd;
+    let s = sock("inflightsmall");
+    let d = Daemon::spawn(&s, "inflightsmall", &[]);
+    let mut f = TestFrontend::connect(&s, 2, T);
+    f.handshake();
+    f.set_mem_table();
+    // SAFETY: plain syscall; the fd is owned by the File.
+    let file =
+        unsafe { std::fs::File::from_raw_fd(libc::memfd_create(c"ft-test-inflight".as_ptr(), 0)) };
+    let size = 2 * (16 + 16 * 128u64).div_ceil(64) * 64;
+    file.set_len(size).expect("size");
+    let info = vhost::vhost_user::message::VhostUserInflight {
+        mmap_size: size,
+        mmap_offset: 0,
+        num_queues: 2,
+        queue_size: 128,
+    };
+    f.fe.set_inflight_fd(&info, std::os::fd::AsRawFd::as_raw_fd(&file))
+        .expect("set_inflight_fd");
+    f.init_queue(0, 1024);
+    f.setup_vring(0, 0);
+    f.fe.set_vring_enable(0, true).expect("enable");
+    d.wait_for("set queue-size=1024 on the QEMU device", 1);
+    // The ring still runs.
+    let (h, _) = request(&mut f, 0, b"ok");
+    f.kick(0);
+    assert_eq!(f.wait_used(0, 1, T), vec![(h, 2)]);
 }
 
 /// A frontend that disconnects while a request is being processed (completes 100 ms later):

@@ -56,8 +56,9 @@ struct Args {
     /// Number of virtqueues (one I/O thread and io_uring each).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     queues: u16,
-    /// Largest virtqueue size accepted.
-    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    /// Largest virtqueue size accepted (QEMU 10 uses 1024 for every ring, whatever the device's
+    /// queue-size says).
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u16).range(1..=1024))]
     queue_size: u16,
     /// Serial number reported by GET_ID (at most 20 bytes are used).
     #[arg(long, default_value = "vhost-user-blk-ft")]

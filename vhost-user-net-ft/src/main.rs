@@ -44,8 +44,9 @@ struct Cli {
     /// Queue pairs (one tap queue each; more than one needs a multi-queue tap).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=128))]
     queues: u16,
-    /// Largest virtqueue size offered.
-    #[arg(long, default_value_t = 256)]
+    /// Largest virtqueue size accepted (QEMU 10 uses 1024 for every ring, whatever the device's
+    /// queue-size says).
+    #[arg(long, default_value_t = 1024)]
     queue_size: u16,
     /// Output gating mode (default: hold with --control, off without).
     #[arg(long, value_enum)]

@@ -8,6 +8,12 @@
 //! known. GET_VRING_BASE stops the ring through its worker, which returns only after the device
 //! says the ring is quiescent, and clears the kick fd (the next SET_VRING_KICK restarts it).
 //!
+//! A ring that cannot start (a size above `max_queue_size`, addresses outside guest memory, a
+//! device refusal) is never reported as running. The failure is logged once as an error naming
+//! the ring and the reason, SET_VRING_ENABLE of that ring fails, and so does the next message
+//! that asks for a reply (REPLY_ACK) if the failure arose in a message that did not (QEMU sends
+//! SET_VRING_NUM without NEED_REPLY, so a refused size would otherwise be invisible to it).
+//!
 //! Getters never fail: the vhost crate sends no reply when a getter returns an error, which
 //! would leave the frontend waiting. Invalid getter arguments are logged and answered with a
 //! neutral value.
@@ -70,6 +76,12 @@ struct RingConfig {
     err: Option<File>,
     enabled: bool,
     running: bool,
+    /// Why this ring's configuration cannot run (a refused SET_VRING_NUM); cleared by the next
+    /// valid SET_VRING_NUM. An enabled ring with a fault fails every start attempt.
+    fault: Option<String>,
+    /// A start failure of this ring the frontend has not been told about yet (no reply was
+    /// asked when it happened); cleared when a NACK carries it or the ring starts.
+    unreported: Option<String>,
 }
 
 /// Protocol state of one frontend connection.
@@ -144,8 +156,45 @@ impl ConnHandler {
         &self.shared.workers[self.shared.queue_group[q]]
     }
 
+    /// Record that ring `q` cannot start: one error log naming the ring and the reason (not
+    /// repeated for the same reason), and the failure is kept until a reply carries it.
+    fn ring_failed(&mut self, q: usize, reason: String) -> VuError {
+        let r = &mut self.rings[q];
+        if r.unreported.as_deref() != Some(reason.as_str()) {
+            error!("vhost-user: queue {q} cannot start: {reason}");
+        }
+        r.unreported = Some(reason.clone());
+        VuError::ReqHandlerError(std::io::Error::other(format!(
+            "queue {q} cannot start: {reason}"
+        )))
+    }
+
+    /// A ring start failure the frontend was not told about yet; the next message that asks
+    /// for a reply is NACKed with it. Taking it marks every pending failure as reported.
+    pub(crate) fn take_unreported(&mut self) -> Option<String> {
+        let mut first = None;
+        for (q, r) in self.rings.iter_mut().enumerate() {
+            if let Some(reason) = r.unreported.take() {
+                first.get_or_insert(format!("queue {q}: {reason}"));
+            }
+        }
+        first
+    }
+
     fn try_start(&mut self, q: usize) -> VuResult<()> {
+        let res = self.try_start_inner(q);
+        if res.is_ok() && self.rings[q].running {
+            self.rings[q].unreported = None;
+        }
+        res
+    }
+
+    fn try_start_inner(&mut self, q: usize) -> VuResult<()> {
         let protocol = self.protocol_negotiated();
+        if self.rings[q].fault.is_some() {
+            // Already logged and reported (or pending report); SET_VRING_ENABLE fails on it.
+            return Ok(());
+        }
         let Some(features) = self.acked_features else {
             return Ok(());
         };
@@ -162,22 +211,44 @@ impl ConnHandler {
             return Ok(());
         };
         let tr = |va: u64, what: &str| {
-            self.mem.va_to_gpa(va).ok_or_else(|| {
-                herr(format!(
-                    "queue {q}: {what} address {va:#x} not in any memory region"
-                ))
-            })
+            self.mem
+                .va_to_gpa(va)
+                .ok_or_else(|| format!("{what} address {va:#x} not in any memory region"))
         };
-        let (desc, used, avail) = (
-            tr(desc_va, "desc")?,
-            tr(used_va, "used")?,
-            tr(avail_va, "avail")?,
-        );
+        let addrs = (|| {
+            Ok::<_, String>((
+                tr(desc_va, "desc")?,
+                tr(used_va, "used")?,
+                tr(avail_va, "avail")?,
+            ))
+        })();
+        let (desc, used, avail) = match addrs {
+            Ok(a) => a,
+            Err(reason) => return Err(self.ring_failed(q, reason)),
+        };
+        let r = &self.rings[q];
         let inflight = match &self.inflight {
             Some(region) => {
                 let iq = InflightQueue::new(region.clone(), q as u16, r.size);
                 if iq.is_none() {
-                    warn!("queue {q}: inflight region does not cover this ring; not tracked");
+                    if q < usize::from(region.num_queues()) {
+                        warn!(
+                            "queue {q}: the inflight region holds {} descriptors per queue but the \
+                             ring has {}: requests in flight on this ring are not tracked and a \
+                             daemon restart can lose them; set queue-size={} on the QEMU device \
+                             (e.g. -device vhost-user-blk-pci,...,queue-size={})",
+                            region.queue_size(),
+                            r.size,
+                            r.size,
+                            r.size
+                        );
+                    } else {
+                        warn!(
+                            "queue {q}: the inflight region covers only {} queue(s); requests in \
+                             flight on this ring are not tracked",
+                            region.num_queues()
+                        );
+                    }
                 }
                 iq
             }
@@ -199,8 +270,8 @@ impl ConnHandler {
                 self.rings[q].running = true;
                 Ok(())
             }
-            Ok(Reply::Started(Err(e))) => Err(herr(e)),
-            _ => Err(herr(format!("queue {q}: worker gone"))),
+            Ok(Reply::Started(Err(e))) => Err(self.ring_failed(q, e)),
+            _ => Err(self.ring_failed(q, "worker thread gone".into())),
         }
     }
 
@@ -284,6 +355,9 @@ impl ConnHandler {
         r.enabled = enable;
         let q = index as usize;
         if enable {
+            if let Some(reason) = self.rings[q].fault.clone() {
+                return Err(self.ring_failed(q, reason));
+            }
             self.try_start(q)
         } else {
             self.stop(q);
@@ -372,13 +446,36 @@ impl VhostUserBackendReqHandlerMut for ConnHandler {
 
     fn set_vring_num(&mut self, index: u32, num: u32) -> VuResult<()> {
         let max = self.shared.device.max_queue_size();
-        if num == 0 || num > u32::from(max) || !num.is_power_of_two() {
-            return Err(herr(format!(
-                "SET_VRING_NUM {index}: size {num} invalid (max {max})"
-            )));
+        let fault = if num == 0 || !num.is_power_of_two() || num > 32768 {
+            Some(format!(
+                "SET_VRING_NUM size {num} invalid (a power of two up to 32768)"
+            ))
+        } else if num > u32::from(max) {
+            Some(format!(
+                "SET_VRING_NUM size {num} is larger than this daemon's --queue-size {max}; \
+                 restart the daemon with --queue-size {num}"
+            ))
+        } else {
+            None
+        };
+        self.ring(index)?;
+        let q = index as usize;
+        match fault {
+            None => {
+                let r = &mut self.rings[q];
+                r.size = num as u16;
+                r.fault = None;
+                Ok(())
+            }
+            Some(reason) => {
+                // Never keep running or later start with the previous size.
+                self.stop(q);
+                let r = &mut self.rings[q];
+                r.size = 0;
+                r.fault = Some(reason.clone());
+                Err(self.ring_failed(q, reason))
+            }
         }
-        self.ring(index)?.size = num as u16;
-        Ok(())
     }
 
     fn set_vring_addr(
@@ -513,9 +610,20 @@ impl VhostUserBackendReqHandlerMut for ConnHandler {
     }
 
     fn get_inflight_fd(&mut self, msg: &VhostUserInflight) -> VuResult<(VhostUserInflight, File)> {
-        let (region, file) = InflightRegion::create(msg.num_queues, msg.queue_size)
+        // QEMU sizes its request by the device's `queue-size` property (default 128), but QEMU
+        // 10 gives every ring 1024 entries anyway, and GET_INFLIGHT_FD comes before
+        // SET_VRING_NUM. Lay the region out for the largest ring we accept, so every
+        // ring we can run is tracked; the per-queue `desc_num` records the layout.
+        let layout = msg.queue_size.max(self.shared.device.max_queue_size());
+        let (region, file) = InflightRegion::create(msg.num_queues, layout)
             .map_err(|e| herr(format!("GET_INFLIGHT_FD: {e}")))?;
-        let size = super::inflight::queue_region_size(msg.queue_size) * u64::from(msg.num_queues);
+        let size = super::inflight::queue_region_size(layout) * u64::from(msg.num_queues);
+        if layout != msg.queue_size {
+            info!(
+                "vhost-user: GET_INFLIGHT_FD for {} queue(s) of {}: region laid out for rings of up to {layout}",
+                msg.num_queues, msg.queue_size
+            );
+        }
         self.inflight = Some(region);
         Ok((
             VhostUserInflight {

@@ -70,6 +70,11 @@ impl InflightRegion {
     }
 
     /// SET_INFLIGHT_FD: map a region handed back by the frontend.
+    ///
+    /// The frontend passes back the `queue_size` it asked for in GET_INFLIGHT_FD, but a region
+    /// we created may be laid out for larger rings (see `get_inflight_fd`): the layout is the
+    /// `desc_num` of queue 0 when it is a power of two above `queue_size` and the region is
+    /// large enough for it, else `queue_size` (regions made by other backends).
     pub fn open(
         file: &File,
         size: u64,
@@ -83,9 +88,20 @@ impl InflightRegion {
         {
             return Err(std::io::ErrorKind::InvalidInput.into());
         }
-        Ok(Arc::new(Self::map(
-            file, size, offset, num_queues, queue_size,
-        )?))
+        let region = Self::map(file, size, offset, num_queues, queue_size)?;
+        let hdr = region.header(0);
+        let desc_num = hdr.desc_num.load(Ordering::Relaxed);
+        if hdr.version.load(Ordering::Relaxed) != 0
+            && desc_num > queue_size
+            && desc_num.is_power_of_two()
+            && size >= queue_region_size(desc_num) * u64::from(num_queues)
+        {
+            return Ok(Arc::new(InflightRegion {
+                queue_size: desc_num,
+                ..region
+            }));
+        }
+        Ok(Arc::new(region))
     }
 
     fn map(
@@ -322,6 +338,28 @@ mod tests {
             let mut r = InflightQueue::new(region, 0, 16).unwrap();
             prop_assert_eq!(r.recover(used_idx), outstanding);
         }
+    }
+
+    /// A region laid out for larger rings than the frontend asked for (QEMU asks for its
+    /// `queue-size` but runs rings of 1024) keeps that layout when handed back with the
+    /// smaller size, so heads above the asked size are tracked across a reconnect.
+    #[test]
+    fn reopened_region_keeps_larger_layout() {
+        let (region, file) = InflightRegion::create(2, 1024).unwrap();
+        let mut q = InflightQueue::new(region.clone(), 1, 1024).unwrap();
+        q.recover(0);
+        q.start(700);
+        let size = queue_region_size(1024) * 2;
+        let again = InflightRegion::open(&file, size, 0, 2, 128).unwrap();
+        assert_eq!(again.queue_size(), 1024);
+        let mut q2 = InflightQueue::new(again, 1, 1024).unwrap();
+        assert_eq!(q2.recover(0), vec![700]);
+        // A region really laid out for 128 stays at 128 and cannot track a ring of 1024.
+        let (small, file) = InflightRegion::create(2, 128).unwrap();
+        drop(small);
+        let reopened = InflightRegion::open(&file, queue_region_size(128) * 2, 0, 2, 128).unwrap();
+        assert_eq!(reopened.queue_size(), 128);
+        assert!(InflightQueue::new(reopened, 0, 1024).is_none());
     }
 
     #[test]

@@ -286,16 +286,28 @@ impl VhostUserServer {
                     let index = u32::from_le_bytes([body[0], body[1], body[2], body[3]]);
                     let num = u32::from_le_bytes([body[4], body[5], body[6], body[7]]);
                     match num {
+                        // The handler logs its own failures.
                         0 | 1 => lock(conn)
                             .vring_enable(index, num == 1)
-                            .map_err(|e| e.to_string()),
+                            .map_err(|_| String::new()),
                         _ => Err(format!("SET_VRING_ENABLE {index} with value {num}")),
                     }
                 };
                 if let Err(e) = &res {
-                    warn!("vhost-user: {e}");
+                    if !e.is_empty() {
+                        warn!("vhost-user: {e}");
+                    }
                 }
-                ack(io.sock, res.is_ok())?;
+                let ok = match res {
+                    Ok(()) => !self.report_unreported(conn, need_reply, code),
+                    Err(_) => {
+                        if need_reply && lock(conn).reply_ack() {
+                            let _ = lock(conn).take_unreported();
+                        }
+                        false
+                    }
+                };
+                ack(io.sock, ok)?;
                 Ok(true)
             }
             Some(FrontendReq::SEND_RARP) => {
@@ -317,13 +329,41 @@ impl VhostUserServer {
                 send_all(io.pair, &msg.raw, &fds)?;
                 drop(msg.fds);
                 let res = req.handle_request();
-                io.forward_replies()?;
+                // A ring failure from an earlier message that asked for no reply turns this
+                // message's acknowledgement into a NACK.
+                let nack = res.is_ok() && self.report_unreported(conn, need_reply, code);
+                if res.is_err() && need_reply && lock(conn).reply_ack() {
+                    let _ = lock(conn).take_unreported();
+                }
+                io.forward_replies(nack)?;
                 io.discard_leftover();
                 match res {
                     Ok(()) => Ok(true),
                     Err(e) => self.after_error(conn, io.sock, hdr, code, e),
                 }
             }
+        }
+    }
+
+    /// If this message gets a plain REPLY_ACK and a ring failure is still unreported, take it
+    /// and return true: the acknowledgement must be a NACK.
+    fn report_unreported(
+        &self,
+        conn: &Arc<Mutex<ConnHandler>>,
+        need_reply: bool,
+        code: Option<FrontendReq>,
+    ) -> bool {
+        let mut c = lock(conn);
+        if !need_reply || !c.reply_ack() || code.is_some_and(has_payload_reply) {
+            return false;
+        }
+        match c.take_unreported() {
+            Some(reason) => {
+                let name = code.map_or_else(String::new, |c| format!("{c:?}"));
+                warn!("vhost-user: {name} answered with an error: {reason}");
+                true
+            }
+            None => false,
         }
     }
 
@@ -476,8 +516,9 @@ struct ConnIo<'a> {
 }
 
 impl ConnIo<'_> {
-    /// Forward everything vhost wrote (replies, with their fds) to the frontend.
-    fn forward_replies(&mut self) -> std::io::Result<()> {
+    /// Forward everything vhost wrote (replies, with their fds) to the frontend; with `nack`,
+    /// a plain REPLY_ACK among them is turned into a failure.
+    fn forward_replies(&mut self, nack: bool) -> std::io::Result<()> {
         let mut buf = vec![0u8; HDR_SIZE + MAX_MSG_SIZE];
         loop {
             let mut fds = [-1 as RawFd; MAX_FDS];
@@ -499,6 +540,9 @@ impl ConnIo<'_> {
                 .collect();
             if n == 0 {
                 return Ok(());
+            }
+            if nack && n == HDR_SIZE + 8 {
+                buf[HDR_SIZE..n].copy_from_slice(&1u64.to_le_bytes());
             }
             let raw: Vec<RawFd> = owned.iter().map(|f| f.as_raw_fd()).collect();
             send_all(self.sock, &buf[..n], &raw)?;

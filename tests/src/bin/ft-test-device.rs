@@ -51,6 +51,9 @@ struct Args {
     /// offer the RARP protocol feature and write SEND_RARP MACs here
     #[arg(long)]
     rarp_file: Option<PathBuf>,
+    /// largest queue size accepted
+    #[arg(long, default_value_t = 1024)]
+    max_queue_size: u16,
 }
 
 struct Device {
@@ -63,7 +66,7 @@ impl VhostUserDevice for Device {
     }
 
     fn max_queue_size(&self) -> u16 {
-        1024
+        self.args.max_queue_size
     }
 
     fn features(&self) -> u64 {
