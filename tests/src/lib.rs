@@ -9,9 +9,12 @@
 //! - [`acknowledger`]: a stand-in coordinator that seals and commits an epoch every interval on
 //!   daemon control sockets (guest net test, `ft-ack` for benchmarks).
 //! - [`netns`]: run a closure in a private network namespace (guest net and end-to-end tests).
+//! - [`stream`]: a numbered TCP byte stream through an echo server, checked byte for byte
+//!   (failover tests: the guest's connections survive a takeover).
 
 pub mod acknowledger;
 pub mod blk_client;
 pub mod frontend;
 pub mod guest;
 pub mod netns;
+pub mod stream;
