@@ -356,6 +356,8 @@ impl Shell {
                 epoch,
                 devices,
             } => {
+                // Failover tests freeze the coordinator here: acknowledged, not yet committed.
+                crate::killpoint::reached("before-commit");
                 for d in devices {
                     self.send(d, LinkCmd::Commit(generation, epoch));
                 }
