@@ -5,6 +5,8 @@
 //! - [`txqueue`]: the per-device transaction queue holding output by epoch until commit.
 //! - [`control`]: the coordinator <-> daemon control protocol (messages, framing, socket ends).
 //! - [`vhost_user`]: the vhost-user device server both daemons run.
+//! - [`killpoint`]: test-only stop points for failover tests (inert unless configured).
+//! - [`takeover`]: the standby becomes the primary (`ftctl record-vm`, `ftctl takeover`).
 //! - [`coordinator`]: the coordinator that seals epochs across devices, drives a checkpointer and
 //!   commits in epoch order (binaries `ft-coordinator` and `ftctl`).
 //! - [`standby`]: the checkpoint store and the standby process that receives checkpoints
@@ -17,6 +19,8 @@ pub mod aiocb;
 pub mod control;
 pub mod coordinator;
 pub mod epoch;
+pub mod killpoint;
 pub mod standby;
+pub mod takeover;
 pub mod txqueue;
 pub mod vhost_user;

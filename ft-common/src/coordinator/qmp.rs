@@ -60,8 +60,20 @@ impl QmpClient {
 
     /// Runs `command` without arguments; returns its `return` value.
     pub fn execute(&mut self, command: &str) -> Result<Value, QmpError> {
-        let mut req = serde_json::to_vec(&json!({ "execute": command }))
-            .map_err(|e| QmpError::Protocol(e.to_string()))?;
+        self.run(command, json!({ "execute": command }))
+    }
+
+    /// Runs `command` with `arguments` (a JSON object); returns its `return` value.
+    pub fn execute_with(&mut self, command: &str, arguments: Value) -> Result<Value, QmpError> {
+        self.run(
+            command,
+            json!({ "execute": command, "arguments": arguments }),
+        )
+    }
+
+    fn run(&mut self, command: &str, request: Value) -> Result<Value, QmpError> {
+        let mut req =
+            serde_json::to_vec(&request).map_err(|e| QmpError::Protocol(e.to_string()))?;
         req.push(b'\n');
         self.writer.write_all(&req)?;
         loop {
