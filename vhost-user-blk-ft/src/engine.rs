@@ -10,11 +10,18 @@
 //! - Every slot that was filled is handed back exactly once, through the completion callback,
 //!   whether the operation succeeded, failed or was cancelled; [`Engine::wait_idle`] returns only
 //!   when no slot is busy, so nothing is ever leaked across a disconnect.
-//! - FLUSH is a real `IORING_OP_FSYNC` with `DATASYNC` (counted in [`EngineStats::fsyncs`]).
+//! - FLUSH is a real `fdatasync`: `IORING_OP_FSYNC` with `DATASYNC`, or the syscall itself on the
+//!   calling thread when nothing else is in flight (counted in [`EngineStats::fsyncs`]).
+//! - Work done on the calling thread instead of the ring (buffered writes the kernel would punt
+//!   to a worker, a lone FLUSH: see [`Engine::set_inline_writes`] and
+//!   [`Engine::set_sync_flush_when_idle`]) is finished inside [`Engine::push`] but still occupies
+//!   its slot until the next drain hands its completion out, so completion order, slot
+//!   accounting and [`Engine::wait_idle`] are the same for both paths.
 
 use crate::image::{Image, SECTOR_SHIFT};
 use crate::request::{BlkRequest, RequestKind, STATUS_IOERR, STATUS_OK};
 use io_uring::{opcode, squeue, types, IoUring};
+use std::collections::VecDeque;
 use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::Arc;
@@ -47,6 +54,12 @@ pub struct EngineStats {
     pub cancelled: u64,
     /// `io_uring_enter` calls made to submit.
     pub submit_calls: u64,
+    /// Writes done with `pwritev2` on the calling thread instead of through the ring (see
+    /// [`Engine::set_inline_writes`]).
+    pub inline_writes: u64,
+    /// Successful `fdatasync`s done on the calling thread (see
+    /// [`Engine::set_sync_flush_when_idle`]); also counted in `fsyncs`.
+    pub inline_fsyncs: u64,
 }
 
 /// A finished request, handed back to the caller.
@@ -98,6 +111,14 @@ pub struct Engine<R: SlotRequest = BlkRequest> {
     in_flight: u32,
     /// The filesystem rejected ZERO_RANGE once: use PUNCH_HOLE for WRITE_ZEROES from now on.
     no_zero_range: bool,
+    /// Plain buffered writes are done on this thread (see [`Engine::set_inline_writes`]).
+    inline_writes: bool,
+    /// A FLUSH with nothing on the ring is an `fdatasync` on this thread (see
+    /// [`Engine::set_sync_flush_when_idle`]).
+    sync_flush_when_idle: bool,
+    /// Slots finished without the ring (inline writes) and their results, oldest first;
+    /// handed out by the next drain like CQEs. Capacity: one per slot, never reallocated.
+    ready: VecDeque<(u32, i32)>,
     stats: EngineStats,
 }
 
@@ -147,8 +168,45 @@ impl<R: SlotRequest> Engine<R> {
             eventfd,
             in_flight: 0,
             no_zero_range: false,
+            inline_writes: false,
+            sync_flush_when_idle: false,
+            ready: VecDeque::with_capacity(depth as usize),
             stats: EngineStats::default(),
         })
+    }
+
+    /// Writes WRITE requests without `dsync` synchronously with `pwritev2` in [`Engine::push`]
+    /// instead of through the ring; they complete through the next drain like the others.
+    ///
+    /// Why: a filesystem that cannot do a buffered write without blocking (ext4, tmpfs: they
+    /// refuse `RWF_NOWAIT` writes) makes io_uring punt every such write to an io-wq worker
+    /// thread, and writes to one file run one at a time there anyway. The worker then costs a
+    /// thread wakeup per batch and an eventfd signal per completion on top of the copy, and on a
+    /// small host it competes with this thread and the frontend for the CPU. Done here, the copy
+    /// into the page cache is the whole cost (see docs/benchmarks.md). O_DIRECT writes and
+    /// write-through (`dsync`) writes, which wait for the device, stay on the ring, so reads
+    /// queued behind them are not delayed by the disk.
+    /// Only takes effect where the kernel would punt ([`Image::buffered_writes_punted`]).
+    pub fn set_inline_writes(&mut self, on: bool) {
+        self.inline_writes = on && self.image.buffered_writes_punted();
+    }
+
+    /// Makes a FLUSH that finds nothing in flight on the ring a plain `fdatasync` on this
+    /// thread, in [`Engine::push`]; it completes through the next drain like the others.
+    ///
+    /// Why: through the ring, an fsync always goes to an io-wq worker (it blocks), so a lone
+    /// FLUSH costs two thread wakeups on top of the sync itself (the worker's, then this
+    /// thread's through the eventfd); at queue depth 1 that is most of what separates the
+    /// guest's FLUSH from the kernel's fdatasync (docs/benchmarks.md). With other requests in
+    /// flight the FLUSH stays on the ring, so their completions are not held up behind the
+    /// sync; requests that arrive while it runs wait for it.
+    pub fn set_sync_flush_when_idle(&mut self, on: bool) {
+        self.sync_flush_when_idle = on;
+    }
+
+    /// Whether [`Engine::set_inline_writes`] is in effect.
+    pub fn inline_writes(&self) -> bool {
+        self.inline_writes
     }
 
     /// The eventfd signalled when completions arrive; register it in the thread's epoll loop.
@@ -182,6 +240,29 @@ impl<R: SlotRequest> Engine<R> {
         slot.tag = tag;
         slot.dsync = dsync;
         slot.fallback = false;
+        let kind = slot.req.as_ref().expect("just filled").request().kind();
+        let inline = match kind {
+            RequestKind::Write { .. } => self.inline_writes && !dsync,
+            // Only finished (ready) slots are busy: nothing is on the ring.
+            RequestKind::Flush => {
+                self.sync_flush_when_idle && self.ready.len() as u32 == self.in_flight
+            }
+            _ => false,
+        };
+        if inline {
+            let result = if kind == RequestKind::Flush {
+                let r = self.fdatasync_now();
+                self.stats.inline_fsyncs += u64::from(r == 0);
+                r
+            } else {
+                self.stats.inline_writes += 1;
+                self.write_now(idx)
+            };
+            self.ready.push_back((idx, result));
+            self.in_flight += 1;
+            self.stats.submitted += 1;
+            return Ok(());
+        }
         if let Err(e) = self.queue_sqe(idx) {
             // Cannot reach the kernel at all: hand the request back untouched.
             log::error!("io_uring submit failed: {e}");
@@ -241,6 +322,54 @@ impl<R: SlotRequest> Engine<R> {
         sqe.user_data(u64::from(idx))
     }
 
+    /// `pwritev2` of a busy slot's write request; returns bytes written or `-errno`, like a CQE.
+    fn write_now(&self, idx: u32) -> i32 {
+        let req = self.slots[idx as usize]
+            .req
+            .as_ref()
+            .expect("busy slot holds a request")
+            .request();
+        let iov = req.iovecs();
+        loop {
+            // SAFETY: the iovecs point into guest memory the request keeps mapped while it
+            // exists; the kernel only reads them during the call.
+            let n = unsafe {
+                libc::pwritev2(
+                    self.image.as_raw_fd(),
+                    iov.as_ptr(),
+                    iov.len() as i32,
+                    req.offset() as libc::off_t,
+                    0,
+                )
+            };
+            if n >= 0 {
+                return n as i32;
+            }
+            let err = io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO);
+            if err != libc::EINTR {
+                return -err;
+            }
+        }
+    }
+
+    /// `fdatasync` of the image; 0 or `-errno`, like a CQE.
+    fn fdatasync_now(&self) -> i32 {
+        loop {
+            // SAFETY: a plain syscall on a descriptor the image keeps open.
+            if unsafe { libc::fdatasync(self.image.as_raw_fd()) } == 0 {
+                return 0;
+            }
+            let err = io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO);
+            if err != libc::EINTR {
+                return -err;
+            }
+        }
+    }
+
     fn queue_sqe(&mut self, idx: u32) -> io::Result<()> {
         let sqe = self.sqe_for(idx);
         self.push_raw(&sqe)
@@ -276,7 +405,7 @@ impl<R: SlotRequest> Engine<R> {
     /// the `io_uring_enter` that submitted them, so this is worth checking right after
     /// [`Engine::submit`].
     pub fn has_completions(&mut self) -> bool {
-        !self.ring.completion().is_empty()
+        !self.ready.is_empty() || !self.ring.completion().is_empty()
     }
 
     /// Reaps every available completion, calling `f` for each finished request. Returns how
@@ -291,6 +420,10 @@ impl<R: SlotRequest> Engine<R> {
     /// is busy-polling the CQ and not waiting on the eventfd.
     pub fn drain_cq(&mut self, mut f: impl FnMut(Completion<R>)) -> usize {
         let mut n = 0;
+        while let Some((idx, result)) = self.ready.pop_front() {
+            f(self.finish_slot(idx, result));
+            n += 1;
+        }
         loop {
             let cqe = self.ring.completion().next();
             let Some(cqe) = cqe else { break };
@@ -306,23 +439,7 @@ impl<R: SlotRequest> Engine<R> {
             if self.retry_with_fallback(idx, cqe.result()) {
                 continue;
             }
-            let slot = &mut self.slots[idx as usize];
-            let req = slot.req.take().expect("checked above");
-            self.free.push(idx);
-            self.in_flight -= 1;
-            self.stats.completed += 1;
-            let result = cqe.result();
-            if result == -libc::ECANCELED {
-                self.stats.cancelled += 1;
-            }
-            if req.request().kind() == RequestKind::Flush && result == 0 {
-                self.stats.fsyncs += 1;
-            }
-            f(Completion {
-                req,
-                tag: slot.tag,
-                result,
-            });
+            f(self.finish_slot(idx, cqe.result()));
             n += 1;
         }
         // Retries queued above go out now.
@@ -330,6 +447,26 @@ impl<R: SlotRequest> Engine<R> {
             log::error!("io_uring submit failed: {e}");
         }
         n
+    }
+
+    /// Frees a busy slot and makes its completion.
+    fn finish_slot(&mut self, idx: u32, result: i32) -> Completion<R> {
+        let slot = &mut self.slots[idx as usize];
+        let req = slot.req.take().expect("finishing a busy slot");
+        self.free.push(idx);
+        self.in_flight -= 1;
+        self.stats.completed += 1;
+        if result == -libc::ECANCELED {
+            self.stats.cancelled += 1;
+        }
+        if req.request().kind() == RequestKind::Flush && result == 0 {
+            self.stats.fsyncs += 1;
+        }
+        Completion {
+            req,
+            tag: slot.tag,
+            result,
+        }
     }
 
     /// WRITE_ZEROES without UNMAP on a filesystem without ZERO_RANGE: punch a hole instead
@@ -543,6 +680,86 @@ mod tests {
     }
 
     #[test]
+    fn inline_writes_finish_in_push_and_complete_through_drain() {
+        let fx = fixture();
+        let mut e = Engine::new(fx.image.clone(), 8).unwrap();
+        e.set_inline_writes(true);
+        // Only where the kernel would punt (ext4, tmpfs); elsewhere writes stay on the ring.
+        assert_eq!(e.inline_writes(), fx.image.buffered_writes_punted());
+        if !e.inline_writes() {
+            return;
+        }
+        for i in 0..4u64 {
+            let data = 0x10_0000 + i * 4096;
+            fx.mem
+                .write_slice(&[0x10 + i as u8; 4096], GuestAddress(data))
+                .unwrap();
+            e.push(
+                req(&fx.mem, i, VIRTIO_BLK_T_OUT, i * 8, Some((data, 4096))),
+                i,
+                false,
+            )
+            .unwrap();
+        }
+        // Written already, before any submit, and waiting to be reaped.
+        assert!(file_bytes(&fx.path, 3 * 4096, 4096)
+            .iter()
+            .all(|&b| b == 0x13));
+        assert!(e.has_completions());
+        assert_eq!(e.in_flight(), 4);
+        // A read and a write-through write still go through the ring.
+        e.push(
+            req(&fx.mem, 10, VIRTIO_BLK_T_IN, 0, Some((0x20_0000, 4096))),
+            10,
+            false,
+        )
+        .unwrap();
+        e.push(
+            req(&fx.mem, 11, VIRTIO_BLK_T_OUT, 64, Some((0x10_0000, 512))),
+            11,
+            true,
+        )
+        .unwrap();
+        let mut c = run_all(&mut e);
+        c.sort_by_key(|c| c.tag);
+        assert_eq!(
+            c.iter().map(|c| c.tag).collect::<Vec<_>>(),
+            [0, 1, 2, 3, 10, 11]
+        );
+        assert!(c.iter().all(|c| c.status() == STATUS_OK), "{c:?}");
+        assert_eq!(e.stats().inline_writes, 4);
+        assert_eq!(e.stats().completed, 6);
+        assert_eq!(e.in_flight(), 0);
+        let mut back = vec![0u8; 4096];
+        fx.mem
+            .read_slice(&mut back, GuestAddress(0x20_0000))
+            .unwrap();
+        assert!(
+            back.iter().all(|&b| b == 0x10),
+            "read sees the inline write"
+        );
+        assert!(file_bytes(&fx.path, 64 * 512, 512)
+            .iter()
+            .all(|&b| b == 0x10));
+    }
+
+    #[test]
+    fn inline_writes_are_never_used_with_o_direct() {
+        let fx = fixture();
+        let opts = OpenOpts {
+            readonly: false,
+            direct: true,
+        };
+        // tmpfs has no O_DIRECT.
+        let Ok(direct) = Image::open(&fx.path, opts) else {
+            return;
+        };
+        let mut e: Engine = Engine::new(Arc::new(direct), 4).unwrap();
+        e.set_inline_writes(true);
+        assert!(!e.inline_writes());
+    }
+
+    #[test]
     fn flush_is_a_real_fdatasync() {
         let fx = fixture();
         let mut e = Engine::new(fx.image.clone(), 4).unwrap();
@@ -552,6 +769,52 @@ mod tests {
         assert_eq!(c[0].result, 0);
         assert_eq!(c[0].status(), STATUS_OK);
         assert_eq!(e.stats().fsyncs, 1);
+    }
+
+    #[test]
+    fn a_lone_flush_is_an_fdatasync_on_the_calling_thread() {
+        let fx = fixture();
+        let mut e = Engine::new(fx.image.clone(), 4).unwrap();
+        e.set_sync_flush_when_idle(true);
+        e.push(req(&fx.mem, 0, VIRTIO_BLK_T_FLUSH, 0, None), 5, false)
+            .unwrap();
+        // Done inside push: visible before any submit, and nothing went to the kernel ring.
+        assert!(e.has_completions());
+        assert_eq!(e.stats().inline_fsyncs, 1);
+        let c = run_all(&mut e);
+        assert_eq!((c[0].tag, c[0].result, c[0].status()), (5, 0, STATUS_OK));
+        assert_eq!(e.stats().fsyncs, 1);
+        assert_eq!(e.stats().submit_calls, 0);
+        assert_eq!(e.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_flush_behind_requests_in_flight_goes_through_the_ring() {
+        let fx = fixture();
+        let mut e = Engine::new(fx.image.clone(), 4).unwrap();
+        e.set_sync_flush_when_idle(true);
+        // A read on the ring, not reaped yet: the FLUSH must not wait for the sync in push.
+        e.push(
+            req(&fx.mem, 0, VIRTIO_BLK_T_IN, 0, Some((0x10_0000, 4096))),
+            0,
+            false,
+        )
+        .unwrap();
+        e.push(req(&fx.mem, 1, VIRTIO_BLK_T_FLUSH, 0, None), 1, false)
+            .unwrap();
+        let c = run_all(&mut e);
+        assert_eq!(c.len(), 2);
+        assert!(c.iter().all(|c| c.status() == STATUS_OK), "{c:?}");
+        assert_eq!(e.stats().inline_fsyncs, 0);
+        assert_eq!(e.stats().fsyncs, 1);
+        // Off by default (the commit engine keeps its own sync on the ring).
+        let mut plain = Engine::new(fx.image.clone(), 4).unwrap();
+        plain
+            .push(req(&fx.mem, 2, VIRTIO_BLK_T_FLUSH, 0, None), 2, false)
+            .unwrap();
+        assert_eq!(run_all(&mut plain)[0].result, 0);
+        assert_eq!(plain.stats().inline_fsyncs, 0);
+        assert_eq!(plain.stats().fsyncs, 1);
     }
 
     #[test]

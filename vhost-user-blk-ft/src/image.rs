@@ -44,6 +44,8 @@ pub struct Image {
     capacity_sectors: u64,
     logical_block_size: u32,
     physical_block_size: u32,
+    /// See [`Image::buffered_writes_punted`].
+    buffered_writes_punted: bool,
 }
 
 impl Image {
@@ -82,9 +84,14 @@ impl Image {
                 "image must be a regular file or a block device",
             ));
         };
+        let buffered_writes_punted = kind == ImageKind::File
+            && !opts.readonly
+            && !opts.direct
+            && !nowait_buffered_writes(path).unwrap_or(false);
         Ok(Image {
             file,
             kind,
+            buffered_writes_punted,
             readonly: opts.readonly,
             direct: opts.direct,
             capacity_sectors: bytes >> SECTOR_SHIFT,
@@ -116,6 +123,15 @@ impl Image {
         &self.file
     }
 
+    /// Whether io_uring hands each buffered write to this image to an io-wq worker thread: a
+    /// writable regular file, not O_DIRECT, on a filesystem that refuses non-blocking buffered
+    /// writes (`RWF_NOWAIT` gives EOPNOTSUPP on ext4 and tmpfs; xfs and btrfs accept it, and
+    /// so does a block device). Found out at open on a scratch `O_TMPFILE` beside the image;
+    /// if that cannot be done, assumed true.
+    pub fn buffered_writes_punted(&self) -> bool {
+        self.buffered_writes_punted
+    }
+
     /// `fallocate` mode that discards `[off, off+len)`: deallocates and reads back as zeroes
     /// on both files and block devices.
     pub fn discard_mode(&self) -> i32 {
@@ -130,6 +146,38 @@ impl Image {
         } else {
             libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
         }
+    }
+}
+
+/// Whether the filesystem holding `image` accepts a non-blocking (`RWF_NOWAIT`) buffered
+/// write, tried on an unnamed `O_TMPFILE` in the same directory (the image itself is not
+/// touched). None if that file cannot be made.
+fn nowait_buffered_writes(image: &Path) -> Option<bool> {
+    let dir = match image.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let probe = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_TMPFILE)
+        .open(dir)
+        .ok()?;
+    let buf = [0u8; 4096];
+    let iov = libc::iovec {
+        iov_base: buf.as_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: one iovec over a local buffer the kernel only reads.
+    let n = unsafe { libc::pwritev2(probe.as_raw_fd(), &iov, 1, 0, libc::RWF_NOWAIT) };
+    if n >= 0 {
+        return Some(true);
+    }
+    match io::Error::last_os_error().raw_os_error() {
+        // Supported, but this write would have blocked (e.g. block allocation).
+        Some(libc::EAGAIN) => Some(true),
+        Some(libc::EOPNOTSUPP) => Some(false),
+        _ => None,
     }
 }
 
@@ -174,6 +222,26 @@ mod tests {
         .unwrap();
         let fl = unsafe { libc::fcntl(img.as_raw_fd(), libc::F_GETFL) };
         assert_eq!(fl & libc::O_ACCMODE, libc::O_RDONLY);
+    }
+
+    #[test]
+    fn buffered_writes_punted_only_for_writable_buffered_files() {
+        let (_d, p) = tmp_image(4096);
+        let ro = OpenOpts {
+            readonly: true,
+            direct: false,
+        };
+        assert!(!Image::open(&p, ro).unwrap().buffered_writes_punted());
+        let rw = Image::open(&p, OpenOpts::default()).unwrap();
+        // The probe agrees with what the filesystem does with a non-blocking write.
+        let buf = [0u8; 512];
+        let iov = libc::iovec {
+            iov_base: buf.as_ptr() as *mut libc::c_void,
+            iov_len: buf.len(),
+        };
+        let n = unsafe { libc::pwritev2(rw.as_raw_fd(), &iov, 1, 0, libc::RWF_NOWAIT) };
+        let refused = n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP);
+        assert_eq!(rw.buffered_writes_punted(), refused);
     }
 
     #[test]
