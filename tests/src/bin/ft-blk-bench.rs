@@ -180,6 +180,10 @@ struct WorkloadResult {
     iops: f64,
     mb_per_s: f64,
     lat_us: LatencyUs,
+    /// Flush workloads: latency of the FLUSH alone (its submission to its completion), the
+    /// number to compare with the host's `fdatasync` (fio `--fdatasync=1` reports it as `sync`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    flush_lat_us: Option<LatencyUs>,
     /// Percent of one CPU used by this client during the measured period.
     client_cpu_pct: f64,
     /// Percent of one CPU used by the backend (all threads), if `--backend-pid` was given.
@@ -251,6 +255,8 @@ struct Runner<'a> {
     started: Vec<Instant>,
     /// Per tag: the write of a write+flush op is done and its FLUSH is in flight.
     flushing: Vec<bool>,
+    /// Per tag: when its FLUSH was submitted.
+    flush_started: Vec<Instant>,
     poll: bool,
 }
 
@@ -295,8 +301,10 @@ impl Runner<'_> {
     ) -> Result<WorkloadResult, String> {
         let nq = self.client.num_queues();
         let depth = self.wl.depth;
-        let mut hist =
-            Histogram::<u64>::new_with_bounds(1, 120_000_000_000, 3).map_err(|e| e.to_string())?;
+        let new_hist =
+            || Histogram::<u64>::new_with_bounds(1, 120_000_000_000, 3).map_err(|e| e.to_string());
+        let mut hist = new_hist()?;
+        let mut flush_hist = new_hist()?;
         let start = Instant::now();
         for q in 0..nq {
             for slot in 0..depth {
@@ -330,10 +338,15 @@ impl Runner<'_> {
                     if self.wl.flush && !self.flushing[t] && status == 0 && now < end {
                         // Write done: the op continues with its FLUSH.
                         self.flushing[t] = true;
+                        self.flush_started[t] = now;
                         self.client
                             .submit_flush(q, tag)
                             .map_err(|e| format!("submit on queue {q}: {e}"))?;
                         continue;
+                    }
+                    if self.flushing[t] && measuring {
+                        let lat = now.duration_since(self.flush_started[t]);
+                        flush_hist.saturating_record(lat.as_nanos().max(1) as u64);
                     }
                     self.flushing[t] = false;
                     if measuring {
@@ -375,7 +388,16 @@ impl Runner<'_> {
         let secs = runtime.as_secs_f64();
         let wall = cpu1.at.duration_since(cpu0.at).as_secs_f64().max(1e-9);
         let iops = ops as f64 / secs;
-        let q = |p: f64| hist.value_at_quantile(p) as f64 / 1000.0;
+        let lat_us = |h: &Histogram<u64>| {
+            let q = |p: f64| h.value_at_quantile(p) as f64 / 1000.0;
+            LatencyUs {
+                mean: h.mean() / 1000.0,
+                p50: q(0.5),
+                p99: q(0.99),
+                p999: q(0.999),
+                max: h.max() as f64 / 1000.0,
+            }
+        };
         Ok(WorkloadResult {
             name: self.wl.name.to_string(),
             block_size: self.wl.block_size,
@@ -386,13 +408,8 @@ impl Runner<'_> {
             errors,
             iops,
             mb_per_s: iops * self.wl.block_size as f64 / 1e6,
-            lat_us: LatencyUs {
-                mean: hist.mean() / 1000.0,
-                p50: q(0.5),
-                p99: q(0.99),
-                p999: q(0.999),
-                max: hist.max() as f64 / 1000.0,
-            },
+            lat_us: lat_us(&hist),
+            flush_lat_us: self.wl.flush.then(|| lat_us(&flush_hist)),
             client_cpu_pct: (cpu1.client - cpu0.client) / wall * 100.0,
             backend_cpu_pct: cpu1
                 .backend
@@ -542,6 +559,7 @@ fn real_main() -> Result<(), String> {
                 .collect(),
             started: vec![Instant::now(); args.queues * wl.depth],
             flushing: vec![false; args.queues * wl.depth],
+            flush_started: vec![Instant::now(); args.queues * wl.depth],
             poll: args.poll,
         };
         let r = runner.run(
@@ -603,6 +621,12 @@ fn print_row(r: &WorkloadResult, header: bool) {
         r.backend_cpu_pct
             .map_or("-".to_string(), |b| format!("{b:.0}%"))
     );
+    if let Some(f) = &r.flush_lat_us {
+        println!(
+            "{:<18} {:>10} {:>9} {:>9.1} {:>9.1} {:>10.1}",
+            "  (FLUSH alone)", "", "", f.p50, f.p99, f.p999
+        );
+    }
 }
 
 #[cfg(test)]
