@@ -418,7 +418,8 @@ fn a_new_coordinator_fences_an_attached_old_one_and_slots_are_bounded() {
         );
     }
 
-    // Fill the remaining slots; one more waits in the backlog until a slot frees.
+    // Fill the remaining slots; one more evicts the connection that has gone longest without
+    // a request: the fenced old coordinator.
     let mut others: Vec<ControlClient> = (2..MAX_CONNECTIONS)
         .map(|_| ControlClient::connect(dir.sock(), T).unwrap())
         .collect();
@@ -428,16 +429,9 @@ fn a_new_coordinator_fences_an_attached_old_one_and_slots_are_bounded() {
             Reply::Status(_)
         ));
     }
-    let mut waiting = ControlClient::connect(dir.sock(), Duration::from_millis(200)).unwrap();
+    let mut newest = ControlClient::connect(dir.sock(), T).unwrap();
     assert!(matches!(
-        waiting.call(&Request::Status),
-        Err(ClientError::Timeout(_))
-    ));
-    drop(old);
-    waiting.set_timeout(T);
-    // Its timed-out STATUS is answered late and skipped; this SEAL gets its own reply.
-    assert!(matches!(
-        waiting
+        newest
             .call(&Request::Seal {
                 generation: gen(2),
                 epoch: Epoch(4)
@@ -448,6 +442,206 @@ fn a_new_coordinator_fences_an_attached_old_one_and_slots_are_bounded() {
             ..
         }
     ));
+    assert!(old.call(&Request::Status).is_err(), "old was evicted");
+    assert!(matches!(
+        new.call(&Request::Status).unwrap(),
+        Reply::Status(_)
+    ));
+}
+
+/// Idle connections and half-written frames in every slot must not lock a new coordinator
+/// out; the stalest strangers are evicted first, so the coordinator keeps its slot while more
+/// of them arrive.
+#[test]
+fn stale_connections_never_lock_out_a_new_coordinator() {
+    use ft_common::control::server::MAX_CONNECTIONS;
+    let dir = TempDir::new("lockout");
+    let (_server, _n) = start_toy(&dir);
+    let mut junk: Vec<UnixStream> = Vec::new();
+    let half = |s: &mut UnixStream, i: usize| {
+        let frame = encode(&Request::Status).unwrap();
+        s.write_all(&frame[..1 + i % (frame.len() - 1)]).unwrap();
+    };
+    for i in 0..MAX_CONNECTIONS {
+        let mut s = UnixStream::connect(dir.sock()).unwrap();
+        if i % 2 == 1 {
+            half(&mut s, i);
+        }
+        junk.push(s);
+    }
+    let mut coord = ControlClient::connect(dir.sock(), T).unwrap();
+    assert!(matches!(
+        coord
+            .call(&Request::Seal {
+                generation: gen(1),
+                epoch: Epoch(1)
+            })
+            .unwrap(),
+        Reply::Sealed { .. }
+    ));
+    for i in 0..3 * MAX_CONNECTIONS {
+        let mut s = UnixStream::connect(dir.sock()).unwrap();
+        half(&mut s, i);
+        junk.push(s);
+        assert!(
+            matches!(coord.call(&Request::Status).unwrap(), Reply::Status(_)),
+            "the served coordinator was evicted by stranger {i}"
+        );
+    }
+}
+
+/// A peer that stops in the middle of a frame is disconnected after the frame timeout.
+#[test]
+fn a_half_written_frame_times_out() {
+    use std::io::Read;
+    let dir = TempDir::new("halfframe");
+    let mut server = ControlServer::bind(dir.sock()).unwrap();
+    server.set_frame_timeout(Duration::from_millis(200));
+    let toy = Toy::new();
+    let _h = server.spawn(move |req| toy.handle(req)).unwrap();
+    let mut s = UnixStream::connect(dir.sock()).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    let frame = encode(&Request::Status).unwrap();
+    s.write_all(&frame[..frame.len() - 1]).unwrap();
+    let mut buf = [0u8; 64];
+    assert_eq!(s.read(&mut buf).unwrap(), 0, "closed, not answered");
+    // A whole frame in several pieces well within the timeout is fine.
+    let mut s = UnixStream::connect(dir.sock()).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    s.write_all(&frame[..3]).unwrap();
+    s.write_all(&frame[3..]).unwrap();
+    assert!(matches!(raw_reply(&mut s), Some(Reply::Status(_))));
+}
+
+/// A peer that sends requests and never reads the replies must not block the control thread:
+/// another coordinator is answered at once (the write timeout here is far longer than the
+/// call's timeout, so a blocking write would fail this test).
+#[test]
+fn a_peer_that_never_reads_does_not_block_others() {
+    let dir = TempDir::new("noread");
+    let mut server = ControlServer::bind(dir.sock()).unwrap();
+    server.set_write_timeout(Duration::from_secs(600));
+    let toy = Toy::new();
+    let _h = server.spawn(move |req| toy.handle(req)).unwrap();
+    let mut hog = UnixStream::connect(dir.sock()).unwrap();
+    let frames: Vec<u8> = (0..20_000)
+        .flat_map(|_| encode(&Request::Status).unwrap())
+        .collect();
+    // The hog's own writes block once the daemon stops reading it: write from a thread.
+    let writer = {
+        let mut hog = hog.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let _ = hog.write_all(&frames);
+        })
+    };
+    // Let its replies fill the socket buffers.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut c = ControlClient::connect(dir.sock(), T).unwrap();
+    for e in 1..=20 {
+        assert!(matches!(
+            c.call(&Request::Seal {
+                generation: gen(1),
+                epoch: Epoch(e)
+            })
+            .unwrap(),
+            Reply::Sealed { .. }
+        ));
+    }
+    // The hog was not dropped: once it reads, every reply arrives, in order.
+    let _ = hog.set_read_timeout(Some(T));
+    for i in 0..20_000 {
+        assert!(
+            matches!(raw_reply(&mut hog), Some(Reply::Status(_))),
+            "reply {i}"
+        );
+    }
+    writer.join().unwrap();
+}
+
+/// Generations and epochs above 2^53 - 1 are refused with no effect, so nobody can push the
+/// fence or the open epoch to where no later value exists.
+#[test]
+fn numbers_beyond_the_protocol_bound_are_refused_without_effect() {
+    use ft_common::control::message::MAX_REQUEST_NUMBER;
+    let dir = TempDir::new("range");
+    let (_server, _n) = start_toy(&dir);
+    let mut c = ControlClient::connect(dir.sock(), T).unwrap();
+    for req in [
+        Request::Abort {
+            generation: gen(u64::MAX),
+        },
+        Request::Seal {
+            generation: gen(MAX_REQUEST_NUMBER + 1),
+            epoch: Epoch(1),
+        },
+        Request::Seal {
+            generation: gen(1),
+            epoch: Epoch(u64::MAX - 1),
+        },
+        Request::Commit {
+            generation: gen(1),
+            epoch: Epoch(u64::MAX),
+        },
+    ] {
+        match c.call(&req).unwrap() {
+            Reply::Error { code, message } => {
+                assert_eq!(code, ErrorCode::Malformed, "{req:?}");
+                assert!(message.contains("maximum"), "{message}");
+            }
+            r => panic!("{req:?} accepted: {r:?}"),
+        }
+    }
+    match c.call(&Request::Status).unwrap() {
+        Reply::Status(s) => {
+            assert_eq!(s.generation, gen(0), "the fence did not move");
+            assert_eq!(s.open_epoch, Epoch(1), "the epoch did not move");
+        }
+        r => panic!("{r:?}"),
+    }
+    // The largest allowed values still work, and a coordinator after them still counts.
+    assert!(matches!(
+        c.call(&Request::Seal {
+            generation: gen(7),
+            epoch: Epoch(MAX_REQUEST_NUMBER - 1)
+        })
+        .unwrap(),
+        Reply::Sealed { .. }
+    ));
+    assert!(matches!(
+        c.call(&Request::Abort { generation: gen(8) }).unwrap(),
+        Reply::Aborted { .. }
+    ));
+}
+
+/// Many pipelined requests from a peer that reads only after writing them all are answered,
+/// in order, even though the daemon stops reading while its replies are unread.
+#[test]
+fn deep_pipelining_is_answered_in_order() {
+    let dir = TempDir::new("pipeline");
+    let (_server, _n) = start_toy(&dir);
+    let mut s = UnixStream::connect(dir.sock()).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    let n = 3000u64;
+    let frames: Vec<u8> = (1..=n)
+        .flat_map(|e| {
+            encode(&Request::Seal {
+                generation: gen(1),
+                epoch: Epoch(e),
+            })
+            .unwrap()
+        })
+        .collect();
+    let writer = {
+        let mut s = s.try_clone().unwrap();
+        std::thread::spawn(move || s.write_all(&frames).unwrap())
+    };
+    for e in 1..=n {
+        match raw_reply(&mut s) {
+            Some(Reply::Sealed { epoch, .. }) => assert_eq!(epoch, Epoch(e)),
+            r => panic!("reply {e}: {r:?}"),
+        }
+    }
+    writer.join().unwrap();
 }
 
 #[test]

@@ -40,7 +40,38 @@ pub enum Request {
     Status,
 }
 
+/// Largest generation or epoch a request may carry: 2^53 - 1, the largest integer every JSON
+/// implementation reads exactly (IEEE double; `jq`, JavaScript, Python's `json` all agree).
+///
+/// Why a bound at all: both numbers only ever grow, and the fence is persisted, so a single
+/// request with `u64::MAX` would leave no newer generation to fence it with (every later
+/// coordinator refused, for good), and `SEAL u64::MAX - 1` would open an epoch that can never be
+/// sealed. At one epoch per millisecond the bound lasts 285,000 years, so no coordinator that
+/// counts reaches it; one that jumps there is refused (`MALFORMED`) with no effect.
+pub const MAX_REQUEST_NUMBER: u64 = (1 << 53) - 1;
+
 impl Request {
+    /// Checks that the generation and epoch are at most [`MAX_REQUEST_NUMBER`]; the error says
+    /// which field is out of range.
+    pub fn check_range(&self) -> Result<(), String> {
+        let epoch = match self {
+            Request::Seal { epoch, .. } | Request::Commit { epoch, .. } => Some(*epoch),
+            _ => None,
+        };
+        let fields = [
+            ("generation", self.generation().map(|g| g.0)),
+            ("epoch", epoch.map(|e| e.0)),
+        ];
+        for (name, v) in fields {
+            if let Some(v) = v.filter(|&v| v > MAX_REQUEST_NUMBER) {
+                return Err(format!(
+                    "{name} {v} is above the protocol's maximum of {MAX_REQUEST_NUMBER}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The generation the request carries, if it is a fenced command.
     pub fn generation(&self) -> Option<Generation> {
         match self {

@@ -12,10 +12,19 @@
 //!   coalesce: only the newest epoch not yet announced is sent.
 //! - A malformed frame gets an `ERROR` reply; if frame sync is lost (oversized length) the
 //!   connection is closed after that reply and the next connection is accepted.
+//! - No peer can stall the control thread or lock out a new coordinator: sockets are
+//!   non-blocking and output is buffered per connection (bounded; a peer that reads none of it
+//!   for the write timeout is dropped, and its further requests are not read meanwhile); a frame
+//!   must complete within the frame timeout; the listener is always polled, and with every slot
+//!   taken a new connection evicts the one that has gone longest without a request.
+//! - Requests whose generation or epoch exceeds [`MAX_REQUEST_NUMBER`] are refused
+//!   (`MALFORMED`) before the handler sees them.
 //! - The socket file is mode 0600, only peers with our uid (or root) are served, and the file is
 //!   unlinked on shutdown if it is still ours.
 
-use super::codec::{encode_into, FrameDecoder, MAX_FRAME_LEN};
+use super::codec::{encode_into, FrameDecoder, HEADER_LEN, MAX_FRAME_LEN};
+#[cfg(doc)]
+use super::message::MAX_REQUEST_NUMBER;
 use super::message::{ErrorCode, Notification, Reply, Request};
 use crate::epoch::Epoch;
 use std::fs;
@@ -28,13 +37,20 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-/// How long a reply or notification write may block before the coordinator is considered gone.
+/// How long output may stay pending with the peer reading none of it before the connection is
+/// closed. Writes never block the control thread; this only bounds how long a connection that
+/// does not read keeps its slot and its buffered output.
 pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Connections served at once; more wait in the listen backlog.
+/// How long a frame may take from its first byte to its last before the connection is closed
+/// (a peer that stops mid-frame). Idle connections between frames have no timeout: when all
+/// slots are taken, a new connection evicts the stalest one instead (see `ServeLoop::accept`).
+pub const DEFAULT_FRAME_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connections served at once; a further one evicts the stalest (see `ServeLoop::accept`).
 ///
 /// More than one because fencing must not depend on the deposed coordinator hanging up: a new
 /// coordinator connects while the old one is still attached, and its newer generation fences the
@@ -131,6 +147,7 @@ pub struct ControlServer {
     bound: Bound,
     shared: Arc<Shared>,
     write_timeout: Duration,
+    frame_timeout: Duration,
     /// Connections accepted so far.
     accepted: u64,
 }
@@ -159,6 +176,7 @@ impl ControlServer {
                 wake: EventFd::new(EFD_NONBLOCK)?,
             }),
             write_timeout: DEFAULT_WRITE_TIMEOUT,
+            frame_timeout: DEFAULT_FRAME_TIMEOUT,
             accepted: 0,
         })
     }
@@ -175,9 +193,14 @@ impl ControlServer {
         }
     }
 
-    /// How long a write to a connection may block before that connection is dropped.
+    /// How long output may stay pending, none of it read, before the connection is dropped.
     pub fn set_write_timeout(&mut self, t: Duration) {
         self.write_timeout = t;
+    }
+
+    /// How long a started frame may take to complete before the connection is dropped.
+    pub fn set_frame_timeout(&mut self, t: Duration) {
+        self.frame_timeout = t;
     }
 
     /// Starts the control thread.
@@ -295,25 +318,43 @@ fn peer_uid(s: &UnixStream) -> io::Result<u32> {
     Ok(cred.uid)
 }
 
+/// Bytes of unsent output a connection may accumulate (two maximal frames: a reply plus
+/// notifications) before it is dropped as not reading.
+const MAX_PENDING_OUTPUT: usize = 2 * (HEADER_LEN + MAX_FRAME_LEN);
+
 struct Connection {
     /// Sequence number, for logs.
     id: u64,
     stream: UnixStream,
     decoder: FrameDecoder,
-    /// Reused encode buffer.
+    /// Encoded frames not yet written; `out[sent..]` is pending. Requests of a connection with
+    /// pending output are not read (backpressure on a peer that does not read its replies).
     out: Vec<u8>,
+    sent: usize,
+    /// Last time the peer sent a complete request (or connected): eviction order.
+    last_request: Instant,
+    /// Whether the peer ever had a request answered, and its last fenced command was not
+    /// refused as `FENCED`: idle strangers and deposed coordinators are evicted first.
+    served: bool,
+    /// When the first byte of the frame now being received arrived.
+    frame_started: Option<Instant>,
+    /// Since when output has been pending without the peer taking any of it.
+    stalled_since: Option<Instant>,
     /// Why the connection is to be closed at the end of this loop iteration.
     dead: Option<String>,
 }
 
 impl Connection {
-    /// Encodes and writes one message; an unencodable reply becomes an error reply.
+    fn pending(&self) -> usize {
+        self.out.len() - self.sent
+    }
+
+    /// Encodes one message behind the pending output (an unencodable reply becomes an error
+    /// reply) and writes what the socket takes now, never blocking.
     fn send<T: serde::Serialize>(&mut self, msg: &T) -> io::Result<()> {
-        self.out.clear();
         if let Err(e) = encode_into(msg, &mut self.out, MAX_FRAME_LEN) {
             let code = e.error_code().unwrap_or(ErrorCode::Internal);
             log::error!("control reply not sent: {e}");
-            self.out.clear();
             encode_into(
                 &Reply::error(code, format!("reply not encodable: {e}")),
                 &mut self.out,
@@ -321,37 +362,63 @@ impl Connection {
             )
             .map_err(io::Error::other)?;
         }
-        send_all(&self.stream, &self.out)
+        if self.pending() > MAX_PENDING_OUTPUT {
+            return Err(io::Error::other(format!(
+                "peer does not read: {} bytes of output pending",
+                self.pending()
+            )));
+        }
+        self.flush(Instant::now())
     }
-}
 
-/// `write_all` with `MSG_NOSIGNAL`: a coordinator that hung up must not kill the daemon with
-/// SIGPIPE, whatever the embedding program did with that signal. `SO_SNDTIMEO` bounds each send.
-fn send_all(stream: &UnixStream, mut buf: &[u8]) -> io::Result<()> {
-    while !buf.is_empty() {
-        // SAFETY: buf is a valid readable slice for its length; the fd is open.
-        let n = unsafe {
-            libc::send(
-                stream.as_raw_fd(),
-                buf.as_ptr().cast(),
-                buf.len(),
-                libc::MSG_NOSIGNAL,
-            )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
+    /// Writes pending output until the socket would block (`MSG_NOSIGNAL`: a coordinator that
+    /// hung up must not kill the daemon with SIGPIPE, whatever the program did with it).
+    fn flush(&mut self, now: Instant) -> io::Result<()> {
+        let before = self.sent;
+        while self.sent < self.out.len() {
+            let buf = &self.out[self.sent..];
+            // SAFETY: buf is a valid readable slice for its length; the fd is open.
+            let n = unsafe {
+                libc::send(
+                    self.stream.as_raw_fd(),
+                    buf.as_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::Interrupted => continue,
+                    io::ErrorKind::WouldBlock => break,
+                    _ => return Err(e),
+                }
             }
-            return Err(e);
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            // 0 < n <= buf.len() here.
+            self.sent += n as usize;
         }
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
+        if self.sent == self.out.len() {
+            self.out.clear();
+            self.sent = 0;
+            self.stalled_since = None;
+        } else if self.sent != before || self.stalled_since.is_none() {
+            self.stalled_since = Some(now);
         }
-        // 0 < n <= buf.len() here.
-        buf = &buf[n as usize..];
+        Ok(())
     }
-    Ok(())
+
+    /// The instant at which this connection times out, if a timer runs for it.
+    fn deadline(&self, frame_timeout: Duration, write_timeout: Duration) -> Option<Instant> {
+        let frame = self.frame_started.map(|t| t + frame_timeout);
+        let write = self.stalled_since.map(|t| t + write_timeout);
+        match (frame, write) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
 }
 
 struct ServeLoop<H> {
@@ -368,24 +435,41 @@ impl<H: ControlHandler> ServeLoop<H> {
         log::info!("control socket {path} serving");
         let mut fds: Vec<libc::pollfd> = Vec::with_capacity(MAX_CONNECTIONS + 2);
         loop {
-            // [wake, connections..., listener if there is room for one more]. Connections are
-            // only marked dead during an iteration and swept at its end, so `fds[1 + i]` stays
-            // `conns[i]` throughout.
+            // [wake, connections..., listener]. The listener is always polled: a new
+            // coordinator must never wait behind stale connections (see `accept`).
+            // Connections are only marked dead during an iteration and swept at its end, so
+            // `fds[1 + i]` stays `conns[i]` throughout.
             let n = self.conns.len();
-            let listening = n < MAX_CONNECTIONS;
             fds.clear();
-            let pollin = |fd| libc::pollfd {
+            let pfd = |fd, events| libc::pollfd {
                 fd,
-                events: libc::POLLIN,
+                events,
                 revents: 0,
             };
-            fds.push(pollin(self.server.shared.wake.as_raw_fd()));
-            fds.extend(self.conns.iter().map(|c| pollin(c.stream.as_raw_fd())));
-            if listening {
-                fds.push(pollin(self.server.bound.listener.as_raw_fd()));
-            }
+            fds.push(pfd(self.server.shared.wake.as_raw_fd(), libc::POLLIN));
+            fds.extend(self.conns.iter().map(|c| {
+                // Output pending: wait until the peer takes it before reading more requests.
+                let ev = if c.pending() > 0 {
+                    libc::POLLOUT
+                } else {
+                    libc::POLLIN
+                };
+                pfd(c.stream.as_raw_fd(), ev)
+            }));
+            fds.push(pfd(self.server.bound.listener.as_raw_fd(), libc::POLLIN));
+            let (ft, wt) = (self.server.frame_timeout, self.server.write_timeout);
+            let timeout = self
+                .conns
+                .iter()
+                .filter_map(|c| c.deadline(ft, wt))
+                .min()
+                .map_or(-1, |d| {
+                    let ms = d.saturating_duration_since(Instant::now()).as_millis();
+                    // Round up so the deadline has passed when poll returns.
+                    ms.saturating_add(1).min(i32::MAX as u128) as i32
+                });
             // SAFETY: fds is a valid, exclusively borrowed array of fds.len() pollfd.
-            let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+            let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
             if r < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -401,28 +485,68 @@ impl<H: ControlHandler> ServeLoop<H> {
                 }
                 self.flush_notification();
             }
+            let now = Instant::now();
             for (i, pfd) in fds[1..1 + n].iter().enumerate() {
                 let conn = &mut self.conns[i];
-                if pfd.revents != 0 && conn.dead.is_none() {
-                    if let Err(why) = serve_readable(&self.handler, conn) {
-                        conn.dead = Some(why);
-                    }
+                if conn.dead.is_some() {
+                    continue;
+                }
+                let result = if pfd.revents & libc::POLLOUT != 0 {
+                    // Output drained: answer the requests that waited for it.
+                    conn.flush(now)
+                        .map_err(|e| format!("write: {e}"))
+                        .and_then(|()| match conn.pending() {
+                            0 => serve_buffered(&self.handler, conn),
+                            _ => Ok(()),
+                        })
+                } else if pfd.revents & libc::POLLIN != 0 {
+                    serve_readable(&self.handler, conn)
+                } else if pfd.revents != 0 {
+                    // POLLHUP / POLLERR while output was pending: nobody will read it.
+                    Err("peer hung up with output unread".into())
+                } else {
+                    Ok(())
+                };
+                if let Err(why) = result {
+                    conn.dead = Some(why);
                 }
             }
-            if listening && fds[1 + n].revents != 0 {
+            for conn in self.conns.iter_mut().filter(|c| c.dead.is_none()) {
+                if conn.frame_started.is_some_and(|t| now >= t + ft) {
+                    conn.dead = Some(format!(
+                        "frame not completed within {ft:?} ({} bytes received)",
+                        conn.decoder.buffered()
+                    ));
+                } else if conn.stalled_since.is_some_and(|t| now >= t + wt) {
+                    conn.dead = Some(format!(
+                        "peer took none of {} bytes of output within {wt:?}",
+                        conn.pending()
+                    ));
+                }
+            }
+            self.sweep();
+            if fds[1 + n].revents != 0 {
                 self.accept();
             }
-            self.conns.retain(|c| match &c.dead {
-                Some(why) => {
-                    log::info!("control connection {} closed: {why}", c.id);
-                    false
-                }
-                None => true,
-            });
         }
         log::info!("control socket {path} stopped");
     }
 
+    fn sweep(&mut self) {
+        self.conns.retain(|c| match &c.dead {
+            Some(why) => {
+                log::info!("control connection {} closed: {why}", c.id);
+                false
+            }
+            None => true,
+        });
+    }
+
+    /// Accepts one connection. With every slot taken, the connection that has gone longest
+    /// without a request is closed to make room, preferring ones that never had a request
+    /// answered or whose last fenced command was refused as `FENCED`: a new coordinator must get in even if stale peers (a hung operator tool, a
+    /// deposed coordinator, half-written frames) hold every slot, and a live coordinator sends
+    /// requests every checkpoint, so it is never the one chosen while a stale one exists.
     fn accept(&mut self) {
         let stream = match self.server.bound.listener.accept() {
             Ok((s, _)) => s,
@@ -445,14 +569,23 @@ impl<H: ControlHandler> ServeLoop<H> {
                 return;
             }
         }
-        // Blocking socket: reads happen only after poll reports data, writes block for at most
-        // the write timeout.
-        if let Err(e) = stream
-            .set_nonblocking(false)
-            .and_then(|_| stream.set_write_timeout(Some(self.server.write_timeout)))
-        {
+        // Non-blocking: reads happen after poll reports data, writes never wait.
+        if let Err(e) = stream.set_nonblocking(true) {
             log::warn!("control connection setup: {e}");
             return;
+        }
+        if self.conns.len() >= MAX_CONNECTIONS {
+            if let Some(victim) = self
+                .conns
+                .iter_mut()
+                .min_by_key(|c| (c.served, c.last_request))
+            {
+                victim.dead = Some(format!(
+                    "evicted for a new connection (all {MAX_CONNECTIONS} slots taken; idle {:?})",
+                    victim.last_request.elapsed()
+                ));
+            }
+            self.sweep();
         }
         self.server.accepted += 1;
         let id = self.server.accepted;
@@ -462,6 +595,11 @@ impl<H: ControlHandler> ServeLoop<H> {
             stream,
             decoder: FrameDecoder::new(),
             out: Vec::new(),
+            sent: 0,
+            last_request: Instant::now(),
+            served: false,
+            frame_started: None,
+            stalled_since: None,
             dead: None,
         });
     }
@@ -485,7 +623,7 @@ impl<H: ControlHandler> ServeLoop<H> {
     }
 }
 
-/// Reads what is available on `conn` and answers every complete request in it. `Err` carries
+/// Reads what is available on `conn` and answers the complete requests in it. `Err` carries
 /// the reason to close the connection.
 fn serve_readable<H: ControlHandler>(handler: &H, conn: &mut Connection) -> Result<(), String> {
     match conn.decoder.read_from(&mut conn.stream) {
@@ -506,11 +644,41 @@ fn serve_readable<H: ControlHandler>(handler: &H, conn: &mut Connection) -> Resu
         }
         Err(e) => return Err(e.to_string()),
     }
-    loop {
+    serve_buffered(handler, conn)
+}
+
+/// Answers every complete request already received, stopping while output is pending (the
+/// rest waits in the decoder until the peer reads). Runs the frame timer of a partial frame.
+fn serve_buffered<H: ControlHandler>(handler: &H, conn: &mut Connection) -> Result<(), String> {
+    let now = Instant::now();
+    let mut decoded = false;
+    while conn.pending() == 0 {
         let reply = match conn.decoder.decode::<Request>() {
-            Ok(None) => return Ok(()),
-            Ok(Some(req)) => call_handler(handler, req),
+            Ok(None) => break,
+            Ok(Some(req)) => {
+                decoded = true;
+                conn.last_request = now;
+                match req.check_range() {
+                    Ok(()) => {
+                        let fenced_cmd = req.generation().is_some();
+                        let reply = call_handler(handler, req);
+                        let deposed = matches!(
+                            reply,
+                            Reply::Error {
+                                code: ErrorCode::Fenced,
+                                ..
+                            }
+                        );
+                        if fenced_cmd || !conn.served {
+                            conn.served = !deposed;
+                        }
+                        reply
+                    }
+                    Err(why) => Reply::error(ErrorCode::Malformed, why),
+                }
+            }
             Err(e) => {
+                decoded = true;
                 log::warn!("control connection {}: bad frame: {e}", conn.id);
                 if let Some(code) = e.error_code() {
                     // Best effort when fatal: the connection closes anyway.
@@ -525,6 +693,15 @@ fn serve_readable<H: ControlHandler>(handler: &H, conn: &mut Connection) -> Resu
         };
         conn.send(&reply).map_err(|e| format!("reply write: {e}"))?;
     }
+    // What is left is a partial frame, unless output is pending (then whole frames may wait on
+    // us, and the write timer runs instead). A partial frame must complete within the frame
+    // timeout, counted from its first byte.
+    if conn.decoder.buffered() == 0 || conn.pending() > 0 {
+        conn.frame_started = None;
+    } else if decoded || conn.frame_started.is_none() {
+        conn.frame_started = Some(now);
+    }
+    Ok(())
 }
 
 /// Runs the handler; a panic in it becomes an `INTERNAL` error reply instead of killing the
