@@ -407,6 +407,67 @@ fn ring_failure_without_reply_fails_next_replied_message() {
     assert_eq!(d.count("queue 0 cannot start"), 1, "{}", d.text());
 }
 
+/// QEMU 10 restarts a ring after a VM pause (stop/cont) with SET_VRING_KICK *before*
+/// SET_VRING_CALL, and the call eventfd of the previous run is gone by then (QEMU made a new
+/// guest notifier). A completion signalled in that window must not be written to the old fd
+/// (the guest would never see it: with MSI-X nothing else wakes its RX queue), but delivered on
+/// the new one when it arrives.
+#[test]
+fn completion_between_restart_and_new_call_fd_is_signalled_on_the_new_fd() {
+    for event_idx in [false, true] {
+        let s = sock(&format!("callwin{}", u8::from(event_idx)));
+        let args: &[&str] = if event_idx { &["--event-idx"] } else { &[] };
+        let _d = Daemon::spawn(&s, "callwin", args);
+        let mut f = TestFrontend::connect(&s, 2, T);
+        f.handshake();
+        f.set_mem_table();
+        standard_queue(&mut f, 0);
+        let (h, _) = request(&mut f, 0, b"one");
+        f.kick(0);
+        assert_eq!(f.wait_used(0, 1, T), vec![(h, 3)]);
+        // VM pause: the ring stops.
+        let base = f.fe.get_vring_base(0).expect("get_vring_base");
+        assert_eq!(base, 1);
+        // cont, QEMU 10 order: NUM, BASE, ADDR, KICK (the ring runs again), ... CALL later.
+        let (desc, avail, used) = TestFrontend::ring_gpas(0);
+        let va = |g: u64| g - MEM_GPA + f.va_base;
+        f.fe.set_vring_num(0, 256).expect("num");
+        f.fe.set_vring_base(0, 1).expect("base");
+        f.fe.set_vring_addr(
+            0,
+            &vhost::VringConfigData {
+                queue_max_size: 256,
+                queue_size: 256,
+                flags: 0,
+                desc_table_addr: va(desc),
+                used_ring_addr: va(used),
+                avail_ring_addr: va(avail),
+                log_addr: None,
+            },
+        )
+        .expect("addr");
+        f.fe.set_vring_kick(0, &f.queues[0].kick).expect("kick");
+        // The guest asks for an interrupt at the next entry (EVENT_IDX: used_event = 1).
+        f.write(avail + 4 + 2 * 256, &1u16.to_le_bytes());
+        let (h, _) = request(&mut f, 0, b"two");
+        f.kick(0);
+        assert_eq!(f.wait_used(0, 1, T), vec![(h, 3)], "event_idx {event_idx}");
+        let fresh = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        f.fe.set_vring_call(0, &fresh).expect("call");
+        let mut pfd = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&fresh),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, 2000) };
+        assert_eq!(
+            n, 1,
+            "event_idx {event_idx}: the completion made before the new call fd was never signalled on it"
+        );
+    }
+}
+
 /// QEMU's start of a session by hand (vhost's Frontend insists on SET_FEATURES before the
 /// protocol features): GET_FEATURES, GET/SET_PROTOCOL_FEATURES, SET_OWNER, GET_QUEUE_NUM,
 /// GET_MAX_MEM_SLOTS, GET_CONFIG. Returns (features, protocol features).

@@ -520,7 +520,12 @@ impl VhostUserBackendReqHandlerMut for ConnHandler {
         let q = index as usize;
         self.stop(q);
         let r = &mut self.rings[q];
+        // The stop signalled anything pending on the current call fd. Both fds are the
+        // frontend's to replace now: QEMU makes a new guest notifier at every VM start and may
+        // send it only after SET_VRING_KICK restarted the ring (QEMU 10 does), so a ring must
+        // never run on the previous one (libvhost-user and DPDK drop both here too).
         r.kick = None;
+        r.call = None;
         Ok(VhostUserVringState::new(index, u32::from(r.base)))
     }
 

@@ -4,6 +4,11 @@
 //! A [`VringHandle`] exists only while its ring runs (between start and stop) and is touched
 //! only by its group's worker thread, so it needs no lock.
 //!
+//! Guest notifications: one per batch, as EVENT_IDX (or NO_INTERRUPT) allows. A notification
+//! due while the ring has no call fd (QEMU 10 restarts a ring with SET_VRING_KICK and sends the
+//! new call fd after it) is remembered and sent when the call fd arrives: EVENT_IDX would not
+//! ask for it again, and a guest waiting for it (an MSI-X vector of its own) would wait forever.
+//!
 //! Resubmission after reconnect: heads still marked in the inflight region are handed out by
 //! [`VringHandle::pop`] before new avail entries. virtio-queue builds a `DescriptorChain` only
 //! from an avail ring, so the heads are written into a private avail ring in the scratch region
@@ -56,6 +61,9 @@ pub struct VringHandle {
     shadow: Option<Queue>,
     resubmit_left: u16,
     need_signal: bool,
+    /// A notification was due while no call fd was set (ring restarted before the frontend
+    /// sent its new call fd): sent as soon as one arrives.
+    missed_signal: bool,
 }
 
 impl std::fmt::Debug for VringHandle {
@@ -130,6 +138,7 @@ impl VringHandle {
             shadow,
             resubmit_left,
             need_signal: false,
+            missed_signal: false,
         })
     }
 
@@ -185,6 +194,21 @@ impl VringHandle {
 
     pub(crate) fn set_call(&mut self, call: Option<Arc<EventFd>>) {
         self.call = call;
+        if self.missed_signal && self.call.is_some() {
+            self.missed_signal = false;
+            self.write_call();
+        }
+    }
+
+    fn write_call(&mut self) {
+        match &self.call {
+            Some(call) => {
+                if let Err(e) = call.write(1) {
+                    warn!("queue {}: signal call fd: {e}", self.index);
+                }
+            }
+            None => self.missed_signal = true,
+        }
     }
 
     /// Take the next request: first heads left in flight by a previous connection, then new
@@ -263,11 +287,7 @@ impl VringHandle {
             }
         };
         if needed {
-            if let Some(call) = &self.call {
-                if let Err(e) = call.write(1) {
-                    warn!("queue {}: signal call fd: {e}", self.index);
-                }
-            }
+            self.write_call();
         }
     }
 
