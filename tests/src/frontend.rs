@@ -155,6 +155,35 @@ impl TestFrontend {
         &mut self.raw
     }
 
+    /// A new frontend on `path` (a new protocol session) whose guest memory and split-ring
+    /// driver state are a copy of this one's: what a backend sees when a VMM restores a
+    /// checkpoint of this guest. Nothing is sent yet.
+    pub fn restored_copy(&self, path: &Path, timeout: Duration) -> Self {
+        let mut f = Self::connect(path, self.queues.len().max(1), timeout);
+        let mut image = vec![0u8; MEM_SIZE as usize];
+        self.mem
+            .read_slice(&mut image, GuestAddress(MEM_GPA))
+            .expect("read guest memory");
+        f.mem
+            .write_slice(&image, GuestAddress(MEM_GPA))
+            .expect("copy guest memory");
+        f.queues = self
+            .queues
+            .iter()
+            .map(|q| TestQueue {
+                size: q.size,
+                kick: EventFd::new(0).expect("eventfd"),
+                call: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+                free: q.free.clone(),
+                avail_idx: q.avail_idx,
+                last_used: q.last_used,
+            })
+            .collect();
+        f.next_data = self.next_data;
+        f.features = self.features;
+        f
+    }
+
     /// Send a raw message (header + body).
     pub fn send_raw(&mut self, request: u32, flags: u32, body: &[u8]) {
         let mut m = Vec::new();

@@ -16,6 +16,12 @@
 //!
 //! Invariant: a request is marked from the moment it leaves the avail ring until its used entry
 //! is visible, so a daemon killed at any instant loses no request and completes none twice.
+//!
+//! Fresh and used regions: `version` stays 0 until a ring has run with the region
+//! ([`InflightQueue::mark_in_use`]), as in libvhost-user. A version-0 region says nothing about
+//! the rings (a new daemon on a VM restored from a checkpoint gets one), so the ring resumes at
+//! SET_VRING_BASE; only a used region (same VM, reconnect or restart) is authoritative for what
+//! to resubmit.
 
 use memmap2::{MmapOptions, MmapRaw};
 use std::fs::File;
@@ -47,6 +53,7 @@ pub struct InflightRegion {
 
 impl InflightRegion {
     /// GET_INFLIGHT_FD: create a zeroed memfd region for `num_queues` queues of `queue_size`.
+    /// Its version stays 0 (fresh) until a ring runs with it.
     pub fn create(num_queues: u16, queue_size: u16) -> std::io::Result<(Arc<Self>, File)> {
         if num_queues == 0 || queue_size == 0 {
             return Err(std::io::ErrorKind::InvalidInput.into());
@@ -62,9 +69,11 @@ impl InflightRegion {
         file.set_len(size)?;
         let region = Self::map(&file, size, 0, num_queues, queue_size)?;
         for q in 0..num_queues {
-            let hdr = region.header(q);
-            hdr.version.store(VERSION, Ordering::Relaxed);
-            hdr.desc_num.store(queue_size, Ordering::Relaxed);
+            // Not the version: that would make the region look used (see the module docs).
+            region
+                .header(q)
+                .desc_num
+                .store(queue_size, Ordering::Relaxed);
         }
         Ok((Arc::new(region), file))
     }
@@ -74,7 +83,9 @@ impl InflightRegion {
     /// The frontend passes back the `queue_size` it asked for in GET_INFLIGHT_FD, but a region
     /// we created may be laid out for larger rings (see `get_inflight_fd`): the layout is the
     /// `desc_num` of queue 0 when it is a power of two above `queue_size` and the region is
-    /// large enough for it, else `queue_size` (regions made by other backends).
+    /// large enough for it, else `queue_size` (regions made by other backends, which write
+    /// `desc_num = queue_size`, or zeroed ones the frontend made). The version is not looked
+    /// at: a region we created stays at version 0 until a ring runs with it.
     pub fn open(
         file: &File,
         size: u64,
@@ -91,8 +102,7 @@ impl InflightRegion {
         let region = Self::map(file, size, offset, num_queues, queue_size)?;
         let hdr = region.header(0);
         let desc_num = hdr.desc_num.load(Ordering::Relaxed);
-        if hdr.version.load(Ordering::Relaxed) != 0
-            && desc_num > queue_size
+        if desc_num > queue_size
             && desc_num.is_power_of_two()
             && size >= queue_region_size(desc_num) * u64::from(num_queues)
         {
@@ -173,6 +183,8 @@ pub struct InflightQueue {
     region: Arc<InflightRegion>,
     queue: u16,
     counter: u64,
+    /// The queue's area had version 0 when this view was made: no ring ran with it yet.
+    fresh: bool,
 }
 
 impl InflightQueue {
@@ -183,16 +195,34 @@ impl InflightQueue {
             return None;
         }
         let hdr = region.header(queue);
-        if hdr.version.load(Ordering::Relaxed) == 0 {
-            // Fresh region the frontend allocated itself: initialise it.
-            hdr.version.store(VERSION, Ordering::Relaxed);
+        let fresh = hdr.version.load(Ordering::Acquire) == 0;
+        if fresh {
+            // Possibly allocated by the frontend itself: lay it out, but leave it fresh until
+            // a ring actually runs with it (a refused start must not make it look used).
             hdr.desc_num.store(region.queue_size, Ordering::Relaxed);
         }
         Some(InflightQueue {
             region,
             queue,
             counter: 0,
+            fresh,
         })
+    }
+
+    /// Whether the queue's area was fresh (version 0) when this view was made: it records
+    /// nothing about the ring, whose position is then SET_VRING_BASE.
+    pub fn is_fresh(&self) -> bool {
+        self.fresh
+    }
+
+    /// The ring now runs with this region: from here on it is authoritative for resubmission
+    /// (version set), also for a later daemon or connection of the same VM.
+    pub fn mark_in_use(&mut self) {
+        let hdr = self.region.header(self.queue);
+        hdr.desc_num
+            .store(self.region.queue_size, Ordering::Relaxed);
+        hdr.version.store(VERSION, Ordering::Release);
+        self.fresh = false;
     }
 
     /// Recover after (re)connect: repair a half-recorded completion and return the heads to
@@ -360,6 +390,20 @@ mod tests {
         let reopened = InflightRegion::open(&file, queue_region_size(128) * 2, 0, 2, 128).unwrap();
         assert_eq!(reopened.queue_size(), 128);
         assert!(InflightQueue::new(reopened, 0, 1024).is_none());
+    }
+
+    /// A region the daemon just created is fresh until a ring runs with it; the frontend
+    /// hands the same memory back on reconnect, and then it is used.
+    #[test]
+    fn created_region_is_fresh_until_a_ring_runs() {
+        let (region, _file) = InflightRegion::create(2, 8).unwrap();
+        let mut q = InflightQueue::new(region.clone(), 0, 8).unwrap();
+        assert!(q.is_fresh());
+        // A refused start leaves it fresh.
+        assert!(InflightQueue::new(region.clone(), 0, 8).unwrap().is_fresh());
+        q.mark_in_use();
+        assert!(!InflightQueue::new(region.clone(), 0, 8).unwrap().is_fresh());
+        assert!(InflightQueue::new(region, 1, 8).unwrap().is_fresh());
     }
 
     #[test]

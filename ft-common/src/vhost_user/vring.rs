@@ -88,7 +88,13 @@ fn make_queue(size: u16, desc: u64, avail: u64, used: u64) -> Result<Queue, virt
 
 impl VringHandle {
     /// Build the running ring. Reads used->idx, recovers inflight state and derives the next
-    /// avail index (inflight: used idx + heads still in flight; else `setup.base`).
+    /// avail index: with a used inflight region (same VM: reconnect or daemon restart) the used
+    /// idx plus the heads still marked, whatever SET_VRING_BASE says (after a daemon crash QEMU
+    /// sends the used idx there); otherwise (fresh region, or none) `setup.base`.
+    ///
+    /// A fresh region with `setup.base != used idx` is a VM restored from a checkpoint with
+    /// requests popped but not completed at the checkpoint: which ones cannot be told from the
+    /// rings (completions need not be in order), so the start is refused rather than guessed.
     pub(crate) fn start(
         mut setup: RingSetup,
         mem: Arc<GuestMem>,
@@ -111,7 +117,7 @@ impl VringHandle {
         let mut shadow = None;
         let mut resubmit_left = 0;
         let next_avail = match inflight.as_mut() {
-            Some(inf) => {
+            Some(inf) if !inf.is_fresh() => {
                 let heads = inf.recover(used_idx);
                 let n = heads.len() as u16;
                 if n > 0 {
@@ -124,8 +130,22 @@ impl VringHandle {
                 }
                 used_idx.wrapping_add(n)
             }
-            None => setup.base,
+            Some(_) if setup.base != used_idx => {
+                return Err(format!(
+                    "queue {}: SET_VRING_BASE is {} but the used ring's idx is {}: {} request(s) \
+                     were taken and not completed before this VM was restored, and no replay \
+                     record says which; refusing to start the ring",
+                    setup.index,
+                    setup.base,
+                    used_idx,
+                    setup.base.wrapping_sub(used_idx)
+                ));
+            }
+            _ => setup.base,
         };
+        if let Some(inf) = inflight.as_mut() {
+            inf.mark_in_use();
+        }
         queue.set_next_avail(next_avail);
         queue.set_next_used(used_idx);
         Ok(VringHandle {
