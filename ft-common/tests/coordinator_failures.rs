@@ -1,4 +1,6 @@
-//! Failure handling: a daemon killed mid-epoch stops the cycle (reported in status, metrics);
+//! Failure handling: a daemon killed mid-epoch stops the cycle (reported in status, metrics)
+//! until it is back (`continue`) or the operator resumes (`stop-vm`); a commit failure the daemon
+//! survives does not stop it; a fenced coordinator is deposed;
 //! a restarted coordinator takes a newer generation and never seals below the daemons' open
 //! epoch; `ftctl abort` deposes the primary so an older coordinator's commands are refused.
 
@@ -14,7 +16,7 @@ use ft_common::epoch::{Epoch, Generation};
 use std::time::Duration;
 
 #[test]
-fn daemon_killed_mid_epoch_stops_the_cycle_until_resumed() {
+fn daemon_killed_mid_epoch_stops_the_cycle_until_it_is_back() {
     let dir = TempDir::new("kill");
     let a = FakeDevice::start("vda", dir.path().join("vda.ctl"), DeviceKind::Blk);
     let mut b = FakeDevice::start("net0", dir.path().join("net0.ctl"), DeviceKind::Net);
@@ -63,8 +65,10 @@ fn daemon_killed_mid_epoch_stops_the_cycle_until_resumed() {
         ftctl(&api, "status").unwrap()["devices"][1]["connected"] == true
     });
     b2.submit(7, 60);
-    let r = ftctl(&api, "resume").unwrap();
-    assert!(r["halted"].is_null(), "{r}");
+    // `continue`: the cycle goes on by itself once every device is back.
+    wait_for("halt cleared", || {
+        ftctl(&api, "status").unwrap()["cycle"]["halted"].is_null()
+    });
     wait_for("cycle runs again", || {
         !b2.released().is_empty() && a.held() == 0
     });
@@ -76,10 +80,13 @@ fn daemon_killed_mid_epoch_stops_the_cycle_until_resumed() {
     c.shutdown();
 }
 
+/// A daemon under `--on-commit-error stop` refuses commits after a failure: a device failure,
+/// so `stop-vm` halts the cycle and stops the VM.
 #[test]
 fn commit_failed_stops_the_cycle_and_the_vm_policy_is_reported() {
     let dir = TempDir::new("commitfail");
     let a = FakeDevice::start("vda", dir.path().join("vda.ctl"), DeviceKind::Blk);
+    a.state.lock().unwrap().stop_on_commit_error = true;
     let cfg = config(dir.path(), &[("vda", &a.path)], "sim");
     let c = Coordinator::start(cfg).unwrap();
     wait_for("a commit", || !a.commit_epochs().is_empty());
@@ -99,6 +106,78 @@ fn commit_failed_stops_the_cycle_and_the_vm_policy_is_reported() {
     let commits = a.commit_epochs().len();
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(a.commit_epochs().len(), commits);
+    c.shutdown();
+}
+
+/// A daemon under `--on-commit-error report` survives a failed commit: the coordinator reports
+/// it and keeps cutting and committing (even under `stop-vm`, and nothing waits for
+/// `ftctl resume`); the failed epoch never counts as committed.
+#[test]
+fn a_reported_commit_failure_keeps_the_cycle_going() {
+    let dir = TempDir::new("commitreport");
+    let a = FakeDevice::start("vda", dir.path().join("vda.ctl"), DeviceKind::Blk);
+    let cfg = config(dir.path(), &[("vda", &a.path)], "sim");
+    let c = Coordinator::start(cfg).unwrap();
+    wait_for("a commit", || !a.commit_epochs().is_empty());
+    a.set_hooks(Hooks {
+        fail_commits: Some("fdatasync: Input/output error".into()),
+        check: None,
+    });
+    a.submit(1, 4096);
+    wait_for("a failed commit", || {
+        status(&c)["devices"][0]["commits_failed"].as_u64() >= Some(1)
+    });
+    a.set_hooks(Hooks::default());
+    let s = status(&c);
+    assert!(s["cycle"]["halted"].is_null(), "{s}");
+    assert_eq!(s["cycle"]["vm_stopped"], false, "{s}");
+    let failed = s["cycle"]["epochs_commit_failed"].as_u64().unwrap();
+    assert!(failed >= 1, "{s}");
+    // Later output is released without anyone resuming.
+    a.submit(2, 4096);
+    wait_for("released after the failure", || {
+        a.released().iter().any(|(t, _)| *t == 2)
+    });
+    let s = status(&c);
+    assert!(s["cycle"]["halted"].is_null(), "{s}");
+    // `last_committed` is an epoch the device really committed.
+    let last = s["cycle"]["last_committed"].as_u64().unwrap();
+    assert!(
+        a.released().iter().any(|(_, e)| e.0 <= last),
+        "last_committed {last} released nothing: {s}"
+    );
+    c.shutdown();
+}
+
+/// A coordinator whose commands a daemon answers with FENCED (a newer coordinator spoke to it)
+/// is deposed: `deposed: true`, halted, nothing sealed or committed any more.
+#[test]
+fn a_fenced_coordinator_shows_deposed() {
+    let dir = TempDir::new("fenced");
+    let a = FakeDevice::start("vda", dir.path().join("vda.ctl"), DeviceKind::Blk);
+    let cfg = config(dir.path(), &[("vda", &a.path)], "sim:5");
+    let c = Coordinator::start(cfg).unwrap();
+    assert_eq!(c.generation(), Generation(1));
+    wait_for("commits", || a.commit_epochs().len() >= 2);
+    // A newer coordinator (generation 9) talks to the daemon.
+    let mut newer = ControlClient::connect(&a.path, Duration::from_secs(5)).unwrap();
+    assert!(matches!(
+        newer.call(&Request::Abort {
+            generation: Generation(9)
+        }),
+        Ok(Reply::Aborted { .. })
+    ));
+    wait_for("deposed", || status(&c)["cycle"]["deposed"] == true);
+    let s = status(&c);
+    assert!(
+        s["cycle"]["halted"].as_str().unwrap().contains("FENCED"),
+        "{s}"
+    );
+    let n = a.requests().len();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(a.requests()[n..]
+        .iter()
+        .all(|(_, r)| matches!(r, Request::Status)));
     c.shutdown();
 }
 

@@ -39,7 +39,7 @@ struct Args {
     /// A checkpoint not captured and acknowledged within N ms fails (its output stays held).
     #[arg(long, default_value_t = 10_000)]
     checkpoint_timeout_ms: u64,
-    /// What happens to the VM when a device disconnects or a commit fails.
+    /// When a device fails (disconnects, or refuses commits after a failure under its --on-commit-error stop): stop-vm stops the VM and the cycle until `ftctl resume`; continue leaves the VM running and carries on by itself once every device is connected again. A COMMIT_FAILED the daemon survives (--on-commit-error report) is counted and reported, not a failure.
     #[arg(long, value_enum, default_value = "stop-vm")]
     on_device_failure: OnFailure,
     /// Bound on one control call to a daemon.

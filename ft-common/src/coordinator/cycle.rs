@@ -15,8 +15,13 @@
 //! 2. Commits go out strictly in epoch order, one at a time: `Commit E` only after every earlier
 //!    captured epoch is committed (all devices answered) or known failed.
 //! 3. Epochs sealed are strictly increasing, and never below what a device reported open.
-//! 4. After a device failure (disconnect, `COMMIT_FAILED`) no new epoch is cut until the
-//!    operator resumes; after an abort nothing is sealed or committed again.
+//! 4. After a device failure (disconnect, a commit refused or unanswered) no new epoch is cut
+//!    until the failure clears: under `stop-vm` when the operator resumes, under `continue` as
+//!    soon as every device is connected again. A `COMMIT_FAILED` the daemon reports and survives
+//!    (`--on-commit-error report`) is not a device failure: it is counted and the cycle goes on.
+//! 5. After an abort, or once a device answers `FENCED` (a newer coordinator took over), this
+//!    coordinator is deposed: nothing is sealed or committed again.
+//! 6. `last_committed` / `epochs_committed` count only epochs every device committed.
 
 use crate::control::message::{CommitStats, TransactionState};
 use crate::epoch::{Epoch, Generation};
@@ -27,13 +32,14 @@ use std::time::{Duration, Instant};
 /// Index of a device in the coordinator's device list.
 pub type DeviceId = usize;
 
-/// What to do with the VM when a device fails.
+/// What to do when a device fails (disconnects, or can no longer commit).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum FailurePolicy {
-    /// Stop the VM (and keep it stopped until the operator resumes).
+    /// Stop the VM and the cycle, until the operator resumes.
     StopVm,
-    /// Leave the VM running; its output stays held until the cycle is resumed.
+    /// Leave the VM running (its output stays held meanwhile) and continue the cycle by itself
+    /// as soon as every device is connected again.
     Continue,
 }
 
@@ -107,10 +113,20 @@ pub enum Input {
         epoch: Epoch,
         stats: CommitStats,
     },
-    /// `COMMIT_FAILED`, or an error reply / timeout to `COMMIT`.
+    /// The commit of `epoch` failed on `device`. `device_failed`: the device can no longer
+    /// commit (an error reply such as `COMMIT_REFUSED`, a timeout, or `COMMIT_FAILED` from a
+    /// daemon that now refuses commits); false for a `COMMIT_FAILED` the daemon reported and
+    /// survives (`--on-commit-error report`): the guest saw I/O errors for that epoch, later
+    /// epochs commit normally.
     CommitFailed {
         device: DeviceId,
         epoch: Epoch,
+        error: String,
+        device_failed: bool,
+    },
+    /// `device` answered `FENCED`: a coordinator with a newer generation has taken over.
+    Fenced {
+        device: DeviceId,
         error: String,
     },
     DeviceLost {
@@ -165,6 +181,21 @@ pub enum Event {
     },
     EpochCommitted {
         epoch: Epoch,
+    },
+    /// A device failed the commit of `epoch` and survives (its guest saw I/O errors).
+    CommitFailed {
+        device: DeviceId,
+        epoch: Epoch,
+        error: String,
+    },
+    /// The commit of `epoch` ended with at least one device failing it: not counted committed.
+    EpochCommitFailed {
+        epoch: Epoch,
+    },
+    /// A newer coordinator fenced this one.
+    Deposed {
+        device: DeviceId,
+        error: String,
     },
     DeviceFailed {
         device: DeviceId,
@@ -261,6 +292,8 @@ struct InFlightCommit {
     sealed_at: Instant,
     sent: Instant,
     waiting: Vec<DeviceId>,
+    /// A device failed it (or was lost before answering): not counted as committed.
+    failed: bool,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -290,6 +323,8 @@ pub struct CycleStatus {
     pub epochs_sealed: u64,
     pub epochs_committed: u64,
     pub epochs_dropped: u64,
+    /// Commits that at least one device failed or refused.
+    pub epochs_commit_failed: u64,
     pub awaiting_ack: usize,
     pub commit_in_flight: Option<Epoch>,
     pub last_commit_latency_us: Option<u64>,
@@ -317,6 +352,8 @@ pub struct Cycle {
     cut_requested: bool,
     paused: bool,
     halted: Option<String>,
+    /// The halt came from device failures (not from VM control), so a reconnect may clear it.
+    device_halt: bool,
     deposed: bool,
     winding_down: bool,
     vm_stopped: bool,
@@ -325,6 +362,7 @@ pub struct Cycle {
     epochs_sealed: u64,
     epochs_committed: u64,
     epochs_dropped: u64,
+    epochs_commit_failed: u64,
     last_commit_latency: Option<Duration>,
     checkpointer_last_error: Option<String>,
 }
@@ -346,6 +384,7 @@ impl Cycle {
             cut_requested: false,
             paused: false,
             halted: None,
+            device_halt: false,
             deposed: false,
             winding_down: false,
             vm_stopped: false,
@@ -354,6 +393,7 @@ impl Cycle {
             epochs_sealed: 0,
             epochs_committed: 0,
             epochs_dropped: 0,
+            epochs_commit_failed: 0,
             last_commit_latency: None,
             checkpointer_last_error: None,
         }
@@ -416,22 +456,35 @@ impl Cycle {
                 device,
                 epoch,
                 error,
+                device_failed,
             } => {
                 // Only an answer we wait for counts: a device already reported lost (and so
                 // no longer awaited) must not be failed twice.
-                let awaited = self
-                    .commit
-                    .as_ref()
-                    .is_some_and(|c| c.epoch == epoch && c.waiting.contains(&device));
+                let awaited = match &mut self.commit {
+                    Some(c) if c.epoch == epoch && c.waiting.contains(&device) => {
+                        c.failed = true;
+                        true
+                    }
+                    _ => false,
+                };
                 if awaited {
                     if let Some(d) = self.devices.get_mut(device) {
                         d.commits_failed += 1;
                     }
                     let error = format!("commit of epoch {epoch} failed: {error}");
-                    self.device_failed(device, error, out);
+                    if device_failed {
+                        self.device_failed(device, error, out);
+                    } else {
+                        out.push(Action::Report(Event::CommitFailed {
+                            device,
+                            epoch,
+                            error,
+                        }));
+                    }
                     self.commit_reply(now, device, epoch, out);
                 }
             }
+            Input::Fenced { device, error } => self.fenced(device, error, out),
             Input::DeviceLost { device, error } => {
                 if let Some(d) = self.devices.get_mut(device) {
                     d.connected = false;
@@ -457,6 +510,10 @@ impl Cycle {
                 self.next_epoch = self.next_epoch.max(open_epoch);
                 if output_pending {
                     self.output_pending = self.output_pending.max(Some(self.next_epoch));
+                }
+                if self.cfg.on_device_failure == FailurePolicy::Continue && self.device_halt {
+                    // `continue`: the failed devices are back; carry on without the operator.
+                    self.clear_device_halt();
                 }
             }
             Input::Abort { generation } => self.abort(generation, out),
@@ -501,6 +558,7 @@ impl Cycle {
             epochs_sealed: self.epochs_sealed,
             epochs_committed: self.epochs_committed,
             epochs_dropped: self.epochs_dropped,
+            epochs_commit_failed: self.epochs_commit_failed,
             awaiting_ack: self.pending.len(),
             commit_in_flight: self.commit.as_ref().map(|c| c.epoch),
             last_commit_latency_us: self.last_commit_latency.map(|d| d.as_micros() as u64),
@@ -820,6 +878,8 @@ impl Cycle {
                         epoch: p.epoch,
                         sealed_at: p.sealed_at,
                         sent: now,
+                        // A sealed device that is gone now keeps its output: not a full commit.
+                        failed: devices.len() < p.devices.len(),
                         waiting: devices.clone(),
                     });
                     out.push(Action::Commit {
@@ -851,6 +911,11 @@ impl Cycle {
         };
         let latency = now.saturating_duration_since(c.sent);
         self.last_commit_latency = Some(latency);
+        if c.failed {
+            self.epochs_commit_failed += 1;
+            out.push(Action::Report(Event::EpochCommitFailed { epoch: c.epoch }));
+            return;
+        }
         self.last_committed = Some(c.epoch);
         self.epochs_committed += 1;
         out.push(Action::Record(Sample::Commit(latency)));
@@ -870,7 +935,10 @@ impl Cycle {
         }
         self.finish_sealing(now, out);
         if let Some(c) = &mut self.commit {
-            c.waiting.retain(|d| *d != device);
+            if c.waiting.contains(&device) {
+                c.waiting.retain(|d| *d != device);
+                c.failed = true;
+            }
         }
         self.finish_commit(now, out);
     }
@@ -885,6 +953,7 @@ impl Cycle {
         }));
         if self.halted.is_none() {
             self.halted = Some(format!("device {device}: {error}"));
+            self.device_halt = true;
             // Stop the VM now unless a cut in progress will do it on its way out.
             if self.cfg.on_device_failure == FailurePolicy::StopVm
                 && matches!(self.phase, Phase::Idle)
@@ -903,6 +972,7 @@ impl Cycle {
         }
         if self.halted.is_some() && self.devices.iter().all(|d| d.connected) {
             self.halted = None;
+            self.device_halt = false;
             for d in &mut self.devices {
                 d.failure = None;
             }
@@ -910,6 +980,58 @@ impl Cycle {
                 self.phase = Phase::Resuming;
                 out.push(Action::ResumeVm);
             }
+        }
+    }
+
+    /// `continue` policy: a halt caused by device failures ends once every device is
+    /// connected (a daemon that refused commits has restarted and reconnected).
+    fn clear_device_halt(&mut self) {
+        if self.deposed || !self.devices.iter().all(|d| d.connected) {
+            return;
+        }
+        self.halted = None;
+        self.device_halt = false;
+        for d in &mut self.devices {
+            d.failure = None;
+        }
+    }
+
+    /// A newer coordinator fenced us: deposed, like an abort, but without `ABORT` (that is the
+    /// new coordinator's to send, and ours would be fenced too).
+    fn fenced(&mut self, device: DeviceId, error: String, out: &mut Vec<Action>) {
+        if self.deposed {
+            return;
+        }
+        out.push(Action::Report(Event::Deposed {
+            device,
+            error: error.clone(),
+        }));
+        self.halted = Some(format!(
+            "deposed: device {device} answered FENCED ({error})"
+        ));
+        self.device_halt = false;
+        self.depose(out);
+        if !self.vm_stopped {
+            self.vm_stopped = true;
+            out.push(Action::StopVm);
+        }
+    }
+
+    /// Nothing of ours is sealed or committed again (the caller stops the VM).
+    fn depose(&mut self, out: &mut Vec<Action>) {
+        self.deposed = true;
+        self.commit = None;
+        for p in self.pending.drain(..) {
+            self.epochs_dropped += 1;
+            out.push(Action::Report(Event::EpochDropped {
+                epoch: p.epoch,
+                reason: "aborted".into(),
+            }));
+        }
+        if let Phase::Capturing { epoch, .. } = self.phase {
+            out.push(Action::CancelCheckpoint { epoch });
+            self.epochs_dropped += 1;
+            self.phase = Phase::Idle;
         }
     }
 
@@ -931,20 +1053,7 @@ impl Cycle {
         if generation > self.generation {
             self.generation = generation;
         }
-        self.deposed = true;
-        self.commit = None;
-        for p in self.pending.drain(..) {
-            self.epochs_dropped += 1;
-            out.push(Action::Report(Event::EpochDropped {
-                epoch: p.epoch,
-                reason: "aborted".into(),
-            }));
-        }
-        if let Phase::Capturing { epoch, .. } = self.phase {
-            out.push(Action::CancelCheckpoint { epoch });
-            self.epochs_dropped += 1;
-            self.phase = Phase::Idle;
-        }
+        self.depose(out);
         out.push(Action::AbortAll {
             generation: self.generation,
         });

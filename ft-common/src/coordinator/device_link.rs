@@ -12,7 +12,7 @@
 //! - Commands are executed in the order sent, so COMMITs reach the daemon in epoch order.
 
 use super::cycle::{DeviceId, Input};
-use crate::control::message::{DeviceStatus, Notification, Reply, Request};
+use crate::control::message::{DeviceStatus, ErrorCode, Notification, Reply, Request};
 use crate::control::{ClientError, ControlClient};
 use crate::epoch::{Epoch, Generation};
 use std::os::fd::AsRawFd;
@@ -349,6 +349,21 @@ impl Worker {
                             state,
                         }
                     }
+                    Call::Done(Ok(Reply::Error {
+                        code: ErrorCode::Fenced,
+                        message,
+                    })) => {
+                        // Answer the seal too, so the cycle stops waiting for it.
+                        (self.sink)(Input::Fenced {
+                            device,
+                            error: message.clone(),
+                        });
+                        Input::SealFailed {
+                            device,
+                            epoch,
+                            error: format!("FENCED: {message}"),
+                        }
+                    }
                     Call::Done(r) => Input::SealFailed {
                         device,
                         epoch,
@@ -363,6 +378,7 @@ impl Worker {
                         device,
                         epoch,
                         error: "not connected".into(),
+                        device_failed: true,
                     },
                     Call::Lost => return,
                     Call::Done(Ok(Reply::Committed { epoch: e, stats })) if e == epoch => {
@@ -373,6 +389,18 @@ impl Worker {
                         }
                     }
                     Call::Done(Ok(Reply::CommitFailed { error, errno, .. })) => {
+                        // The daemon's `--on-commit-error` decides whether it goes on: its
+                        // STATUS says whether it now refuses commits.
+                        let refuses = match self.call(&Request::Status) {
+                            Call::Done(Ok(Reply::Status(st))) => {
+                                let r = st.commit_refused;
+                                if let Ok(mut s) = self.shared.status.lock() {
+                                    *s = Some(*st);
+                                }
+                                r
+                            }
+                            _ => true,
+                        };
                         Input::CommitFailed {
                             device,
                             epoch,
@@ -380,12 +408,29 @@ impl Worker {
                                 Some(n) => format!("{error} (errno {n})"),
                                 None => error,
                             },
+                            device_failed: refuses,
+                        }
+                    }
+                    Call::Done(Ok(Reply::Error {
+                        code: ErrorCode::Fenced,
+                        message,
+                    })) => {
+                        (self.sink)(Input::Fenced {
+                            device,
+                            error: message.clone(),
+                        });
+                        Input::CommitFailed {
+                            device,
+                            epoch,
+                            error: format!("FENCED: {message}"),
+                            device_failed: true,
                         }
                     }
                     Call::Done(r) => Input::CommitFailed {
                         device,
                         epoch,
                         error: describe(r),
+                        device_failed: true,
                     },
                 };
                 (self.sink)(input);

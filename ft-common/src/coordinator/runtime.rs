@@ -396,6 +396,21 @@ impl Shell {
             Event::DeviceFailed { device, error } => {
                 log::error!("device {} failed, cycle stopped: {error}", name(device))
             }
+            Event::CommitFailed {
+                device,
+                epoch,
+                error,
+            } => log::error!(
+                "device {} failed the commit of epoch {epoch} and goes on: {error}",
+                name(device)
+            ),
+            Event::EpochCommitFailed { epoch } => {
+                log::warn!("epoch {epoch} was not committed by every device")
+            }
+            Event::Deposed { device, error } => log::error!(
+                "deposed: device {} answered FENCED, a newer coordinator has taken over: {error}",
+                name(device)
+            ),
             Event::VmControlFailed { error } => log::error!("VM control failed: {error}"),
         }
     }

@@ -56,6 +56,9 @@ pub struct FakeState {
     pub commits_ok: u64,
     pub commits_failed: u64,
     pub hooks: Hooks,
+    /// `--on-commit-error stop`: after a failed commit every later one is refused.
+    pub stop_on_commit_error: bool,
+    pub commit_refused: bool,
 }
 
 pub struct FakeDevice {
@@ -81,6 +84,8 @@ impl FakeDevice {
             violations: vec![],
             commits_ok: 0,
             commits_failed: 0,
+            stop_on_commit_error: false,
+            commit_refused: false,
             hooks: Hooks::default(),
         }));
         let server = ControlServer::bind(&path).expect("bind control socket");
@@ -164,6 +169,9 @@ fn handle(st: &Mutex<FakeState>, dev: &str, kind: DeviceKind, req: Request) -> R
             Err(e) => Reply::error(ErrorCode::StaleEpoch, e.to_string()),
         },
         Request::Commit { epoch, .. } => {
+            if s.commit_refused {
+                return Reply::error(ErrorCode::CommitRefused, "an earlier commit failed");
+            }
             let taken = match s.txq.take_committable(epoch) {
                 Ok(t) => t,
                 Err(e) => return Reply::error(ErrorCode::NotSealed, e.to_string()),
@@ -172,6 +180,7 @@ fn handle(st: &Mutex<FakeState>, dev: &str, kind: DeviceKind, req: Request) -> R
                 // The taken requests fail (their guests see EIO); nothing is released.
                 drop(taken);
                 s.commits_failed += 1;
+                s.commit_refused = s.stop_on_commit_error;
                 return Reply::CommitFailed {
                     epoch,
                     error: err,
@@ -238,7 +247,7 @@ fn handle(st: &Mutex<FakeState>, dev: &str, kind: DeviceKind, req: Request) -> R
                 commits_ok: s.commits_ok,
                 commits_failed: s.commits_failed,
                 fdatasyncs: s.commits_ok,
-                commit_refused: false,
+                commit_refused: s.commit_refused,
                 last_commit: None,
             }))
         }

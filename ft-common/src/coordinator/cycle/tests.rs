@@ -321,11 +321,112 @@ fn commit_failure_halts_with_continue_policy_leaving_vm_running() {
         device: 1,
         epoch: Epoch(1),
         error: "EIO".into(),
+        device_failed: true,
     });
     assert!(!has(&a, |a| matches!(a, Action::StopVm)));
     let s = h.c.status();
     assert!(s.halted.is_some());
     assert_eq!(s.devices[1].commits_failed, 1);
+    assert!(seals(&h.advance(100)).is_empty());
+}
+
+/// `--on-commit-error report` on the daemon: a COMMIT_FAILED it survives is counted, not a
+/// halt; later epochs are cut and committed, and the failed epoch is not `last_committed`.
+#[test]
+fn a_reported_commit_failure_does_not_halt_and_is_not_counted_committed() {
+    for policy in [FailurePolicy::StopVm, FailurePolicy::Continue] {
+        let mut c = cfg();
+        c.on_device_failure = policy;
+        let mut h = H::new(c, 2);
+        h.seal_all(1, 2);
+        h.feed(Input::Acked { epoch: Epoch(1) });
+        h.commit_all(1, 2);
+        h.advance(10);
+        h.seal_all(2, 2);
+        h.feed(Input::Acked { epoch: Epoch(2) });
+        h.feed(Input::Committed {
+            device: 0,
+            epoch: Epoch(2),
+            stats: CommitStats::default(),
+        });
+        let a = h.feed(Input::CommitFailed {
+            device: 1,
+            epoch: Epoch(2),
+            error: "EIO".into(),
+            device_failed: false,
+        });
+        assert!(!has(&a, |a| matches!(a, Action::StopVm)));
+        let s = h.c.status();
+        assert_eq!(s.halted, None, "{policy:?}");
+        assert_eq!(s.last_committed, Some(Epoch(1)));
+        assert_eq!((s.epochs_committed, s.epochs_commit_failed), (1, 1));
+        assert_eq!(s.devices[1].commits_failed, 1);
+        assert_eq!(seals(&h.advance(10)), vec![3], "the cycle goes on");
+        h.seal_all(3, 2);
+        assert_eq!(commits(&h.feed(Input::Acked { epoch: Epoch(3) })), vec![3]);
+        h.commit_all(3, 2);
+        assert_eq!(h.c.status().last_committed, Some(Epoch(3)));
+    }
+}
+
+/// `--on-device-failure continue`: the cycle carries on by itself once the lost device is back;
+/// `stop-vm` waits for the operator.
+#[test]
+fn continue_resumes_by_itself_when_the_device_is_back_stop_vm_waits() {
+    for policy in [FailurePolicy::StopVm, FailurePolicy::Continue] {
+        let mut c = cfg();
+        c.on_device_failure = policy;
+        let mut h = H::new(c, 2);
+        h.seal_all(1, 2);
+        h.feed(Input::Acked { epoch: Epoch(1) });
+        h.commit_all(1, 2);
+        h.feed(Input::DeviceLost {
+            device: 1,
+            error: "gone".into(),
+        });
+        assert!(h.c.status().halted.is_some());
+        assert!(seals(&h.advance(50)).is_empty());
+        h.feed(Input::DeviceConnected {
+            device: 1,
+            open_epoch: Epoch(1),
+            output_pending: true,
+        });
+        h.advance(10);
+        let cut: Vec<u64> = seals(&h.log).into_iter().filter(|e| *e > 1).collect();
+        match policy {
+            FailurePolicy::Continue => {
+                assert_eq!(cut, vec![2]);
+                assert_eq!(h.c.status().halted, None);
+            }
+            FailurePolicy::StopVm => {
+                assert!(cut.is_empty());
+                h.feed(Input::Resume);
+                h.advance(10);
+                assert_eq!(seals(&h.log), vec![1, 2]);
+            }
+        }
+    }
+}
+
+/// A device answering FENCED means a newer coordinator took over: deposed, nothing sealed or
+/// committed again, pending epochs dropped, VM stopped, no ABORT of our own.
+#[test]
+fn fenced_means_deposed() {
+    let mut h = H::new(cfg(), 1);
+    h.seal_all(1, 1);
+    h.feed(Input::Captured { epoch: Epoch(1) });
+    let a = h.feed(Input::Fenced {
+        device: 0,
+        error: "generation 7 is older than generation 9".into(),
+    });
+    assert!(has(&a, |a| matches!(a, Action::StopVm)));
+    assert!(!has(&a, |a| matches!(a, Action::AbortAll { .. })));
+    let s = h.c.status();
+    assert!(s.deposed);
+    assert!(s.halted.unwrap().contains("FENCED"));
+    assert!(commits(&h.feed(Input::Acked { epoch: Epoch(1) })).is_empty());
+    assert!(seals(&h.advance(100)).is_empty());
+    h.feed(Input::Resume);
     assert!(seals(&h.advance(100)).is_empty());
 }
 
@@ -507,7 +608,7 @@ proptest! {
                 Step::Ack(_) | Step::FailCheckpoint(_) => vec![],
                 Step::ReplyCommit { ok } => match commit_wait.pop() {
                     Some((e, d)) if ok => h.feed(Input::Committed { device: d, epoch: Epoch(e), stats: CommitStats::default() }),
-                    Some((e, d)) => h.feed(Input::CommitFailed { device: d, epoch: Epoch(e), error: "x".into() }),
+                    Some((e, d)) => h.feed(Input::CommitFailed { device: d, epoch: Epoch(e), error: "x".into(), device_failed: e % 2 == 0 }),
                     None => vec![],
                 },
                 Step::Pending => h.feed(Input::OutputPending { device: 0, epoch: h.c.status().next_epoch }),
