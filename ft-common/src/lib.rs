@@ -4,6 +4,7 @@
 //! - [`aiocb`]: AIOCB handles (queued, in flight, completed or cancelled) with real cancel.
 //! - [`txqueue`]: the per-device transaction queue holding output by epoch until commit.
 //! - [`control`]: the coordinator <-> daemon control protocol (messages, framing, socket ends).
+//! - [`ratelimit`]: rate-limited logging of guest and frontend input ([`guest_warn!`]).
 //! - [`vhost_user`]: the vhost-user device server both daemons run.
 //! - [`killpoint`]: test-only stop points for failover tests (inert unless configured).
 //! - [`takeover`]: the standby becomes the primary (`ftctl record-vm`, `ftctl takeover`).
@@ -20,6 +21,7 @@ pub mod control;
 pub mod coordinator;
 pub mod epoch;
 pub mod killpoint;
+pub mod ratelimit;
 pub mod standby;
 pub mod takeover;
 pub mod txqueue;

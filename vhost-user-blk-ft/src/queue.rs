@@ -274,7 +274,9 @@ impl BlkQueue {
         rejected: &mut u64,
     ) -> bool {
         let (mut taken, mut bytes) = (0, 0u64);
+        let mut idle_rechecks = 0;
         loop {
+            let taken_before = taken;
             vring.disable_notification();
             loop {
                 if taken == CHUNK || bytes >= CHUNK_BYTES {
@@ -330,6 +332,15 @@ impl BlkQueue {
             }
             if polling || !vring.enable_notification() {
                 return false;
+            }
+            // New chains were announced. The ring marks itself broken when the guest's state
+            // cannot yield them; this bound is the second line (as in net's TX): a ring that
+            // keeps announcing without yielding is left alone until the next kick.
+            if taken == taken_before {
+                idle_rechecks += 1;
+                if idle_rechecks > 1 {
+                    return false;
+                }
             }
         }
     }
@@ -434,7 +445,7 @@ fn finish(vring: &mut VringHandle, head: u16, status_addr: GuestAddress, status:
         Err(_) => 0,
     };
     if let Err(e) = vring.add_used(head, len) {
-        log::error!("queue {}: add_used({head}): {e:?}", vring.index());
+        ft_common::guest_warn!("queue {}: add_used({head}): {e:?}", vring.index());
     }
 }
 
@@ -443,7 +454,7 @@ fn answer_rejected(vring: &mut VringHandle, rej: Rejected) {
         Some(a) => finish(vring, rej.head, a, rej.status, 1),
         None => {
             if let Err(e) = vring.add_used(rej.head, 0) {
-                log::error!("queue {}: add_used({}): {e:?}", vring.index(), rej.head);
+                ft_common::guest_warn!("queue {}: add_used({}): {e:?}", vring.index(), rej.head);
             }
         }
     }

@@ -22,7 +22,7 @@
 //! crate already sent the NACK when REPLY_ACK is on).
 
 use std::fs::File;
-use std::os::fd::{FromRawFd, IntoRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::sync::Arc;
 
 use log::{error, info, warn};
@@ -73,7 +73,7 @@ struct RingConfig {
     base: u16,
     kick: Option<Arc<EventFd>>,
     call: Option<Arc<EventFd>>,
-    err: Option<File>,
+    err: Option<Arc<EventFd>>,
     enabled: bool,
     running: bool,
     /// Why this ring's configuration cannot run (a refused SET_VRING_NUM); cleared by the next
@@ -82,6 +82,8 @@ struct RingConfig {
     /// A start failure of this ring the frontend has not been told about yet (no reply was
     /// asked when it happened); cleared when a NACK carries it or the ring starts.
     unreported: Option<String>,
+    /// Guest-physical (desc, used, avail) the running ring was started with.
+    started_gpas: Option<(u64, u64, u64)>,
 }
 
 /// Protocol state of one frontend connection.
@@ -95,9 +97,32 @@ pub(crate) struct ConnHandler {
     inflight: Option<Arc<InflightRegion>>,
 }
 
-fn eventfd_from(file: File) -> EventFd {
+/// Take `file` as an eventfd, refusing any other kind of fd: the worker writes call and err
+/// fds and reads kick fds assuming 8-byte eventfd semantics (a pipe would block the worker once
+/// full, a socket at EOF would keep epoll readable forever). Made non-blocking, so a frontend
+/// that never reads cannot block the worker (QEMU creates its eventfds non-blocking too).
+fn eventfd_from(file: File, what: &str) -> VuResult<EventFd> {
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
+        .map_err(|e| herr(format!("{what}: cannot identify fd: {e}")))?;
+    if link.as_os_str() != "anon_inode:[eventfd]" {
+        return Err(herr(format!(
+            "{what}: fd is {}, not an eventfd",
+            link.display()
+        )));
+    }
+    // SAFETY: fcntl on an fd we own.
+    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0
+        || unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0
+    {
+        return Err(herr(format!(
+            "{what}: make non-blocking: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
     // SAFETY: into_raw_fd hands over sole ownership of a valid fd.
-    unsafe { EventFd::from_raw_fd(file.into_raw_fd()) }
+    Ok(unsafe { EventFd::from_raw_fd(file.into_raw_fd()) })
 }
 
 fn herr(msg: impl Into<String>) -> VuError {
@@ -110,7 +135,7 @@ impl ConnHandler {
     pub(crate) fn new(shared: Arc<Shared>) -> std::io::Result<Self> {
         let n = shared.device.num_queues();
         Ok(ConnHandler {
-            mem: MemoryMap::new(n)?,
+            mem: MemoryMap::new(),
             rings: (0..n).map(|_| RingConfig::default()).collect(),
             shared,
             acked_features: None,
@@ -262,12 +287,14 @@ impl ConnHandler {
             used,
             base: r.base,
             call: r.call.clone(),
+            err: r.err.clone(),
             event_idx: features & VIRTIO_RING_F_EVENT_IDX != 0,
             inflight,
         };
         match self.worker(q).command(Command::Start { setup, kick, mem }) {
             Ok(Reply::Started(Ok(()))) => {
                 self.rings[q].running = true;
+                self.rings[q].started_gpas = Some((desc, used, avail));
                 Ok(())
             }
             Ok(Reply::Started(Err(e))) => Err(self.ring_failed(q, e)),
@@ -325,6 +352,26 @@ impl ConnHandler {
     }
 
     fn memory_changed(&mut self) -> VuResult<()> {
+        // Ring addresses are frontend virtual addresses: a new table may put a running ring
+        // at other guest-physical addresses (or nowhere). Such rings are stopped (drained over
+        // the old mapping) and started again below at their new place, or not at all.
+        for q in 0..self.rings.len() {
+            let r = &self.rings[q];
+            if !r.running {
+                continue;
+            }
+            let now = r.addr.and_then(|(d, u, a)| {
+                Some((
+                    self.mem.va_to_gpa(d)?,
+                    self.mem.va_to_gpa(u)?,
+                    self.mem.va_to_gpa(a)?,
+                ))
+            });
+            if now != r.started_gpas {
+                info!("vhost-user: queue {q}: rings moved by the new memory table; restarting");
+                self.stop(q);
+            }
+        }
         let mem = if self.mem.is_empty() {
             None
         } else {
@@ -535,9 +582,9 @@ impl VhostUserBackendReqHandlerMut for ConnHandler {
                 "SET_VRING_KICK {index}: polling mode (no fd) is not supported"
             )));
         };
-        let kick = Arc::new(eventfd_from(fd));
         let q = index as usize;
         self.ring(u32::from(index))?;
+        let kick = Arc::new(eventfd_from(fd, &format!("SET_VRING_KICK {index}"))?);
         if self.rings[q].running {
             self.stop(q);
         }
@@ -546,7 +593,14 @@ impl VhostUserBackendReqHandlerMut for ConnHandler {
     }
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
-        let call = fd.map(|f| Arc::new(eventfd_from(f)));
+        self.ring(u32::from(index))?;
+        let call = match fd {
+            Some(f) => Some(Arc::new(eventfd_from(
+                f,
+                &format!("SET_VRING_CALL {index}"),
+            )?)),
+            None => None,
+        };
         let r = self.ring(u32::from(index))?;
         r.call = call.clone();
         if r.running {
@@ -558,7 +612,16 @@ impl VhostUserBackendReqHandlerMut for ConnHandler {
     }
 
     fn set_vring_err(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
-        self.ring(u32::from(index))?.err = fd;
+        self.ring(u32::from(index))?;
+        let err = match fd {
+            Some(f) => Some(Arc::new(eventfd_from(
+                f,
+                &format!("SET_VRING_ERR {index}"),
+            )?)),
+            None => None,
+        };
+        // Used from the ring's next start.
+        self.ring(u32::from(index))?.err = err;
         Ok(())
     }
 

@@ -147,16 +147,20 @@ impl InflightRegion {
         unsafe { &*(self.map.as_mut_ptr().add(off as usize) as *const QueueHeader) }
     }
 
-    fn desc(&self, q: u16, head: u16) -> &DescState {
+    /// Head `head`'s entry, laid out for `queue_size` descriptors. Never looks at the
+    /// frontend-writable `desc_num`: the layout is fixed when the region is mapped.
+    fn desc(&self, q: u16, head: u16) -> Option<&DescState> {
+        if head >= self.queue_size {
+            return None;
+        }
         let hdr = self.header(q);
-        let n = hdr.desc_num.load(Ordering::Relaxed).min(self.queue_size);
-        assert!(head < n);
-        // SAFETY: head < desc_num <= queue_size, within the queue's area.
-        unsafe {
+        // SAFETY: head < queue_size, so the entry lies within the queue's area (checked at map
+        // time); 16-byte aligned, only atomics inside.
+        Some(unsafe {
             &*((hdr as *const QueueHeader as *const u8)
                 .add((HEADER_SIZE + DESC_SIZE * u64::from(head)) as usize)
                 as *const DescState)
-        }
+        })
     }
 }
 
@@ -177,11 +181,37 @@ struct DescState {
     counter: AtomicU64,
 }
 
+/// Why a queue's inflight state cannot be used: the frontend's region contradicts the ring.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum InflightError {
+    /// `desc_num` is 0, smaller than the ring or larger than the region's layout.
+    #[error(
+        "desc_num {desc_num} does not fit a ring of {ring_size} (region laid out for {layout})"
+    )]
+    DescNum {
+        desc_num: u16,
+        ring_size: u16,
+        layout: u16,
+    },
+    /// A head at or beyond the ring size is marked in flight.
+    #[error("head {head} marked in flight, ring has {ring_size} entries")]
+    HeadOutOfRange { head: u16, ring_size: u16 },
+    /// An `inflight` byte that is neither 0 nor 1.
+    #[error("head {head}: inflight flag {value} is not 0 or 1")]
+    Garbage { head: u16, value: u8 },
+}
+
 /// One queue's view of the inflight region, owned by the ring's worker.
+///
+/// Everything read from the region is frontend-controlled: recovery validates it and fails
+/// with an [`InflightError`] (the ring then does not start), and the per-request updates
+/// never index by anything but heads below the ring size, so no value the frontend writes,
+/// before or while the ring runs, can make them panic or touch memory outside the region.
 #[derive(Debug)]
 pub struct InflightQueue {
     region: Arc<InflightRegion>,
     queue: u16,
+    ring_size: u16,
     counter: u64,
     /// The queue's area had version 0 when this view was made: no ring ran with it yet.
     fresh: bool,
@@ -191,7 +221,7 @@ impl InflightQueue {
     /// View of queue `queue`, or None if the region does not cover it or its ring is larger
     /// than the region's layout.
     pub fn new(region: Arc<InflightRegion>, queue: u16, ring_size: u16) -> Option<Self> {
-        if queue >= region.num_queues || ring_size > region.queue_size {
+        if queue >= region.num_queues || ring_size > region.queue_size || ring_size == 0 {
             return None;
         }
         let hdr = region.header(queue);
@@ -204,6 +234,7 @@ impl InflightQueue {
         Some(InflightQueue {
             region,
             queue,
+            ring_size,
             counter: 0,
             fresh,
         })
@@ -225,58 +256,74 @@ impl InflightQueue {
         self.fresh = false;
     }
 
+    fn desc(&self, head: u16) -> Option<&DescState> {
+        if head >= self.ring_size {
+            return None;
+        }
+        self.region.desc(self.queue, head)
+    }
+
     /// Recover after (re)connect: repair a half-recorded completion and return the heads to
-    /// resubmit, oldest first. `used_idx` is the used ring's current idx.
-    pub fn recover(&mut self, used_idx: u16) -> Vec<u16> {
+    /// resubmit, oldest first (at most the ring size, each below it). `used_idx` is the used
+    /// ring's current idx. Fails if the region contradicts the ring (see [`InflightError`]).
+    pub fn recover(&mut self, used_idx: u16) -> Result<Vec<u16>, InflightError> {
         let hdr = self.region.header(self.queue);
-        if hdr.used_idx.load(Ordering::Acquire) != used_idx {
-            let last = hdr.last_batch_head.load(Ordering::Relaxed);
-            if last
-                < hdr
-                    .desc_num
-                    .load(Ordering::Relaxed)
-                    .min(self.region.queue_size)
-            {
-                self.region
-                    .desc(self.queue, last)
-                    .inflight
-                    .store(0, Ordering::Relaxed);
+        let layout = self.region.queue_size;
+        let desc_num = hdr.desc_num.load(Ordering::Relaxed);
+        if desc_num < self.ring_size || desc_num > layout {
+            return Err(InflightError::DescNum {
+                desc_num,
+                ring_size: self.ring_size,
+                layout,
+            });
+        }
+        let mut heads: Vec<(u64, u16)> = Vec::new();
+        for h in 0..layout {
+            let Some(d) = self.region.desc(self.queue, h) else {
+                break;
+            };
+            match d.inflight.load(Ordering::Acquire) {
+                0 => {}
+                1 if h < self.ring_size => heads.push((d.counter.load(Ordering::Relaxed), h)),
+                1 => {
+                    return Err(InflightError::HeadOutOfRange {
+                        head: h,
+                        ring_size: self.ring_size,
+                    })
+                }
+                value => return Err(InflightError::Garbage { head: h, value }),
             }
+        }
+        if hdr.used_idx.load(Ordering::Acquire) != used_idx {
+            // The last completion reached the used ring but not the region.
+            let last = hdr.last_batch_head.load(Ordering::Relaxed);
+            if let Some(d) = self.desc(last) {
+                d.inflight.store(0, Ordering::Relaxed);
+            }
+            heads.retain(|&(_, h)| h != last);
             fence(Ordering::Release);
             hdr.used_idx.store(used_idx, Ordering::Release);
         }
-        let n = hdr
-            .desc_num
-            .load(Ordering::Relaxed)
-            .min(self.region.queue_size);
-        let mut heads: Vec<(u64, u16)> = (0..n)
-            .filter_map(|h| {
-                let d = self.region.desc(self.queue, h);
-                (d.inflight.load(Ordering::Acquire) == 1)
-                    .then(|| (d.counter.load(Ordering::Relaxed), h))
-            })
-            .collect();
         heads.sort_unstable();
         self.counter = heads.last().map_or(0, |&(c, _)| c);
-        heads.into_iter().map(|(_, h)| h).collect()
+        Ok(heads.into_iter().map(|(_, h)| h).collect())
     }
 
     /// Record that `head` left the avail ring.
     pub fn start(&mut self, head: u16) {
-        if head >= self.region.queue_size {
-            return;
+        // Counters come from the frontend's region: wrap rather than overflow.
+        self.counter = self.counter.wrapping_add(1);
+        if let Some(d) = self.desc(head) {
+            d.counter.store(self.counter, Ordering::Relaxed);
+            fence(Ordering::Release);
+            d.inflight.store(1, Ordering::Release);
         }
-        self.counter += 1;
-        let d = self.region.desc(self.queue, head);
-        d.counter.store(self.counter, Ordering::Relaxed);
-        fence(Ordering::Release);
-        d.inflight.store(1, Ordering::Release);
     }
 
     /// Before `head` is written to the used ring: remember it as the completion in progress,
     /// so recovery can tell whether it reached the used ring.
     pub fn pre_complete(&mut self, head: u16) {
-        if head >= self.region.queue_size {
+        if head >= self.ring_size {
             return;
         }
         let hdr = self.region.header(self.queue);
@@ -286,38 +333,29 @@ impl InflightQueue {
 
     /// Record that `head` is on the used ring, whose idx is now `used_idx`.
     pub fn complete(&mut self, head: u16, used_idx: u16) {
-        if head >= self.region.queue_size {
+        let Some(d) = self.desc(head) else {
             return;
-        }
-        let hdr = self.region.header(self.queue);
+        };
         fence(Ordering::SeqCst);
-        self.region
-            .desc(self.queue, head)
-            .inflight
-            .store(0, Ordering::Release);
+        d.inflight.store(0, Ordering::Release);
         fence(Ordering::Release);
-        hdr.used_idx.store(used_idx, Ordering::Release);
+        self.region
+            .header(self.queue)
+            .used_idx
+            .store(used_idx, Ordering::Release);
     }
 
     /// Forget `head` again (it was put back on the avail ring before being processed).
     pub fn abandon(&mut self, head: u16) {
-        if head < self.region.queue_size {
-            self.region
-                .desc(self.queue, head)
-                .inflight
-                .store(0, Ordering::Release);
+        if let Some(d) = self.desc(head) {
+            d.inflight.store(0, Ordering::Release);
         }
     }
 
     /// Whether `head` is currently marked in flight.
     pub fn is_inflight(&self, head: u16) -> bool {
-        head < self.region.queue_size
-            && self
-                .region
-                .desc(self.queue, head)
-                .inflight
-                .load(Ordering::Acquire)
-                == 1
+        self.desc(head)
+            .is_some_and(|d| d.inflight.load(Ordering::Acquire) == 1)
     }
 }
 
@@ -366,7 +404,7 @@ mod tests {
                 }
             }
             let mut r = InflightQueue::new(region, 0, 16).unwrap();
-            prop_assert_eq!(r.recover(used_idx), outstanding);
+            prop_assert_eq!(r.recover(used_idx).unwrap(), outstanding);
         }
     }
 
@@ -410,7 +448,7 @@ mod tests {
     fn start_complete_recover() {
         let (region, _file) = InflightRegion::create(2, 8).unwrap();
         let mut q = InflightQueue::new(region.clone(), 1, 8).unwrap();
-        assert!(q.recover(0).is_empty());
+        assert!(q.recover(0).unwrap().is_empty());
         q.start(3);
         q.start(5);
         q.start(1);
@@ -418,10 +456,102 @@ mod tests {
         q.complete(5, 1);
         // Crash before head 1's used entry was written: both 3 and 1 are resubmitted.
         let mut q2 = InflightQueue::new(region.clone(), 1, 8).unwrap();
-        assert_eq!(q2.recover(1), vec![3, 1]);
+        assert_eq!(q2.recover(1).unwrap(), vec![3, 1]);
         // Crash after head 1 reached the used ring (used idx 2) but before the region noted it.
         q2.pre_complete(1);
         let mut q3 = InflightQueue::new(region, 1, 8).unwrap();
-        assert_eq!(q3.recover(2), vec![3]);
+        assert_eq!(q3.recover(2).unwrap(), vec![3]);
+    }
+
+    /// Raw pointer to queue `q`'s header bytes, to play a hostile frontend.
+    fn raw(region: &InflightRegion, q: u16) -> *mut u8 {
+        region.header(q) as *const QueueHeader as *mut u8
+    }
+
+    #[test]
+    fn hostile_regions_are_errors_not_panics() {
+        let (region, _file) = InflightRegion::create(1, 8).unwrap();
+        let p = raw(&region, 0);
+        let hdr = region.header(0);
+        // desc_num 0, or smaller than the ring.
+        for bad in [0u16, 4] {
+            hdr.desc_num.store(bad, Ordering::Relaxed);
+            let mut q = InflightQueue::new(region.clone(), 0, 8).unwrap();
+            assert!(matches!(q.recover(0), Err(InflightError::DescNum { .. })));
+        }
+        hdr.desc_num.store(8, Ordering::Relaxed);
+        // A head beyond a smaller ring is marked: error, not a silent skip.
+        let mut q = InflightQueue::new(region.clone(), 0, 4).unwrap();
+        hdr.desc_num.store(4, Ordering::Relaxed);
+        q.start(6); // ignored: beyond this ring
+        assert!(!q.is_inflight(6));
+        region
+            .desc(0, 6)
+            .unwrap()
+            .inflight
+            .store(1, Ordering::Relaxed);
+        assert_eq!(
+            q.recover(0),
+            Err(InflightError::HeadOutOfRange {
+                head: 6,
+                ring_size: 4
+            })
+        );
+        region
+            .desc(0, 6)
+            .unwrap()
+            .inflight
+            .store(7, Ordering::Relaxed);
+        let mut q = InflightQueue::new(region.clone(), 0, 8).unwrap();
+        hdr.desc_num.store(8, Ordering::Relaxed);
+        assert_eq!(
+            q.recover(0),
+            Err(InflightError::Garbage { head: 6, value: 7 })
+        );
+        region
+            .desc(0, 6)
+            .unwrap()
+            .inflight
+            .store(0, Ordering::Relaxed);
+        // Garbage counters: sorted, and the next counter wraps instead of overflowing.
+        region
+            .desc(0, 2)
+            .unwrap()
+            .counter
+            .store(u64::MAX, Ordering::Relaxed);
+        region
+            .desc(0, 2)
+            .unwrap()
+            .inflight
+            .store(1, Ordering::Relaxed);
+        region
+            .desc(0, 5)
+            .unwrap()
+            .counter
+            .store(u64::MAX, Ordering::Relaxed);
+        region
+            .desc(0, 5)
+            .unwrap()
+            .inflight
+            .store(1, Ordering::Relaxed);
+        let mut q = InflightQueue::new(region.clone(), 0, 8).unwrap();
+        assert_eq!(q.recover(0).unwrap(), vec![2, 5]);
+        q.start(1);
+        // The frontend zeroes the whole region while the ring runs: nothing panics.
+        // SAFETY: in bounds of the mapped queue area; a frontend does exactly this.
+        unsafe { std::ptr::write_bytes(p, 0, queue_region_size(8) as usize) };
+        q.start(3);
+        q.pre_complete(3);
+        q.complete(3, 1);
+        q.abandon(1);
+        assert!(!q.is_inflight(3));
+        // And a region of 0xff bytes.
+        // SAFETY: as above.
+        unsafe { std::ptr::write_bytes(p, 0xff, queue_region_size(8) as usize) };
+        q.start(4);
+        q.pre_complete(4);
+        q.complete(4, 2);
+        let mut q = InflightQueue::new(region, 0, 8).unwrap();
+        assert!(q.recover(0).is_err());
     }
 }

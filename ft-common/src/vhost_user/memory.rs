@@ -26,17 +26,42 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 /// Dirty log page size fixed by the vhost-user spec.
 pub const LOG_PAGE_SIZE: u64 = 0x1000;
 
-/// Guest-physical base of the scratch region appended to every memory map. It holds the
-/// private avail/used rings used to resubmit inflight heads (see `vring.rs`); no guest RAM is
-/// ever this high (4 PiB).
+/// Guest-physical base of the private scratch region used to resubmit inflight heads (see
+/// [`with_scratch`]). Guest regions must end below it; the scratch is never part of the
+/// memory map rings and normal chains see.
 pub const SCRATCH_GPA: u64 = 1 << 52;
-/// Scratch bytes per queue: an avail ring and a used ring for the largest queue (32768).
-const SCRATCH_STRIDE: u64 = 0x11000 + 0x41000;
 
-/// GPAs of queue `index`'s scratch avail and used rings.
-pub fn scratch_ring_gpa(index: u16, _size: u16) -> (u64, u64) {
-    let base = SCRATCH_GPA + u64::from(index) * SCRATCH_STRIDE;
-    (base, base + 0x11000)
+/// Guest memory plus a private scratch region at [`SCRATCH_GPA`] holding a split avail ring
+/// (flags 0, idx `heads.len()`, `heads`). Resubmission pops chains from a shadow queue over
+/// this view: virtio-queue builds a `DescriptorChain` only from an avail ring. The view exists
+/// only for that (the scratch is a fresh anonymous mapping, never read again after the pops).
+/// Returns the view and the avail ring's address.
+pub fn with_scratch(mem: &GuestMem, heads: &[u16]) -> std::io::Result<(GuestMem, u64)> {
+    use vm_memory::Bytes;
+    let len = (4 + 2 * heads.len() as u64 + 2).div_ceil(LOG_PAGE_SIZE) * LOG_PAGE_SIZE;
+    let mmap = MmapRegionBuilder::new_with_bitmap(len as usize, LogBitmap::default())
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+        .build()
+        .map_err(|e| std::io::Error::other(format!("mmap scratch: {e}")))?;
+    let region = GuestRegionMmap::new(mmap, GuestAddress(SCRATCH_GPA))
+        .ok_or_else(|| std::io::Error::other("scratch region"))?;
+    let view = mem
+        .insert_region(Arc::new(region))
+        .map_err(|e| std::io::Error::other(format!("scratch view: {e}")))?;
+    let err = |e: vm_memory::GuestMemoryError| std::io::Error::other(format!("scratch: {e}"));
+    view.write_obj(heads.len() as u16, GuestAddress(SCRATCH_GPA + 2))
+        .map_err(err)?;
+    for (i, h) in heads.iter().enumerate() {
+        view.write_obj(*h, GuestAddress(SCRATCH_GPA + 4 + 2 * i as u64))
+            .map_err(err)?;
+    }
+    Ok((view, SCRATCH_GPA))
+}
+
+/// Whether `[addr, addr + len)` touches the scratch range (a resubmitted chain must not).
+pub fn touches_scratch(addr: u64, len: u32) -> bool {
+    addr.saturating_add(u64::from(len)) > SCRATCH_GPA
 }
 
 /// The guest memory type every device sees.
@@ -189,26 +214,17 @@ pub struct RegionInfo {
 }
 
 /// The connection's memory table: regions plus the vm-memory view built from them.
+#[derive(Default)]
 pub struct MemoryMap {
     regions: Vec<RegionInfo>,
-    scratch: Arc<GuestRegionMmap<LogBitmap>>,
 }
 
 impl MemoryMap {
-    /// Empty table for a device with `num_queues` queues.
-    pub fn new(num_queues: usize) -> std::io::Result<Self> {
-        let len = SCRATCH_STRIDE as usize * num_queues.max(1);
-        let mmap = MmapRegionBuilder::new_with_bitmap(len, LogBitmap::default())
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE)
-            .build()
-            .map_err(|e| std::io::Error::other(format!("mmap scratch: {e}")))?;
-        let scratch = GuestRegionMmap::new(mmap, GuestAddress(SCRATCH_GPA))
-            .ok_or_else(|| std::io::Error::other("scratch region"))?;
-        Ok(MemoryMap {
+    /// Empty table.
+    pub fn new() -> Self {
+        MemoryMap {
             regions: Vec::new(),
-            scratch: Arc::new(scratch),
-        })
+        }
     }
 
     /// Map one region of `file` (SET_MEM_TABLE entry or ADD_MEM_REGION).
@@ -287,11 +303,7 @@ impl MemoryMap {
     /// Build the vm-memory view of the current table.
     pub fn guest_memory(&self) -> std::io::Result<Arc<GuestMem>> {
         let mem = GuestMemoryMmap::from_arc_regions(
-            self.regions
-                .iter()
-                .map(|r| r.mapping.clone())
-                .chain(std::iter::once(self.scratch.clone()))
-                .collect(),
+            self.regions.iter().map(|r| r.mapping.clone()).collect(),
         )
         .map_err(|e| std::io::Error::other(format!("guest memory: {e}")))?;
         Ok(Arc::new(mem))
@@ -317,7 +329,7 @@ mod tests {
     #[test]
     fn writes_through_vm_memory_mark_log_pages_and_va_translates() {
         let log = Arc::new(DirtyLog::default());
-        let mut map = MemoryMap::new(1).unwrap();
+        let mut map = MemoryMap::new();
         map.add_region(&log, 0x10_0000, 0x10_0000, 0x7000_0000, 0, memfd(0x10_0000))
             .unwrap();
         assert_eq!(map.va_to_gpa(0x7000_1234), Some(0x10_1234));

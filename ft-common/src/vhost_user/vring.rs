@@ -11,21 +11,35 @@
 //!
 //! Resubmission after reconnect: heads still marked in the inflight region are handed out by
 //! [`VringHandle::pop`] before new avail entries. virtio-queue builds a `DescriptorChain` only
-//! from an avail ring, so the heads are written into a private avail ring in the scratch region
-//! of the memory map (see `memory::SCRATCH_GPA`) and popped from a shadow `Queue` that shares
-//! the real descriptor table.
+//! from an avail ring, so at start the heads are written into a private avail ring in a scratch
+//! mapping that only a one-off view of guest memory contains (`memory::with_scratch`), and all
+//! of them are popped from a shadow `Queue` at once. The scratch is never part of the memory
+//! normal chains and rings use, and a resubmitted chain whose descriptors point into it is
+//! refused.
+//!
+//! Guest-controlled state is never trusted to make progress. The avail ring, its idx and the
+//! heads in it are guest RAM: [`pop`](VringHandle::pop) reads the idx once, and an idx more
+//! than the ring size ahead, an unreadable ring or a head beyond the ring marks the ring
+//! *broken*. A broken ring pops nothing, reports no new work and does not re-arm
+//! notifications, so no device loop can spin on it; the frontend is told through the
+//! VRING_ERR eventfd, and the next start (GET_VRING_BASE + restart, reconnect) begins afresh.
+//! Inconsistencies visible at start (overlapping rings, a base or inflight region that does
+//! not match the avail ring) fail the start instead, which the frontend sees as a NEED_REPLY
+//! error.
 
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use log::{error, info, warn};
+use log::info;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::device::Chain;
 use super::inflight::InflightQueue;
-use super::memory::{scratch_ring_gpa, DirtyLog, GuestMem};
+use super::memory::{touches_scratch, with_scratch, DirtyLog, GuestMem};
+use crate::guest_warn;
 
 /// Everything the connection thread knows about a ring when it starts it.
 #[derive(Debug)]
@@ -44,6 +58,8 @@ pub struct RingSetup {
     pub base: u16,
     /// Call eventfd (None: polling frontend, never signalled).
     pub call: Option<Arc<EventFd>>,
+    /// VRING_ERR eventfd, signalled when the ring breaks.
+    pub err: Option<Arc<EventFd>>,
     /// Whether RING_EVENT_IDX was negotiated.
     pub event_idx: bool,
     /// Inflight tracking for this queue, if the frontend set an inflight region.
@@ -56,14 +72,17 @@ pub struct VringHandle {
     queue: Queue,
     mem: Arc<GuestMem>,
     call: Option<Arc<EventFd>>,
+    err: Option<Arc<EventFd>>,
     log: Arc<DirtyLog>,
     inflight: Option<InflightQueue>,
-    shadow: Option<Queue>,
-    resubmit_left: u16,
+    /// Chains left in flight by a previous connection or daemon, oldest first.
+    resubmit: VecDeque<Chain>,
     need_signal: bool,
     /// A notification was due while no call fd was set (ring restarted before the frontend
     /// sent its new call fd): sent as soon as one arrives.
     missed_signal: bool,
+    /// The guest's ring state is inconsistent: nothing is taken until the next start.
+    broken: bool,
 }
 
 impl std::fmt::Debug for VringHandle {
@@ -72,6 +91,7 @@ impl std::fmt::Debug for VringHandle {
             .field("index", &self.index)
             .field("next_avail", &self.queue.next_avail())
             .field("next_used", &self.queue.next_used())
+            .field("broken", &self.broken)
             .finish()
     }
 }
@@ -95,6 +115,9 @@ impl VringHandle {
     /// A fresh region with `setup.base != used idx` is a VM restored from a checkpoint with
     /// requests popped but not completed at the checkpoint: which ones cannot be told from the
     /// rings (completions need not be in order), so the start is refused rather than guessed.
+    ///
+    /// Also fails if the rings overlap or lie outside memory, the inflight region contradicts
+    /// the ring, or the avail idx is more than the ring size ahead of the next avail index.
     pub(crate) fn start(
         mut setup: RingSetup,
         mem: Arc<GuestMem>,
@@ -108,25 +131,26 @@ impl VringHandle {
                 setup.index
             ));
         }
+        check_layout(&setup)?;
         queue.set_event_idx(setup.event_idx);
         let used_idx = queue
             .used_idx(&*mem, Ordering::Acquire)
             .map_err(|e| format!("queue {}: read used idx: {e:?}", setup.index))?
             .0;
         let mut inflight = setup.inflight.take();
-        let mut shadow = None;
-        let mut resubmit_left = 0;
+        let mut resubmit = VecDeque::new();
         let next_avail = match inflight.as_mut() {
             Some(inf) if !inf.is_fresh() => {
-                let heads = inf.recover(used_idx);
+                let heads = inf
+                    .recover(used_idx)
+                    .map_err(|e| format!("queue {}: inflight region: {e}", setup.index))?;
                 let n = heads.len() as u16;
                 if n > 0 {
                     info!(
                         "queue {}: resubmitting {n} request(s) left in flight by a previous daemon or connection",
                         setup.index
                     );
-                    shadow = Some(Self::shadow_queue(&setup, &mem, &heads)?);
-                    resubmit_left = n;
+                    resubmit = Self::resubmit_chains(&setup, &mem, &heads)?;
                 }
                 used_idx.wrapping_add(n)
             }
@@ -143,6 +167,16 @@ impl VringHandle {
             }
             _ => setup.base,
         };
+        let avail_idx = queue
+            .avail_idx(&*mem, Ordering::Acquire)
+            .map_err(|e| format!("queue {}: read avail idx: {e:?}", setup.index))?
+            .0;
+        if avail_idx.wrapping_sub(next_avail) > setup.size {
+            return Err(format!(
+                "queue {}: avail idx {avail_idx} is more than the ring size ({}) ahead of the next entry {next_avail} (base or inflight region does not match the ring)",
+                setup.index, setup.size
+            ));
+        }
         if let Some(inf) = inflight.as_mut() {
             inf.mark_in_use();
         }
@@ -153,27 +187,46 @@ impl VringHandle {
             queue,
             mem,
             call: setup.call,
+            err: setup.err,
             log,
             inflight,
-            shadow,
-            resubmit_left,
+            resubmit,
             need_signal: false,
             missed_signal: false,
+            broken: false,
         })
     }
 
-    fn shadow_queue(setup: &RingSetup, mem: &GuestMem, heads: &[u16]) -> Result<Queue, String> {
-        let (avail, used) = scratch_ring_gpa(setup.index, setup.size);
-        let err = |e: vm_memory::GuestMemoryError| format!("queue {}: scratch: {e}", setup.index);
-        mem.write_obj(0u16, GuestAddress(avail)).map_err(err)?;
-        mem.write_obj(heads.len() as u16, GuestAddress(avail + 2))
-            .map_err(err)?;
-        for (i, h) in heads.iter().enumerate() {
-            mem.write_obj(*h, GuestAddress(avail + 4 + 2 * i as u64))
-                .map_err(err)?;
+    /// Pops the chains of `heads` (all below the ring size) through a shadow queue over a
+    /// private scratch view (see the module docs).
+    fn resubmit_chains(
+        setup: &RingSetup,
+        mem: &GuestMem,
+        heads: &[u16],
+    ) -> Result<VecDeque<Chain>, String> {
+        let q = setup.index;
+        let (view, avail) =
+            with_scratch(mem, heads).map_err(|e| format!("queue {q}: resubmission: {e}"))?;
+        let view = Arc::new(view);
+        // The used address is never touched by pops; it only has to be valid for the queue.
+        let mut shadow = make_queue(setup.size, setup.desc, avail, avail)
+            .map_err(|e| format!("queue {q}: shadow ring: {e:?}"))?;
+        let mut out = VecDeque::with_capacity(heads.len());
+        for _ in heads {
+            let chain = shadow
+                .iter(view.clone())
+                .ok()
+                .and_then(|mut it| it.next())
+                .ok_or_else(|| format!("queue {q}: resubmission ring unreadable"))?;
+            if chain.clone().any(|d| touches_scratch(d.addr().0, d.len())) {
+                return Err(format!(
+                    "queue {q}: in-flight head {} has a descriptor beyond guest memory",
+                    chain.head_index()
+                ));
+            }
+            out.push_back(chain);
         }
-        make_queue(setup.size, setup.desc, avail, used)
-            .map_err(|e| format!("queue {}: shadow ring: {e:?}", setup.index))
+        Ok(out)
     }
 
     /// Queue index.
@@ -205,11 +258,35 @@ impl VringHandle {
 
     /// Number of heads from a previous connection or daemon still to be resubmitted.
     pub fn resubmit_pending(&self) -> u16 {
-        self.resubmit_left
+        self.resubmit.len() as u16
+    }
+
+    /// Whether the ring was found broken (see the module docs); it takes nothing until it is
+    /// started again.
+    pub fn is_broken(&self) -> bool {
+        self.broken
+    }
+
+    /// Mark the ring broken: log (rate limited), signal VRING_ERR, never retry.
+    fn set_broken(&mut self, why: std::fmt::Arguments<'_>) {
+        if self.broken {
+            return;
+        }
+        self.broken = true;
+        guest_warn!(
+            "queue {}: ring broken: {why}; nothing more is taken from it until it restarts",
+            self.index
+        );
+        if let Some(err) = &self.err {
+            let _ = err.write(1);
+        }
     }
 
     pub(crate) fn set_memory(&mut self, mem: Arc<GuestMem>) {
         self.mem = mem;
+        if !self.queue.is_valid(&*self.mem) {
+            self.set_broken(format_args!("rings are not in the new memory table"));
+        }
     }
 
     pub(crate) fn set_call(&mut self, call: Option<Arc<EventFd>>) {
@@ -223,8 +300,12 @@ impl VringHandle {
     fn write_call(&mut self) {
         match &self.call {
             Some(call) => {
+                // Non-blocking eventfd (checked when it was set): EAGAIN means the frontend
+                // has 2^64-2 unread notifications, so one more changes nothing.
                 if let Err(e) = call.write(1) {
-                    warn!("queue {}: signal call fd: {e}", self.index);
+                    if e.kind() != std::io::ErrorKind::WouldBlock {
+                        guest_warn!("queue {}: signal call fd: {e}", self.index);
+                    }
                 }
             }
             None => self.missed_signal = true,
@@ -232,27 +313,54 @@ impl VringHandle {
     }
 
     /// Take the next request: first heads left in flight by a previous connection, then new
-    /// avail entries. Each new head is marked in flight before it is returned.
+    /// avail entries. Each new head is marked in flight before it is returned. None when the
+    /// ring is empty or broken.
     pub fn pop(&mut self) -> Option<Chain> {
-        if self.resubmit_left > 0 {
-            if let Some(shadow) = self.shadow.as_mut() {
-                self.resubmit_left -= 1;
-                if self.resubmit_left == 0 {
-                    let chain = shadow.pop_descriptor_chain(self.mem.clone());
-                    self.shadow = None;
-                    return chain.or_else(|| self.pop());
-                }
-                match shadow.pop_descriptor_chain(self.mem.clone()) {
-                    Some(c) => return Some(c),
-                    None => {
-                        error!("queue {}: resubmission ring unreadable", self.index);
-                        self.resubmit_left = 0;
-                        self.shadow = None;
-                    }
-                }
-            }
+        if let Some(c) = self.resubmit.pop_front() {
+            return Some(c);
         }
-        let chain = self.queue.pop_descriptor_chain(self.mem.clone())?;
+        if self.broken {
+            return None;
+        }
+        let next = self.queue.next_avail();
+        let size = self.queue.size();
+        let idx = match self.queue.avail_idx(&*self.mem, Ordering::Acquire) {
+            Ok(i) => i.0,
+            Err(e) => {
+                self.set_broken(format_args!("avail idx unreadable: {e:?}"));
+                return None;
+            }
+        };
+        if idx == next {
+            return None;
+        }
+        if idx.wrapping_sub(next) > size {
+            self.set_broken(format_args!(
+                "avail idx {idx} is more than the ring size ({size}) ahead of {next}"
+            ));
+            return None;
+        }
+        // iter() reads the idx again; an honest guest only moves it forward.
+        let chain = match self.queue.iter(self.mem.clone()) {
+            Ok(mut it) => it.next(),
+            Err(e) => {
+                self.set_broken(format_args!("{e}"));
+                return None;
+            }
+        };
+        let Some(chain) = chain else {
+            self.set_broken(format_args!(
+                "avail entry {next} unreadable or idx moved back"
+            ));
+            return None;
+        };
+        if chain.head_index() >= size {
+            self.set_broken(format_args!(
+                "avail entry {next} names head {} of a {size}-entry ring",
+                chain.head_index()
+            ));
+            return None;
+        }
         if let Some(inf) = self.inflight.as_mut() {
             inf.start(chain.head_index());
         }
@@ -260,13 +368,14 @@ impl VringHandle {
     }
 
     /// Whether [`pop`](Self::pop) would return a chain: heads to resubmit, or avail entries
-    /// not taken yet. One load from the avail ring; for polling.
+    /// not taken yet (false once the ring is broken). One load from the avail ring; for polling.
     pub fn has_avail(&self) -> bool {
-        self.resubmit_left > 0
-            || self
-                .queue
-                .avail_idx(&*self.mem, Ordering::Acquire)
-                .is_ok_and(|idx| idx.0 != self.queue.next_avail())
+        !self.resubmit.is_empty()
+            || !self.broken
+                && self
+                    .queue
+                    .avail_idx(&*self.mem, Ordering::Acquire)
+                    .is_ok_and(|idx| idx.0 != self.queue.next_avail())
     }
 
     /// Put back the last chain returned by [`pop`](Self::pop) from the avail ring (the device
@@ -281,10 +390,17 @@ impl VringHandle {
     /// Complete `head` with `len` bytes written, and record the completion in the inflight
     /// region. Call [`signal_used`](Self::signal_used) once per batch afterwards.
     pub fn add_used(&mut self, head: u16, len: u32) -> Result<(), virtio_queue::Error> {
+        if head >= self.queue.size() {
+            // Checked here: virtio-queue would log an unlimited ERROR line per call.
+            return Err(virtio_queue::Error::InvalidDescriptorIndex);
+        }
         if let Some(inf) = self.inflight.as_mut() {
             inf.pre_complete(head);
         }
-        self.queue.add_used(&*self.mem, head, len)?;
+        if let Err(e) = self.queue.add_used(&*self.mem, head, len) {
+            self.set_broken(format_args!("used ring write failed: {e:?}"));
+            return Err(e);
+        }
         if let Some(inf) = self.inflight.as_mut() {
             inf.complete(head, self.queue.next_used());
         }
@@ -302,7 +418,7 @@ impl VringHandle {
         let needed = match self.queue.needs_notification(&*self.mem) {
             Ok(n) => n,
             Err(e) => {
-                warn!("queue {}: needs_notification: {e:?}", self.index);
+                guest_warn!("queue {}: needs_notification: {e:?}", self.index);
                 true
             }
         };
@@ -313,15 +429,28 @@ impl VringHandle {
 
     /// Re-enable guest kicks; returns true if new avail entries arrived meanwhile (process
     /// them before sleeping). Use with [`disable_notification`](Self::disable_notification)
-    /// for the usual EVENT_IDX loop.
+    /// for the usual EVENT_IDX loop. False on a broken ring (nothing it could yield), so
+    /// the loop ends.
     pub fn enable_notification(&mut self) -> bool {
-        self.queue.enable_notification(&*self.mem).unwrap_or(true)
+        if self.broken {
+            return false;
+        }
+        match self.queue.enable_notification(&*self.mem) {
+            Ok(more) => more,
+            Err(e) => {
+                self.set_broken(format_args!("enable notification: {e:?}"));
+                false
+            }
+        }
     }
 
     /// Suppress guest kicks while the worker is busy with this ring.
     pub fn disable_notification(&mut self) {
+        if self.broken {
+            return;
+        }
         if let Err(e) = self.queue.disable_notification(&*self.mem) {
-            warn!("queue {}: disable_notification: {e:?}", self.index);
+            self.set_broken(format_args!("disable notification: {e:?}"));
         }
     }
 
@@ -329,4 +458,28 @@ impl VringHandle {
     pub fn mark_dirty(&self, gpa: u64, len: u64) {
         self.log.mark(gpa, len);
     }
+}
+
+/// Refuses rings whose areas overlap: the device writes the used ring, so a used ring over the
+/// avail ring or descriptor table lets completions rewrite the guest's requests.
+fn check_layout(s: &RingSetup) -> Result<(), String> {
+    let n = u64::from(s.size);
+    // Sizes with the EVENT_IDX words included (virtio 1.x 2.7).
+    let areas = [
+        ("descriptor table", s.desc, 16 * n),
+        ("avail ring", s.avail, 6 + 2 * n),
+        ("used ring", s.used, 6 + 8 * n),
+    ];
+    for i in 0..areas.len() {
+        for j in i + 1..areas.len() {
+            let (a, b) = (areas[i], areas[j]);
+            if a.1 < b.1.saturating_add(b.2) && b.1 < a.1.saturating_add(a.2) {
+                return Err(format!(
+                    "queue {}: {} at {:#x} overlaps {} at {:#x}",
+                    s.index, a.0, a.1, b.0, b.1
+                ));
+            }
+        }
+    }
+    Ok(())
 }
