@@ -415,13 +415,13 @@ mod tests {
     fn reopened_region_keeps_larger_layout() {
         let (region, file) = InflightRegion::create(2, 1024).unwrap();
         let mut q = InflightQueue::new(region.clone(), 1, 1024).unwrap();
-        q.recover(0);
+        q.recover(0).unwrap();
         q.start(700);
         let size = queue_region_size(1024) * 2;
         let again = InflightRegion::open(&file, size, 0, 2, 128).unwrap();
         assert_eq!(again.queue_size(), 1024);
         let mut q2 = InflightQueue::new(again, 1, 1024).unwrap();
-        assert_eq!(q2.recover(0), vec![700]);
+        assert_eq!(q2.recover(0).unwrap(), vec![700]);
         // A region really laid out for 128 stays at 128 and cannot track a ring of 1024.
         let (small, file) = InflightRegion::create(2, 128).unwrap();
         drop(small);
