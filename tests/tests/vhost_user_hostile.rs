@@ -329,6 +329,7 @@ fn hostile_inflight_regions_are_errors() {
             mark_inflight(f, 256, 0, 200, 1)
         }),
         ("more heads than offered", |f| {
+            // The ring was re-initialised (avail idx 0): 20 heads cannot be in flight.
             for h in 0..20 {
                 mark_inflight(f, 256, 0, h, u64::from(h) + 1);
             }
@@ -338,10 +339,19 @@ fn hostile_inflight_regions_are_errors() {
         }),
     ];
     for (name, spoil) in cases {
+        // A first connection runs the ring with the region (it is now "in use": a reconnect
+        // recovers from it), then the frontend spoils it and reconnects.
         let mut f = ready(&d);
-        // Region laid out for 256 entries; rings of 128 for the head-beyond case.
-        let (_, file) = f.setup_inflight(2, 256);
+        let (info, file) = f.setup_inflight(2, 256);
+        start_queue(&mut f, 0, 0).expect("start");
+        served(&mut f, 0, b"x");
+        f.reconnect(&d.sock, T);
         spoil(&file);
+        f.handshake();
+        f.set_mem_table();
+        f.fe.set_inflight_fd(&info, file.as_raw_fd())
+            .expect("set_inflight_fd");
+        // Rings of 128 in a region laid out for 256 for the head-beyond case.
         let ring = if name == "head beyond ring" { 128 } else { 256 };
         f.init_queue(0, ring);
         f.setup_vring(0, 0);

@@ -473,6 +473,10 @@ mod tests {
         let (region, _file) = InflightRegion::create(1, 8).unwrap();
         let p = raw(&region, 0);
         let hdr = region.header(0);
+        // A ring ran with it: from now on its contents are trusted as far as they check out.
+        InflightQueue::new(region.clone(), 0, 8)
+            .unwrap()
+            .mark_in_use();
         // desc_num 0, or smaller than the ring.
         for bad in [0u16, 4] {
             hdr.desc_num.store(bad, Ordering::Relaxed);
