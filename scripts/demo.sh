@@ -121,11 +121,11 @@ if [ ! -f "$IMG" ]; then
 fi
 
 blk_args=(--socket "$DIR/blk.sock" --image "$IMG" --ft "$BLK_FT")
-[ "$BLK_FT" = off ] || blk_args+=(--control "$DIR/blk.ctl")
+[ "$BLK_FT" = off ] || blk_args+=(--control "$DIR/blk.ctl" --state-dir "$DIR/blk-state")
 "$BIN/vhost-user-blk-ft" "${blk_args[@]}" >"$DIR/blk.log" 2>&1 &
 PIDS=("$!" "${PIDS[@]}")
 "$BIN/vhost-user-net-ft" --socket "$DIR/net.sock" --tap "$TAP" --ip "$HOST_IP/24" --mac "$MAC" \
-    --ft hold --control "$DIR/net.ctl" >"$DIR/net.log" 2>&1 &
+    --ft hold --control "$DIR/net.ctl" --state-dir "$DIR/net-state" >"$DIR/net.log" 2>&1 &
 PIDS=("$!" "${PIDS[@]}")
 wait_for "$DIR/blk.sock" 10
 wait_for "$DIR/net.sock" 10

@@ -76,6 +76,11 @@ struct Args {
     /// Coordinator control socket (created with mode 0600); required with --ft hold.
     #[arg(long)]
     control: Option<PathBuf>,
+    /// Directory for state that must survive a restart: the fence (the newest coordinator
+    /// generation seen, in fence.json, written atomically and fsynced before a newer generation
+    /// is admitted). Without it a restarted daemon admits a deposed coordinator again.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
     /// What a failed commit does to later commits.
     #[arg(long, value_enum, default_value_t = OnError::Stop)]
     on_commit_error: OnError,
@@ -170,7 +175,8 @@ fn run(args: Args) -> std::io::Result<()> {
                 .image
                 .file_name()
                 .map_or_else(|| "blk".into(), |n| n.to_string_lossy().into_owned());
-            let ctl = BlkControl::new(h, server.worker_handles(), name, policy, engine);
+            let ctl = BlkControl::new(h, server.worker_handles(), name, policy, engine)
+                .with_fence(fence(args.state_dir.as_deref())?);
             log::info!("control socket {}", c.path().display());
             Some(c.spawn(ctl.into_handler())?)
         }
@@ -198,4 +204,28 @@ fn run(args: Args) -> std::io::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The fence of `--state-dir`, or an in-memory one (with a warning) without it.
+fn fence(state_dir: Option<&std::path::Path>) -> std::io::Result<ft_common::epoch::Fence> {
+    match state_dir {
+        Some(dir) => {
+            let f = ft_common::epoch::Fence::from_state_dir(dir).map_err(|e| {
+                std::io::Error::new(e.kind(), format!("--state-dir {}: {e}", dir.display()))
+            })?;
+            log::info!(
+                "fence at generation {} (persisted in {})",
+                f.newest(),
+                dir.display()
+            );
+            Ok(f)
+        }
+        None => {
+            log::warn!(
+                "no --state-dir: the fence is kept in memory only, so after a restart a \
+                 deposed coordinator is admitted again"
+            );
+            Ok(ft_common::epoch::Fence::default())
+        }
+    }
 }

@@ -745,6 +745,58 @@ fn a_failed_wait_never_syncs_or_replies_with_io_in_flight() {
     );
 }
 
+/// `--state-dir`: the fence survives a daemon restart (SIGKILL, no clean shutdown), so a
+/// deposed coordinator stays refused; without it the restarted daemon would admit it again.
+#[test]
+fn the_fence_survives_a_restart_with_a_state_dir() {
+    let state = tempfile::tempdir().expect("state dir");
+    let dir_arg = state.path().join("blk-state");
+    let dir_arg = dir_arg.to_str().unwrap();
+    let d = start(&["--state-dir", dir_arg]);
+    let mut c = d.control();
+    let abort = |c: &mut ControlClient, g| {
+        c.call(&Request::Abort {
+            generation: Generation(g),
+        })
+        .expect("abort")
+    };
+    assert!(matches!(abort(&mut c, 5), Reply::Aborted { .. }));
+    drop(c);
+    drop(d); // SIGKILL
+    let d = start(&["--state-dir", dir_arg]);
+    let mut c = d.control();
+    assert_eq!(status(&mut c).generation, Generation(5));
+    assert_eq!(error_code(&abort(&mut c, 4)), ErrorCode::Fenced);
+    assert_eq!(
+        error_code(
+            &c.call(&Request::Seal {
+                generation: Generation(4),
+                epoch: Epoch(1),
+            })
+            .expect("seal")
+        ),
+        ErrorCode::Fenced
+    );
+    assert!(matches!(abort(&mut c, 6), Reply::Aborted { .. }));
+    drop(c);
+    drop(d);
+    // A corrupt fence file stops the daemon instead of resetting the fence.
+    std::fs::write(state.path().join("blk-state/fence.json"), "garbage").unwrap();
+    let (dir, img) = new_image();
+    let out = Command::new(env!("CARGO_BIN_EXE_vhost-user-blk-ft"))
+        .arg("--socket")
+        .arg(dir.path().join("blk.sock"))
+        .arg("--image")
+        .arg(&img)
+        .args(["--ft", "hold", "--control"])
+        .arg(dir.path().join("ctl.sock"))
+        .args(["--state-dir", dir_arg])
+        .output()
+        .expect("run daemon");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--state-dir"));
+}
+
 /// Held writes of a frontend that disconnects are cancelled, never written; with an inflight
 /// region the reconnecting frontend resubmits them and they are held again, in the open epoch.
 #[test]

@@ -50,6 +50,15 @@ impl NetControl {
         }
     }
 
+    /// Uses `fence` (e.g. a persistent one, [`Fence::from_state_dir`]) instead of a fresh
+    /// in-memory fence.
+    pub fn with_fence(self, fence: Fence) -> Self {
+        if let Ok(mut st) = self.state.lock() {
+            st.fence = fence;
+        }
+        self
+    }
+
     /// Sends `op` to every worker; the first refusal or failure becomes the error reply.
     fn fan_out(&self, op: impl Fn() -> GateOp) -> Result<Vec<NetReply>, Reply> {
         let mut out = Vec::with_capacity(self.workers.len());

@@ -3,6 +3,7 @@
 
 use clap::{Parser, ValueEnum};
 use ft_common::control::{ControlServer, Notifier};
+use ft_common::epoch::Fence;
 use ft_common::vhost_user::server::VhostUserServer;
 use log::{error, info};
 use std::path::PathBuf;
@@ -54,6 +55,11 @@ struct Cli {
     /// Control socket for the checkpoint coordinator (mode 0600).
     #[arg(long)]
     control: Option<PathBuf>,
+    /// Directory for state that must survive a restart: the fence (the newest coordinator
+    /// generation seen, in fence.json, written atomically and fsynced before a newer generation
+    /// is admitted). Without it a restarted daemon admits a deposed coordinator again.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
     /// Hold buffer size per queue pair, bytes (virtio-net headers included).
     #[arg(long, default_value_t = 4 << 20)]
     tx_buffer_bytes: usize,
@@ -134,14 +140,32 @@ fn run(cli: Cli) -> Result<(), String> {
     let server = VhostUserServer::new(device.clone(), &cli.socket)
         .map_err(|e| format!("vhost-user {}: {e}", cli.socket.display()))?;
     device.set_workers(server.worker_handles());
+    let fence = match (&control, &cli.state_dir) {
+        (Some(_), Some(dir)) => {
+            let f = Fence::from_state_dir(dir)
+                .map_err(|e| format!("--state-dir {}: {e}", dir.display()))?;
+            info!(
+                "fence at generation {} (persisted in {})",
+                f.newest(),
+                dir.display()
+            );
+            f
+        }
+        (Some(_), None) => {
+            log::warn!(
+                "no --state-dir: the fence is kept in memory only, so after a restart a \
+                 deposed coordinator is admitted again"
+            );
+            Fence::default()
+        }
+        (None, _) => Fence::default(),
+    };
     let control = control
         .map(|c| {
-            c.spawn(NetControl::new(
-                server.worker_handles(),
-                cli.tap.clone(),
-                mac,
-                mode,
-            ))
+            c.spawn(
+                NetControl::new(server.worker_handles(), cli.tap.clone(), mac, mode)
+                    .with_fence(fence),
+            )
         })
         .transpose()
         .map_err(|e| format!("control thread: {e}"))?;

@@ -724,6 +724,42 @@ fn a_failed_io_uring_submit_sends_nothing_of_a_later_epoch() {
     });
 }
 
+/// `--state-dir`: the fence survives a daemon restart (SIGKILL), so a deposed coordinator stays
+/// refused.
+#[test]
+fn the_fence_survives_a_restart_with_a_state_dir() {
+    let state = std::env::temp_dir().join(format!("ft-net-state-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&state);
+    let state_arg = state.to_str().unwrap().to_string();
+    in_netns(move || {
+        let abort = |c: &mut ControlClient, g| {
+            call(
+                c,
+                Request::Abort {
+                    generation: Generation(g),
+                },
+            )
+        };
+        let d = Daemon::start("fence1", "ftfence0", &["--state-dir", &state_arg]);
+        let mut c = d.control();
+        assert!(matches!(abort(&mut c, 5), Reply::Aborted { .. }));
+        drop(c);
+        drop(d); // SIGKILL
+        let d = Daemon::start("fence2", "ftfence0", &["--state-dir", &state_arg]);
+        let mut c = d.control();
+        match call(&mut c, Request::Status) {
+            Reply::Status(s) => assert_eq!(s.generation, Generation(5)),
+            r => panic!("status: {r:?}"),
+        }
+        match abort(&mut c, 4) {
+            Reply::Error { code, .. } => assert_eq!(code, ErrorCode::Fenced),
+            r => panic!("deposed coordinator admitted after a restart: {r:?}"),
+        }
+        d.stop();
+    });
+    std::fs::remove_dir_all(&state).unwrap();
+}
+
 #[test]
 fn bad_command_lines_fail_cleanly() {
     let run = |args: &[&str]| {

@@ -7,18 +7,23 @@
 //! without side effects; every [`TxError`] becomes an `ERROR` reply, never a panic.
 
 use super::message::{EpochHeld, ErrorCode, Reply, Request};
-use crate::epoch::{Epoch, Fence};
+use crate::epoch::{AdmitError, Epoch, Fence};
 use crate::txqueue::{EpochStats, TxError};
 use std::collections::BTreeMap;
 use std::time::Instant;
 
 /// Admits `req` through `fence` (requests without a generation, i.e. `STATUS`, always pass).
-/// An older generation yields the `FENCED` reply to send.
+/// An older generation yields the `FENCED` reply to send; a newer one the fence cannot store
+/// yields `INTERNAL` (and is not admitted).
 pub fn admit(fence: &mut Fence, req: &Request) -> Result<(), Reply> {
     match req.generation() {
-        Some(g) => fence
-            .admit(g)
-            .map_err(|e| Reply::error(ErrorCode::Fenced, e.to_string())),
+        Some(g) => fence.admit(g).map_err(|e| match e {
+            AdmitError::Fenced(f) => Reply::error(ErrorCode::Fenced, f.to_string()),
+            e @ AdmitError::Persist { .. } => {
+                log::error!("{e}");
+                Reply::error(ErrorCode::Internal, e.to_string())
+            }
+        }),
         None => Ok(()),
     }
 }

@@ -20,7 +20,7 @@ struct Record {
 /// Largest state file accepted; the record is a few bytes.
 const MAX_LEN: u64 = 4096;
 
-/// The state file holding the newest generation.
+/// The state file holding the newest generation (the coordinator's; a daemon's fence).
 #[derive(Debug)]
 pub struct GenerationStore {
     path: PathBuf,

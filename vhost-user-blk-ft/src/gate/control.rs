@@ -88,6 +88,13 @@ impl BlkControl {
         }
     }
 
+    /// Uses `fence` (e.g. a persistent one, [`Fence::from_state_dir`]) instead of a fresh
+    /// in-memory fence.
+    pub fn with_fence(mut self, fence: Fence) -> BlkControl {
+        self.state.fence = fence;
+        self
+    }
+
     pub fn into_handler(self) -> BlkControlHandler {
         BlkControlHandler(Mutex::new(self))
     }
