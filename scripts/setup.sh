@@ -2,7 +2,8 @@
 # Idempotent, non-interactive host setup for the ft-vhost test suite (Debian 12).
 #
 # Installs QEMU (TCG guests + qemu-storage-daemon), fio, iperf3, busybox-static and the small
-# tools the guest image builder needs. A second run checks with dpkg-query only: no apt calls,
+# tools the guest image builder needs, and builds the QEMU 10 tree (Debian 13, once, cached;
+# scripts/qemu10-root.sh). A second run checks with dpkg-query only: no apt calls,
 # no output. Works as root (CI) or through sudo.
 set -euo pipefail
 
@@ -53,8 +54,15 @@ ensure_tracefs() {
     fi
 }
 
+# QEMU 10 for the guest tests against today's QEMU: a Debian 13 tree built once and cached
+# (scripts/qemu10-root.sh; quiet when it is there already).
+ensure_qemu10() {
+    "$(dirname "$0")/qemu10-root.sh"
+}
+
 if [ "${#missing[@]}" -eq 0 ]; then
     ensure_tracefs
+    ensure_qemu10
     exit 0
 fi
 
@@ -85,4 +93,5 @@ qemu_ok || {
     exit 1
 }
 ensure_tracefs
+ensure_qemu10
 echo "setup.sh: done" >&2

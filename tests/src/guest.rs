@@ -7,6 +7,8 @@
 //!   later) and wait for its socket; killed on drop.
 //! - [`vm`]: run QEMU with vhost-user-blk / vhost-user-net devices, capture the serial console,
 //!   wait for the guest's `FT-RESULT:` line or a timeout; killed on drop.
+//! - [`qemu`]: which QEMU runs the guest (the host's 7.2 or QEMU 10 from a cached Debian 13
+//!   tree) and what differs between them.
 //! - [`scratch`]: per-test scratch directories.
 //! - [`disk`]: host-side reading of a guest's raw disk image (which blocks it wrote).
 //!
@@ -19,6 +21,7 @@ pub mod backend;
 pub mod disk;
 pub mod error;
 pub mod image;
+pub mod qemu;
 pub mod scratch;
 pub mod vm;
 
@@ -26,5 +29,6 @@ pub use backend::{Backend, BackendCommand};
 pub use disk::nonzero_blocks;
 pub use error::HarnessError;
 pub use image::{ensure_host_tools, GuestImage};
+pub use qemu::QemuFlavor;
 pub use scratch::ScratchDir;
 pub use vm::{Guest, GuestConfig, GuestOutcome, GuestResult};

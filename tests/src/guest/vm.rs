@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use super::backend::terminate;
 use super::error::{HarnessError, Result};
 use super::image::GuestImage;
+use super::qemu::QemuFlavor;
 
 const RESULT_MARK: &str = "FT-RESULT: ";
 const STAGE_MARK: &str = "FT-STAGE: ";
@@ -37,6 +38,9 @@ pub struct GuestConfig {
     pub disk_queues: u16,
     /// vhost-user-net socket for one virtio-net-pci device.
     pub net: Option<PathBuf>,
+    /// Which QEMU (set with [`GuestConfig::on`]): decides MSI-X on the NIC and the reconnect
+    /// option's spelling.
+    pub flavor: QemuFlavor,
     /// `-chardev socket,reconnect=N`: QEMU reconnects to a restarted backend after N seconds.
     pub reconnect_secs: Option<u32>,
     /// Test to run: `/ft/tests/<test>.sh` in the guest (`ft.test=`).
@@ -49,6 +53,8 @@ pub struct GuestConfig {
     pub serial_log: PathBuf,
     /// QEMU binary (`FT_QEMU` or `qemu-system-x86_64` on PATH by default).
     pub qemu: OsString,
+    /// More QEMU arguments, after the devices (e.g. a QMP socket: [`GuestConfig::with_qmp`]).
+    pub extra_args: Vec<OsString>,
 }
 
 impl GuestConfig {
@@ -62,13 +68,32 @@ impl GuestConfig {
             disks: Vec::new(),
             disk_queues: 1,
             net: None,
+            flavor: QemuFlavor::Host,
             reconnect_secs: None,
             test: test.to_owned(),
             cmdline_extra: Vec::new(),
             timeout: Duration::from_secs(300),
             serial_log: log_dir.join(format!("serial-{test}.log")),
             qemu: std::env::var_os("FT_QEMU").unwrap_or_else(|| "qemu-system-x86_64".into()),
+            extra_args: Vec::new(),
         }
+    }
+
+    /// Adds a QMP server socket at `path` (checkpointers, `ftctl record-vm`).
+    pub fn with_qmp(mut self, path: &Path) -> GuestConfig {
+        let mut spec = OsString::from("unix:");
+        spec.push(path);
+        spec.push(",server=on,wait=off");
+        self.extra_args.push("-qmp".into());
+        self.extra_args.push(spec);
+        self
+    }
+
+    /// Run on `flavor`'s QEMU (its binary replaces `qemu`).
+    pub fn on(mut self, flavor: QemuFlavor) -> GuestConfig {
+        self.flavor = flavor;
+        self.qemu = flavor.binary();
+        self
     }
 
     /// The `fio-verify` guest test on the vhost-user-blk socket `disk`: fio writes `size` bytes
@@ -130,7 +155,7 @@ impl GuestConfig {
         push("q35,memory-backend=mem");
         let reconnect = self
             .reconnect_secs
-            .map(|s| format!(",reconnect={s}"))
+            .map(|s| format!(",{}", self.flavor.reconnect_option(s)))
             .unwrap_or_default();
         let chardev = |id: &str, path: &Path| -> OsString {
             let mut s = OsString::from(format!("socket,id={id},path="));
@@ -158,9 +183,16 @@ impl GuestConfig {
             devices.push("vhost-user,id=net0,chardev=net0".into());
             devices.push("-device".into());
             // vectors=0 (INTx): QEMU 7.2 TCG segfaults in vhost_net_start with MSI-X.
-            devices.push("virtio-net-pci,netdev=net0,vectors=0,mac=52:54:00:12:34:56".into());
+            let vectors = if self.flavor.net_msix() {
+                ""
+            } else {
+                "vectors=0,"
+            };
+            devices
+                .push(format!("virtio-net-pci,netdev=net0,{vectors}mac=52:54:00:12:34:56").into());
         }
         a.extend(devices);
+        a.extend(self.extra_args.iter().cloned());
         a.push("-kernel".into());
         a.push(self.kernel.clone().into());
         a.push("-initrd".into());
@@ -522,6 +554,20 @@ mod tests {
         assert!(line.contains("-chardev socket,id=blk1,path=/s/b.sock,reconnect=1"));
         assert!(line.contains("-device vhost-user-blk-pci,chardev=blk1,num-queues=1"));
         assert!(line.contains("virtio-net-pci,netdev=net0,vectors=0"));
+        // QEMU 10: MSI-X on the NIC, reconnect in milliseconds, its own binary.
+        let config = config.on(QemuFlavor::Qemu10);
+        let line: Vec<String> = config
+            .qemu_args()
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let line = line.join(" ");
+        assert!(
+            line.contains("virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56"),
+            "{line}"
+        );
+        assert!(line.contains("path=/s/b.sock,reconnect-ms=1000"), "{line}");
+        assert!(config.qemu.to_string_lossy().ends_with("scripts/qemu10.sh"));
         assert_eq!(
             args.last().unwrap(),
             "console=ttyS0 panic=-1 loglevel=4 ft.test=boot ft.size=4M"
