@@ -26,7 +26,7 @@ struct Args {
     #[arg(
         long,
         default_value = "sim",
-        help = "sim[:ACK_DELAY_MS] | exec:CMD | qmp:QMP_SOCKET"
+        help = "sim[:ACK_DELAY_MS] | exec:CMD | qmp:QMP_SOCKET | migrate:QMP_SOCKET,standby=tcp:HOST:PORT|unix:PATH[,mode=live|paused][,max-bandwidth=B][,downtime-ms=N][,converge-ms=N][,timeout-ms=N][,meta=FILE] (real checkpoints to ft-standby)"
     )]
     checkpointer: CheckpointerSpec,
     /// Periodic cut every N ms (0: no periodic cut).

@@ -1,6 +1,8 @@
 //! Checkpointers behind one trait: `sim` (acknowledges after a fixed delay; tests and
-//! benchmarks), `exec:CMD` (runs a command per checkpoint; exit 0 = acknowledged) and
-//! `qmp:SOCK` (pauses and resumes QEMU over QMP around the seal).
+//! benchmarks), `exec:CMD` (runs a command per checkpoint; exit 0 = acknowledged),
+//! `qmp:SOCK` (pauses and resumes QEMU over QMP around the seal; copies nothing) and
+//! `migrate:SOCK,standby=ADDR,...` (real checkpoints: QEMU migration to an `ft-standby`,
+//! acknowledged when durable there; see `migrate.rs`).
 //!
 //! Contract: after [`Checkpointer::start`] for epoch `E` the checkpointer reports, through its
 //! sink, `Captured E` once the VM may run again (the checkpoint is taken) and then exactly one
@@ -9,6 +11,7 @@
 //! for epochs it already gave up on (timeouts), so a late `Acked` can never commit anything.
 
 use super::cycle::Input;
+use super::migrate::{MigrateCheckpointer, MigrateOptions};
 use super::qmp::QmpClient;
 use crate::control::message::TransactionState;
 use crate::epoch::{Epoch, Generation};
@@ -35,6 +38,19 @@ pub trait Checkpointer: Send {
     fn resume_vm(&mut self) -> Result<(), String> {
         Ok(())
     }
+    /// Brings the VM to the cut of a new epoch under `generation`. `Some(r)`: done now, as
+    /// `VmPaused(r)`. `None`: the checkpointer reports `VmPaused(Ok)` or `CutAbandoned`
+    /// through its sink later (a live migration pauses the VM only at its switchover); after
+    /// `CutAbandoned` the VM runs as before.
+    fn begin_cut(&mut self, _generation: Generation) -> Option<Result<(), String>> {
+        Some(self.pause_vm())
+    }
+    /// Per-checkpoint measurements for `ftctl status` (None: nothing beyond the cycle's).
+    fn status(&self) -> Option<serde_json::Value> {
+        None
+    }
+    /// Appends Prometheus text for the checkpointer's own measurements.
+    fn render_metrics(&self, _out: &mut String) {}
     /// Takes checkpoint `epoch` with the devices' sealed transaction states.
     fn start(&mut self, generation: Generation, epoch: Epoch, states: Vec<TransactionState>);
     /// Gives up on `epoch` (timed out): stop working on it if possible.
@@ -47,6 +63,7 @@ pub enum CheckpointerSpec {
     Sim { ack_delay: Duration },
     Exec { command: String },
     Qmp { socket: PathBuf },
+    Migrate(MigrateOptions),
 }
 
 impl std::str::FromStr for CheckpointerSpec {
@@ -70,8 +87,10 @@ impl std::str::FromStr for CheckpointerSpec {
                 command: c.to_string(),
             }),
             ("qmp", Some(p)) if !p.is_empty() => Ok(CheckpointerSpec::Qmp { socket: p.into() }),
+            ("migrate", Some(o)) => MigrateOptions::parse(o).map(CheckpointerSpec::Migrate),
             _ => Err(format!(
-                "bad checkpointer {s:?}: expected sim[:ACK_DELAY_MS], exec:CMD or qmp:QMP_SOCKET"
+                "bad checkpointer {s:?}: expected sim[:ACK_DELAY_MS], exec:CMD, qmp:QMP_SOCKET \
+                 or migrate:QMP_SOCKET,standby=ADDR[,mode=live|paused]..."
             )),
         }
     }
@@ -88,6 +107,7 @@ impl CheckpointerSpec {
             CheckpointerSpec::Qmp { socket } => {
                 Box::new(QmpCheckpointer::new(socket.clone(), sink))
             }
+            CheckpointerSpec::Migrate(o) => Box::new(MigrateCheckpointer::new(o.clone(), sink)),
         }
     }
 }
@@ -382,7 +402,22 @@ mod tests {
             "qmp:/run/q.sock".parse::<CheckpointerSpec>().unwrap(),
             CheckpointerSpec::Qmp { .. }
         ));
-        for bad in ["", "sim:x", "exec:", "exec", "qmp:", "remus:1"] {
+        assert!(matches!(
+            "migrate:/run/q.sock,standby=unix:/run/s.sock"
+                .parse::<CheckpointerSpec>()
+                .unwrap(),
+            CheckpointerSpec::Migrate(_)
+        ));
+        for bad in [
+            "",
+            "sim:x",
+            "exec:",
+            "exec",
+            "qmp:",
+            "remus:1",
+            "migrate:",
+            "migrate:/q",
+        ] {
             assert!(bad.parse::<CheckpointerSpec>().is_err(), "{bad}");
         }
     }

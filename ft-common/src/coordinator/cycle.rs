@@ -85,6 +85,13 @@ pub enum Input {
     /// Operator: cut again; also clears a halt after a device failure once all are connected.
     Resume,
     VmPaused(Result<(), String>),
+    /// The checkpointer could not bring the VM to a consistent cut (standby unreachable, live
+    /// migration failed before its switchover, QEMU gone) and left it running: no epoch was
+    /// sealed, output stays held, and the next cut retries. Unlike `VmPaused(Err)` this does
+    /// not halt the cycle.
+    CutAbandoned {
+        error: String,
+    },
     VmResumed(Result<(), String>),
     Sealed {
         device: DeviceId,
@@ -437,6 +444,7 @@ impl Cycle {
             Input::Pause => self.paused = true,
             Input::Resume => self.resume(out),
             Input::VmPaused(r) => self.vm_paused(r, out),
+            Input::CutAbandoned { error } => self.cut_abandoned(error, out),
             Input::VmResumed(r) => self.vm_resumed(r, out),
             Input::Sealed {
                 device,
@@ -624,6 +632,16 @@ impl Cycle {
             started: now,
         };
         out.push(Action::PauseVm);
+    }
+
+    fn cut_abandoned(&mut self, error: String, out: &mut Vec<Action>) {
+        let Phase::Pausing { epoch, .. } = self.phase else {
+            return;
+        };
+        // The epoch number was not consumed: nothing was sealed, the next cut reuses it.
+        self.phase = Phase::Idle;
+        self.checkpointer_last_error = Some(format!("epoch {epoch}: {error}"));
+        out.push(Action::Report(Event::CheckpointFailed { epoch, error }));
     }
 
     fn vm_paused(&mut self, r: Result<(), String>, out: &mut Vec<Action>) {

@@ -130,7 +130,14 @@ fn respond(mut conn: TcpStream, h: &CoordinatorHandle) -> io::Result<()> {
     conn.write_all(resp.as_bytes())
 }
 
-fn summary(out: &mut String, name: &str, help: &str, labels: &str, l: &Latency, header: bool) {
+pub(crate) fn summary(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    labels: &str,
+    l: &Latency,
+    header: bool,
+) {
     let s = l.summary();
     if header {
         let _ = writeln!(out, "# HELP {name} {help}");
@@ -153,7 +160,7 @@ fn summary(out: &mut String, name: &str, help: &str, labels: &str, l: &Latency, 
     let _ = writeln!(out, "{name}_count{lb} {}", s.count);
 }
 
-fn scalar(out: &mut String, name: &str, kind: &str, help: &str, rows: &[(String, f64)]) {
+pub(crate) fn scalar(out: &mut String, name: &str, kind: &str, help: &str, rows: &[(String, f64)]) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
     for (labels, v) in rows {

@@ -5,7 +5,8 @@
 //!   failure policy, timeouts); all decisions live here.
 //! - [`runtime`]: the I/O shell running the state machine on one thread.
 //! - [`device_link`]: one thread per daemon control connection.
-//! - [`checkpointer`]: `sim`, `exec:CMD`, `qmp:SOCK` behind one trait; [`qmp`]: QMP client.
+//! - [`checkpointer`]: `sim`, `exec:CMD`, `qmp:SOCK` and [`migrate`] (`migrate:SOCK,standby=ADDR`:
+//!   real checkpoints to an `ft-standby`) behind one trait; [`qmp`]: QMP client.
 //! - [`generation_store`]: the persisted fencing generation.
 //! - [`api`]: the `ftctl` socket; [`metrics`]: Prometheus text over HTTP on loopback;
 //!   [`telemetry`]: latency histograms and counters.
@@ -20,6 +21,7 @@ pub mod cycle;
 pub mod device_link;
 pub mod generation_store;
 pub mod metrics;
+pub mod migrate;
 pub mod qmp;
 pub mod runtime;
 pub mod telemetry;

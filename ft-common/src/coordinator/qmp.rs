@@ -1,11 +1,15 @@
 //! A minimal QMP client: connect to QEMU's QMP unix socket, read the greeting, negotiate
-//! capabilities, and run commands (`stop`, `cont`, `query-status`) synchronously.
+//! capabilities, and run commands (`stop`, `cont`, `query-status`, the migration commands)
+//! synchronously; asynchronous events are kept for [`QmpClient::next_event`].
 //!
 //! Invariants: one command in flight at a time, so the next `return`/`error` object answers it;
-//! asynchronous events (`{"event": ...}`) in between are skipped; every read has a timeout and
-//! every line a size bound, so a silent or garbage-spewing peer is an error, never a hang.
+//! asynchronous events (`{"event": ...}`) in between are queued (bounded: the oldest are
+//! dropped); every read has a timeout and every line a size bound, so a silent or
+//! garbage-spewing peer is an error, never a hang. A line cut by a timeout is kept and
+//! completed by the next read, never misparsed.
 
 use serde_json::{json, Value};
+use std::collections::VecDeque;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -13,6 +17,8 @@ use std::time::Duration;
 
 /// Largest QMP line accepted (replies to our commands are tiny).
 const MAX_LINE: u64 = 1 << 20;
+/// Events kept for `next_event`; older ones are dropped.
+const MAX_EVENTS: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
@@ -34,6 +40,8 @@ pub struct QmpClient {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
     line: Vec<u8>,
+    timeout: Duration,
+    events: VecDeque<Value>,
 }
 
 impl QmpClient {
@@ -47,6 +55,8 @@ impl QmpClient {
             reader: BufReader::new(stream),
             writer,
             line: Vec::with_capacity(256),
+            timeout,
+            events: VecDeque::new(),
         };
         let greeting = c.read_object()?;
         if greeting.get("QMP").is_none() {
@@ -92,7 +102,41 @@ impl QmpClient {
             if v.get("event").is_none() {
                 return Err(QmpError::Protocol(format!("unexpected QMP message {v}")));
             }
+            self.push_event(v);
         }
+    }
+
+    /// The next asynchronous event (queued earlier, or read within `timeout`); `None` when
+    /// none came in time.
+    pub fn next_event(&mut self, timeout: Duration) -> Result<Option<Value>, QmpError> {
+        if let Some(e) = self.events.pop_front() {
+            return Ok(Some(e));
+        }
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(timeout.max(Duration::from_millis(1))))?;
+        let r = self.read_line_object();
+        self.reader.get_ref().set_read_timeout(Some(self.timeout))?;
+        match r? {
+            None => Ok(None),
+            Some(v) if v.get("event").is_some() => Ok(Some(v)),
+            Some(v) => Err(QmpError::Protocol(format!(
+                "unexpected QMP message while waiting for events: {v}"
+            ))),
+        }
+    }
+
+    /// Forgets queued events (before starting something whose events must not be confused
+    /// with those of an earlier run, such as a new migration).
+    pub fn clear_events(&mut self) {
+        self.events.clear();
+    }
+
+    fn push_event(&mut self, v: Value) {
+        if self.events.len() >= MAX_EVENTS {
+            self.events.pop_front();
+        }
+        self.events.push_back(v);
     }
 
     /// Pauses the guest's vCPUs.
@@ -114,23 +158,46 @@ impl QmpClient {
     }
 
     fn read_object(&mut self) -> Result<Value, QmpError> {
-        self.line.clear();
-        let n = (&mut self.reader)
-            .take(MAX_LINE)
-            .read_until(b'\n', &mut self.line)?;
-        if n == 0 {
-            return Err(QmpError::Io(io::ErrorKind::UnexpectedEof.into()));
+        self.read_line_object()?
+            .ok_or_else(|| QmpError::Io(io::ErrorKind::TimedOut.into()))
+    }
+
+    /// One complete line as a JSON object; `None` on a read timeout (a partial line stays in
+    /// the buffer for the next call).
+    fn read_line_object(&mut self) -> Result<Option<Value>, QmpError> {
+        let room = MAX_LINE.saturating_sub(self.line.len() as u64);
+        let r = (&mut self.reader)
+            .take(room)
+            .read_until(b'\n', &mut self.line);
+        match r {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) =>
+            {
+                return Ok(None)
+            }
+            Err(e) => return Err(e.into()),
+            Ok(0) if self.line.is_empty() => {
+                return Err(QmpError::Io(io::ErrorKind::UnexpectedEof.into()))
+            }
+            Ok(_) => {}
         }
         if self.line.last() != Some(&b'\n') {
+            self.line.clear();
             return Err(QmpError::Protocol("QMP line too long or cut short".into()));
         }
-        let v: Value = serde_json::from_slice(&self.line)
-            .map_err(|e| QmpError::Protocol(format!("bad JSON from QMP: {e}")))?;
+        let parsed = serde_json::from_slice::<Value>(&self.line);
+        self.line.clear();
+        let v = parsed.map_err(|e| QmpError::Protocol(format!("bad JSON from QMP: {e}")))?;
         if !v.is_object() {
             return Err(QmpError::Protocol(format!(
                 "QMP message is not an object: {v}"
             )));
         }
-        Ok(v)
+        Ok(Some(v))
     }
 }

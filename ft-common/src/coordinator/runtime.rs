@@ -325,8 +325,11 @@ impl Shell {
     fn execute(&mut self, a: Action) {
         match a {
             Action::PauseVm => {
-                let r = self.checkpointer.pause_vm();
-                self.queue.push_back(Input::VmPaused(r));
+                // A checkpointer that pauses asynchronously reports VmPaused/CutAbandoned
+                // through its sink later.
+                if let Some(r) = self.checkpointer.begin_cut(self.cycle.generation()) {
+                    self.queue.push_back(Input::VmPaused(r));
+                }
             }
             Action::ResumeVm => {
                 let r = self.checkpointer.resume_vm();
@@ -448,11 +451,12 @@ impl Shell {
     fn op(&mut self, op: Op) -> Result<Value, String> {
         match op {
             Op::Status => Ok(self.status()),
-            Op::Metrics => Ok(Value::String(metrics::render(
-                &self.cycle.status(),
-                &self.telemetry,
-                &self.link_view(),
-            ))),
+            Op::Metrics => {
+                let mut text =
+                    metrics::render(&self.cycle.status(), &self.telemetry, &self.link_view());
+                self.checkpointer.render_metrics(&mut text);
+                Ok(Value::String(text))
+            }
             Op::Pause => {
                 self.feed(Input::Pause);
                 Ok(json!({"paused": true}))
@@ -561,6 +565,7 @@ impl Shell {
                 "last_error": cs.checkpointer_last_error,
                 "awaiting_ack": cs.awaiting_ack,
                 "failures": t.checkpoint_failures,
+                "capture": self.checkpointer.status(),
             },
             "cycle": cs,
             "devices": devices,

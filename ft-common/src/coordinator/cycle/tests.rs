@@ -495,6 +495,64 @@ fn first_seal_is_not_below_the_devices_open_epoch() {
 }
 
 #[test]
+fn an_abandoned_cut_seals_nothing_does_not_halt_and_is_retried() {
+    // A checkpointer that pauses asynchronously (live migration): PauseVm is not answered
+    // by the shell.
+    let mut c = Cycle::new(cfg(), Generation(7), 1);
+    let mut now = Instant::now();
+    let mut out = vec![];
+    c.handle(
+        now,
+        Input::DeviceConnected {
+            device: 0,
+            open_epoch: Epoch(1),
+            output_pending: true,
+        },
+        &mut out,
+    );
+    assert!(has(&out, |a| matches!(a, Action::PauseVm)));
+    out.clear();
+    // A second trigger during the cut merges into it.
+    c.handle(now, Input::CutNow, &mut out);
+    assert!(out.is_empty(), "{out:?}");
+    c.handle(
+        now,
+        Input::CutAbandoned {
+            error: "standby unreachable".into(),
+        },
+        &mut out,
+    );
+    assert!(seals(&out).is_empty());
+    assert!(has(&out, |a| matches!(
+        a,
+        Action::Report(Event::CheckpointFailed {
+            epoch: Epoch(1),
+            ..
+        })
+    )));
+    let st = c.status();
+    assert!(st.halted.is_none());
+    assert!(st.last_sealed.is_none());
+    assert!(st.checkpointer_last_error.unwrap().contains("unreachable"));
+    // The merged request cuts again at once, with the same epoch number.
+    assert!(has(&out, |a| matches!(a, Action::PauseVm)), "{out:?}");
+    out.clear();
+    now += Duration::from_millis(1);
+    c.handle(now, Input::VmPaused(Ok(())), &mut out);
+    assert_eq!(seals(&out), vec![1]);
+    // A late abandon report for a cut that already paused is ignored.
+    out.clear();
+    c.handle(
+        now,
+        Input::CutAbandoned {
+            error: "late".into(),
+        },
+        &mut out,
+    );
+    assert!(out.is_empty());
+}
+
+#[test]
 fn pause_and_cut_now() {
     let mut h = H::new(cfg(), 1);
     h.seal_all(1, 1);
