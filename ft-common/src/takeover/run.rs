@@ -1,7 +1,8 @@
 //! The takeover itself, step by step (ARCHITECTURE.md section 5):
 //!
 //! 1. read the newest valid checkpoint and `vm.json` from the store (nothing changes yet);
-//! 2. take generation G+1 (above the state file's and the checkpoint's) and persist it;
+//! 2. take generation G+1 (above the state file's and the checkpoint's), persist it, and fence
+//!    the store with it (the deposed primary's checkpoints are refused from then on);
 //! 3. fence the old primary where reachable: `ABORT` with G+1 on every control socket given
 //!    (by default those recorded in `vm.json`); an unreachable daemon is reported, not an error;
 //! 4. write each block device's SEALED record to a replay file and start the standby's daemons
@@ -27,6 +28,7 @@ use crate::control::{ControlClient, DeviceKind, Reply, Request};
 use crate::coordinator::generation_store::GenerationStore;
 use crate::coordinator::qmp::QmpClient;
 use crate::epoch::Generation;
+use crate::standby::store::CheckpointStore;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -93,7 +95,6 @@ pub struct TakeoverOutcome {
     pub vmstate_bytes: u64,
     /// Requests the block daemons were told to replay (outstanding at the checkpoint's seal).
     pub requests_replayed: u64,
-    pub skipped_checkpoints: Vec<String>,
     pub fenced: Vec<Fenced>,
     pub qemu_pid: u32,
     pub daemon_pids: BTreeMap<String, u32>,
@@ -127,7 +128,7 @@ fn ms(d: Duration) -> f64 {
 pub fn takeover(cfg: &TakeoverConfig) -> Result<TakeoverOutcome, TakeoverError> {
     let t0 = Instant::now();
     let mut times = StepTimes::default();
-    let (ckpt, skipped) = checkpoint::newest_valid(&cfg.store).map_err(TakeoverError::Store)?;
+    let ckpt = checkpoint::newest_valid(&cfg.store).map_err(TakeoverError::Store)?;
     let record = VmRecord::load(&cfg.store).map_err(|e| TakeoverError::Store(e.to_string()))?;
     times.read_store_ms = ms(t0.elapsed());
     log::info!(
@@ -140,12 +141,19 @@ pub fn takeover(cfg: &TakeoverConfig) -> Result<TakeoverOutcome, TakeoverError> 
     let t = Instant::now();
     let states = GenerationStore::new(&cfg.state_file);
     let known = states.load().map_err(TakeoverError::Generation)?;
-    let generation = Generation(known.0.max(ckpt.generation.0).checked_add(1).ok_or_else(
-        || TakeoverError::Generation(std::io::Error::other("generation numbers exhausted")),
-    )?);
+    let store = CheckpointStore::open(&cfg.store).map_err(TakeoverError::Generation)?;
+    let fenced_at = store
+        .fenced_generation()
+        .map_err(TakeoverError::Generation)?;
+    let newest = known.0.max(ckpt.generation.0).max(fenced_at.0);
+    let generation = Generation(newest.checked_add(1).ok_or_else(|| {
+        TakeoverError::Generation(std::io::Error::other("generation numbers exhausted"))
+    })?);
     states
         .store(generation)
         .map_err(TakeoverError::Generation)?;
+    // The store refuses the deposed primary's checkpoints from now on.
+    store.fence(generation).map_err(TakeoverError::Generation)?;
     times.generation_ms = ms(t.elapsed());
 
     let t = Instant::now();
@@ -192,7 +200,7 @@ pub fn takeover(cfg: &TakeoverConfig) -> Result<TakeoverOutcome, TakeoverError> 
     times.qemu_start_ms = ms(t.elapsed());
 
     let t = Instant::now();
-    restore(&mut qmp, &ckpt.vmstate, cfg.timeout)?;
+    restore(&mut qmp, &ckpt.incoming_uri, cfg.timeout)?;
     times.migrate_incoming_ms = ms(t.elapsed());
 
     let t = Instant::now();
@@ -231,7 +239,6 @@ pub fn takeover(cfg: &TakeoverConfig) -> Result<TakeoverOutcome, TakeoverError> 
         checkpoint_generation: ckpt.generation,
         vmstate_bytes: ckpt.vmstate_len,
         requests_replayed: ckpt.outstanding(),
-        skipped_checkpoints: skipped,
         fenced,
         qemu_pid,
         daemon_pids,
@@ -302,8 +309,12 @@ fn start_daemon(
             .map_err(|e| TakeoverError::Start(format!("replay record of {}: {e}", d.name)))?;
         fs::write(&file, body)
             .map_err(|e| TakeoverError::Start(format!("{}: {e}", file.display())))?;
-        argv.push("--replay".into());
-        argv.push(file.to_string_lossy().into_owned());
+        // A record with nothing outstanding needs no replay: the restored rings' base then
+        // equals their used index, which a daemon accepts as it is.
+        if rec.outstanding > 0 {
+            argv.push("--replay".into());
+            argv.push(file.to_string_lossy().into_owned());
+        }
     }
     let sockets: Vec<PathBuf> = ["socket", "control"]
         .iter()
@@ -388,14 +399,9 @@ fn wait_for_socket(
 }
 
 /// `migrate-incoming` from the stream file; waits for `completed`.
-fn restore(qmp: &mut QmpClient, vmstate: &Path, timeout: Duration) -> Result<(), TakeoverError> {
-    // exec: runs through /bin/sh: quote the path.
-    let quoted = format!("'{}'", vmstate.to_string_lossy().replace('\'', r"'\''"));
-    qmp.execute_with(
-        "migrate-incoming",
-        serde_json::json!({ "uri": format!("exec:cat {quoted}") }),
-    )
-    .map_err(|e| TakeoverError::Restore(format!("migrate-incoming: {e}")))?;
+fn restore(qmp: &mut QmpClient, uri: &str, timeout: Duration) -> Result<(), TakeoverError> {
+    qmp.execute_with("migrate-incoming", serde_json::json!({ "uri": uri }))
+        .map_err(|e| TakeoverError::Restore(format!("migrate-incoming: {e}")))?;
     let deadline = Instant::now() + timeout;
     loop {
         let r = qmp
