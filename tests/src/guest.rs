@@ -9,6 +9,7 @@
 //!   wait for the guest's `FT-RESULT:` line or a timeout; killed on drop.
 //! - [`qemu`]: which QEMU runs the guest (the host's 7.2 or QEMU 10 from a cached Debian 13
 //!   tree) and what differs between them.
+//! - [`serial_file`]: the console of a QEMU the harness did not start (restored by a takeover).
 //! - [`scratch`]: per-test scratch directories.
 //! - [`disk`]: host-side reading of a guest's raw disk image (which blocks it wrote).
 //!
@@ -23,6 +24,7 @@ pub mod error;
 pub mod image;
 pub mod qemu;
 pub mod scratch;
+pub mod serial_file;
 pub mod vm;
 
 pub use backend::{Backend, BackendCommand};
@@ -31,4 +33,5 @@ pub use error::HarnessError;
 pub use image::{ensure_host_tools, GuestImage};
 pub use qemu::QemuFlavor;
 pub use scratch::ScratchDir;
+pub use serial_file::SerialFile;
 pub use vm::{Guest, GuestConfig, GuestOutcome, GuestResult};

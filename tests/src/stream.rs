@@ -88,6 +88,7 @@ impl EchoStream {
     ) -> io::Result<EchoStream> {
         let stream = TcpStream::connect_timeout(&addr, connect_timeout)?;
         stream.set_nodelay(true)?;
+        cap_retransmit_backoff(&stream);
         let shared = Arc::new(Shared {
             sent: AtomicU64::new(0),
             verified: AtomicU64::new(0),
@@ -183,6 +184,49 @@ impl Drop for EchoStream {
     }
 }
 
+/// `TCP_RTO_MAX_MS` (Linux 6.15+; not in older headers).
+const TCP_RTO_MAX_MS: libc::c_int = 44;
+
+/// Caps the retransmission timeout of `stream` at 1 s where the kernel allows it (6.15+).
+///
+/// After a takeover the guest's peer retransmits; with the default exponential backoff (up to
+/// 120 s) a few seconds of outage on a loaded machine turn into a minute of silence, which
+/// measures TCP's backoff, not the failover. Older kernels keep the default (logged).
+pub fn cap_retransmit_backoff(stream: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let ms: libc::c_int = 1000;
+    // SAFETY: setsockopt on our own socket with a c_int option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            TCP_RTO_MAX_MS,
+            (&ms as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        log::info!(
+            "TCP_RTO_MAX_MS not supported ({}): default retransmission backoff",
+            io::Error::last_os_error()
+        );
+        return;
+    }
+    // More frequent retransmissions would exhaust tcp_retries2 (15) within seconds and reset
+    // the connection during a long stall: give up only after 10 minutes instead.
+    let user_timeout: libc::c_uint = 600_000;
+    // SAFETY: as above, with a c_uint value.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            (&user_timeout as *const libc::c_uint).cast(),
+            std::mem::size_of::<libc::c_uint>() as libc::socklen_t,
+        );
+    }
+}
+
 fn send_loop(out: &mut TcpStream, shared: &Shared, rate: u64, chunk: usize, window: u64) {
     let started = Instant::now();
     let mut buf = vec![0u8; chunk];
@@ -200,6 +244,8 @@ fn send_loop(out: &mut TcpStream, shared: &Shared, rate: u64, chunk: usize, wind
         // error (the write timeout only lets this loop notice `stop`). Only a socket error
         // ends the stream.
         let mut done = 0;
+        // Counted before the write: the echo may be back before write() returns.
+        shared.sent.store(sent + chunk as u64, Ordering::Relaxed);
         while done < buf.len() {
             match out.write(&buf[done..]) {
                 Ok(0) => {
@@ -209,10 +255,7 @@ fn send_loop(out: &mut TcpStream, shared: &Shared, rate: u64, chunk: usize, wind
                     ));
                     return;
                 }
-                Ok(n) => {
-                    done += n;
-                    shared.sent.store(sent + done as u64, Ordering::Relaxed);
-                }
+                Ok(n) => done += n,
                 Err(e)
                     if matches!(
                         e.kind(),
@@ -222,6 +265,8 @@ fn send_loop(out: &mut TcpStream, shared: &Shared, rate: u64, chunk: usize, wind
                     ) =>
                 {
                     if shared.stop.load(Ordering::Relaxed) {
+                        // Only what really went out is owed back.
+                        shared.sent.store(sent + done as u64, Ordering::Relaxed);
                         return;
                     }
                 }
