@@ -389,3 +389,237 @@ fn inflight_region_scribbled_after_start() {
     start_queue(&mut f, 0, 0).expect("start");
     served(&mut f, 0, b"later frontend");
 }
+
+fn memfd(name: &str, size: u64) -> File {
+    let name = std::ffi::CString::new(name).expect("name");
+    // SAFETY: plain syscall.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: fresh fd we own.
+    let f = unsafe { File::from_raw_fd(fd) };
+    f.set_len(size).expect("set_len");
+    f
+}
+
+/// SIGTERM while the frontend sits in the middle of a message stops the daemon.
+#[test]
+fn sigterm_while_frontend_is_mid_message() {
+    let mut d = Daemon::spawn("midmsg", &[]);
+    let mut f = ready(&d);
+    start_queue(&mut f, 0, 0).expect("start");
+    // Half a header, then nothing.
+    std::io::Write::write_all(f.raw(), &[1, 0, 0, 0, 1, 0]).expect("half header");
+    std::thread::sleep(Duration::from_millis(50));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(d.child.id() as i32, libc::SIGTERM) };
+    let start = Instant::now();
+    loop {
+        if let Some(st) = d.child.try_wait().expect("wait") {
+            assert!(st.success(), "exit status {st}: {}", d.text());
+            break;
+        }
+        assert!(start.elapsed() < T, "SIGTERM ignored: {}", d.text());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Files shorter than the mapping they are offered for (SIGBUS on access) are refused:
+/// a memory region larger than its memfd, SET_INFLIGHT_FD and SET_LOG_BASE with 0-byte
+/// memfds. The daemon survives and serves.
+#[test]
+fn files_shorter_than_their_mapping_are_refused() {
+    let d = Daemon::spawn("sigbus", &[]);
+    let mut f = ready(&d);
+    // A region claiming twice the memfd's size, with a request buffer in the missing half.
+    let mut big = f.region_info();
+    big.memory_size *= 2;
+    assert!(
+        f.fe.set_mem_table(&[big]).is_err(),
+        "oversized region accepted"
+    );
+    f.set_mem_table();
+    // SET_INFLIGHT_FD with an empty memfd.
+    let empty = memfd("ft-hv-empty", 0);
+    let info = vhost::vhost_user::message::VhostUserInflight {
+        mmap_size: 4096 * 4,
+        mmap_offset: 0,
+        num_queues: 2,
+        queue_size: 256,
+    };
+    assert!(f.fe.set_inflight_fd(&info, empty.as_raw_fd()).is_err());
+    start_queue(&mut f, 0, 0).expect("start");
+    served(&mut f, 0, b"after inflight");
+    // SET_LOG_BASE with an empty memfd: refused (it has no error reply: the connection ends).
+    let _ = f.fe.set_log_base(
+        0,
+        Some(vhost::VhostUserDirtyLogRegion {
+            mmap_size: 4096,
+            mmap_offset: 0,
+            mmap_handle: empty.as_raw_fd(),
+        }),
+    );
+    let mut f = ready(&d);
+    start_queue(&mut f, 0, 0).expect("start");
+    served(&mut f, 0, b"next frontend");
+    let log = d.text();
+    assert!(log.contains("the mapping needs"), "{log}");
+}
+
+/// Guest memory in a memfd without F_SEAL_SHRINK is warned about (it could be truncated under
+/// us); a sealed one is not.
+#[test]
+fn unsealed_guest_memory_is_warned_about() {
+    let d = Daemon::spawn("seals", &[]);
+    let mut f = d.connect();
+    f.handshake();
+    // A sealed copy of the layout: its own memfd, sealed against shrinking.
+    let name = std::ffi::CString::new("ft-hv-sealed").expect("name");
+    // SAFETY: plain syscall.
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    assert!(fd >= 0);
+    // SAFETY: fresh fd.
+    let sealed = unsafe { File::from_raw_fd(fd) };
+    sealed.set_len(MEM_SIZE).expect("size");
+    // SAFETY: fcntl on our fd.
+    assert_eq!(
+        unsafe {
+            libc::fcntl(
+                sealed.as_raw_fd(),
+                libc::F_ADD_SEALS,
+                libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
+            )
+        },
+        0
+    );
+    let mut r = f.region_info();
+    r.mmap_handle = sealed.as_raw_fd();
+    f.fe.set_mem_table(&[r]).expect("sealed table");
+    assert!(!d.text().contains("F_SEAL_SHRINK"), "{}", d.text());
+    f.set_mem_table();
+    assert!(d.text().contains("F_SEAL_SHRINK"), "{}", d.text());
+}
+
+fn pid_stat(pid: u32) -> (usize, u64, u64) {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fd dir")
+        .count();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (fds, field("VmRSS:"), field("Threads:"))
+}
+
+fn maps_matching(pid: u32, needle: &str) -> usize {
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap_or_default()
+        .matches(needle)
+        .count()
+}
+
+/// GET_INFLIGHT_FD is bounded by the device's queues and sizes; SET_LOG_BASE unmaps the area
+/// it replaces.
+#[test]
+fn inflight_and_log_regions_are_bounded() {
+    let d = Daemon::spawn("bounds", &[]);
+    let pid = d.child.id();
+    let mut f = ready(&d);
+    let req = vhost::vhost_user::message::VhostUserInflight {
+        mmap_size: 0,
+        mmap_offset: 0,
+        num_queues: 0xffff,
+        queue_size: 0xffff,
+    };
+    // "No inflight region" (size 0) rather than a 64 GiB mapping.
+    match f.fe.get_inflight_fd(&req) {
+        Ok((info, _)) => assert_eq!(info.mmap_size, 0),
+        Err(_) => {}
+    }
+    let (_, rss, _) = pid_stat(pid);
+    assert!(rss < 64 << 10, "RSS {rss} KiB");
+    let pages = (MEM_GPA + MEM_SIZE) / 4096;
+    let size = pages.div_ceil(8).div_ceil(4096) * 4096;
+    for _ in 0..300 {
+        let log = memfd("ft-hv-logarea", size);
+        f.fe.set_log_base(
+            0,
+            Some(vhost::VhostUserDirtyLogRegion {
+                mmap_size: size,
+                mmap_offset: 0,
+                mmap_handle: log.as_raw_fd(),
+            }),
+        )
+        .expect("set_log_base");
+    }
+    let n = maps_matching(pid, "ft-hv-logarea");
+    assert!(n <= 2, "{n} log mappings after 300 SET_LOG_BASE");
+    start_queue(&mut f, 0, 0).expect("start");
+    served(&mut f, 0, b"still fine");
+}
+
+/// 1000 hostile connections, a mix of the cases above, leave fd, RSS and thread counts flat,
+/// and a well-behaved frontend is served afterwards with its data intact.
+#[test]
+fn thousand_hostile_connections_leak_nothing() {
+    let d = Daemon::spawn("thousand", &["--quiet"]);
+    let pid = d.child.id();
+    let round = |i: usize| {
+        let mut f = ready(&d);
+        match i % 5 {
+            0 => {
+                start_queue(&mut f, 0, 0).expect("start");
+                set_avail_idx(&f, 0, 999);
+                f.kick(0);
+                let _ = f.fe.get_vring_base(0);
+            }
+            1 => {
+                let (_, file) = f.setup_inflight(2, 256);
+                set_desc_num(&file, 256, 0, 3);
+                start_queue(&mut f, 0, 0).expect("start");
+                served(&mut f, 0, b"i");
+            }
+            2 => {
+                let _ = start_queue(&mut f, 1, 30000);
+            }
+            3 => {
+                std::io::Write::write_all(f.raw(), &[1, 0, 0, 0]).expect("partial");
+            }
+            _ => {
+                let empty = memfd("ft-hv-empty", 0);
+                let info = vhost::vhost_user::message::VhostUserInflight {
+                    mmap_size: 4096,
+                    mmap_offset: 0,
+                    num_queues: 1,
+                    queue_size: 64,
+                };
+                let _ = f.fe.set_inflight_fd(&info, empty.as_raw_fd());
+            }
+        }
+    };
+    for i in 0..50 {
+        round(i);
+    }
+    let before = pid_stat(pid);
+    let start = Instant::now();
+    for i in 0..1000 {
+        round(i);
+    }
+    let took = start.elapsed();
+    // Let the daemon finish with the last connection.
+    let mut f = ready(&d);
+    start_queue(&mut f, 0, 0).expect("start");
+    served(&mut f, 0, b"well-behaved after 1000 hostile");
+    let after = pid_stat(pid);
+    eprintln!(
+        "1000 hostile connections in {took:?}: (fds, rss KiB, threads) {before:?} -> {after:?}"
+    );
+    assert!(after.0 <= before.0 + 2, "fds {before:?} -> {after:?}");
+    assert_eq!(after.2, before.2, "threads {before:?} -> {after:?}");
+    assert!(after.1 <= before.1 + 4096, "RSS {before:?} -> {after:?}");
+}

@@ -678,6 +678,16 @@ impl VhostUserBackendReqHandlerMut for ConnHandler {
     }
 
     fn get_inflight_fd(&mut self, msg: &VhostUserInflight) -> VuResult<(VhostUserInflight, File)> {
+        // Bounded by what this device can run: the region costs memory (RSS) and mappings.
+        let max = self.shared.device.max_queue_size();
+        if usize::from(msg.num_queues) > self.rings.len() || msg.queue_size > max {
+            return Err(herr(format!(
+                "GET_INFLIGHT_FD for {} queue(s) of {}: the device has {} of at most {max}",
+                msg.num_queues,
+                msg.queue_size,
+                self.rings.len()
+            )));
+        }
         // QEMU sizes its request by the device's `queue-size` property (default 128), but QEMU
         // 10 gives every ring 1024 entries anyway, and GET_INFLIGHT_FD comes before
         // SET_VRING_NUM. Lay the region out for the largest ring we accept, so every
@@ -705,6 +715,13 @@ impl VhostUserBackendReqHandlerMut for ConnHandler {
     }
 
     fn set_inflight_fd(&mut self, msg: &VhostUserInflight, file: File) -> VuResult<()> {
+        if usize::from(msg.num_queues) > self.rings.len() {
+            return Err(herr(format!(
+                "SET_INFLIGHT_FD for {} queue(s): the device has {}",
+                msg.num_queues,
+                self.rings.len()
+            )));
+        }
         let region = InflightRegion::open(
             &file,
             msg.mmap_size,
@@ -779,6 +796,12 @@ impl VhostUserBackendReqHandlerMut for ConnHandler {
         self.shared
             .log
             .set_base(&file, log.mmap_size, log.mmap_offset)
-            .map_err(|e| herr(format!("SET_LOG_BASE: {e}")))
+            .map_err(|e| herr(format!("SET_LOG_BASE: {e}")))?;
+        // The replaced area is unmapped once no worker can still be marking it.
+        for w in &self.shared.workers {
+            let _ = w.command(Command::Sync);
+        }
+        self.shared.log.drop_retired();
+        Ok(())
     }
 }

@@ -99,6 +99,7 @@ impl InflightRegion {
         {
             return Err(std::io::ErrorKind::InvalidInput.into());
         }
+        super::memory::check_file_covers(file, offset, size)?;
         let region = Self::map(file, size, offset, num_queues, queue_size)?;
         let hdr = region.header(0);
         let desc_num = hdr.desc_num.load(Ordering::Relaxed);

@@ -8,15 +8,22 @@
 //! [`DirtyLog::mark`] (via `WorkerCtx::mark_dirty`) with the guest-physical range.
 //!
 //! Invariants:
-//! - A log mapping, once installed, is never unmapped while this connection lives: a worker may
-//!   be marking pages concurrently with SET_LOG_BASE replacing it, so retired mappings are kept
-//!   until the `DirtyLog` is dropped (QEMU sends SET_LOG_BASE a handful of times per migration).
+//! - A log area is published as one pointer to an immutable (mapping, length) pair, so a marker
+//!   never combines one area's address with another's length. A replaced area is unmapped only
+//!   after every worker thread (the only threads writing guest memory) has passed a command
+//!   boundary ([`DirtyLog::drop_retired`] after a round trip), so none can still be marking it:
+//!   SET_LOG_BASE calls cost no mappings beyond the current one.
+//! - Every file is checked against `fstat` before it is mapped ([`check_file_covers`]): a
+//!   mapping beyond the end of its file raises SIGBUS on access, which kills the process.
+//!   Guest memory files that could still shrink (no F_SEAL_SHRINK) are warned about; see
+//!   docs/architecture.md ("Hostile frontends") for the risk that remains.
 //! - Vring addresses arrive as frontend virtual addresses; [`MemoryMap::va_to_gpa`] translates
 //!   them with the region table of the same connection.
 
 use memmap2::{MmapOptions, MmapRaw};
 use std::fs::File;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, AtomicUsize, Ordering};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vm_memory::bitmap::{Bitmap, RefSlice, WithBitmapSlice};
@@ -72,49 +79,92 @@ pub type GuestMem = GuestMemoryMmap<LogBitmap>;
 #[derive(Default)]
 pub struct DirtyLog {
     active: AtomicBool,
-    addr: AtomicPtr<AtomicU8>,
-    len: AtomicUsize,
-    /// Every LOG_SHMFD area mapped so far (plain shared memory, accessed through atomics).
-    mappings: Mutex<Vec<MmapRaw>>,
+    /// The current area (an element of `areas`), null if none.
+    current: AtomicPtr<LogArea>,
+    /// Areas mapped and not yet retired: the current one, and replaced ones until
+    /// [`drop_retired`](Self::drop_retired). Boxed: `current` points into them, and the
+    /// vector moves its elements when it grows.
+    #[allow(clippy::vec_box)]
+    areas: Mutex<Vec<Box<LogArea>>>,
+}
+
+/// One LOG_SHMFD mapping (plain shared memory, accessed through atomics).
+struct LogArea {
+    map: MmapRaw,
+}
+
+/// Checks that `file` (fstat) holds `[offset, offset + len)`: touching a mapping beyond the end
+/// of its file raises SIGBUS.
+pub fn check_file_covers(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    let size = file.metadata()?.len();
+    let end = offset
+        .checked_add(len)
+        .ok_or_else(|| std::io::Error::other("offset + size overflows"))?;
+    if end > size {
+        return Err(std::io::Error::other(format!(
+            "file holds {size} bytes, the mapping needs {end} (offset {offset:#x} size {len:#x})"
+        )));
+    }
+    Ok(())
+}
+
+/// Whether the file behind a guest region could still shrink under our mapping: no
+/// F_SEAL_SHRINK seal (QEMU seals memory-backend-memfd by default; plain files cannot be
+/// sealed).
+pub fn may_shrink(file: &File) -> bool {
+    // SAFETY: fcntl on an fd we own; F_GET_SEALS takes no argument.
+    let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+    seals < 0 || seals & libc::F_SEAL_SHRINK == 0
 }
 
 impl std::fmt::Debug for DirtyLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DirtyLog")
             .field("active", &self.active.load(Ordering::Relaxed))
-            .field("len", &self.len.load(Ordering::Relaxed))
+            .field("mapped", &!self.current.load(Ordering::Relaxed).is_null())
             .finish()
     }
 }
 
 impl DirtyLog {
-    /// Map `size` bytes of `file` at `offset` as the new log area (SET_LOG_BASE).
+    /// Map `size` bytes of `file` at `offset` as the new log area (SET_LOG_BASE). The replaced
+    /// area stays mapped until [`drop_retired`](Self::drop_retired).
     pub fn set_base(&self, file: &File, size: u64, offset: u64) -> std::io::Result<()> {
         let len = usize::try_from(size).map_err(|_| std::io::ErrorKind::InvalidInput)?;
         if len == 0 {
             return Err(std::io::ErrorKind::InvalidInput.into());
         }
+        check_file_covers(file, offset, size)?;
         let map = MmapOptions::new().offset(offset).len(len).map_raw(file)?;
-        let addr = map.as_mut_ptr();
-        let mut maps = self.mappings.lock().unwrap_or_else(|e| e.into_inner());
-        maps.push(map);
-        // Publish len before addr is observed with a larger len: shrink first, then swap.
-        self.len.store(0, Ordering::SeqCst);
-        self.addr.store(addr.cast(), Ordering::SeqCst);
-        self.len.store(len, Ordering::SeqCst);
+        let mut area = Box::new(LogArea { map });
+        let ptr: *mut LogArea = &mut *area;
+        let mut areas = self.areas.lock().unwrap_or_else(|e| e.into_inner());
+        areas.push(area);
+        self.current.store(ptr, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// Unmap every area but the current one. Call only once no thread can still be marking a
+    /// replaced area: after every worker has handled a command since the last `set_base`.
+    pub fn drop_retired(&self) {
+        let cur = self.current.load(Ordering::SeqCst);
+        self.areas
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|a| std::ptr::eq(&**a, cur));
+    }
+
+    /// Number of log areas mapped (current and not yet retired).
+    pub fn mapped_areas(&self) -> usize {
+        self.areas.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     /// Forget the log area (end of a connection). Only call while no ring runs: a worker
     /// marking pages concurrently could touch an unmapped area.
     pub fn reset(&self) {
         self.active.store(false, Ordering::SeqCst);
-        self.len.store(0, Ordering::SeqCst);
-        self.addr.store(std::ptr::null_mut(), Ordering::SeqCst);
-        self.mappings
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        self.current.store(std::ptr::null_mut(), Ordering::SeqCst);
+        self.areas.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
     /// Start or stop logging (the LOG_ALL feature bit of SET_FEATURES).
@@ -132,11 +182,15 @@ impl DirtyLog {
         if len == 0 || !self.active.load(Ordering::Relaxed) {
             return;
         }
-        let addr = self.addr.load(Ordering::Acquire);
-        let size = self.len.load(Ordering::Acquire);
-        if addr.is_null() {
+        let area = self.current.load(Ordering::Acquire);
+        if area.is_null() {
             return;
         }
+        // SAFETY: a published area stays alive until drop_retired/reset, which callers invoke
+        // only when no marker can hold it (see the module docs).
+        let map = unsafe { &(*area).map };
+        let addr = map.as_mut_ptr().cast::<AtomicU8>();
+        let size = map.len();
         let first = gpa / LOG_PAGE_SIZE;
         let last = gpa.saturating_add(len - 1) / LOG_PAGE_SIZE;
         for page in first..=last {
@@ -145,7 +199,7 @@ impl DirtyLog {
                 // The frontend sized the log for its memory; pages beyond it are not ours.
                 break;
             }
-            // SAFETY: byte < size of a live mapping (never unmapped while self lives).
+            // SAFETY: byte < size of a live mapping (see above).
             unsafe { (*addr.add(byte)).fetch_or(1 << (page % 8), Ordering::Relaxed) };
         }
     }
@@ -251,6 +305,13 @@ impl MemoryMap {
             .any(|r| gpa < r.gpa + r.size && r.gpa < gpa + size)
         {
             return Err(inval());
+        }
+        check_file_covers(&file, mmap_offset, size)?;
+        if may_shrink(&file) {
+            crate::guest_warn!(
+                "vhost-user: guest memory region gpa {gpa:#x} is in a file without F_SEAL_SHRINK: \
+                 if the frontend truncates it, the daemon dies of SIGBUS"
+            );
         }
         let mmap = MmapRegionBuilder::new_with_bitmap(len, LogBitmap::new(log.clone(), gpa))
             .with_file_offset(FileOffset::new(file, mmap_offset))

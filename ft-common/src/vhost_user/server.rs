@@ -52,6 +52,8 @@ const FLAG_VERSION_1: u32 = 0x1;
 const FLAG_REPLY: u32 = 0x4;
 const FLAG_NEED_REPLY: u32 = 0x8;
 const FLAG_RESERVED: u32 = !0xf;
+/// How long a reply may wait for the frontend to make room in its socket buffer.
+const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Makes a running server return from [`VhostUserServer::run`]. Cheap to clone.
 #[derive(Clone, Debug)]
@@ -193,6 +195,9 @@ impl VhostUserServer {
     /// Serve one connection; returns true if a stop was requested meanwhile.
     fn serve(&mut self, mut sock: UnixStream) -> std::io::Result<bool> {
         let conn = Arc::new(Mutex::new(ConnHandler::new(self.shared.clone())?));
+        // A frontend that never reads its replies must not block this thread (and with it
+        // SIGTERM) for good once the socket buffer is full: give up on it after a while.
+        sock.set_write_timeout(Some(REPLY_TIMEOUT))?;
         // vhost parses messages from one end of a socketpair we feed whole, validated
         // messages into; its replies come back on the other end and are forwarded.
         let (pair, theirs) = UnixStream::pair()?;
@@ -213,9 +218,14 @@ impl VhostUserServer {
                     break;
                 }
             }
-            let msg = match recv_message(&mut sock) {
+            let msg = match recv_message(&mut sock, stop_fd) {
                 Ok(Some(m)) => m,
                 Ok(None) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
+                    // Stop requested while the frontend sat in the middle of a message.
+                    stopped = true;
+                    break;
+                }
                 Err(e) => {
                     warn!("vhost-user: receive: {e}; closing");
                     break;
@@ -564,8 +574,34 @@ impl ConnIo<'_> {
     }
 }
 
+/// Fill `buf` from `sock`, waiting with `stop_fd` in the same poll: a frontend sitting in the
+/// middle of a message must not keep a stop request (SIGTERM) waiting. A stop is reported as
+/// `ErrorKind::Interrupted`.
+fn read_exact_or_stop(
+    sock: &mut UnixStream,
+    buf: &mut [u8],
+    stop_fd: RawFd,
+) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        if wait_readable(sock.as_raw_fd(), stop_fd)? {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Interrupted,
+                "stop requested",
+            ));
+        }
+        match sock.read(&mut buf[done..]) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Receive one whole message (header, fds, body); None on EOF before a header.
-fn recv_message(sock: &mut UnixStream) -> std::io::Result<Option<Message>> {
+fn recv_message(sock: &mut UnixStream, stop_fd: RawFd) -> std::io::Result<Option<Message>> {
     let mut raw = vec![0u8; HDR_SIZE];
     let mut fds = [-1 as RawFd; MAX_FDS];
     let mut iov = [libc::iovec {
@@ -584,7 +620,7 @@ fn recv_message(sock: &mut UnixStream) -> std::io::Result<Option<Message>> {
         return Ok(None);
     }
     if n < HDR_SIZE {
-        sock.read_exact(&mut raw[n..])?;
+        read_exact_or_stop(sock, &mut raw[n..], stop_fd)?;
     }
     let w = |i: usize| u32::from_le_bytes([raw[i], raw[i + 1], raw[i + 2], raw[i + 3]]);
     let hdr = RawHeader {
@@ -599,7 +635,7 @@ fn recv_message(sock: &mut UnixStream) -> std::io::Result<Option<Message>> {
         )));
     }
     raw.resize(HDR_SIZE + hdr.size as usize, 0);
-    sock.read_exact(&mut raw[HDR_SIZE..])?;
+    read_exact_or_stop(sock, &mut raw[HDR_SIZE..], stop_fd)?;
     let body = raw[HDR_SIZE..].to_vec();
     Ok(Some(Message {
         hdr,

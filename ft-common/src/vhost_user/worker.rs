@@ -55,6 +55,9 @@ pub(crate) enum Command {
     SetMemory(Option<Arc<GuestMem>>),
     SetCall(u16, Option<Arc<EventFd>>),
     SetFeatures(u64),
+    /// No-op answered with `Done`: once every worker answered, none is inside a guest-memory
+    /// write that started before (used to unmap replaced dirty-log areas).
+    Sync,
     /// Stop every ring, then `QueueWorker::reset`.
     Disconnect,
     Device(DeviceMsg),
@@ -434,6 +437,9 @@ impl Worker {
                 }
                 Command::SetFeatures(f) => {
                     self.ctx.features = f;
+                    let _ = reply.send(Reply::Done);
+                }
+                Command::Sync => {
                     let _ = reply.send(Reply::Done);
                 }
                 Command::Disconnect => {
