@@ -60,7 +60,7 @@ run() {
     wait_for "$DIR/blk.sock"
     local coord=
     if [ "$mode" != off ]; then
-        "$BIN/ft-coordinator" --device "blk=$DIR/ctl.sock" --checkpointer sim:0 \
+        "$BIN/ft-coordinator" --device "blk=$DIR/ctl.sock" --checkpointer sim:0 --unsafe-no-checkpoint \
             --interval-ms "${mode#hold-}" --state-file "$DIR/state" --api "$DIR/api" \
             2>"$out.coord.log" &
         coord=$!

@@ -120,7 +120,7 @@ run_config() {
             if [ "$ft" = hold ]; then
                 local ms=${name#hold-}
                 "$BIN/ft-coordinator" --device "blk=$dir/blk.ctl" --device "net=$dir/net.ctl" \
-                    --checkpointer sim:0 --interval-ms "$ms" --min-interval-ms "$ms" \
+                    --checkpointer sim:0 --unsafe-no-checkpoint --interval-ms "$ms" --min-interval-ms "$ms" \
                     --state-file "$dir/coordinator.state" --api "$dir/api.sock" \
                     >"$dir/coordinator.log" 2>&1 &
                 PIDS=("$!" "${PIDS[@]}")

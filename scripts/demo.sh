@@ -155,7 +155,9 @@ esac
 wait_for "$DIR/qmp.sock" 10
 devices=(--device "net=$DIR/net.ctl")
 [ "$BLK_FT" = off ] || devices+=(--device "blk=$DIR/blk.ctl")
-"$BIN/ft-coordinator" "${devices[@]}" --checkpointer "$CHECKPOINTER" --interval-ms 20 \
+unsafe_ok=()
+case "$CHECKPOINTER" in sim*) unsafe_ok=(--unsafe-no-checkpoint) ;; esac
+"$BIN/ft-coordinator" "${devices[@]}" --checkpointer "$CHECKPOINTER" "${unsafe_ok[@]}" --interval-ms 20 \
     --min-interval-ms 5 --state-file "$DIR/coordinator.state" --api "$DIR/api.sock" \
     >"$DIR/coordinator.log" 2>&1 &
 PIDS=("$!" "${PIDS[@]}")

@@ -25,6 +25,7 @@ fn binary_runs_the_cycle_and_stops_on_sigterm() {
         .args([
             "--checkpointer",
             "sim:1",
+            "--unsafe-no-checkpoint",
             "--interval-ms",
             "1000",
             "--min-interval-ms",
@@ -52,6 +53,7 @@ fn binary_runs_the_cycle_and_stops_on_sigterm() {
     let s = ftctl(&api, "status").unwrap();
     assert_eq!(s["generation"], 42);
     assert_eq!(s["checkpointer"]["kind"], "sim:1");
+    assert_eq!(s["checkpointer"]["acks_protect_output"], false, "{s}");
     assert_eq!(s["devices"][1]["name"], "net0");
     // SAFETY: plain kill(2) on our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -70,6 +72,11 @@ fn bad_arguments_are_refused() {
         vec!["--device", "novalue"],
         vec!["--device", "vda=/x", "--checkpointer", "remus"],
         vec!["--device", "vda=/x", "--on-device-failure", "shrug"],
+        // No checkpointer: there is no silent default any more.
+        vec!["--device", "vda=/x"],
+        // sim acknowledges nothing real: refused without the explicit opt-in.
+        vec!["--device", "vda=/x", "--checkpointer", "sim"],
+        vec!["--device", "vda=/x", "--checkpointer", "sim:5"],
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_ft-coordinator"))
             .args(&args)
@@ -81,4 +88,41 @@ fn bad_arguments_are_refused() {
     }
     // Nothing was persisted by a refused start.
     assert!(!state.exists());
+}
+
+/// A `--device` socket that does not exist (a typo) shows in the log with its path and the OS
+/// error, once rather than on every retry.
+#[test]
+fn connect_failures_are_logged_with_path_and_errno_rate_limited() {
+    use std::io::Read;
+    let dir = TempDir::new("cli-typo");
+    let missing = dir.path().join("vdaa.ctl");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ft-coordinator"))
+        .arg("--device")
+        .arg(format!("vda={}", missing.display()))
+        .args(["--checkpointer", "exec:true"])
+        .arg("--state-file")
+        .arg(dir.path().join("s"))
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // About ten reconnect attempts (every 100 ms).
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains(&*missing.to_string_lossy()))
+        .collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].contains("os error 2"), "{err}");
 }

@@ -70,9 +70,10 @@ struct Args {
     /// io_uring workers and the VM (see docs/benchmarks.md). 0 (default) disables polling.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
     poll_max_ns: u64,
-    /// Output-commit gating mode.
-    #[arg(long, value_enum, default_value_t = FtMode::Off)]
-    ft: FtMode,
+    /// Output-commit gating mode (default: hold with --control, off without; --ft off with
+    /// --control is refused).
+    #[arg(long, value_enum)]
+    ft: Option<FtMode>,
     /// Coordinator control socket (created with mode 0600); required with --ft hold.
     #[arg(long)]
     control: Option<PathBuf>,
@@ -102,17 +103,26 @@ fn main() {
 }
 
 fn run(args: Args) -> std::io::Result<()> {
-    let control = match (args.ft, &args.control) {
-        (FtMode::Hold, Some(p)) => Some(ControlServer::bind(p).map_err(|e| {
-            std::io::Error::new(e.kind(), format!("control socket {}: {e}", p.display()))
-        })?),
-        (FtMode::Hold, None) => {
+    // One rule for both daemons: --control means hold; --ft hold needs --control; --ft off
+    // with --control is a contradiction.
+    let ft = match (args.ft, &args.control) {
+        (Some(FtMode::Hold) | None, Some(_)) => FtMode::Hold,
+        (Some(FtMode::Off) | None, None) => FtMode::Off,
+        (Some(FtMode::Hold), None) => {
             return Err(std::io::Error::other("--ft hold needs --control PATH"));
         }
-        (FtMode::Off, Some(_)) => {
-            return Err(std::io::Error::other("--control needs --ft hold"));
+        (Some(FtMode::Off), Some(_)) => {
+            return Err(std::io::Error::other(
+                "--control with --ft off: a control socket is only served with --ft hold \
+                 (the default with --control)",
+            ));
         }
-        (FtMode::Off, None) => None,
+    };
+    let control = match &args.control {
+        Some(p) => Some(ControlServer::bind(p).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("control socket {}: {e}", p.display()))
+        })?),
+        None => None,
     };
     let opts = OpenOpts {
         readonly: args.readonly,
@@ -140,7 +150,7 @@ fn run(args: Args) -> std::io::Result<()> {
         args.queues,
         args.queue_size,
         args.poll_max_ns,
-        args.ft,
+        ft,
     );
     let image = Arc::new(image);
     let config = Arc::new(BlkConfig::new(params));

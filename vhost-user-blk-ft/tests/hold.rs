@@ -614,6 +614,29 @@ fn hold_without_control_is_refused() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--control"));
 }
 
+/// One rule on both daemons: `--control` alone means hold; `--ft off` with it is refused.
+#[test]
+fn control_means_hold_and_ft_off_with_control_is_refused() {
+    let (dir, img) = new_image();
+    let d = spawn(dir, img, true, T, |_| {});
+    assert_eq!(status(&mut d.control()).mode, "hold");
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    File::create(&img).unwrap().set_len(1 << 20).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_vhost-user-blk-ft"))
+        .arg("--socket")
+        .arg(dir.path().join("s"))
+        .arg("--image")
+        .arg(&img)
+        .args(["--ft", "off", "--control"])
+        .arg(dir.path().join("c"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--ft off"));
+    assert!(!dir.path().join("c").exists());
+}
+
 /// SIGTERM while a long commit runs (hundreds of overlapping 1 MiB O_DIRECT writes, one wave
 /// each): the commit is cancelled (later waves never submitted, in-flight ones get
 /// ASYNC_CANCEL), reported as failed, nothing is synced, and the daemon exits cleanly.

@@ -49,7 +49,8 @@ struct Cli {
     /// queue-size says).
     #[arg(long, default_value_t = 1024)]
     queue_size: u16,
-    /// Output gating mode (default: hold with --control, off without).
+    /// Output gating mode (default: hold with --control, off without; --ft off with --control
+    /// is refused).
     #[arg(long, value_enum)]
     ft: Option<Ft>,
     /// Control socket for the checkpoint coordinator (mode 0600).
@@ -69,13 +70,22 @@ struct Cli {
 }
 
 fn run(cli: Cli) -> Result<(), String> {
+    // One rule for both daemons: --control means hold; --ft hold needs --control; --ft off
+    // with --control is a contradiction.
     let mode = match (cli.ft, &cli.control) {
-        (Some(Ft::Off), _) | (None, None) => FtMode::Off,
-        (Some(Ft::Hold), Some(_)) | (None, Some(_)) => FtMode::Hold,
+        (Some(Ft::Off) | None, None) => FtMode::Off,
+        (Some(Ft::Hold) | None, Some(_)) => FtMode::Hold,
         (Some(Ft::Hold), None) => {
             return Err(
                 "--ft hold needs --control: without a coordinator nothing is ever \
                         committed"
+                    .into(),
+            )
+        }
+        (Some(Ft::Off), Some(_)) => {
+            return Err(
+                "--control with --ft off: a control socket is only served with \
+                        --ft hold (the default with --control)"
                     .into(),
             )
         }

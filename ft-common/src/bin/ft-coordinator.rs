@@ -23,12 +23,16 @@ struct Args {
     #[arg(long = "device", required = true)]
     devices: Vec<DeviceSpec>,
     // The help text is an attribute, not a doc comment: rustdoc would read `[...]` as a link.
+    // No default: forgetting the flag must not silently give a coordinator without checkpoints.
     #[arg(
         long,
-        default_value = "sim",
-        help = "sim[:ACK_DELAY_MS] | exec:CMD | qmp:QMP_SOCKET | migrate:QMP_SOCKET,standby=tcp:HOST:PORT|unix:PATH[,mode=live|paused][,max-bandwidth=B][,downtime-ms=N][,converge-ms=N][,timeout-ms=N][,meta=FILE] (real checkpoints to ft-standby)"
+        help = "migrate:QMP_SOCKET,standby=tcp:HOST:PORT|unix:PATH[,mode=live|paused][,max-bandwidth=B][,downtime-ms=N][,converge-ms=N][,timeout-ms=N][,meta=FILE] (real checkpoints to ft-standby) | exec:CMD | qmp:QMP_SOCKET | sim[:ACK_DELAY_MS] (sim needs --unsafe-no-checkpoint)"
     )]
     checkpointer: CheckpointerSpec,
+    /// Allow --checkpointer sim, which acknowledges every checkpoint without taking one: output
+    /// is gated but survives nothing (tests, demos, benchmarks of the gating cost).
+    #[arg(long)]
+    unsafe_no_checkpoint: bool,
     /// Periodic cut every N ms (0: no periodic cut).
     #[arg(long, default_value_t = 100)]
     interval_ms: u64,
@@ -72,6 +76,13 @@ fn main() {
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     };
+    if matches!(a.checkpointer, CheckpointerSpec::Sim { .. }) && !a.unsafe_no_checkpoint {
+        eprintln!(
+            "ft-coordinator: --checkpointer sim acknowledges checkpoints that were never taken, \
+             so nothing is fault tolerant; pass --unsafe-no-checkpoint to run it anyway"
+        );
+        std::process::exit(2);
+    }
     let cfg = CoordinatorConfig {
         devices: a.devices,
         checkpointer: a.checkpointer,

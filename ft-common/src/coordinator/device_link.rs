@@ -105,6 +105,8 @@ impl DeviceLink {
             wake: wake.clone(),
             shared: shared.clone(),
             client: None,
+            connect_failures: 0,
+            connect_logged: None,
         };
         let thread = std::thread::Builder::new()
             .name(format!("ft-link-{name}"))
@@ -180,7 +182,13 @@ struct Worker {
     wake: Arc<EventFd>,
     shared: Arc<LinkShared>,
     client: Option<ControlClient>,
+    /// Failed connects since the last success, and when one was last logged (and its error).
+    connect_failures: u64,
+    connect_logged: Option<(std::time::Instant, String)>,
 }
+
+/// A repeated connect failure with the same error is logged at most this often.
+const CONNECT_LOG_EVERY: Duration = Duration::from_secs(30);
 
 /// How a call went. `Lost` was already reported as `DeviceLost`: the cycle stops waiting for
 /// this device, so no per-command answer follows.
@@ -256,9 +264,30 @@ impl Worker {
         }
     }
 
+    /// Logs a failed connect with the socket path and the OS error: the first one, a changed
+    /// error, and then at most every [`CONNECT_LOG_EVERY`] (a typo in `--device` must show).
+    fn connect_failed(&mut self, e: &ClientError) {
+        self.connect_failures += 1;
+        let msg = e.to_string();
+        let due = match &self.connect_logged {
+            None => true,
+            Some((at, last)) => *last != msg || at.elapsed() >= CONNECT_LOG_EVERY,
+        };
+        if due {
+            log::warn!(
+                "device {}: {msg} ({} attempts so far; retrying every {:?})",
+                self.shared.name,
+                self.connect_failures,
+                self.cfg.reconnect_interval
+            );
+            self.connect_logged = Some((std::time::Instant::now(), msg));
+        }
+    }
+
     fn try_connect(&mut self) {
-        let Ok(mut c) = ControlClient::connect(&self.shared.path, self.cfg.call_timeout) else {
-            return;
+        let mut c = match ControlClient::connect(&self.shared.path, self.cfg.call_timeout) {
+            Ok(c) => c,
+            Err(e) => return self.connect_failed(&e),
         };
         match c.call(&Request::Status) {
             Ok(Reply::Status(st)) => {
@@ -272,7 +301,13 @@ impl Worker {
                 }
                 self.client = Some(c);
                 self.shared.connected.store(true, Ordering::Release);
-                log::info!("device {} connected", self.shared.name);
+                log::info!(
+                    "device {} connected ({} failed attempts before)",
+                    self.shared.name,
+                    self.connect_failures
+                );
+                self.connect_failures = 0;
+                self.connect_logged = None;
                 (self.sink)(Input::DeviceConnected {
                     device: self.id,
                     open_epoch,

@@ -135,6 +135,14 @@ impl Coordinator {
                 let _ = t.send(Msg::Input(i));
             }
         });
+        let acks = acks_protect_output(&cfg.checkpointer);
+        if !acks.0 {
+            log::warn!(
+                "checkpointer {:?}: {} — output is gated, but not fault tolerant",
+                cfg.checkpointer,
+                acks.1
+            );
+        }
         let checkpointer = cfg.checkpointer.build(sink.clone());
         let mut links = Vec::with_capacity(cfg.devices.len());
         for (i, d) in cfg.devices.iter().enumerate() {
@@ -158,6 +166,7 @@ impl Coordinator {
             queue: VecDeque::with_capacity(16),
             last_abort: None,
             call_timeout: cfg.link.call_timeout,
+            acks,
         };
         let thread = std::thread::Builder::new()
             .name("ft-coordinator".into())
@@ -264,6 +273,29 @@ struct Shell {
     queue: VecDeque<Input>,
     last_abort: Option<Value>,
     call_timeout: Duration,
+    /// Whether an acknowledgement means a secondary holds the checkpoint, and why (not).
+    acks: (bool, &'static str),
+}
+
+/// Whether the checkpointer's acknowledgements mean that a secondary holds the checkpoint
+/// (so committed output survives the loss of this host), with the reason.
+pub fn acks_protect_output(spec: &CheckpointerSpec) -> (bool, &'static str) {
+    if matches!(spec, CheckpointerSpec::Sim { .. }) {
+        (
+            false,
+            "sim acknowledges every checkpoint without taking one",
+        )
+    } else if matches!(spec, CheckpointerSpec::Qmp { .. }) {
+        (
+            false,
+            "qmp pauses the VM for the seal but ships no state: an acknowledgement only means the seal happened",
+        )
+    } else {
+        (
+            true,
+            "an acknowledgement is the checkpointer reporting the checkpoint held by the secondary",
+        )
+    }
 }
 
 impl Shell {
@@ -562,6 +594,8 @@ impl Shell {
             "generation": cs.generation,
             "checkpointer": {
                 "kind": self.checkpointer.describe(),
+                "acks_protect_output": self.acks.0,
+                "acks_meaning": self.acks.1,
                 "last_error": cs.checkpointer_last_error,
                 "awaiting_ack": cs.awaiting_ack,
                 "failures": t.checkpoint_failures,
