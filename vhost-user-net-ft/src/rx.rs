@@ -65,6 +65,8 @@ pub struct RxPath {
     /// A bad chain was consumed (used, length 0) between chains of the parked frame, so they
     /// are not the last ones popped and cannot be put back on the avail ring.
     interleaved: bool,
+    /// Chains popped so far (progress marker for the re-arm loop).
+    popped: u64,
 }
 
 impl Default for RxPath {
@@ -84,6 +86,7 @@ impl RxPath {
             chains: Vec::with_capacity(64),
             taken_cap: 0,
             interleaved: false,
+            popped: 0,
         }
     }
 
@@ -152,7 +155,8 @@ impl RxPath {
         counters: &NetCounters,
     ) -> io::Result<RxPass> {
         let mut pass = RxPass::default();
-        let mut rechecks = 0;
+        // Consecutive re-arms after which the ring claimed new buffers but yielded none.
+        let mut idle_rechecks = 0;
         loop {
             if self.pending == 0 {
                 if pass.frames >= RX_BUDGET {
@@ -171,22 +175,30 @@ impl RxPath {
                     Err(e) => return Err(e),
                 }
             }
+            let popped = self.popped;
             if self.take_chains(q, counters, &mut pass) {
                 self.deliver(q, counters, &mut pass);
-                rechecks = 0;
+                idle_rechecks = 0;
                 continue;
             }
             if self.pending == 0 {
                 // The frame was dropped (too big for a non-mergeable buffer).
                 continue;
             }
-            // Out of buffers: ask for a kick, and recheck in case buffers arrived meanwhile.
-            // A ring that keeps claiming new buffers without yielding any is broken: park.
-            rechecks += 1;
-            if !q.enable_notification() || rechecks > 2 {
+            if self.popped != popped {
+                idle_rechecks = 0;
+            }
+            // Out of buffers: re-arm the kick (EVENT_IDX: avail_event = our next avail index)
+            // and look again, in case the guest added buffers before it could see that. Park
+            // only when the re-armed ring has nothing new: parking after new buffers showed up
+            // would leave avail_event behind them, and a guest following Linux's rule (kick
+            // only when avail_event lies in the range it just published) never kicks again.
+            // A ring that claims new buffers but yields none is broken: park then.
+            if !q.enable_notification() || idle_rechecks >= 2 {
                 pass.blocked = true;
                 break;
             }
+            idle_rechecks += 1;
         }
         Ok(pass)
     }
@@ -204,6 +216,7 @@ impl RxPath {
             let Some(chain) = q.pop() else {
                 return false;
             };
+            self.popped = self.popped.wrapping_add(1);
             let head = chain.head_index();
             let mem = chain.memory();
             let segs_start = self.segs.len();

@@ -495,3 +495,94 @@ fn rx_pass_is_bounded_by_its_budget() {
     assert_eq!((rest.frames, rest.blocked), (10, false));
     assert_eq!(drv.used().len(), n);
 }
+
+/// Linux's EVENT_IDX kick rule (`vring_need_event`): having moved its avail idx from `old` to
+/// `new`, the driver kicks only if the device's avail_event lies in `[old, new)`.
+fn linux_kicks(avail_event: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(avail_event).wrapping_sub(1) < new.wrapping_sub(old)
+}
+
+/// The device's avail_event (last field of the used ring).
+fn avail_event(drv: &Driver<'_>, size: u16) -> u16 {
+    drv.mem
+        .read_obj(GuestAddress(drv.vq.used_addr().0 + 4 + 8 * u64::from(size)))
+        .unwrap()
+}
+
+/// A guest that posts one small RX buffer right before each time the device re-arms
+/// notifications (the race the re-check after enabling closes), without kicking.
+struct EagerGuest<'a> {
+    ring: QueueRing<'a, Mem>,
+    drv: Driver<'a>,
+    adds_left: usize,
+    next_addr: u64,
+}
+
+impl<'a> vhost_user_net_ft::ring::Ring for EagerGuest<'a> {
+    type M = &'a Mem;
+    fn pop(&mut self) -> Option<virtio_queue::DescriptorChain<&'a Mem>> {
+        self.ring.pop()
+    }
+    fn unpop(&mut self, head: u16) {
+        self.ring.unpop(head)
+    }
+    fn add_used(&mut self, head: u16, len: u32) -> bool {
+        self.ring.add_used(head, len)
+    }
+    fn enable_notification(&mut self) -> bool {
+        if self.adds_left > 0 {
+            // Published after the device's last pop and before its re-arm: the guest read the
+            // old avail_event and did not kick; the device's re-check must find the buffer.
+            self.adds_left -= 1;
+            self.drv.chain(&[(self.next_addr, 100, true)]);
+            self.next_addr += 0x1000;
+        }
+        self.ring.enable_notification()
+    }
+    fn disable_notification(&mut self) {
+        self.ring.disable_notification()
+    }
+    fn mem(&self) -> &Mem {
+        self.ring.mem()
+    }
+}
+
+/// Issue 16, net RX lost wakeup: buffers arriving one at a time while a large frame waits made
+/// the RX pass park after three re-checks that each found new buffers, with avail_event left
+/// behind the guest's avail idx; a guest following Linux's kick rule then never kicks again
+/// and RX is dead. Whenever a pass parks, the guest's next buffer must raise a kick, and that
+/// kick must deliver the frame.
+#[test]
+fn rx_parks_only_with_avail_event_at_the_guests_avail_idx() {
+    let m = mem();
+    let (drv, mut ring) = Driver::new(&m);
+    ring.queue.set_event_idx(true);
+    let mut g = EagerGuest {
+        ring,
+        drv,
+        adds_left: 5,
+        next_addr: 0x10_0000,
+    };
+    // Needs 10 of the 100-byte buffers; the guest trickles in 5 during the pass.
+    let big = frame(7, 1000 - VNET_HDR_LEN);
+    let mut src = Frames(VecDeque::from([big.clone()]));
+    let c = NetCounters::default();
+    let mut rx = RxPath::new();
+    rx.set_features(VNET_HDR_LEN, true);
+    let pass = rx.process(&mut src, &mut g, &c).unwrap();
+    assert!(pass.blocked && rx.is_blocked(), "{pass:?}");
+    let idx = g.drv.vq.avail().idx().load();
+    let event = avail_event(&g.drv, QSIZE);
+    assert!(
+        linux_kicks(event, idx.wrapping_add(1), idx),
+        "parked with avail_event {event} behind the guest's avail idx {idx}: its next buffer \
+         raises no kick"
+    );
+    // The guest adds the missing buffers (kicking, as the rule says) and the frame arrives.
+    for i in 0..5u64 {
+        g.drv.chain(&[(0x20_0000 + 0x1000 * i, 100, true)]);
+    }
+    let pass = rx.process(&mut src, &mut g, &c).unwrap();
+    assert_eq!((pass.frames, pass.used, pass.blocked), (1, 10, false));
+    assert_eq!(c.rx.frames(), 1);
+}
