@@ -392,3 +392,79 @@ fn faults_hold_output_show_the_error_and_retry() {
         .unwrap();
     assert!(p.epoch() >= *committed(&a).iter().max().unwrap());
 }
+
+/// A tmpfs of `mb` MiB at `path`, unmounted on drop.
+struct Tmpfs(PathBuf);
+impl Tmpfs {
+    fn mount(path: &Path, mb: u32) -> Option<Tmpfs> {
+        std::fs::create_dir_all(path).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mb}m"), "tmpfs"])
+            .arg(path)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(path.to_path_buf()))
+    }
+}
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_standby_disk_fails_the_checkpoint_and_keeps_the_published_one() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = TempDir::new("migrate-enospc");
+    let store = dir.path().join("store");
+    // Room for one checkpoint of the 32 MiB VM, not for a second one beside it.
+    let Some(_fs) = Tmpfs::mount(&store, 48) else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "cannot mount a tmpfs (needs root)"
+        );
+        eprintln!("skipped: cannot mount a tmpfs (needs root)");
+        return;
+    };
+    let _qemu = start_qemu(dir.path());
+    let _standby = start_standby(dir.path(), &store, 0);
+    let a = FakeDevice::start("vda", dir.path().join("vda.ctl"), DeviceKind::Blk);
+    oracle(&a, dir.path(), store.clone());
+    let mut cfg = config(
+        dir.path(),
+        &[("vda", &a.path)],
+        &migrate_spec(dir.path(), ""),
+    );
+    cfg.cycle.interval = Some(Duration::from_millis(50));
+    cfg.cycle.checkpoint_timeout = Duration::from_secs(30);
+    let c = Coordinator::start(cfg).unwrap();
+    a.submit(1, 4096);
+    wait_long("first release", 60, || !a.released().is_empty());
+    let first = CheckpointStore::open(&store)
+        .unwrap()
+        .newest_valid()
+        .unwrap()
+        .unwrap();
+    a.submit(2, 4096);
+    wait_long("disk full reported", 60, || {
+        capture_status(&c)["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("No space left on device"))
+    });
+    let st = status(&c);
+    assert!(
+        st["cycle"]["checkpointer_last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("No space left on device")),
+        "{st}"
+    );
+    assert!(st["cycle"]["halted"].is_null(), "{st}");
+    // Output 2 held, nothing committed past the published checkpoint, which is intact.
+    assert!(!a.released().iter().any(|(id, _)| *id == 2));
+    let s = CheckpointStore::open(&store).unwrap();
+    let p = s.newest_valid().unwrap().unwrap();
+    assert_eq!(p.epoch(), first.epoch());
+    assert!(committed(&a).iter().all(|e| *e <= p.epoch()));
+    c.shutdown();
+    assert!(a.violations().is_empty(), "{:?}", a.violations());
+}

@@ -56,6 +56,10 @@ impl CaptureMode {
     }
 }
 
+/// Default `downtime-limit`: QEMU's own 300 ms let the live mode pause the VM for ~180 ms per
+/// checkpoint (p50, 320 MiB guest running fio under TCG); 20 ms measured 17 ms.
+pub const DEFAULT_DOWNTIME_MS: u64 = 20;
+
 /// Parsed `migrate:` options.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MigrateOptions {
@@ -64,7 +68,8 @@ pub struct MigrateOptions {
     pub mode: CaptureMode,
     /// `max-bandwidth` in bytes/s (QEMU's default of 128 MiB/s makes every copy slow).
     pub max_bandwidth: u64,
-    /// `downtime-limit` in ms (live mode: how much may be left for the switchover).
+    /// `downtime-limit` in ms (live mode: how much may be left for the switchover);
+    /// [`DEFAULT_DOWNTIME_MS`] unless given.
     pub downtime_ms: Option<u64>,
     /// Live mode: if the pre-copy has not reached its switchover after this long, `stop` the
     /// VM so it must (a guest dirtying memory faster than it is copied never converges).
@@ -88,7 +93,7 @@ impl MigrateOptions {
             standby: StandbyAddr::Unix(PathBuf::new()),
             mode: CaptureMode::Live,
             max_bandwidth: 16 << 30,
-            downtime_ms: None,
+            downtime_ms: Some(DEFAULT_DOWNTIME_MS),
             converge_after: Duration::from_secs(3),
             timeout: Duration::from_secs(30),
             meta: None,
