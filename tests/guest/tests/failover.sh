@@ -5,7 +5,8 @@
 #
 # - A TCP echo server (busybox nc, one `cat` per connection) on ft.echo_port: the host streams
 #   numbered bytes through it and checks every byte comes back once, in order, without reset.
-# - fio rounds on the disk until the host connects to ft.stop_port (or ft.rounds rounds ran):
+# - fio rounds on the disk until the host connects to ft.stop_port (at most ft.rounds rounds;
+#   then the echo server serves on until the host connects there):
 #   mixed random reads and writes at QD ft.iodepth (>= 16) with crc32c verify of every block the
 #   round wrote; each round has its own seed, so a stale block from an earlier round (a write lost
 #   in a takeover) fails the header check.
@@ -46,6 +47,11 @@ while [ ! -s /tmp/stop ] && [ "$round" -lt "$ROUNDS" ]; do
     stage "round-$round"
 done
 echo "FT-FIO: rounds=$round verified"
+stage fio-done
+# The echo server serves until the host says stop.
+while [ ! -s /tmp/stop ]; do
+    usleep 200000
+done
 kill "$echo_pid" 2>/dev/null
 if dmesg | grep -iE 'I/O error|virtio.*(error|not a head)|blk_update_request|Buffer I/O' >/tmp/errs; then
     cat /tmp/errs
