@@ -56,10 +56,13 @@ fn txstate() -> impl Strategy<Value = TransactionState> {
         any::<u16>(),
         prop::collection::vec(any::<u16>(), 0..40),
     )
-        .prop_map(|(queue, next_avail, held_heads)| QueueState {
+        .prop_map(|(queue, next_avail, outstanding)| QueueState {
             queue,
             next_avail,
-            held_heads,
+            used_idx: Some(next_avail.wrapping_sub(outstanding.len() as u16)),
+            held: outstanding.len() as u32 / 2,
+            outstanding,
+            ..Default::default()
         });
     (".{0,20}", kind(), prop::collection::vec(queue, 0..4)).prop_map(|(device, kind, queues)| {
         TransactionState {
@@ -313,7 +316,10 @@ fn sample_messages() -> Vec<Vec<u8>> {
                 queues: vec![QueueState {
                     queue: 0,
                     next_avail: 9,
-                    held_heads: vec![1, 2, 3],
+                    outstanding: vec![1, 2, 3],
+                    used_idx: Some(6),
+                    held: 2,
+                    ..Default::default()
                 }],
             },
         })
@@ -470,14 +476,18 @@ fn wrong_shapes_are_malformed() {
 
 #[test]
 fn a_full_multiqueue_seal_fits_the_bound() {
-    // 16 queues of 32768 held heads each, with the widest head numbers: the design maximum.
+    // 16 queues of 32768 outstanding heads each (a ring cannot have more outstanding than its
+    // size, 32768 at most), all held, with the widest head numbers: the design maximum.
     let queues = (0..16)
         .map(|q| QueueState {
             queue: q,
             next_avail: u16::MAX,
-            held_heads: (0..32768u16)
+            used_idx: Some(u16::MAX - 32768),
+            held: 32768,
+            outstanding: (0..32768u16)
                 .map(|i| i.wrapping_add(32768 - 10000))
                 .collect(),
+            ..Default::default()
         })
         .collect();
     let msg = Reply::Sealed {

@@ -77,7 +77,8 @@ impl Toy {
                         queues: vec![QueueState {
                             queue: 0,
                             next_avail: epoch.0 as u16,
-                            held_heads: vec![1, 2],
+                            outstanding: vec![1, 2],
+                            ..Default::default()
                         }],
                     },
                 }

@@ -7,9 +7,10 @@
 
 use clap::{Parser, ValueEnum};
 use ft_common::control::ControlServer;
+use ft_common::control::{DeviceKind, TransactionState};
 use ft_common::txqueue::Limits;
 use ft_common::vhost_user::VhostUserServer;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use vhost_user_blk_ft::config::{BlkConfig, BlkParams};
 use vhost_user_blk_ft::device::BlkDevice;
@@ -91,6 +92,50 @@ struct Args {
     /// Most bytes of writes held at once.
     #[arg(long, default_value_t = 64 << 20, value_parser = clap::value_parser!(u64).range(1..))]
     max_held_bytes: u64,
+    /// Replay record of a VM restored from a checkpoint: this device's SEALED transaction
+    /// state (JSON, as the control protocol serializes it) of the checkpoint the VM is
+    /// restored from. Each ring checks it at its first start and re-executes the requests it
+    /// lists before any new one (see docs/operations.md, "Replay on the standby").
+    #[arg(long, value_name = "FILE")]
+    replay: Option<PathBuf>,
+}
+
+/// The device name in SEALED records: the image's file name.
+fn device_name(args: &Args) -> String {
+    args.image
+        .file_name()
+        .map_or_else(|| "blk".into(), |n| n.to_string_lossy().into_owned())
+}
+
+/// `--replay FILE`: hands the record to the server before any frontend connects.
+fn load_replay(server: &VhostUserServer, path: &Path, device: &str) -> std::io::Result<()> {
+    let err = |what: String| std::io::Error::other(format!("--replay {}: {what}", path.display()));
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let state: TransactionState = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+    if state.kind != DeviceKind::Blk {
+        return Err(err(format!(
+            "a {:?} record, not a block device's",
+            state.kind
+        )));
+    }
+    if state.device != device {
+        log::warn!(
+            "--replay {}: record of device {:?}, this daemon serves {device:?}",
+            path.display(),
+            state.device
+        );
+    }
+    let sum = server
+        .replay_store()
+        .install(&state)
+        .map_err(|e| err(e.to_string()))?;
+    log::info!(
+        "replay record {}: {} request(s) on {} queue(s), replayed when their rings start",
+        path.display(),
+        sum.requests,
+        sum.queues
+    );
+    Ok(())
 }
 
 fn main() {
@@ -169,6 +214,9 @@ fn run(args: Args) -> std::io::Result<()> {
     let device = Arc::new(device);
     let counters = device.counters().clone();
     let server = VhostUserServer::new(device, &args.socket)?;
+    if let Some(path) = &args.replay {
+        load_replay(&server, path, &device_name(&args))?;
+    }
     let mut commit_cancel = None;
     let mut commit_syncs = None;
     let control = match (control, hold) {
@@ -181,10 +229,7 @@ fn run(args: Args) -> std::io::Result<()> {
                 OnError::Stop => OnCommitError::Stop,
                 OnError::Report => OnCommitError::Report,
             };
-            let name = args
-                .image
-                .file_name()
-                .map_or_else(|| "blk".into(), |n| n.to_string_lossy().into_owned());
+            let name = device_name(&args);
             let ctl = BlkControl::new(h, server.worker_handles(), name, policy, engine)
                 .with_fence(fence(args.state_dir.as_deref())?);
             log::info!("control socket {}", c.path().display());

@@ -29,11 +29,12 @@
 
 use crate::config::BlkConfig;
 use crate::engine::{Completion, Engine};
-use crate::gate::hold::{held_bytes, GateAck, GateMsg, HeldReq, Hold};
+use crate::gate::hold::{held_bytes, GateAck, GateMsg, HeldReq, Hold, RecordQuery};
 use crate::image::Image;
 use crate::request::{
     parse, BlkRequest, DiskLimits, Rejected, RequestKind, STATUS_IOERR, STATUS_OK,
 };
+use ft_common::control::QueueState;
 use ft_common::vhost_user::{DeviceMsg, QueueWorker, StopStatus, VringHandle, WorkerCtx};
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -110,6 +111,9 @@ struct QueueHold {
     parked: Option<BlkRequest>,
     /// Completions for a ring that was stopped when they arrived: (head, status addr, status).
     deferred: Vec<(u16, GuestAddress, u8)>,
+    /// When each head was last taken off the ring (a counter): orders the SEALED record.
+    pop_seq: Vec<u64>,
+    next_seq: u64,
 }
 
 impl QueueHold {
@@ -120,6 +124,14 @@ impl QueueHold {
     fn set_owed(&mut self, head: u16, v: bool) {
         if let Some(b) = self.owed.get_mut(usize::from(head)) {
             *b = v;
+        }
+    }
+
+    /// `head` was taken off the ring (one store: this is the hot path).
+    fn taken(&mut self, head: u16) {
+        self.next_seq += 1;
+        if let Some(s) = self.pop_seq.get_mut(usize::from(head)) {
+            *s = self.next_seq;
         }
     }
 }
@@ -157,6 +169,8 @@ impl BlkQueue {
                 owed: vec![false; depth.clamp(1, 1 << 16) as usize],
                 parked: None,
                 deferred: Vec::new(),
+                pop_seq: vec![0; depth.clamp(1, 1 << 16) as usize],
+                next_seq: 0,
             }),
             poll_max,
         })
@@ -194,13 +208,13 @@ impl BlkQueue {
         let dsync = self.dsync(ctx);
         // While the worker polls, guest notifications stay off and it looks at the ring again.
         let polling = ctx.polling();
-        let Some(vring) = ctx.queue(self.queue) else {
+        if ctx.queue(self.queue).is_none() {
             return;
-        };
+        }
         self.stalled = false;
         if let Some(h) = self.hold.as_mut() {
             if let Some(req) = h.parked.take() {
-                if let Err(req) = hold_push(h, self.queue, vring, req) {
+                if let Err(req) = hold_push(h, self.queue, req) {
                     // Still full: only owed resubmissions are taken below; wait for a commit.
                     h.parked = Some(req);
                 }
@@ -214,10 +228,6 @@ impl BlkQueue {
                 log::error!("queue {}: io_uring submit: {e}", self.queue);
             }
             if let Some(h) = self.hold.as_mut() {
-                // Reads taken after the last held request move the index too.
-                let parked = u16::from(h.parked.is_some());
-                h.shared
-                    .publish_avail(self.queue, vring.next_avail().wrapping_sub(parked));
                 // Resubmitted heads are consumed first by the loop above, so once none is left
                 // a deferred completion can no longer come back as a resubmission.
                 if vring.resubmit_pending() == 0 {
@@ -299,6 +309,9 @@ impl BlkQueue {
                 }
                 taken += 1;
                 *popped += 1;
+                if let Some(h) = self.hold.as_mut() {
+                    h.taken(chain.head_index());
+                }
                 match parse(chain, &self.limits) {
                     Err(rej) => {
                         *rejected += 1;
@@ -317,7 +330,9 @@ impl BlkQueue {
                     }
                     Ok(req) => {
                         bytes += u64::from(req.data_len());
-                        self.dispatch(vring, req, dsync)
+                        // Replayed or resubmitted requests were in flight together on the
+                        // primary (or the previous daemon): keep the order they were taken in.
+                        self.dispatch(vring, req, dsync, resubmit)
                     }
                 }
             }
@@ -348,12 +363,20 @@ impl BlkQueue {
     /// Sends a parsed request on its way. This is the seam for output commit: with `--ft hold`,
     /// requests whose `kind().is_output()` go into the transaction queue here (tagged with the
     /// open epoch) instead of the engine, and are pushed to the engine from there at COMMIT.
-    fn dispatch(&mut self, vring: &mut VringHandle, mut req: BlkRequest, dsync: bool) {
+    /// `in_order`: the engine runs it only after everything before it (replayed requests; held
+    /// ones keep guest order through the transaction queue anyway).
+    fn dispatch(
+        &mut self,
+        vring: &mut VringHandle,
+        mut req: BlkRequest,
+        dsync: bool,
+        in_order: bool,
+    ) {
         req.hold_memory(vring.memory().clone());
         if let Some(h) = self.hold.as_mut() {
             if req.kind().is_output() {
                 h.set_owed(req.head(), true);
-                if let Err(req) = hold_push(h, self.queue, vring, req) {
+                if let Err(req) = hold_push(h, self.queue, req) {
                     if h.parked.is_some() {
                         // Cannot happen: nothing is popped while a request is parked.
                         h.set_owed(req.head(), false);
@@ -365,8 +388,51 @@ impl BlkQueue {
                 return;
             }
         }
-        if let Err(req) = self.engine.push(req, 0, dsync) {
+        let pushed = if in_order {
+            self.engine.push_in_order(req, 0, dsync)
+        } else {
+            self.engine.push(req, 0, dsync)
+        };
+        if let Err(req) = pushed {
             finish(vring, req.head(), req.status_addr(), STATUS_IOERR, 1);
+        }
+    }
+
+    /// This queue's part of a SEALED record: every head taken and not yet on the used ring,
+    /// in the order taken, and the ring's position (as of its stop while it is stopped).
+    fn record(&self, ctx: &WorkerCtx) -> QueueState {
+        let q = self.queue;
+        let pos = ctx.ring_position(q);
+        let mut heads: Vec<(u64, u16)> = Vec::new();
+        if let Some(h) = &self.hold {
+            let seq = |head: u16| h.pop_seq.get(usize::from(head)).copied().unwrap_or(0);
+            heads.extend(
+                (0..h.owed.len())
+                    .filter(|&i| h.owed[i])
+                    .map(|i| (seq(i as u16), i as u16)),
+            );
+            // Reads (and GET_ID) still in the engine; held requests never are.
+            self.engine
+                .for_each_in_flight(|r| heads.push((seq(r.head()), r.head())));
+        }
+        heads.sort_unstable();
+        let outstanding: Vec<u16> = heads.into_iter().map(|(_, h)| h).collect();
+        if let Some(p) = pos.filter(|p| !p.running) {
+            if p.used_idx.wrapping_add(outstanding.len() as u16) != p.next_avail {
+                log::error!(
+                    "queue {q}: SEALED record inconsistent: used idx {} + {} outstanding != base {}",
+                    p.used_idx,
+                    outstanding.len(),
+                    p.next_avail
+                );
+            }
+        }
+        QueueState {
+            queue: q,
+            next_avail: pos.map_or(0, |p| p.next_avail),
+            used_idx: pos.map(|p| p.used_idx),
+            outstanding,
+            ..Default::default()
         }
     }
 
@@ -398,16 +464,10 @@ impl BlkQueue {
     }
 }
 
-/// Holds `req` in the open epoch (publishing the ring's next avail index under the same lock, so
-/// a SEAL sees both or neither). Returns the request when the transaction queue is full.
+/// Holds `req` in the open epoch. Returns the request when the transaction queue is full.
 // By value on purpose: boxing would allocate per request.
 #[allow(clippy::result_large_err)]
-fn hold_push(
-    h: &mut QueueHold,
-    queue: u16,
-    vring: &VringHandle,
-    req: BlkRequest,
-) -> Result<(), BlkRequest> {
+fn hold_push(h: &mut QueueHold, queue: u16, req: BlkRequest) -> Result<(), BlkRequest> {
     let bytes = held_bytes(&req);
     let held = HeldReq {
         queue,
@@ -417,7 +477,6 @@ fn hold_push(
     let mut txq = h.shared.lock();
     match txq.push(held, bytes) {
         Ok(p) => {
-            h.shared.publish_avail(queue, vring.next_avail());
             drop(txq);
             if p.first_in_epoch {
                 h.shared.notifier().output_pending(p.epoch);
@@ -426,9 +485,6 @@ fn hold_push(
         }
         Err(full) => {
             let open = txq.open_epoch();
-            // The parked request is not held: a SEAL must not count it as taken off the ring.
-            h.shared
-                .publish_avail(queue, vring.next_avail().wrapping_sub(1));
             drop(txq);
             // Output is waiting and cannot even be held: ask for an early checkpoint.
             h.shared.notifier().output_pending(open);
@@ -536,14 +592,9 @@ impl QueueWorker for BlkQueue {
         self.stalled = false;
         let q = self.queue;
         self.engine.drain(|c| complete(ctx, q, c));
+        // Held requests stay held (and owed) across the stop; see the module docs.
         if let Some(v) = ctx.queue(q) {
             v.signal_used();
-            if let Some(h) = &self.hold {
-                // Held requests stay held (and owed) across the stop; see the module docs.
-                let parked = u16::from(h.parked.is_some());
-                h.shared
-                    .publish_avail(q, v.next_avail().wrapping_sub(parked));
-            }
         }
         self.publish();
         if self.engine.in_flight() == 0 {
@@ -578,7 +629,12 @@ impl QueueWorker for BlkQueue {
     fn handle_message(&mut self, ctx: &mut WorkerCtx, msg: DeviceMsg) -> DeviceMsg {
         let msg = match msg.downcast::<GateMsg>() {
             Ok(m) => *m,
-            Err(other) => return other,
+            Err(other) => {
+                return match other.downcast::<RecordQuery>() {
+                    Ok(_) => Box::new(self.record(ctx)),
+                    Err(other) => other,
+                }
+            }
         };
         let mut ack = GateAck {
             completed: 0,

@@ -178,7 +178,9 @@ fn held_writes_case(extra: &[&str]) {
             assert_eq!(state.queues[0].next_avail, N as u16 + 2);
             let mut want: Vec<u16> = heads.iter().map(|h| h.0).collect();
             want.push(flush_head);
-            assert_eq!(state.queues[0].held_heads, want);
+            assert_eq!(state.queues[0].outstanding, want);
+            assert_eq!(state.queues[0].held, N as u32 + 1);
+            assert_eq!(state.queues[0].used_idx, Some(1));
         }
         r => panic!("{r:?}"),
     }
@@ -258,7 +260,8 @@ fn seal_and_commit_span_all_queues() {
             for (q, (qs, want)) in state.queues.iter().zip(&heads).enumerate() {
                 assert_eq!(qs.queue, q as u16);
                 assert_eq!(qs.next_avail, 3);
-                assert_eq!(&qs.held_heads, want);
+                assert_eq!(&qs.outstanding, want);
+                assert_eq!((qs.held, qs.used_idx), (3, Some(0)));
             }
         }
         r => panic!("{r:?}"),
@@ -440,7 +443,11 @@ fn ring_stop_and_restart_keeps_held_requests_without_duplicates() {
     let sealed = seal(&mut c, 1);
     match &sealed {
         Reply::Sealed { state, .. } => {
-            assert_eq!(state.queues[0].held_heads, heads);
+            assert_eq!(state.queues[0].outstanding, heads);
+            assert_eq!(
+                (state.queues[0].held, state.queues[0].used_idx),
+                (6, Some(0))
+            );
             assert_eq!(state.queues[0].next_avail, 6);
         }
         r => panic!("{r:?}"),

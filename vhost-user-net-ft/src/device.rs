@@ -27,7 +27,7 @@ use crate::tap_batch::TapBatch;
 use crate::tx::{TapSink, TxPath};
 use crate::tx_hold::{HoldSink, Released, TxHold};
 use crate::vnet_hdr::{hdr_len_for, VNET_HDR_LEN};
-use ft_common::control::Notifier;
+use ft_common::control::{Notifier, QueueState};
 use ft_common::epoch::Epoch;
 use ft_common::txqueue::{EpochStats, SealSummary, TxCounters, TxError};
 use ft_common::vhost_user::{
@@ -107,8 +107,8 @@ pub enum GateOp {
 pub enum NetReply {
     Sealed {
         summary: SealSummary,
-        tx_queue: u16,
-        next_avail: Option<u16>,
+        /// This pair's RX and TX rings for the SEALED record.
+        rings: [QueueState; 2],
     },
     Committed(Released),
     Aborted(Released),
@@ -400,8 +400,11 @@ impl NetWorker {
             GateOp::Seal(e) => match hold.seal(e) {
                 Ok(summary) => NetReply::Sealed {
                     summary,
-                    tx_queue: self.tx_q,
-                    next_avail: ctx.queue(self.tx_q).map(|r| r.next_avail()),
+                    rings: [
+                        ring_record(ctx, self.rx_q, self.rx.taken_heads()),
+                        // TX never keeps a chain: each is completed or put back in its pass.
+                        ring_record(ctx, self.tx_q, Vec::new()),
+                    ],
                 },
                 Err(e) => NetReply::Refused(e),
             },
@@ -435,6 +438,20 @@ impl NetWorker {
             self.run_tx(ctx);
         }
         reply
+    }
+}
+
+/// One ring of the SEALED record: where it stands (as of its stop while stopped, which is when
+/// a checkpoint is taken; a stopped ring's `next_avail` is what GET_VRING_BASE returned) and
+/// the heads taken off it and not used yet.
+fn ring_record(ctx: &WorkerCtx, queue: u16, outstanding: Vec<u16>) -> QueueState {
+    let pos = ctx.ring_position(queue);
+    QueueState {
+        queue,
+        next_avail: pos.map_or(0, |p| p.next_avail),
+        used_idx: pos.map(|p| p.used_idx),
+        outstanding,
+        ..Default::default()
     }
 }
 

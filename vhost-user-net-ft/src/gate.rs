@@ -15,7 +15,7 @@ use crate::mac::MacAddr;
 use crate::tx_hold::Released;
 use ft_common::control::gate::{self, EpochMerge};
 use ft_common::control::{
-    CommitStats, ControlHandler, DeviceKind, DeviceStatus, ErrorCode, QueueState, Reply, Request,
+    CommitStats, ControlHandler, DeviceKind, DeviceStatus, ErrorCode, Reply, Request,
     TransactionState,
 };
 use ft_common::epoch::{Epoch, Fence};
@@ -88,17 +88,9 @@ impl NetControl {
         };
         let queues = replies
             .into_iter()
-            .filter_map(|r| match r {
-                NetReply::Sealed {
-                    tx_queue,
-                    next_avail,
-                    ..
-                } => Some(QueueState {
-                    queue: tx_queue,
-                    next_avail: next_avail.unwrap_or(0),
-                    held_heads: Vec::new(),
-                }),
-                _ => None,
+            .flat_map(|r| match r {
+                NetReply::Sealed { rings, .. } => rings.to_vec(),
+                _ => Vec::new(),
             })
             .collect();
         Reply::Sealed {

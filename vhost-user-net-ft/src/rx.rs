@@ -101,6 +101,12 @@ impl RxPath {
         self.pending != 0
     }
 
+    /// Heads of the chains taken for the parked frame (taken off the ring, not used yet), in
+    /// the order taken. Empty while the ring is stopped: [`shelve`](Self::shelve) gave them back.
+    pub fn taken_heads(&self) -> Vec<u16> {
+        self.chains.iter().map(|c| c.head).collect()
+    }
+
     /// Forgets the parked frame and chains (device reset, disconnect, feature change): the ring
     /// they came from is being torn down, so nothing is written to it.
     pub fn reset(&mut self, counters: &NetCounters) {

@@ -305,9 +305,11 @@ fn hold_gates_tx_until_commit_and_abort_discards() {
             },
         ) {
             Reply::Sealed { state, .. } => {
-                assert_eq!(state.queues.len(), 1);
-                assert_eq!(state.queues[0].queue, TXQ as u16);
-                assert_eq!(state.queues[0].next_avail, 8);
+                assert_eq!(state.queues.len(), 2);
+                let tx = &state.queues[1];
+                assert_eq!(tx.queue, TXQ as u16);
+                assert_eq!((tx.next_avail, tx.used_idx), (8, Some(8)));
+                assert!(tx.outstanding.is_empty());
             }
             r => panic!("seal: {r:?}"),
         }

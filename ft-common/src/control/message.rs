@@ -180,18 +180,50 @@ pub enum DeviceKind {
 }
 
 /// Per-virtqueue replay record of a sealed epoch.
+///
+/// Exact while the ring is stopped (GET_VRING_BASE answered and no start since), as it is at
+/// every checkpoint QEMU's migration takes; while the ring runs it is a snapshot of one instant.
+/// Invariant of an exact record: `used_idx + outstanding.len() == next_avail` (mod 2^16).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueState {
     /// Virtqueue index.
     pub queue: u16,
-    /// The vring's next available index at the seal: the secondary resumes popping from here.
+    /// The ring's next available index: what GET_VRING_BASE returned (the base QEMU's
+    /// migration stream records), or, while the ring runs, the next index the daemon will pop.
+    /// 0 for a ring that never ran.
     pub next_avail: u16,
-    /// Descriptor heads of requests still held (not committed), in guest order. The secondary
-    /// re-executes them from restored guest memory before taking new requests.
+    /// Every descriptor head taken off the avail ring and not yet in the used ring, in the
+    /// order the daemon took them: held output, reads in flight, completions deferred because
+    /// the ring was stopped, a chain parked for backpressure. The standby re-executes them from
+    /// restored guest memory before taking new requests.
+    #[serde(default)]
+    pub outstanding: Vec<u16>,
+    /// The used ring's idx as the daemon last wrote it (None: the ring never ran).
+    #[serde(default)]
+    pub used_idx: Option<u16>,
+    /// How many of `outstanding` are held output (not committed yet).
+    #[serde(default)]
+    pub held: u32,
+    /// First-draft records listed only the held heads here. Read (as the outstanding list of a
+    /// record that has none), no longer written.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub held_heads: Vec<u16>,
 }
 
-/// What a daemon returns with `SEALED`: enough to replay held requests on the secondary.
+impl QueueState {
+    /// The heads to replay on a standby: `outstanding`, or a first-draft record's
+    /// `held_heads` (whose count the ring check then judges).
+    pub fn replay_heads(&self) -> &[u16] {
+        if self.outstanding.is_empty() {
+            &self.held_heads
+        } else {
+            &self.outstanding
+        }
+    }
+}
+
+/// What a daemon returns with `SEALED`: enough to check the restored rings on the standby and
+/// replay the requests outstanding at the seal.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TransactionState {
     /// Device name as given on the daemon's command line (to match records with daemons).

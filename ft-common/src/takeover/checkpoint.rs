@@ -45,7 +45,11 @@ impl Checkpoint {
 
 /// Requests a SEALED record lists as outstanding.
 pub fn outstanding(state: &TransactionState) -> u64 {
-    state.queues.iter().map(|q| q.held_heads.len() as u64).sum()
+    state
+        .queues
+        .iter()
+        .map(|q| q.replay_heads().len() as u64)
+        .sum()
 }
 
 /// The newest valid checkpoint in `store`.

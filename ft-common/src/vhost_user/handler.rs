@@ -38,6 +38,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::device::VhostUserDevice;
 use super::inflight::{InflightQueue, InflightRegion};
 use super::memory::{DirtyLog, GuestMem, MemoryMap};
+use super::replay::ReplayStore;
 use super::vring::RingSetup;
 use super::worker::{Command, Reply, WorkerHandle};
 
@@ -63,6 +64,8 @@ pub(crate) struct Shared {
     /// Queue index -> worker (group) index.
     pub queue_group: Vec<usize>,
     pub log: Arc<DirtyLog>,
+    /// Replay records for the rings' first start on a restored VM.
+    pub replay: ReplayStore,
 }
 
 #[derive(Default)]
@@ -290,9 +293,11 @@ impl ConnHandler {
             err: r.err.clone(),
             event_idx: features & VIRTIO_RING_F_EVENT_IDX != 0,
             inflight,
+            replay: self.shared.replay.peek(q as u16),
         };
         match self.worker(q).command(Command::Start { setup, kick, mem }) {
             Ok(Reply::Started(Ok(()))) => {
+                self.shared.replay.started(q as u16);
                 self.rings[q].running = true;
                 self.rings[q].started_gpas = Some((desc, used, avail));
                 Ok(())

@@ -13,6 +13,7 @@
 //! - `poll`: the adaptive busy-polling window of a worker (QEMU's `poll-max-ns`).
 //! - [`memory`]: guest memory table and dirty log.
 //! - [`inflight`]: the INFLIGHT_SHMFD region.
+//! - [`replay`]: replay records for a VM restored from a checkpoint.
 //!
 //! Using it from a daemon:
 //! ```ignore
@@ -51,12 +52,14 @@ pub mod handler;
 pub mod inflight;
 pub mod memory;
 mod poll;
+pub mod replay;
 pub mod server;
 pub mod vring;
 pub mod worker;
 
 pub use device::{Chain, DeviceError, DeviceMsg, QueueWorker, StopStatus, VhostUserDevice};
 pub use memory::GuestMem;
+pub use replay::{ReplayError, ReplayStore, ReplaySummary, RingReplay};
 pub use server::{ServerStop, VhostUserServer};
 pub use vring::VringHandle;
-pub use worker::{WorkerCtx, WorkerGone, WorkerHandle};
+pub use worker::{RingPosition, WorkerCtx, WorkerGone, WorkerHandle};

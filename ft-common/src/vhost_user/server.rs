@@ -43,6 +43,7 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use super::device::VhostUserDevice;
 use super::handler::{ConnHandler, Shared};
 use super::memory::DirtyLog;
+use super::replay::ReplayStore;
 use super::worker::{self, Command, WorkerHandle};
 
 const HDR_SIZE: usize = 12;
@@ -133,6 +134,7 @@ impl VhostUserServer {
             .map_err(|e| std::io::Error::other(format!("listen on {}: {e}", socket.display())))?;
         Ok(VhostUserServer {
             shared: Arc::new(Shared {
+                replay: ReplayStore::new(n),
                 device,
                 workers,
                 queue_group,
@@ -149,6 +151,12 @@ impl VhostUserServer {
     /// Handles to the worker of each queue group (index = group), for control threads.
     pub fn worker_handles(&self) -> Vec<WorkerHandle> {
         self.shared.workers.clone()
+    }
+
+    /// Where replay records for a VM restored from a checkpoint go (`--replay FILE`, or a
+    /// control request before the guest runs); see `replay.rs`.
+    pub fn replay_store(&self) -> ReplayStore {
+        self.shared.replay.clone()
     }
 
     /// Handle that stops [`run`](Self::run).

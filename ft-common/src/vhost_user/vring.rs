@@ -26,6 +26,10 @@
 //! Inconsistencies visible at start (overlapping rings, a base or inflight region that does
 //! not match the avail ring) fail the start instead, which the frontend sees as a NEED_REPLY
 //! error.
+//!
+//! Replay on a restored VM: the same mechanism hands out the heads of a replay record (see
+//! `replay.rs`) after checking it against the restored ring; they are marked in the (fresh)
+//! inflight region in the record's order, so a later restart of this daemon resubmits them.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -39,6 +43,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::device::Chain;
 use super::inflight::InflightQueue;
 use super::memory::{touches_scratch, with_scratch, DirtyLog, GuestMem};
+use super::replay::RingReplay;
 use crate::guest_warn;
 
 /// Everything the connection thread knows about a ring when it starts it.
@@ -64,6 +69,8 @@ pub struct RingSetup {
     pub event_idx: bool,
     /// Inflight tracking for this queue, if the frontend set an inflight region.
     pub inflight: Option<InflightQueue>,
+    /// The replay record for this ring's first start on a restored VM, if one was given.
+    pub replay: Option<RingReplay>,
 }
 
 /// A running ring, as seen by a [`QueueWorker`](super::device::QueueWorker).
@@ -114,7 +121,9 @@ impl VringHandle {
     ///
     /// A fresh region with `setup.base != used idx` is a VM restored from a checkpoint with
     /// requests popped but not completed at the checkpoint: which ones cannot be told from the
-    /// rings (completions need not be in order), so the start is refused rather than guessed.
+    /// rings (completions need not be in order). With `setup.replay` the record says which
+    /// (checked against both numbers, then handed out first); without, the start is refused
+    /// rather than guessed.
     ///
     /// Also fails if the rings overlap or lie outside memory, the inflight region contradicts
     /// the ring, or the avail idx is more than the ring size ahead of the next avail index.
@@ -138,9 +147,17 @@ impl VringHandle {
             .map_err(|e| format!("queue {}: read used idx: {e:?}", setup.index))?
             .0;
         let mut inflight = setup.inflight.take();
+        let replay = setup.replay.take();
         let mut resubmit = VecDeque::new();
         let next_avail = match inflight.as_mut() {
             Some(inf) if !inf.is_fresh() => {
+                if replay.is_some() {
+                    info!(
+                        "queue {}: the inflight region was used before (same VM continuing): it \
+                         decides what to resubmit, the replay record is not used",
+                        setup.index
+                    );
+                }
                 let heads = inf
                     .recover(used_idx)
                     .map_err(|e| format!("queue {}: inflight region: {e}", setup.index))?;
@@ -153,6 +170,25 @@ impl VringHandle {
                     resubmit = Self::resubmit_chains(&setup, &mem, &heads)?;
                 }
                 used_idx.wrapping_add(n)
+            }
+            _ if replay.is_some() => {
+                let r = replay.as_ref().expect("checked");
+                r.check(setup.index, setup.size, setup.base, used_idx)?;
+                let n = r.heads.len() as u16;
+                if n > 0 {
+                    info!(
+                        "queue {}: replaying {n} request(s) outstanding at the checkpoint \
+                         (base {}, used idx {used_idx})",
+                        setup.index, setup.base
+                    );
+                    resubmit = Self::resubmit_chains(&setup, &mem, &r.heads)?;
+                    if let Some(inf) = inflight.as_mut() {
+                        for &h in &r.heads {
+                            inf.start(h);
+                        }
+                    }
+                }
+                setup.base
             }
             Some(_) if setup.base != used_idx => {
                 return Err(format!(
@@ -247,6 +283,11 @@ impl VringHandle {
     /// Next avail index (what GET_VRING_BASE reports once stopped).
     pub fn next_avail(&self) -> u16 {
         self.queue.next_avail()
+    }
+
+    /// The used ring's idx as this ring last wrote it.
+    pub fn next_used(&self) -> u16 {
+        self.queue.next_used()
     }
 
     /// Whether this ring records in-flight requests in an INFLIGHT_SHMFD region. If it does, a

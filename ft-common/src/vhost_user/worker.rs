@@ -111,9 +111,22 @@ impl WorkerHandle {
     }
 }
 
+/// Where a ring stands (see [`WorkerCtx::ring_position`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RingPosition {
+    /// Next avail index: while stopped, what GET_VRING_BASE returned.
+    pub next_avail: u16,
+    /// The used ring's idx as the daemon last wrote it.
+    pub used_idx: u16,
+    /// Whether the ring runs now (else: as of its stop).
+    pub running: bool,
+}
+
 /// What a [`QueueWorker`] may touch: the group's running rings, memory, dirty log, fds.
 pub struct WorkerCtx {
     rings: HashMap<u16, VringHandle>,
+    /// Position of each ring of this connection at its stop (removed when it runs again).
+    stopped: HashMap<u16, RingPosition>,
     kicks: HashMap<u16, Arc<EventFd>>,
     features: u64,
     mem: Option<Arc<GuestMem>>,
@@ -136,6 +149,20 @@ impl WorkerCtx {
     /// The running ring `queue`, if it belongs to this group and runs (or is stopping).
     pub fn queue(&mut self, queue: u16) -> Option<&mut VringHandle> {
         self.rings.get_mut(&queue)
+    }
+
+    /// Where ring `queue` stands: live while it runs (or is stopping), as of its stop while
+    /// stopped (so the device can report GET_VRING_BASE's value while the VM is paused); None
+    /// if it has not run on this connection.
+    pub fn ring_position(&self, queue: u16) -> Option<RingPosition> {
+        match self.rings.get(&queue) {
+            Some(r) => Some(RingPosition {
+                next_avail: r.next_avail(),
+                used_idx: r.next_used(),
+                running: true,
+            }),
+            None => self.stopped.get(&queue).copied(),
+        }
     }
 
     /// Indices of the rings currently running (or stopping) in this group.
@@ -231,6 +258,7 @@ pub(crate) fn spawn(
     )?;
     let ctx = WorkerCtx {
         rings: HashMap::new(),
+        stopped: HashMap::new(),
         kicks: HashMap::new(),
         features: 0,
         mem: None,
@@ -403,6 +431,7 @@ impl Worker {
                     });
                     match res {
                         Ok(ring) => {
+                            self.ctx.stopped.remove(&q);
                             self.ctx.rings.insert(q, ring);
                             self.ctx.kicks.insert(q, kick);
                             let _ = reply.send(Reply::Started(Ok(())));
@@ -507,6 +536,14 @@ impl Worker {
                 let ring = self.ctx.rings.remove(&q);
                 if let Some(mut r) = ring {
                     r.signal_used();
+                    self.ctx.stopped.insert(
+                        q,
+                        RingPosition {
+                            next_avail: r.next_avail(),
+                            used_idx: r.next_used(),
+                            running: false,
+                        },
+                    );
                     if let Some(reply) = s.reply {
                         let _ = reply.send(Reply::Stopped(Some(r.next_avail())));
                     }
@@ -521,6 +558,7 @@ impl Worker {
             if let Some(reply) = self.disconnecting.take() {
                 self.dev.reset(&mut self.ctx);
                 self.ctx.mem = None;
+                self.ctx.stopped.clear();
                 let _ = reply.send(Reply::Done);
             }
         }

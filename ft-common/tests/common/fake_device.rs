@@ -162,7 +162,8 @@ fn handle(st: &Mutex<FakeState>, dev: &str, kind: DeviceKind, req: Request) -> R
                     queues: vec![QueueState {
                         queue: 0,
                         next_avail: 0,
-                        held_heads: s.txq.held().map(|a| *a.payload() as u16).collect(),
+                        outstanding: s.txq.held().map(|a| *a.payload() as u16).collect(),
+                        ..Default::default()
                     }],
                 },
             },

@@ -26,7 +26,7 @@
 //!   `COMMIT_REFUSED`; SEAL, ABORT and STATUS keep working.
 
 use crate::gate::commit::CommitEngine;
-use crate::gate::hold::{held_bytes, GateAck, GateMsg, HeldReq, Hold};
+use crate::gate::hold::{held_bytes, GateAck, GateMsg, HeldReq, Hold, RecordQuery};
 use ft_common::control::gate::{self, EpochMerge};
 use ft_common::control::{
     CommitStats, ControlHandler, DeviceKind, DeviceStatus, ErrorCode, QueueState, Reply, Request,
@@ -109,18 +109,33 @@ impl BlkControl {
         if let Err(e) = txq.seal(epoch) {
             return gate::tx_error_reply(e);
         }
-        let queues = (0..self.hold.num_queues())
-            .map(|q| QueueState {
-                queue: q,
-                next_avail: self.hold.next_avail(q),
-                held_heads: txq
-                    .held()
-                    .filter(|a| a.payload().queue == q)
-                    .map(|a| a.payload().req.head())
-                    .collect(),
-            })
-            .collect();
+        let mut held = vec![0u32; usize::from(self.hold.num_queues())];
+        for a in txq.held() {
+            if let Some(n) = held.get_mut(usize::from(a.payload().queue)) {
+                *n += 1;
+            }
+        }
         drop(txq);
+        // Each worker reports its ring (outside the lock: a worker takes it to hold a
+        // request). The rings are stopped at a checkpoint, so nothing moves meanwhile.
+        let mut queues = Vec::with_capacity(held.len());
+        for (w, held) in self.workers.iter().zip(held) {
+            match w
+                .call(Box::new(RecordQuery))
+                .map(|r| r.downcast::<QueueState>())
+            {
+                Ok(Ok(mut qs)) => {
+                    qs.held = held;
+                    queues.push(*qs);
+                }
+                _ => {
+                    return Reply::error(
+                        ErrorCode::Internal,
+                        format!("seal {epoch}: queue worker {} did not answer", queues.len()),
+                    )
+                }
+            }
+        }
         let reply = Reply::Sealed {
             epoch,
             state: TransactionState {

@@ -2,8 +2,8 @@
 //! control thread.
 //!
 //! One `TxQueue<HeldReq>` for the whole device under one mutex: a worker holds the lock only to
-//! push one request (and publish its ring's next avail index), the control thread only to seal,
-//! take a commit batch, abort or read counters. So `SEAL` closes the epoch atomically with
+//! push one request, the control thread only to seal, take a commit batch, abort or read
+//! counters. So `SEAL` closes the epoch atomically with
 //! respect to all queues, and the lock is never held across I/O.
 
 use crate::engine::SlotRequest;
@@ -11,7 +11,6 @@ use crate::request::{BlkRequest, RequestKind};
 use ft_common::aiocb::InFlight;
 use ft_common::control::Notifier;
 use ft_common::txqueue::{Limits, TxQueue};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 /// A held guest request: the request and where its completion is owed.
@@ -41,9 +40,6 @@ pub fn held_bytes(req: &BlkRequest) -> u64 {
     }
 }
 
-/// "No index published yet" in [`Hold::next_avail`].
-const NO_AVAIL: u32 = u32::MAX;
-
 /// Messages from the control thread to a queue worker (via `WorkerHandle::call`).
 #[derive(Debug)]
 pub enum GateMsg {
@@ -54,6 +50,11 @@ pub enum GateMsg {
     /// Requests cancelled by ABORT: never written; forget them without completing.
     Forget(Vec<HeldReq>),
 }
+
+/// Asks a queue worker (via `WorkerHandle::call`) for its part of the SEALED record; the reply
+/// is a `QueueState` with `held` left 0 (the control thread counts the held requests).
+#[derive(Debug)]
+pub struct RecordQuery;
 
 /// The worker's answer to a [`GateMsg`].
 #[derive(Debug, PartialEq, Eq)]
@@ -68,7 +69,7 @@ pub struct GateAck {
 
 pub struct Hold {
     txq: Mutex<TxQueue<HeldReq>>,
-    next_avail: Box<[AtomicU32]>,
+    num_queues: u16,
     notifier: Notifier,
 }
 
@@ -76,7 +77,7 @@ impl Hold {
     pub fn new(limits: Limits, num_queues: u16, notifier: Notifier) -> Hold {
         Hold {
             txq: Mutex::new(TxQueue::new(limits)),
-            next_avail: (0..num_queues).map(|_| AtomicU32::new(NO_AVAIL)).collect(),
+            num_queues,
             notifier,
         }
     }
@@ -87,26 +88,8 @@ impl Hold {
         self.txq.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records queue `q`'s next avail index for the SEALED record.
-    pub fn publish_avail(&self, q: u16, idx: u16) {
-        if let Some(a) = self.next_avail.get(usize::from(q)) {
-            a.store(u32::from(idx), Ordering::Release);
-        }
-    }
-
-    /// Queue `q`'s next avail index as last published (0 if the ring never ran).
-    pub fn next_avail(&self, q: u16) -> u16 {
-        match self.next_avail.get(usize::from(q)) {
-            Some(a) => match a.load(Ordering::Acquire) {
-                NO_AVAIL => 0,
-                v => v as u16,
-            },
-            None => 0,
-        }
-    }
-
     pub fn num_queues(&self) -> u16 {
-        self.next_avail.len() as u16
+        self.num_queues
     }
 
     pub fn notifier(&self) -> &Notifier {
