@@ -522,3 +522,132 @@ fn missing_or_wrong_records_are_refused() {
         );
     }
 }
+
+/// One request of a random run: 0 read, 1 write, 2 flush; the 4 KiB slot it touches; whether
+/// the batch ends (kick) after it.
+type RandomOp = (u8, u64, bool);
+
+/// A random mix of reads, writes and flushes, kicked in random batches, with epochs sealed and
+/// committed at random points (so reads complete at once and writes at random later commits:
+/// completion orders differ from the ring's), a final commit possibly arriving while the ring
+/// is stopped, SEAL; then a standby (plain or gated) with the record. Every request completes
+/// exactly once over primary and standby, and the image holds the writes in guest order.
+fn random_run(ops: &[RandomOp], actions: &[u8], commit_while_stopped: bool, standby_hold: bool) {
+    let (dir, img) = new_image();
+    let (plog, slog) = (
+        dir.path().join("primary.log"),
+        dir.path().join("standby.log"),
+    );
+    let mut p = daemon_on(&img, true, &plog, &["--ft", "hold"]);
+    let mut c = control(&p);
+    let mut f = TestFrontend::connect(&p.sock, 1, T);
+    f.handshake();
+    f.set_mem_table();
+    f.setup_inflight(1, 256);
+    f.init_queue(0, 256);
+    f.setup_vring(0, 0);
+    f.fe.set_vring_enable(0, true).expect("enable");
+    let mut all: Vec<Placed> = Vec::new();
+    let mut done: Vec<u16> = Vec::new();
+    // Held requests (indices into `all`) per state: open epoch, sealed not committed.
+    let (mut open, mut sealed): (Vec<usize>, Vec<usize>) = (Vec::new(), Vec::new());
+    let (mut epoch, mut last_sealed) = (1u64, None);
+    let mut batch_reads = 0;
+    let mut action = actions.iter().cycle();
+    for (i, &(kind, slot, kick)) in ops.iter().enumerate() {
+        let placed = match kind {
+            0 => put_read(&mut f, slot * 8, 4096),
+            1 => put_write(&mut f, slot * 8, pattern(i as u8, 4096)),
+            _ => put_flush(&mut f),
+        };
+        if placed.read.is_some() {
+            batch_reads += 1;
+        } else {
+            open.push(all.len());
+        }
+        all.push(placed);
+        if !kick && i + 1 < ops.len() {
+            continue;
+        }
+        f.kick(0);
+        done.extend(f.wait_used(0, batch_reads, T).into_iter().map(|u| u.0));
+        batch_reads = 0;
+        wait_held(&mut c, (open.len() + sealed.len()) as u64);
+        match action.next().copied().unwrap_or(0) % 3 {
+            1 => {
+                seal(&mut c, epoch);
+                sealed.append(&mut open);
+                last_sealed = Some(epoch);
+                epoch += 1;
+            }
+            2 => {
+                seal(&mut c, epoch);
+                commit(&mut c, epoch);
+                let n = open.len() + sealed.len();
+                open.clear();
+                sealed.clear();
+                done.extend(f.wait_used(0, n, T).into_iter().map(|u| u.0));
+                epoch += 1;
+                last_sealed = None;
+            }
+            _ => {}
+        }
+    }
+    // The checkpoint: ring stopped, maybe the commit of the last sealed epoch meanwhile.
+    let base = f.fe.get_vring_base(0).expect("get_vring_base") as u16;
+    let mut deferred = Vec::new();
+    if let (true, Some(e)) = (commit_while_stopped, last_sealed) {
+        commit(&mut c, e);
+        deferred.append(&mut sealed);
+    }
+    let state = seal(&mut c, epoch);
+    let mut pending: Vec<usize> = deferred;
+    pending.extend(sealed);
+    pending.extend(open);
+    pending.sort_unstable();
+    let outstanding: Vec<Placed> = pending.iter().map(|&i| all[i].clone()).collect();
+    assert_eq!(
+        state.queues[0].outstanding,
+        outstanding.iter().map(|p| p.head).collect::<Vec<_>>()
+    );
+    assert_eq!(base, all.len() as u16);
+    assert_eq!(f.used_idx(0) as usize, done.len());
+    drop(c);
+    kill(&mut p);
+
+    let rec = record_file(dir.path(), "replay.json", &state);
+    let s = standby(&img, &slog, &rec, standby_hold);
+    let (mut r, started) = restore(&f, &s, base);
+    started.expect("restored ring starts");
+    if standby_hold {
+        let mut sc = control(&s);
+        wait_held(&mut sc, outstanding.len() as u64);
+        seal(&mut sc, 1);
+        commit(&mut sc, 1);
+    }
+    expect_completed_once(&mut r, &outstanding, &img);
+    let mut every: Vec<u16> = done;
+    every.extend(outstanding.iter().map(|p| p.head));
+    every.sort_unstable();
+    let mut want: Vec<u16> = all.iter().map(|p| p.head).collect();
+    want.sort_unstable();
+    assert_eq!(every, want, "not every request completed exactly once");
+    expect_image(&img, &all);
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig {
+        cases: 12,
+        failure_persistence: None,
+        ..Default::default()
+    })]
+    #[test]
+    fn random_outstanding_sets_replay_exactly_once(
+        ops in proptest::collection::vec((0u8..3, 0u64..4, proptest::bool::ANY), 1..14),
+        actions in proptest::collection::vec(0u8..3, 1..8),
+        commit_while_stopped in proptest::bool::ANY,
+        standby_hold in proptest::bool::ANY,
+    ) {
+        random_run(&ops, &actions, commit_while_stopped, standby_hold);
+    }
+}
