@@ -794,3 +794,132 @@ fn bad_command_lines_fail_cleanly() {
     }
     assert!(!Path::new("/tmp/ft-net-never.sock").exists());
 }
+
+/// A checkpoint taken with the rings stopped (as QEMU's migration does) records each ring's
+/// base as GET_VRING_BASE returned it and nothing outstanding (it used to read 0 for a stopped
+/// TX ring); a new daemon on the VM restored from that checkpoint (a copy of guest memory, the
+/// recorded bases, a new tap of the same name) carries on: TX and RX continue on both rings.
+#[test]
+fn restored_vm_carries_on_with_a_new_daemon() {
+    in_netns(|| {
+        let d = Daemon::start("rst1", "ftrst0", &[]);
+        let mut f = frontend(&d.sock);
+        let mut ctl = d.control();
+        let mut bufs = std::collections::HashMap::new();
+        let add_bufs =
+            |f: &mut TestFrontend, bufs: &mut std::collections::HashMap<u16, u64>, n: usize| {
+                for _ in 0..n {
+                    let gpa = f.alloc(600);
+                    let w = Buf {
+                        gpa,
+                        len: 600,
+                        writable: true,
+                    };
+                    bufs.insert(f.add_chain(RXQ, &[w]), gpa);
+                }
+                f.kick(RXQ);
+            };
+        // Epoch 1: three TX frames held; an RX frame waits for a third buffer.
+        let e1 = test_frames(0x31, 3);
+        for fr in &e1 {
+            send(&mut f, fr);
+        }
+        f.kick(TXQ);
+        assert_eq!(f.wait_used(TXQ, 3, Duration::from_secs(5)).len(), 3);
+        add_bufs(&mut f, &mut bufs, 2);
+        let pkt = PacketSocket::bind("ftrst0").expect("packet socket");
+        let big = eth_frame(GUEST, HOST, &(0..1486).map(|i| i as u8).collect::<Vec<_>>());
+        pkt.send(&big).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        // The checkpoint: both rings stopped, then SEAL.
+        let rx_base = f.fe.get_vring_base(RXQ).expect("get_vring_base") as u16;
+        let tx_base = f.fe.get_vring_base(TXQ).expect("get_vring_base") as u16;
+        assert_eq!(tx_base, 3);
+        let state = match call(
+            &mut ctl,
+            Request::Seal {
+                generation: G,
+                epoch: Epoch(1),
+            },
+        ) {
+            Reply::Sealed { state, .. } => state,
+            r => panic!("seal: {r:?}"),
+        };
+        let rings: Vec<_> = state
+            .queues
+            .iter()
+            .map(|q| (q.queue, q.next_avail, q.used_idx, q.outstanding.len()))
+            .collect();
+        assert_eq!(
+            rings,
+            vec![
+                (RXQ as u16, rx_base, Some(rx_base), 0),
+                (TXQ as u16, tx_base, Some(tx_base), 0)
+            ]
+        );
+        assert!(matches!(
+            call(
+                &mut ctl,
+                Request::Commit {
+                    generation: G,
+                    epoch: Epoch(1),
+                },
+            ),
+            Reply::Committed { .. }
+        ));
+        assert_eq!(wait_collect(&pkt, 3), e1);
+        drop(pkt);
+        drop(ctl);
+        drop(d);
+
+        // The standby: a new daemon (new tap of the same name), the restored guest.
+        let d2 = Daemon::start("rst2", "ftrst0", &[]);
+        let mut r = f.restored_copy(&d2.sock, Duration::from_secs(10));
+        r.handshake();
+        r.set_mem_table();
+        r.setup_vring(RXQ, rx_base);
+        r.setup_vring(TXQ, tx_base);
+        for q in [RXQ, TXQ] {
+            r.fe.set_vring_enable(q, true)
+                .expect("restored ring starts");
+        }
+        let pkt = PacketSocket::bind("ftrst0").expect("packet socket");
+        let mut ctl = d2.control();
+        let e2 = test_frames(0x32, 2);
+        for fr in &e2 {
+            send(&mut r, fr);
+        }
+        r.kick(TXQ);
+        assert_eq!(r.wait_used(TXQ, 2, Duration::from_secs(5)).len(), 2);
+        assert_eq!(r.used_idx(TXQ), tx_base + 2);
+        assert!(matches!(
+            call(
+                &mut ctl,
+                Request::Seal {
+                    generation: G,
+                    epoch: Epoch(1),
+                },
+            ),
+            Reply::Sealed { .. }
+        ));
+        assert!(matches!(
+            call(
+                &mut ctl,
+                Request::Commit {
+                    generation: G,
+                    epoch: Epoch(1),
+                },
+            ),
+            Reply::Committed { .. }
+        ));
+        assert_eq!(wait_collect(&pkt, 2), e2);
+        // RX carries on: the buffers the old daemon gave back plus new ones take a new frame.
+        add_bufs(&mut r, &mut bufs, 2);
+        let small = eth_frame(GUEST, HOST, &[0x77; 100]);
+        pkt.send(&small).unwrap();
+        let got = rx_test_frames(&mut r, &bufs, 1);
+        assert_eq!(got, vec![(1, small)]);
+        drop(r);
+        d2.stop();
+    });
+}
