@@ -568,6 +568,76 @@ fn rx_frame_waiting_for_buffers_survives_a_ring_stop() {
     });
 }
 
+/// The device's avail_event for `q` (EVENT_IDX: the last field of the used ring).
+fn avail_event(f: &TestFrontend, q: usize) -> u16 {
+    let (_, _, used) = TestFrontend::ring_gpas(q);
+    let b = f.read(used + 4 + 8 * u64::from(QSIZE), 2);
+    u16::from_le_bytes([b[0], b[1]])
+}
+
+/// Linux's EVENT_IDX kick rule (`vring_need_event`): having moved its avail idx from `old` to
+/// `new`, the driver kicks only if avail_event lies in `[old, new)`.
+fn linux_kicks(avail_event: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(avail_event).wrapping_sub(1) < new.wrapping_sub(old)
+}
+
+/// Issue 16, TX re-arm after a ring restart (VM pause): frames the guest published while the
+/// ring was stopped, whose kick QEMU consumed (it reads the kick eventfd when it stops the
+/// ring), go out when the ring starts again without any kick; afterwards avail_event sits at
+/// the guest's avail idx, so a guest that kicks only as Linux's EVENT_IDX rule says still gets
+/// every later frame through.
+#[test]
+fn tx_frames_published_while_stopped_go_out_at_restart_and_the_ring_stays_armed() {
+    in_netns(|| {
+        let d = Daemon::start("txrestart", "fttxr0", &["--ft", "off"]);
+        let mut f = frontend(&d.sock);
+        let pkt = PacketSocket::bind("fttxr0").expect("packet socket");
+        let first = test_frames(1, 2);
+        for fr in &first {
+            send(&mut f, fr);
+        }
+        f.kick(TXQ);
+        assert_eq!(wait_collect(&pkt, 2), first);
+        // VM pause: the ring stops; the guest had published three more frames and kicked, but
+        // the kick went to QEMU.
+        let base = f.fe.get_vring_base(TXQ).expect("get_vring_base") as u16;
+        assert_eq!(base, 2);
+        let during = test_frames(2, 3);
+        for fr in &during {
+            send(&mut f, fr);
+        }
+        // cont: same rings, a fresh kick eventfd that was never written.
+        f.queues[TXQ].kick = vmm_sys_util::eventfd::EventFd::new(0).expect("eventfd");
+        f.setup_vring(TXQ, base);
+        f.fe.set_vring_enable(TXQ, true).expect("enable");
+        assert_eq!(
+            wait_collect(&pkt, 3),
+            during,
+            "frames published while stopped"
+        );
+        assert_eq!(f.wait_used(TXQ, 5, Duration::from_secs(5)).len(), 5);
+        // From now on the guest kicks only when Linux's rule says so.
+        for round in 0..20u8 {
+            let old = f.avail_idx(TXQ);
+            let fr = test_frames(10 + round, 1);
+            send(&mut f, &fr[0]);
+            let new = f.avail_idx(TXQ);
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+            if linux_kicks(avail_event(&f, TXQ), new, old) {
+                f.kick(TXQ);
+            }
+            assert_eq!(
+                wait_collect(&pkt, 1),
+                fr,
+                "round {round}: frame stuck (avail_event {}, avail idx {new})",
+                avail_event(&f, TXQ)
+            );
+        }
+        drop(f);
+        d.stop();
+    });
+}
+
 #[test]
 fn multi_queue_pairs_each_get_a_tap_queue_and_commit_together() {
     in_netns(|| {
