@@ -11,14 +11,20 @@
 //! - `before-fdatasync` (vhost-user-blk-ft): the commit of E submitted and drained its writes,
 //!   its `fdatasync` has not run and no guest completion was delivered: mid-commit.
 //!
-//! Without both variables set this is one load of a once-initialised value: no syscall, no
-//! allocation. Nothing here changes what a process does apart from stopping it.
+//! `FT_PANIC_AT=NAME[,NAME...]` (with the same `FT_STOP_ARM`) panics at the point instead: a
+//! failure test of how the process survives a bug there (the blk control handler must fail that
+//! command with nothing lost and stay usable).
+//!
+//! Without the variables set this is one load of a once-initialised value: no syscall, no
+//! allocation. Nothing here changes what a process does apart from stopping or panicking it.
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
 struct Armed {
     points: Vec<String>,
+    /// `FT_PANIC_AT`: panic instead of stopping.
+    panic: bool,
     arm: PathBuf,
 }
 
@@ -26,9 +32,13 @@ fn config() -> Option<&'static Armed> {
     static CONFIG: OnceLock<Option<Armed>> = OnceLock::new();
     CONFIG
         .get_or_init(|| {
-            let points = std::env::var("FT_STOP_AT").ok()?;
+            let (points, panic) = match std::env::var("FT_STOP_AT") {
+                Ok(p) => (p, false),
+                Err(_) => (std::env::var("FT_PANIC_AT").ok()?, true),
+            };
             let arm = std::env::var_os("FT_STOP_ARM")?;
             Some(Armed {
+                panic,
                 points: points
                     .split(',')
                     .map(|p| p.trim().to_owned())
@@ -40,7 +50,8 @@ fn config() -> Option<&'static Armed> {
         .as_ref()
 }
 
-/// Stops the whole process here if `point` is configured and armed (see the module doc).
+/// Stops the whole process here (or panics) if `point` is configured and armed (see the module
+/// doc).
 pub fn reached(point: &str) {
     let Some(c) = config() else { return };
     if !c.points.iter().any(|p| p == point) {
@@ -49,6 +60,9 @@ pub fn reached(point: &str) {
     // Removing the arm file is the one-shot: only the thread whose unlink succeeds stops.
     if std::fs::remove_file(&c.arm).is_err() {
         return;
+    }
+    if c.panic {
+        panic!("panic point {point} reached (failure test)");
     }
     log::warn!("kill point {point} reached: stopping (SIGSTOP) for the failover test");
     // SAFETY: raise(2) with a valid signal number; SIGSTOP stops every thread of the process.

@@ -621,6 +621,55 @@ fn hold_without_control_is_refused() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--control"));
 }
 
+/// A panic in the control handler mid-commit (a panic point armed right before the commit's
+/// `fdatasync`, with its writes drained) fails that commit: every request of it completes
+/// towards the guest with IOERR (none waits forever, none is reported durable), and the gate
+/// stays usable: the next epoch commits normally, STATUS answers.
+#[test]
+fn a_panic_mid_commit_fails_that_commit_and_loses_nothing() {
+    let (dir, img) = new_image();
+    let arm = dir.path().join("panic.arm");
+    std::fs::write(&arm, b"").unwrap();
+    let arm2 = arm.clone();
+    let d = spawn(dir, img, true, T, move |c| {
+        c.args(["--ft", "hold", "--on-commit-error", "report"])
+            .env("FT_PANIC_AT", "before-fdatasync")
+            .env("FT_STOP_ARM", &arm2);
+    });
+    let mut c = d.control();
+    let mut f = d.session();
+    let mut statuses = Vec::new();
+    for i in 0..3u64 {
+        statuses.push(write(&mut f, i * 8, &pattern(i as u8, 4096)).1);
+    }
+    f.kick(0);
+    wait_held(&mut c, 3);
+    assert!(matches!(seal(&mut c, 1), Reply::Sealed { .. }));
+    match commit(&mut c, 1) {
+        Reply::CommitFailed { epoch, error, .. } => {
+            assert_eq!(epoch, Epoch(1));
+            assert!(error.contains("panicked"), "{error}");
+        }
+        r => panic!("commit 1: {r:?}"),
+    }
+    assert!(!arm.exists(), "the panic point was not reached");
+    assert_eq!(f.wait_used(0, 3, T).len(), 3, "requests of the commit lost");
+    for st in &statuses {
+        assert_eq!(f.read(*st, 1)[0], 1, "IOERR: nothing was made durable");
+    }
+    // The gate is usable: the next epoch commits.
+    let (_, st) = write(&mut f, 64, &pattern(9, 4096));
+    f.kick(0);
+    wait_held(&mut c, 1);
+    assert!(matches!(seal(&mut c, 2), Reply::Sealed { .. }));
+    assert!(matches!(commit(&mut c, 2), Reply::Committed { .. }));
+    assert_eq!(f.wait_used(0, 1, T).len(), 1);
+    assert_eq!(f.read(st, 1)[0], 0);
+    assert_eq!(d.bytes(64 * 512, 4096), pattern(9, 4096));
+    let s = status(&mut c);
+    assert_eq!((s.commits_ok, s.commits_failed), (1, 1));
+}
+
 /// One rule on both daemons: `--control` alone means hold; `--ft off` with it is refused.
 #[test]
 fn control_means_hold_and_ft_off_with_control_is_refused() {

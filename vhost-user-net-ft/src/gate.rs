@@ -219,20 +219,34 @@ impl NetControl {
     }
 }
 
-impl ControlHandler for NetControl {
-    fn handle(&self, req: Request) -> Reply {
-        let Ok(mut st) = self.state.lock() else {
-            return Reply::error(ErrorCode::Internal, "control state poisoned");
-        };
+impl NetControl {
+    fn handle_locked(&self, st: &mut GateState, req: Request) -> Reply {
         if let Err(refused) = gate::admit(&mut st.fence, &req) {
             return refused;
         }
         match req {
             Request::Seal { epoch, .. } => self.seal(epoch),
-            Request::Commit { epoch, .. } => self.commit(epoch, &mut st),
-            Request::Abort { .. } => self.abort(&st),
+            Request::Commit { epoch, .. } => self.commit(epoch, st),
+            Request::Abort { .. } => self.abort(st),
             Request::Announce { .. } => self.announce(),
-            Request::Status => self.status(&st),
+            Request::Status => self.status(st),
+        }
+    }
+}
+
+impl ControlHandler for NetControl {
+    /// A panic is caught under the lock, so the lock is never poisoned: that command fails
+    /// (`INTERNAL`), the held frames stay in their workers, and later commands work.
+    fn handle(&self, req: Request) -> Reply {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let st = &mut *st;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.handle_locked(st, req)))
+        {
+            Ok(reply) => reply,
+            Err(_) => {
+                log::error!("net control handler panicked");
+                Reply::error(ErrorCode::Internal, "control handler panicked")
+            }
         }
     }
 }

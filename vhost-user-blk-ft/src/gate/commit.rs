@@ -170,6 +170,12 @@ pub struct CommitEngine {
     /// Per batch: the queued AIOCBs (taken out wave by wave) and their waves.
     pending: Vec<Option<Aiocb<HeldReq>>>,
     wave: Vec<u32>,
+    /// Per batch: flushes (answered by the sync), finished requests with their status, and
+    /// requests a shutdown kept from being submitted. Fields, not locals, so that nothing of a
+    /// batch is lost if a commit panics (see [`CommitEngine::salvage`]).
+    flushes: Vec<(AiocbId, HeldReq)>,
+    results: Vec<(AiocbId, HeldReq, u8)>,
+    never_submitted: Vec<HeldReq>,
     /// Shared so the daemon can report it after the control thread has taken the engine.
     fdatasyncs: Arc<AtomicU64>,
     cancel: CommitCancel,
@@ -196,6 +202,9 @@ impl CommitEngine {
             image,
             pending: Vec::new(),
             wave: Vec::new(),
+            flushes: Vec::new(),
+            results: Vec::new(),
+            never_submitted: Vec::new(),
             fdatasyncs: Arc::new(AtomicU64::new(0)),
             cancel: CommitCancel::new()?,
             poll: ppoll_forever,
@@ -218,6 +227,10 @@ impl CommitEngine {
     }
 
     /// Executes `batch` (guest order, as `take_committable` hands it out) and syncs once.
+    ///
+    /// Every request of the batch lives in `self` (queued, in flight in the engine, or done)
+    /// until it is handed back in the outcome, so should this panic, [`CommitEngine::salvage`]
+    /// finds all of them.
     pub fn run(&mut self, batch: Vec<Aiocb<HeldReq>>) -> CommitOutcome {
         let mut out = CommitOutcome {
             requests: batch.len() as u64,
@@ -227,25 +240,26 @@ impl CommitEngine {
             return out;
         }
         out.done.reserve(batch.len());
-        self.assign_waves(&batch);
         let submit_calls0 = self.engine.stats().submit_calls;
         // Flushes wait for the sync; their ids decide whether a failed write precedes them.
-        let mut flushes: Vec<(AiocbId, HeldReq)> = Vec::new();
         self.pending.clear();
+        self.flushes.clear();
+        self.results.clear();
+        self.never_submitted.clear();
         for a in batch {
             out.bytes += held_bytes(&a.payload().req);
             if a.payload().req.kind() == RequestKind::Flush {
-                flushes.push((a.id(), a.cancel()));
+                self.flushes.push((a.id(), a.cancel()));
             } else {
                 self.pending.push(Some(a));
             }
         }
+        self.assign_waves();
         let mut first_failed: Option<AiocbId> = None;
-        let mut results: Vec<(AiocbId, HeldReq, u8)> = Vec::with_capacity(self.pending.len());
         let max_wave = self.wave.iter().copied().max().unwrap_or(0);
         let mut cancel_sent = false;
-        let mut never_submitted: Vec<HeldReq> = Vec::new();
         let t0 = Instant::now();
+        let results = &mut self.results;
         let mut collect = |c: Completion<InFlight<HeldReq>>,
                            ff: &mut Option<AiocbId>,
                            err: &mut Option<(String, Option<i32>)>| {
@@ -281,7 +295,7 @@ impl CommitEngine {
                 };
                 if self.cancel.is_cancelled() {
                     // Shutdown: never submitted, never written.
-                    never_submitted.push(a.cancel());
+                    self.never_submitted.push(a.cancel());
                     continue;
                 }
                 let tag = a.id().get();
@@ -341,15 +355,8 @@ impl CommitEngine {
                 "commit cancelled: daemon shutting down".into(),
                 Some(libc::ECANCELED),
             ));
-            for (_, held, _) in results {
-                out.done.push((held, STATUS_IOERR));
-            }
-            for (_, held) in flushes {
-                out.done.push((held, STATUS_IOERR));
-            }
-            for held in never_submitted {
-                out.done.push((held, STATUS_IOERR));
-            }
+            out.done
+                .extend(self.salvage().into_iter().map(|h| (h, STATUS_IOERR)));
             return out;
         }
         // Failover tests freeze the daemon here: the epoch's writes are drained, not yet durable
@@ -371,7 +378,7 @@ impl CommitEngine {
             }
             Some(e)
         };
-        for (_, held, status) in results {
+        for (_, held, status) in self.results.drain(..) {
             let status = if sync_err.is_some() {
                 STATUS_IOERR
             } else {
@@ -379,7 +386,7 @@ impl CommitEngine {
             };
             out.done.push((held, status));
         }
-        for (id, held) in flushes {
+        for (id, held) in self.flushes.drain(..) {
             let ok = sync_err.is_none() && !matches!(first_failed, Some(f) if f < id);
             out.done
                 .push((held, if ok { STATUS_OK } else { STATUS_IOERR }));
@@ -387,16 +394,38 @@ impl CommitEngine {
         out
     }
 
-    /// Wave of each request in `batch` (FLUSH included, it gets wave 0 and is never
-    /// submitted): one more than the highest wave of an earlier overlapping request.
-    fn assign_waves(&mut self, batch: &[Aiocb<HeldReq>]) {
+    /// Every request of an unfinished [`CommitEngine::run`] (after a panic, or a cancel): waits
+    /// for what is in flight (the kernel may still read guest memory), then hands back the
+    /// completed, queued, never-submitted requests and flushes. Nothing of them is reported
+    /// durable; the caller fails them towards the guest. Empty when no commit is unfinished.
+    pub fn salvage(&mut self) -> Vec<HeldReq> {
+        let mut out = Vec::new();
+        if self.engine.in_flight() > 0 {
+            let mut cancel_sent = false;
+            wait_all(
+                &mut self.engine,
+                &self.cancel,
+                &mut cancel_sent,
+                self.poll,
+                |c| out.push(c.req.complete(c.result).payload),
+            );
+        }
+        out.extend(self.results.drain(..).map(|(_, h, _)| h));
+        out.extend(self.pending.drain(..).flatten().map(Aiocb::cancel));
+        out.extend(self.flushes.drain(..).map(|(_, h)| h));
+        out.append(&mut self.never_submitted);
+        out
+    }
+
+    /// Wave of each queued request (FLUSH is never queued: the sync answers it): one more
+    /// than the highest wave of an earlier overlapping request.
+    fn assign_waves(&mut self) {
         self.wave.clear();
         let mut waves_of_non_flush: Vec<u32> = Vec::new();
         let mut ranges: Vec<(u64, u64)> = Vec::new();
-        for a in batch {
-            let Some((s, e)) = range(&a.payload().req) else {
-                continue;
-            };
+        for a in self.pending.iter().flatten() {
+            // A request without a range (none is queued) still needs its wave slot.
+            let (s, e) = range(&a.payload().req).unwrap_or((0, 0));
             // Quadratic in the batch only when ranges are checked pairwise; batches are bounded
             // by the held-request limit.
             let mut w = 0;

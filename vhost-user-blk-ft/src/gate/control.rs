@@ -27,6 +27,7 @@
 
 use crate::gate::commit::CommitEngine;
 use crate::gate::hold::{held_bytes, GateAck, GateMsg, HeldReq, Hold, RecordQuery};
+use crate::request::STATUS_IOERR;
 use ft_common::control::gate::{self, EpochMerge};
 use ft_common::control::{
     CommitStats, ControlHandler, DeviceKind, DeviceStatus, ErrorCode, QueueState, Reply, Request,
@@ -306,11 +307,53 @@ impl BlkControl {
     }
 }
 
+impl BlkControl {
+    /// After `req`'s handler panicked: every request of an unfinished commit is failed towards
+    /// the guest (IOERR; nothing was made durable), so no guest waits forever, and the state is
+    /// usable for the next command. A commit that panicked counts as a failed commit.
+    fn recover(&mut self, req: &Request, why: &str) -> Reply {
+        let lost = self.engine.salvage();
+        let n = lost.len();
+        let ack = self.deliver(lost.into_iter().map(|h| (h, STATUS_IOERR)).collect());
+        log::error!(
+            "control handler panicked on {req:?}: {why}; {n} requests of the commit failed \
+             towards the guest ({ack:?})"
+        );
+        let error = format!("control handler panicked: {why}; {n} requests failed");
+        match *req {
+            Request::Commit { epoch, .. } => {
+                self.state.commits_failed += 1;
+                if self.policy == OnCommitError::Stop {
+                    self.state.commit_refused = true;
+                }
+                Reply::CommitFailed {
+                    epoch,
+                    error,
+                    errno: None,
+                }
+            }
+            _ => Reply::error(ErrorCode::Internal, error),
+        }
+    }
+}
+
 impl ControlHandler for BlkControlHandler {
+    /// The panic is caught here, under the lock, so the lock is never poisoned, and
+    /// [`BlkControl::recover`] leaves nothing of the command behind.
     fn handle(&self, req: Request) -> Reply {
-        match self.0.lock() {
-            Ok(mut c) => c.handle(req),
-            Err(_) => Reply::error(ErrorCode::Internal, "control state poisoned"),
+        let mut guard = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let c = &mut *guard;
+        let copy = req.clone();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.handle(req))) {
+            Ok(reply) => reply,
+            Err(p) => {
+                let why = p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                c.recover(&copy, &why)
+            }
         }
     }
 }
