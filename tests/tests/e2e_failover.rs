@@ -643,6 +643,13 @@ fn run_chain(name: &str, points: &[KillPoint], rounds: u32) -> Vec<Row> {
             "guest never started its echo server"
         );
         let stream = start_stream();
+        if rounds > 0 {
+            // Kill only once the disk workload runs: a checkpoint then has requests outstanding.
+            assert!(
+                guest.as_ref().expect("guest").wait_for_stage("round-1"),
+                "the first fio round did not finish"
+            );
+        }
         let mut first_console = String::new();
         let mut rows = Vec::new();
         for (i, point) in points.iter().copied().enumerate() {

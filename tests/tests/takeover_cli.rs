@@ -1,0 +1,226 @@
+//! `ftctl takeover` and `ftctl record-vm` without a VM: the order of the takeover's first
+//! steps (generation persisted and the store fenced before anything is started; the old
+//! primary's daemon fenced with the new generation) and clear errors for bad input.
+//!
+//! The end-to-end takeover with QEMU is tests/tests/e2e_failover.rs.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use ft_common::control::{ControlClient, DeviceKind, Reply, Request};
+use ft_common::coordinator::generation_store::GenerationStore;
+use ft_common::epoch::{Epoch, Generation};
+use ft_common::standby::store::{CheckpointStore, PublishInfo};
+use ft_common::takeover::vm_record::{peer_pid, DaemonRecord, VmRecord, FORMAT};
+use ft_tests::guest::image::workspace_binary;
+use ft_tests::guest::{Backend, BackendCommand, ScratchDir};
+
+fn binary(package: &str, name: &str) -> PathBuf {
+    workspace_binary(package, name).unwrap_or_else(|e| panic!("{name} binary: {e}"))
+}
+
+fn ftctl(args: &[&std::ffi::OsStr]) -> Output {
+    Command::new(binary("ft-common", "ftctl"))
+        .args(args)
+        .output()
+        .expect("run ftctl")
+}
+
+fn blk_args(s: &ScratchDir, image: &Path, tag: &str) -> Vec<OsString> {
+    vec![
+        "--socket".into(),
+        s.join(&format!("{tag}.sock")).into(),
+        "--image".into(),
+        image.into(),
+        "--ft".into(),
+        "hold".into(),
+        "--control".into(),
+        s.join(&format!("{tag}.ctl")).into(),
+    ]
+}
+
+/// A store with one published checkpoint of generation `g` (a block device, nothing
+/// outstanding) and a vm.json whose QEMU is `qemu` and whose daemon runs on `new.*` sockets.
+fn store(s: &ScratchDir, g: u64, qemu: &str, image: &Path) -> PathBuf {
+    let dir = s.join("store");
+    let st = CheckpointStore::create(&dir).expect("store");
+    let mut inc = st.begin(Generation(g)).expect("begin");
+    inc.write(b"QEVM-not-a-real-stream").expect("write");
+    inc.publish(PublishInfo {
+        generation: Generation(g),
+        epoch: Epoch(9),
+        devices: vec![serde_json::json!({
+            "device": "disk.raw", "kind": "blk",
+            "queues": [{"queue": 0, "next_avail": 0, "outstanding": [], "held_heads": []}]
+        })],
+        mode: Some("paused".into()),
+        vm_paused_us: None,
+        meta: None,
+        fsync_delay: Duration::ZERO,
+    })
+    .expect("publish");
+    let mut argv = vec![binary("vhost-user-blk-ft", "vhost-user-blk-ft")
+        .to_string_lossy()
+        .into_owned()];
+    argv.extend(
+        blk_args(s, image, "new")
+            .into_iter()
+            .map(|a| a.to_string_lossy().into_owned()),
+    );
+    VmRecord {
+        format: FORMAT,
+        qemu: vec![qemu.into(), "-m".into(), "320M".into()],
+        daemons: vec![DaemonRecord {
+            name: "blk".into(),
+            device: "disk.raw".into(),
+            kind: DeviceKind::Blk,
+            control: s.join("new.ctl"),
+            argv,
+        }],
+    }
+    .save(&dir)
+    .expect("vm.json");
+    dir
+}
+
+/// The takeover persists G+1 and fences the store and the reachable old daemon before it
+/// starts anything; a QEMU that cannot start fails the takeover with a clear error.
+#[test]
+fn generation_and_fences_come_first_and_a_failed_start_is_reported() {
+    let s = ScratchDir::new("tk-cli").expect("scratch");
+    let image = s.raw_image("disk.raw", 1 << 20).expect("image");
+    // The old primary's daemon, still reachable.
+    let old = Backend::start(
+        &BackendCommand::new(
+            binary("vhost-user-blk-ft", "vhost-user-blk-ft"),
+            blk_args(&s, &image, "old"),
+            s.join("old.sock"),
+        ),
+        &s.join("old.log"),
+        Duration::from_secs(10),
+    )
+    .expect("start the old daemon");
+    let store = store(&s, 4, "/bin/false", &image);
+    let state = s.join("standby.state");
+    GenerationStore::new(&state)
+        .store(Generation(2))
+        .expect("state");
+    let fence = format!("blk={}", s.join("old.ctl").display());
+    let out = ftctl(&[
+        "takeover".as_ref(),
+        "--store".as_ref(),
+        store.as_os_str(),
+        "--state-file".as_ref(),
+        state.as_os_str(),
+        "--run-dir".as_ref(),
+        s.join("run").as_os_str(),
+        "--fence".as_ref(),
+        fence.as_ref(),
+        "--timeout-ms".as_ref(),
+        "10000".as_ref(),
+    ]);
+    // The daemon the takeover started is detached: stop it through its control socket's pid.
+    if let Ok(pid) = peer_pid(&s.join("new.ctl")) {
+        // SAFETY: kill(2) on the daemon this test made ftctl start.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "takeover with QEMU /bin/false succeeded"
+    );
+    assert!(
+        stderr.contains("QEMU exited"),
+        "error does not say what failed: {stderr}"
+    );
+    // G+1 above the checkpoint's generation 4 (the state file said 2), persisted, and the
+    // store fenced with it.
+    assert_eq!(GenerationStore::new(&state).load().unwrap(), Generation(5));
+    assert_eq!(
+        CheckpointStore::open(&store)
+            .unwrap()
+            .fenced_generation()
+            .unwrap(),
+        Generation(5)
+    );
+    // The old daemon admitted generation 5 (the ABORT) and now refuses the deposed 4.
+    let mut c = ControlClient::connect(s.join("old.ctl"), Duration::from_secs(5)).expect("connect");
+    match c.call(&Request::Status) {
+        Ok(Reply::Status(st)) => assert_eq!(st.generation, Generation(5)),
+        other => panic!("STATUS: {other:?}"),
+    }
+    match c.call(&Request::Seal {
+        generation: Generation(4),
+        epoch: Epoch(1),
+    }) {
+        Ok(Reply::Error { code, .. }) => {
+            assert_eq!(code, ft_common::control::ErrorCode::Fenced)
+        }
+        other => panic!("SEAL of the deposed generation: {other:?}"),
+    }
+    drop(old);
+}
+
+/// Bad input: an empty store, a store without vm.json, record-vm on a socket nobody serves.
+#[test]
+fn bad_input_is_a_clear_error_and_changes_nothing() {
+    let s = ScratchDir::new("tk-bad").expect("scratch");
+    let empty = s.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let state = s.join("state");
+    let run = |store: &Path| {
+        ftctl(&[
+            "takeover".as_ref(),
+            "--store".as_ref(),
+            store.as_os_str(),
+            "--state-file".as_ref(),
+            state.as_os_str(),
+            "--run-dir".as_ref(),
+            s.join("run").as_os_str(),
+        ])
+    };
+    let out = run(&empty);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no valid checkpoint"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let image = s.raw_image("disk.raw", 1 << 20).expect("image");
+    let store = store(&s, 1, "/bin/false", &image);
+    std::fs::remove_file(store.join("vm.json")).unwrap();
+    let out = run(&store);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("vm.json"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Nothing was taken: no generation persisted, the store not fenced.
+    assert!(!state.exists(), "a failed read persisted a generation");
+    assert_eq!(
+        CheckpointStore::open(&store)
+            .unwrap()
+            .fenced_generation()
+            .unwrap(),
+        Generation(0)
+    );
+    let out = ftctl(&[
+        "record-vm".as_ref(),
+        "--store".as_ref(),
+        store.as_os_str(),
+        "--qmp".as_ref(),
+        s.join("nobody.sock").as_os_str(),
+        "--device".as_ref(),
+        "blk=/nonexistent.ctl".as_ref(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("nobody.sock"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!store.join("vm.json").exists());
+}
