@@ -670,6 +670,67 @@ fn a_panic_mid_commit_fails_that_commit_and_loses_nothing() {
     assert_eq!((s.commits_ok, s.commits_failed), (1, 1));
 }
 
+/// 1000 hostile control connections (idle, half a frame, garbage, an oversized length,
+/// pipelined requests never read, left open to be evicted) leave the daemon's fd and thread
+/// counts flat and its RSS bounded, and a coordinator is served throughout.
+#[test]
+fn a_thousand_hostile_control_connections_leave_no_trace() {
+    use ft_common::control::codec::encode;
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    let d = start(&[]);
+    let pid = d.child.as_ref().unwrap().id();
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count()
+    };
+    let field = |name: &str| -> u64 {
+        let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        st.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    };
+    let mut c = d.control();
+    status(&mut c);
+    let (fds0, threads0, rss0) = (fds(), field("Threads:"), field("VmRSS:"));
+    let status_frame = encode(&Request::Status).unwrap();
+    let mut open = Vec::new();
+    for i in 0..1000 {
+        let mut s = UnixStream::connect(&d.ctl).unwrap();
+        let _ = match i % 6 {
+            0 => Ok(()),
+            1 => s.write_all(&status_frame[..status_frame.len() / 2]),
+            2 => s.write_all(&[0x5a; 300]),
+            3 => s.write_all(&[0xff, 0xff, 0xff, 0xff, 1]),
+            4 => s.write_all(&status_frame.repeat(200)),
+            _ => s.write_all(&status_frame[..3]),
+        };
+        if i % 50 == 0 {
+            // Left open: they hold slots until evicted.
+            open.push(s);
+        }
+        if i % 100 == 0 {
+            status(&mut c);
+        }
+    }
+    drop(open);
+    // Everything closed on our side: the daemon's fds come back to where they were once it
+    // has noticed (an evicted or hung-up connection is closed on its next wakeup).
+    let deadline = Instant::now() + T;
+    while fds() > fds0 && Instant::now() < deadline {
+        status(&mut c);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(fds(), fds0, "fd leak");
+    assert_eq!(field("Threads:"), threads0, "thread leak");
+    let rss = field("VmRSS:");
+    assert!(rss < rss0 + 16 * 1024, "RSS grew from {rss0} to {rss} kB");
+    assert_eq!(status(&mut c).mode, "hold");
+}
+
 /// One rule on both daemons: `--control` alone means hold; `--ft off` with it is refused.
 #[test]
 fn control_means_hold_and_ft_off_with_control_is_refused() {
