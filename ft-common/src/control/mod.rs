@@ -6,6 +6,7 @@
 //! - [`server`]: the daemon's control thread, its handler trait and the queue threads' notifier.
 //! - [`client`]: the coordinator's connection.
 //! - [`gate`]: daemon-independent handler pieces (fencing, error codes, STATUS epochs).
+//! - `fuzzing`: entry points for fuzz targets of the codec and the server.
 //!
 //! Protocol invariants: one reply per request, in order; every fenced command carries a
 //! generation; no frame exceeds [`codec::MAX_FRAME_LEN`]; bad input is an error reply or a clean
@@ -13,6 +14,8 @@
 
 pub mod client;
 pub mod codec;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gate;
 pub mod message;
 pub mod server;
