@@ -599,6 +599,7 @@ enum Step {
     Pause,
     Resume,
     CutNow,
+    Fence,
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -615,6 +616,7 @@ fn step() -> impl Strategy<Value = Step> {
         1 => Just(Step::Pause),
         2 => Just(Step::Resume),
         1 => Just(Step::CutNow),
+        1 => Just(Step::Fence),
     ]
 }
 
@@ -641,7 +643,12 @@ proptest! {
         let mut seen = 0usize;
         let mut last_seal = 0u64;
         let mut last_commit = 0u64;
+        let mut fenced = false;
         for s in steps {
+            // Actions of the step that delivers FENCED are checked as before it; every later
+            // one must seal and commit nothing.
+            let mut fence_now = false;
+            let before = h.log.len();
             let a = match s {
                 Step::Advance(ms) => h.advance(ms as u64 % 50),
                 Step::ReplySeal { ok } => match seal_wait.pop() {
@@ -690,12 +697,19 @@ proptest! {
                 Step::Pause => h.feed(Input::Pause),
                 Step::Resume => h.feed(Input::Resume),
                 Step::CutNow => h.feed(Input::CutNow),
+                Step::Fence => {
+                    fence_now = true;
+                    // The answers in flight still arrive; the machine must ignore them.
+                    h.feed(Input::Fenced { device: 0, error: "x".into() })
+                }
             };
             let _ = a;
             // Check every new action against the world and the invariants.
-            for act in h.log[seen..].iter().cloned() {
+            for (i, act) in h.log.iter().cloned().enumerate().skip(seen) {
+                let deposed = fenced || (fence_now && i >= before);
                 match act {
                     Action::SealAll { epoch, devices, .. } => {
+                        prop_assert!(!deposed, "seal {} after FENCED", epoch.0);
                         prop_assert!(epoch.0 > last_seal, "seal {} after {}", epoch.0, last_seal);
                         last_seal = epoch.0;
                         for d in devices { seal_wait.push((epoch.0, d)); }
@@ -708,6 +722,7 @@ proptest! {
                         ckpt_pending.retain(|e| *e != epoch.0);
                     }
                     Action::Commit { epoch, devices, .. } => {
+                        prop_assert!(!deposed, "commit {} after FENCED", epoch.0);
                         prop_assert!(acked.contains(&epoch.0), "commit of unacknowledged epoch {}", epoch.0);
                         prop_assert!(!failed.contains(&epoch.0));
                         prop_assert!(epoch.0 > last_commit, "commit {} after {}", epoch.0, last_commit);
@@ -722,6 +737,7 @@ proptest! {
                 }
             }
             seen = h.log.len();
+            fenced |= fence_now;
         }
     }
 }
