@@ -9,6 +9,7 @@
 //! - [`queue`]: the per-queue worker (pop, parse, submit, complete).
 //! - [`device`]: the device for ft-common's vhost-user server.
 //! - [`gate`]: output commit (`--ft hold`): held requests, commit engine, control handler.
+//! - [`fuzzing`]: the chain parser's fuzz entry point (`fuzz/`, regression tests).
 //!
 //! Parsing and submission are separate on purpose: a parsed request can wait in the transaction
 //! queue (output commit) and be submitted later from an engine slot.
@@ -16,6 +17,7 @@
 pub mod config;
 pub mod device;
 pub mod engine;
+pub mod fuzzing;
 pub mod gate;
 pub mod image;
 pub mod limits;

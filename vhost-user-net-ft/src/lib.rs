@@ -8,6 +8,7 @@
 pub mod announce;
 pub mod config;
 pub mod device;
+pub mod fuzzing;
 pub mod gate;
 pub mod mac;
 pub mod open_tap;

@@ -48,6 +48,8 @@
 //! mode (SET_VRING_KICK without fd).
 
 pub mod device;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod handler;
 pub mod inflight;
 pub mod memory;

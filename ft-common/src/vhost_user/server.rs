@@ -200,6 +200,13 @@ impl VhostUserServer {
         }
     }
 
+    /// Serve one already connected frontend until it goes away (fuzzing and tests drive the
+    /// server through a socketpair with this).
+    #[doc(hidden)]
+    pub fn serve_stream(&mut self, sock: UnixStream) -> std::io::Result<()> {
+        self.serve(sock).map(|_| ())
+    }
+
     /// Serve one connection; returns true if a stop was requested meanwhile.
     fn serve(&mut self, mut sock: UnixStream) -> std::io::Result<bool> {
         let conn = Arc::new(Mutex::new(ConnHandler::new(self.shared.clone())?));

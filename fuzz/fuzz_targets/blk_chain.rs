@@ -1,0 +1,5 @@
+//! virtio-blk descriptor chain parser; see `vhost_user_blk_ft::fuzzing::blk_chain`.
+#![no_main]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    vhost_user_blk_ft::fuzzing::blk_chain(data);
+});
