@@ -116,6 +116,8 @@ impl NetControl {
     }
 
     fn commit(&self, epoch: Epoch, st: &mut GateState) -> Reply {
+        // Tests stop or panic the daemon here: COMMIT admitted, no frame handed to a worker yet.
+        ft_common::killpoint::reached("net-before-commit");
         let start = Instant::now();
         let replies = match self.fan_out(|| GateOp::Commit(epoch)) {
             Ok(r) => r,

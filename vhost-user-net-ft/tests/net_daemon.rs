@@ -45,6 +45,17 @@ impl Daemon {
     /// Like [`Daemon::start`], run as the last argument of `wrap` (e.g. strace), whose only
     /// child it must be.
     fn start_wrapped(name: &str, tap: &str, extra: &[&str], wrap: &[&str]) -> Daemon {
+        Self::start_full(name, tap, extra, wrap, &[])
+    }
+
+    /// [`Daemon::start_wrapped`] with extra environment variables for the daemon.
+    fn start_full(
+        name: &str,
+        tap: &str,
+        extra: &[&str],
+        wrap: &[&str],
+        envs: &[(&str, &std::ffi::OsStr)],
+    ) -> Daemon {
         let dir = std::env::temp_dir();
         let sock = dir.join(format!("ft-net-{name}-{}.sock", std::process::id()));
         let ctl = dir.join(format!("ft-net-{name}-{}.ctl", std::process::id()));
@@ -78,6 +89,7 @@ impl Daemon {
         };
         let child = cmd
             .args(&args)
+            .envs(envs.iter().copied())
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .spawn()
@@ -833,6 +845,67 @@ fn the_fence_survives_a_restart_with_a_state_dir() {
         d.stop();
     });
     std::fs::remove_dir_all(&state).unwrap();
+}
+
+/// A panic in the control handler (a panic point armed at the start of COMMIT) fails that
+/// command with INTERNAL and loses nothing: the held frames stay held, the next COMMIT sends
+/// them, and later commands work (the handler's lock is not poisoned).
+#[test]
+fn a_panic_in_commit_fails_that_command_and_loses_nothing() {
+    let arm = std::env::temp_dir().join(format!("ft-net-panic-{}.arm", std::process::id()));
+    std::fs::write(&arm, b"").unwrap();
+    let arm_env = arm.clone();
+    in_netns(move || {
+        let d = Daemon::start_full(
+            "panic",
+            "ftpanic0",
+            &[],
+            &[],
+            &[
+                ("FT_PANIC_AT", "net-before-commit".as_ref()),
+                ("FT_STOP_ARM", arm_env.as_os_str()),
+            ],
+        );
+        let mut f = frontend(&d.sock);
+        let pkt = PacketSocket::bind("ftpanic0").expect("packet socket");
+        let mut ctl = d.control();
+        let frames = test_frames(7, 3);
+        for fr in &frames {
+            send(&mut f, fr);
+        }
+        f.kick(TXQ);
+        assert_eq!(f.wait_used(TXQ, 3, Duration::from_secs(5)).len(), 3);
+        match seal_commit(&mut ctl, 1) {
+            Reply::Error { code, message } => {
+                assert_eq!(code, ErrorCode::Internal);
+                assert!(message.contains("panicked"), "{message}");
+            }
+            r => panic!("commit with a panic: {r:?}"),
+        }
+        assert!(!arm_env.exists(), "the panic point was not reached");
+        assert!(
+            quiet(&pkt).is_empty(),
+            "nothing was sent by the failed command"
+        );
+        match call(&mut ctl, Request::Status) {
+            Reply::Status(s) => assert_eq!(s.held_requests, 3),
+            r => panic!("status after the panic: {r:?}"),
+        }
+        match call(
+            &mut ctl,
+            Request::Commit {
+                generation: G,
+                epoch: Epoch(1),
+            },
+        ) {
+            Reply::Committed { stats, .. } => assert_eq!(stats.requests, 3),
+            r => panic!("commit after the panic: {r:?}"),
+        }
+        assert_eq!(wait_collect(&pkt, 3), frames);
+        drop(f);
+        d.stop();
+    });
+    let _ = std::fs::remove_file(&arm);
 }
 
 #[test]
