@@ -1,0 +1,152 @@
+//! The block daemon against a guest that writes its own rings wrong, in both modes (`--ft off`
+//! and `--ft hold`): an avail idx more than the ring size ahead used to make the queue worker
+//! spin at 100% CPU, log without end, ignore GET_VRING_BASE and SIGTERM, and serve no later
+//! frontend. Now the ring is marked broken (VRING_ERR), the daemon answers, serves a
+//! restarted ring with the data intact, and stops on SIGTERM.
+
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use ft_common::control::{ControlClient, Reply, Request};
+use ft_common::epoch::{Epoch, Generation};
+use ft_tests::frontend::TestFrontend;
+use vhost::vhost_user::VhostUserFrontend;
+use vhost::VhostBackend;
+use virtio_bindings::virtio_blk::*;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+mod common;
+use common::{blk_req_on, file_bytes, new_image, spawn, Daemon};
+
+const T: Duration = Duration::from_secs(10);
+
+fn start(hold: bool) -> Daemon {
+    let (dir, img) = new_image();
+    spawn(dir, img, hold, T, |c| {
+        if hold {
+            c.args(["--ft", "hold"]);
+        }
+    })
+}
+
+fn readable(e: &EventFd, timeout: Duration) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: e.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) == 1 }
+}
+
+/// Places a write of `data` at `sector` on queue 0 and kicks; returns (head, status gpa).
+fn write(f: &mut TestFrontend, sector: u64, data: &[u8]) -> (u16, u64) {
+    let buf = f.alloc(data.len() as u64);
+    f.write(buf, data);
+    let r = blk_req_on(
+        f,
+        0,
+        VIRTIO_BLK_T_OUT,
+        sector,
+        Some((buf, data.len() as u32)),
+    );
+    f.kick(0);
+    r
+}
+
+/// CPU time (user + system, clock ticks) the process has used.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let after = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime")
+}
+
+fn avail_idx_far_ahead(hold: bool) {
+    let mut d = start(hold);
+    let pid = d.child.as_ref().expect("child").id();
+    let mut f = TestFrontend::connect(&d.sock, 1, T);
+    f.handshake();
+    f.set_mem_table();
+    let err = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+    f.fe.set_vring_err(0, &err).expect("set_vring_err");
+    f.init_queue(0, 256);
+    f.setup_vring(0, 0);
+    f.fe.set_vring_enable(0, true).expect("enable");
+    // The guest's avail idx jumps 1000 entries ahead of a 256-entry ring.
+    let (_, avail, _) = TestFrontend::ring_gpas(0);
+    f.write(avail + 2, &1000u16.to_le_bytes());
+    f.kick(0);
+    assert!(readable(&err, T), "VRING_ERR not signalled");
+    // No spinning: a quarter second of wall time costs well under a quarter second of CPU
+    // (a spinning worker burns all of it; the bound holds on a loaded machine too, where a
+    // spinning worker would still get far more than a tick).
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_millis(500));
+    let used = cpu_ticks(pid) - before;
+    assert!(used <= 10, "daemon used {used} ticks in 500 ms: spinning");
+    assert_eq!(f.fe.get_vring_base(0).expect("GET_VRING_BASE answered"), 0);
+    // The guest resets its ring; it runs again and data reaches the image intact.
+    f.init_queue(0, 256);
+    f.setup_vring(0, 0);
+    f.fe.set_vring_enable(0, true).expect("enable");
+    let data: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
+    let (head, status) = write(&mut f, 8, &data);
+    if hold {
+        // Held until committed: wait until it is held, then seal and commit its epoch.
+        let mut c = ControlClient::connect(&d.ctl, T).expect("control");
+        let deadline = Instant::now() + T;
+        loop {
+            match c.call(&Request::Status).expect("status") {
+                Reply::Status(st) if st.held_requests == 1 => break,
+                _ => assert!(Instant::now() < deadline, "write never held"),
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let g = Generation(1);
+        let r = c
+            .call(&Request::Seal {
+                generation: g,
+                epoch: Epoch(1),
+            })
+            .expect("seal");
+        assert!(matches!(r, Reply::Sealed { .. }), "{r:?}");
+        let r = c
+            .call(&Request::Commit {
+                generation: g,
+                epoch: Epoch(1),
+            })
+            .expect("commit");
+        assert!(matches!(r, Reply::Committed { .. }), "{r:?}");
+    }
+    assert_eq!(f.wait_used(0, 1, T).first().map(|u| u.0), Some(head));
+    assert_eq!(f.read(status, 1)[0], VIRTIO_BLK_S_OK as u8);
+    let deadline = Instant::now() + T;
+    while file_bytes(&d.img, 8 * 512, 4096) != data {
+        assert!(Instant::now() < deadline, "data never reached the image");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SIGTERM is honoured.
+    let mut child = d.child.take().expect("child");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + T;
+    loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            assert!(st.success(), "exit status {st}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "SIGTERM ignored");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn avail_idx_far_ahead_breaks_the_ring_ft_off() {
+    avail_idx_far_ahead(false);
+}
+
+#[test]
+fn avail_idx_far_ahead_breaks_the_ring_ft_hold() {
+    avail_idx_far_ahead(true);
+}
