@@ -21,6 +21,8 @@ pub struct BlkDevice {
     hold: Option<Arc<Hold>>,
     /// Busy-polling window limit of each queue thread (zero: never poll).
     poll_max: Duration,
+    /// Pause polling while the host has no idle CPU (ft-common's `poll.rs`).
+    poll_cpu_guard: bool,
 }
 
 impl BlkDevice {
@@ -32,6 +34,7 @@ impl BlkDevice {
             counters: Arc::default(),
             hold: None,
             poll_max: Duration::ZERO,
+            poll_cpu_guard: true,
         }
     }
 
@@ -39,6 +42,12 @@ impl BlkDevice {
     /// before sleeping (adaptive, see ft-common's worker); zero disables polling.
     pub fn with_polling(mut self, max: Duration) -> BlkDevice {
         self.poll_max = max;
+        self
+    }
+
+    /// `false`: poll even while the host has no idle CPU (by default polling pauses then).
+    pub fn with_poll_cpu_guard(mut self, on: bool) -> BlkDevice {
+        self.poll_cpu_guard = on;
         self
     }
 
@@ -104,7 +113,8 @@ impl VhostUserDevice for BlkDevice {
             self.hold.clone(),
             self.poll_max,
         )
-        .map_err(|e| std::io::Error::new(e.kind(), format!("queue {queue}: {e}")))?;
+        .map_err(|e| std::io::Error::new(e.kind(), format!("queue {queue}: {e}")))?
+        .with_poll_cpu_guard(self.poll_cpu_guard);
         Ok(Box::new(q))
     }
 }

@@ -65,12 +65,16 @@ struct Args {
     #[arg(long, default_value = "vhost-user-blk-ft")]
     serial: String,
     /// Longest busy-polling window of a queue thread, in ns (adaptive, as QEMU's IOThread
-    /// poll-max-ns; 32768 is QEMU's default there): after a batch the thread spins on its ring
-    /// and io_uring instead of sleeping, so the next request costs no wakeup. Worth it when
-    /// the host has idle CPUs; on a small host the spinning takes CPU from the kernel's
-    /// io_uring workers and the VM (see docs/benchmarks.md). 0 (default) disables polling.
-    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
+    /// poll-max-ns, whose default is also 32768): after a batch the thread spins on its ring
+    /// and io_uring instead of sleeping, so the next request costs no wakeup. The window grows
+    /// while polling finds requests in time and drops to 0 when they come further apart; it
+    /// also pauses while the host has no idle CPU (the thread has to wait for one), since the
+    /// spinning would then take CPU from the VM (see docs/benchmarks.md). 0 disables polling.
+    #[arg(long, default_value_t = 32768, value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
     poll_max_ns: u64,
+    /// Keep polling even while the host has no idle CPU (for CPUs reserved for the daemon).
+    #[arg(long)]
+    poll_on_busy_host: bool,
     /// Output-commit gating mode (default: hold with --control, off without; --ft off with
     /// --control is refused).
     #[arg(long, value_enum)]
@@ -200,7 +204,8 @@ fn run(args: Args) -> std::io::Result<()> {
     let image = Arc::new(image);
     let config = Arc::new(BlkConfig::new(params));
     let mut device = BlkDevice::new(image.clone(), config, args.queue_size)
-        .with_polling(std::time::Duration::from_nanos(args.poll_max_ns));
+        .with_polling(std::time::Duration::from_nanos(args.poll_max_ns))
+        .with_poll_cpu_guard(!args.poll_on_busy_host);
     let mut hold = None;
     if let Some(c) = &control {
         let limits = Limits {

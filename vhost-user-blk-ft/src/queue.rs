@@ -98,6 +98,8 @@ pub struct BlkQueue {
     hold: Option<QueueHold>,
     /// Longest busy-polling window after a batch (`--poll-max-ns`); zero: never poll.
     poll_max: Duration,
+    /// Polling pauses while the host has no idle CPU (off: `--poll-on-busy-host`).
+    poll_cpu_guard: bool,
 }
 
 /// One worker's part of `hold` mode. See the module docs.
@@ -173,7 +175,14 @@ impl BlkQueue {
                 next_seq: 0,
             }),
             poll_max,
+            poll_cpu_guard: true,
         })
+    }
+
+    /// See [`QueueWorker::poll_cpu_guard`].
+    pub fn with_poll_cpu_guard(mut self, on: bool) -> BlkQueue {
+        self.poll_cpu_guard = on;
+        self
     }
 
     /// Publishes the engine's counters accumulated since the last call.
@@ -564,6 +573,10 @@ impl QueueWorker for BlkQueue {
 
     fn poll_max(&self) -> Duration {
         self.poll_max
+    }
+
+    fn poll_cpu_guard(&self) -> bool {
+        self.poll_cpu_guard
     }
 
     fn poll(&mut self, ctx: &mut WorkerCtx) -> bool {

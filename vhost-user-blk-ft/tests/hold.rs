@@ -143,7 +143,7 @@ fn held_writes_land_only_at_commit_with_one_fdatasync() {
 /// Invariant 1 does not depend on how the worker finds requests: the same with busy polling.
 #[test]
 fn held_writes_land_only_at_commit_while_polling() {
-    held_writes_case(&["--poll-max-ns", "2000000"]);
+    held_writes_case(&["--poll-max-ns", "2000000", "--poll-on-busy-host"]);
 }
 
 fn held_writes_case(extra: &[&str]) {
@@ -505,7 +505,7 @@ fn full_transaction_queue_applies_backpressure() {
 /// early, and the commit resumes the ring.
 #[test]
 fn backpressure_while_polling() {
-    backpressure_case(&["--poll-max-ns", "2000000"]);
+    backpressure_case(&["--poll-max-ns", "2000000", "--poll-on-busy-host"]);
 }
 
 fn backpressure_case(extra: &[&str]) {

@@ -471,7 +471,7 @@ fn batched_multiqueue(event_idx: bool) {
 /// suppressed; after each gap it must have re-armed them, or the next request would never be
 /// seen. Returns (requests, kicks sent).
 fn bursts_with_gaps(poll_max_ns: &str, event_idx: bool) -> (u64, u64) {
-    let d = start(&["--poll-max-ns", poll_max_ns]);
+    let d = start(&["--poll-max-ns", poll_max_ns, "--poll-on-busy-host"]);
     let mut features = DEFAULT_FEATURES;
     if !event_idx {
         features &= !EVENT_IDX;
@@ -537,7 +537,7 @@ fn reconnect_keeps_data_and_in_flight_requests_are_not_leaked() {
 /// streak, and the worker must neither pop from a ring being stopped nor miss the next one.
 #[test]
 fn reconnect_while_polling() {
-    reconnect_cycles(&["--poll-max-ns", "2000000"]);
+    reconnect_cycles(&["--poll-max-ns", "2000000", "--poll-on-busy-host"]);
 }
 
 fn reconnect_cycles(extra: &[&str]) {

@@ -181,6 +181,13 @@ pub trait QueueWorker: Send {
         Duration::ZERO
     }
 
+    /// Whether polling pauses while the host has no idle CPU (the worker thread keeps
+    /// waiting for a CPU: spinning would take it from the frontend; see `vhost_user::poll`).
+    /// On by default; off polls whatever the load (CPUs reserved for the device, tests).
+    fn poll_cpu_guard(&self) -> bool {
+        true
+    }
+
     /// Look for work without blocking (new avail entries on a ring, completions of the
     /// device's own I/O) and do it as a kick or fd event would; return true if anything was
     /// done. Called in a loop while the worker polls. Return false for work that cannot be

@@ -274,7 +274,7 @@ pub(crate) fn spawn(
         tx,
         wake: wake.clone(),
     };
-    let poll = AdaptivePoll::new(dev.poll_max());
+    let poll = AdaptivePoll::new(dev.poll_max()).with_cpu_guard(dev.poll_cpu_guard());
     let mut w = Worker {
         group,
         poll,
