@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # Block benchmark: ft-blk-bench (VM-less vhost-user-blk client) against qemu-storage-daemon and
 # against our vhost-user-blk-ft, same image size, same cache mode, alternating backends for
-# several rounds; writes a side-by-side table into docs/benchmarks.md between markers.
+# several rounds, with host fio (io_uring, on ours' image file) as the ceiling; writes a
+# side-by-side table into docs/benchmarks.md between markers.
 #
 # Usage: scripts/bench-blk.sh [--rounds N] [--runtime S] [--warmup S] [--size 1G]
 #                             [--cache page|direct|both] [--queues N] [--workloads LIST]
-#                             [--no-doc] [--keep]
+#                             [--no-fio] [--no-doc] [--keep]
 # Env:   BENCH_DIR   parent of the scratch directory (default /var/tmp; must not be tmpfs)
 #        OURS_BIN    vhost-user-blk-ft binary to use instead of building target/release's
 #        OURS_DESC   free text about that binary (e.g. its source commit) for the report
 #        OURS_ARGS   extra flags for vhost-user-blk-ft (e.g. "--poll-max-ns 32768"), reported
+#        BASE_BIN    a second vhost-user-blk-ft binary (e.g. built from an older commit), run
+#                    as backend "base" in the same rounds; BASE_ARGS, BASE_DESC as for ours
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -25,9 +28,10 @@ QUEUES=1
 WORKLOADS=all
 WRITE_DOC=1
 KEEP=0
+FIO=1
 DOC="$ROOT/docs/benchmarks.md"
 
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -39,6 +43,7 @@ while [ $# -gt 0 ]; do
         --queues) QUEUES=$2; shift 2 ;;
         --workloads) WORKLOADS=$2; shift 2 ;;
         --no-doc) WRITE_DOC=0; shift ;;
+        --no-fio) FIO=0; shift ;;
         --keep) KEEP=1; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "unknown argument: $1" >&2; usage >&2; exit 2 ;;
@@ -84,6 +89,13 @@ else
     OURS_NOTE="$OURS is not built (or has no --image option): only qemu-storage-daemon was benchmarked."
     log "$OURS_NOTE"
 fi
+if [ -n "${BASE_BIN:-}" ]; then
+    [ -x "$BASE_BIN" ] || { log "BASE_BIN $BASE_BIN is not executable"; exit 1; }
+    BACKENDS="$BACKENDS base"
+fi
+if [ "$FIO" = 1 ]; then
+    if command -v fio >/dev/null; then BACKENDS="$BACKENDS fio"; else log "fio not installed: no host column"; fi
+fi
 
 # --- scratch space on the real disk ------------------------------------------------------
 PARENT=${BENCH_DIR:-/var/tmp}
@@ -112,13 +124,14 @@ start_backend() {
                 --export "type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,addr.path=$sock,writable=on,num-queues=$QUEUES" \
                 >"$WORK/logs/qsd.log" 2>&1 &
             ;;
-        ours)
-            local extra=()
+        ours|base)
+            local extra=() bin=$OURS args=${OURS_ARGS:-}
+            [ "$name" = base ] && { bin=$BASE_BIN; args=${BASE_ARGS:-}; }
             [ "$mode" = direct ] && extra+=(--direct)
-            # shellcheck disable=SC2206 # OURS_ARGS is a list of flags
-            extra+=(${OURS_ARGS:-})
-            RUST_LOG=warn "$OURS" --socket "$sock" --image "$img" --queues "$QUEUES" "${extra[@]}" \
-                >"$WORK/logs/ours.log" 2>&1 &
+            # shellcheck disable=SC2206 # the ARGS are lists of flags
+            extra+=($args)
+            RUST_LOG=warn "$bin" --socket "$sock" --image "$img" --queues "$QUEUES" "${extra[@]}" \
+                >"$WORK/logs/$name.log" 2>&1 &
             ;;
     esac
     BACKEND_PID=$!
@@ -136,6 +149,57 @@ stop_backend() {
     BACKEND_PID=""
 }
 
+# run_fio MODE IMG OUT: host fio (io_uring, defaults otherwise) on IMG, one job per workload
+# of ft-blk-bench's list, converted to ft-blk-bench's JSON. One fio process per queue would be
+# the fair multi-queue peer; with --queues > 1 fio runs numjobs=QUEUES.
+run_fio() {
+    local mode=$1 img=$2 out=$3 direct=0 names w rw bs qd extra i
+    [ "$mode" = direct ] && direct=1
+    if [ "$WORKLOADS" = all ]; then
+        names="randread4k-qd1 randwrite4k-qd1 randread4k-qd32 randwrite4k-qd32 seqread128k-qd8 seqwrite128k-qd8 randwrite4k-flush-qd1"
+    else
+        names=${WORKLOADS//,/ }
+    fi
+    i=0
+    for w in $names; do
+        extra=()
+        case "$w" in
+            randread4k-qd*) rw=randread; bs=4k ;;
+            randwrite4k-flush-qd*) rw=randwrite; bs=4k; extra=(--fdatasync=1) ;;
+            randwrite4k-qd*) rw=randwrite; bs=4k ;;
+            seqread128k-qd*) rw=read; bs=128k ;;
+            seqwrite128k-qd*) rw=write; bs=128k ;;
+            *) log "fio: no mapping for workload $w"; continue ;;
+        esac
+        qd=${w##*-qd}
+        # CPU of the whole fio process tree (io-wq workers are threads of the job process).
+        /usr/bin/time -f '%e %U %S' -o "$WORK/fio-time" \
+            fio --name="$w" --filename="$img" --ioengine=io_uring --direct=$direct --rw="$rw" \
+                --bs="$bs" --iodepth="$qd" --numjobs="$QUEUES" --group_reporting --size="$SIZE" \
+                --time_based --runtime="$RUNTIME" --ramp_time="$WARMUP" "${extra[@]}" \
+                --output-format=json >"$WORK/fio-$i.json" 2>"$WORK/logs/fio.log"
+        "$PY" - "$WORK/fio-$i.json" "$WORK/fio-time" "$w" >"$WORK/fio-$i.res" <<'PYEOF'
+import json, sys
+j = json.load(open(sys.argv[1]))["jobs"][0]
+el, u, s = (float(x) for x in open(sys.argv[2]).read().split()[-3:])
+name = sys.argv[3]
+side = j["read"] if j["read"]["io_bytes"] > 0 else j["write"]
+pct = lambda lat, p: lat["percentile"].get(p, 0) / 1000.0
+lat = side["clat_ns"]
+r = {"name": name, "iops": side["iops"], "errors": j.get("error", 0),
+     "lat_us": {"p50": pct(lat, "50.000000"), "p99": pct(lat, "99.000000")},
+     "client_cpu_pct": (u + s) / max(el, 1e-9) * 100.0, "backend_cpu_pct": None}
+if "flush" in name:
+    r["flush_lat_us"] = {"p50": pct(j["sync"]["lat_ns"], "50.000000"),
+                         "p99": pct(j["sync"]["lat_ns"], "99.000000")}
+print(json.dumps(r))
+PYEOF
+        i=$((i + 1))
+    done
+    "$PY" -c 'import json,sys; print(json.dumps({"label": "fio", "results": [json.loads(open(f).read()) for f in sys.argv[1:]]}))' \
+        $(for k in $(seq 0 $((i - 1))); do echo "$WORK/fio-$k.res"; done) >"$out"
+}
+
 # --- runs -------------------------------------------------------------------------------------
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 for mode in $MODES; do
@@ -143,11 +207,24 @@ for mode in $MODES; do
         rm -f "$WORK/$b.img"
         truncate -s "$SIZE" "$WORK/$b.img"
     done
+    if [[ " $BACKENDS " == *" fio "* && " $BACKENDS " != *" ours "* ]]; then
+        # fio alone: give its reads allocated, non-zero blocks, as the prefill does for ours.
+        fio --name=fill --filename="$WORK/fio.img" --rw=write --bs=1M --size="$SIZE" \
+            --ioengine=psync --end_fsync=1 >/dev/null
+    fi
     for round in $(seq 1 "$ROUNDS"); do
         # Alternate the order so drift (other load, page cache, thermal) hits both sides.
         order=$BACKENDS
         if [ $((round % 2)) -eq 0 ]; then order=$(echo "$BACKENDS" | awk '{for(i=NF;i>0;i--) printf "%s ", $i}'); fi
         for b in $order; do
+            if [ "$b" = fio ]; then
+                log "cache=$mode round $round/$ROUNDS: host fio"
+                fimg=$WORK/fio.img
+                # On ours' image when it is benchmarked (pre-filled by its first run).
+                [[ " $BACKENDS " == *" ours "* ]] && fimg=$WORK/ours.img
+                run_fio "$mode" "$fimg" "$WORK/json/$mode-$b-$round.json"
+                continue
+            fi
             sock="$WORK/$b.sock"
             start_backend "$b" "$mode" "$WORK/$b.img" "$sock"
             prefill=()
@@ -172,6 +249,10 @@ export QSD_VERSION=$(qemu-storage-daemon --version | head -1)
 OURS_VERSION=""
 if [[ " $BACKENDS " == *" ours "* ]]; then
     OURS_VERSION="ours: \`${OURS#"$ROOT"/}${OURS_ARGS:+ $OURS_ARGS}\` ($("$OURS" --version 2>/dev/null | head -1), built $(date -u -r "$OURS" '+%Y-%m-%d %H:%M UTC'))${OURS_DESC:+; $OURS_DESC}"
+fi
+if [[ " $BACKENDS " == *" base "* ]]; then
+    OURS_VERSION="$OURS_VERSION
+- base: \`$BASE_BIN${BASE_ARGS:+ $BASE_ARGS}\` (built $(date -u -r "$BASE_BIN" '+%Y-%m-%d %H:%M UTC'))${BASE_DESC:+; $BASE_DESC}"
 fi
 export OURS_VERSION
 export DATE=$(date -u '+%Y-%m-%d %H:%M UTC')
@@ -211,21 +292,36 @@ out.append(f"- {rounds} rounds, backends alternating; {os.environ['RUNTIME']} s 
 if os.environ.get("OURS_NOTE"):
     out.append(f"- **{os.environ['OURS_NOTE']}**")
 out.append("- Cells: median across rounds, then min (IOPS) or max (latency) in parentheses. "
-           "CPU: percent of one CPU, median; `cli` = ft-blk-bench, `be` = backend (all threads).")
+           "CPU: percent of one CPU, median; `cli` = ft-blk-bench, `be` = backend (all threads, io_uring workers included).")
+if "fio" in backends:
+    out.append("- `fio`: host fio 3.x, `--ioengine=io_uring` with default options, on ours' image file (same cache mode, "
+               "`--fdatasync=1` for the flush workload); latency is its completion latency; CPU is the whole fio process "
+               "including its io-wq workers (`/usr/bin/time`, ramp included). It has no virtio ring and no second process: a ceiling, not a peer.")
 out.append("")
+
+def ratio_cols(n, data):
+    cols = []
+    for other in ("qsd", "base", "fio"):
+        if "ours" in data and other in data:
+            om, omin, _ = stats(data["ours"], n, lambda w: w["iops"])
+            xm, xmin, _ = stats(data[other], n, lambda w: w["iops"])
+            cols += [f"{om/xm:.2f}", f"{omin/xmin:.2f}"]
+    return cols
 
 for mode in modes:
     data = {b: load(mode, b) for b in backends}
     names = list(data[backends[0]][0].keys())
-    label = {"page": "page cache (qsd `cache.direct=off`, ours without `--direct`)",
-             "direct": "O_DIRECT (qsd `cache.direct=on`, ours `--direct`)"}[mode]
+    label = {"page": "page cache (qsd `cache.direct=off`, ours without `--direct`, fio `--direct=0`)",
+             "direct": "O_DIRECT (qsd `cache.direct=on`, ours `--direct`, fio `--direct=1`)"}[mode]
     out.append(f"#### Cache mode: {label}")
     out.append("")
     head = ["workload"]
     for b in backends:
-        head += [f"{b} IOPS", f"{b} p50 µs", f"{b} p99 µs", f"{b} CPU cli/be"]
-    if "ours" in backends and "qsd" in backends:
-        head += ["ours/qsd IOPS (median)", "ours/qsd (min)"]
+        cpu = "CPU" if b == "fio" else "CPU cli/be"
+        head += [f"{b} IOPS", f"{b} p50 µs", f"{b} p99 µs", f"{b} {cpu}"]
+    for other in ("qsd", "base", "fio"):
+        if "ours" in backends and other in backends:
+            head += [f"ours/{other} IOPS (median)", f"ours/{other} (min)"]
     out.append("| " + " | ".join(head) + " |")
     out.append("|" + "---|" * len(head))
     for n in names:
@@ -240,13 +336,24 @@ for mode in modes:
             cell = f"{fmt_iops(im)} ({fmt_iops(imin)})"
             if errs:
                 cell += f" **{errs} errors**"
-            row += [cell, f"{p50:.1f} ({p50max:.1f})", f"{p99:.1f} ({p99max:.1f})", f"{ccpu:.0f}% / {bcpu:.0f}%"]
-        if "ours" in backends and "qsd" in backends:
-            om, omin, _ = stats(data["ours"], n, lambda w: w["iops"])
-            qm, qmin, _ = stats(data["qsd"], n, lambda w: w["iops"])
-            row += [f"{om/qm:.2f}", f"{omin/qmin:.2f}"]
+            cpu = f"{ccpu:.0f}%" if b == "fio" else f"{ccpu:.0f}% / {bcpu:.0f}%"
+            row += [cell, f"{p50:.1f} ({p50max:.1f})", f"{p99:.1f} ({p99max:.1f})", cpu]
+        row += ratio_cols(n, data)
         out.append("| " + " | ".join(row) + " |")
     out.append("")
+    flush = [n for n in names if all("flush_lat_us" in data[b][0][n] for b in backends)]
+    for n in flush:
+        out.append(f"FLUSH alone in `{n}` (submission to completion; fio: its `fdatasync` latency):")
+        out.append("")
+        out.append("| backend | FLUSH p50 µs | FLUSH p99 µs | p50 / fio p50 (median) |")
+        out.append("|---|---|---|---|")
+        fio50 = stats(data["fio"], n, lambda w: w["flush_lat_us"]["p50"])[0] if "fio" in data else None
+        for b in backends:
+            f50, _, f50max = stats(data[b], n, lambda w: w["flush_lat_us"]["p50"])
+            f99, _, f99max = stats(data[b], n, lambda w: w["flush_lat_us"]["p99"])
+            rel = f"{f50/fio50:.2f}" if fio50 else ""
+            out.append(f"| {b} | {f50:.1f} ({f50max:.1f}) | {f99:.1f} ({f99max:.1f}) | {rel} |")
+        out.append("")
 print("\n".join(out))
 EOF
 cat "$TABLE"
