@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# Block output-commit cost: vhost-user-blk-ft with --ft off vs --ft hold gated by ft-coordinator
+# Block output commit cost: vhost-user-blk-ft with --ft off vs --ft hold gated by ft-coordinator
 # (sim:0 checkpointer, so a checkpoint costs nothing and only the gating is measured) at epoch
-# intervals of 1, 5 and 25 ms. VM-less: ft-blk-bench drives the daemon over vhost-user.
+# intervals of 1, 5 and 25 ms, and with event-driven cuts (`event`: --interval-ms 0
+# --min-interval-ms 0, a cut as soon as output waits and the previous commit is done).
+# VM-less: ft-blk-bench drives the daemon over vhost-user.
+#
+# A second table breaks the seal-to-completion time of each hold mode into the coordinator's
+# phases: SEAL round trip, checkpoint, COMMIT round trip (of which the daemon's fdatasync).
 #
 # For each interval it reports IOPS and p50/p99 completion latency, the p99 added over --ft off,
 # the bound it should stay under (interval + fdatasync p99 + 1 ms), and per commit: requests and
@@ -25,7 +30,7 @@ while [ $# -gt 0 ]; do
         --rounds) ROUNDS=$2; shift 2 ;;
         --runtime) RUNTIME=$2; shift 2 ;;
         --no-doc) WRITE_DOC=0; shift ;;
-        -h | --help) sed -n '2,12p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,16p' "$0"; exit 0 ;;
         *) echo "bench-gating: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -60,8 +65,10 @@ run() {
     wait_for "$DIR/blk.sock"
     local coord=
     if [ "$mode" != off ]; then
+        local cuts=(--interval-ms "${mode#hold-}")
+        [ "$mode" = event ] && cuts=(--interval-ms 0 --min-interval-ms 0)
         "$BIN/ft-coordinator" --device "blk=$DIR/ctl.sock" --checkpointer sim:0 --unsafe-no-checkpoint \
-            --interval-ms "${mode#hold-}" --state-file "$DIR/state" --api "$DIR/api" \
+            "${cuts[@]}" --state-file "$DIR/state" --api "$DIR/api" \
             2>"$out.coord.log" &
         coord=$!
         PIDS+=("$coord")
@@ -79,6 +86,7 @@ run() {
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 MODES="off"
 for i in $INTERVALS; do MODES="$MODES hold-$i"; done
+MODES="$MODES event"
 for round in $(seq "$ROUNDS"); do
     for mode in $MODES; do
         log "round $round: $mode"
@@ -92,6 +100,7 @@ import json, statistics, sys
 d, rounds, modes = sys.argv[1], int(sys.argv[2]), sys.argv[3].split()
 res = {}      # (mode, workload) -> list of result dicts
 syncs = {}    # mode -> list of (commits, fdatasyncs, fdatasync p99 us)
+phases = {}   # mode -> list of per-run p50s of the cycle's phases
 for m in modes:
     for r in range(1, rounds + 1):
         for w in json.load(open(f"{d}/{m}.{r}.json"))["results"]:
@@ -100,6 +109,7 @@ for m in modes:
             s = json.load(open(f"{d}/{m}.{r}.status.json"))
             dev = s["devices"][0]
             syncs.setdefault(m, []).append((dev["commits_ok"], dev["fdatasync"]["count"], dev["fdatasync"]["p99_us"]))
+            phases.setdefault(m, []).append({k: s["latency"][k]["p50_us"] for k in ("seal", "checkpoint", "commit", "seal_to_commit")} | {"fdatasync": dev["fdatasync"]["p50_us"]})
 med = statistics.median
 def cell(m, w, key):
     xs = res[(m, w)]
@@ -116,7 +126,8 @@ for w in workloads:
         if m == "off":
             print(f"| `{w}` | off | {k(iops)} | {ms(p50)} | {ms(p99)} | | | |")
             continue
-        interval = float(m.split("-")[1]) * 1000
+        # Event-driven cuts: the wait for the cut is at most one commit (bound: the sync again).
+        interval = float(m.split("-")[1]) * 1000 if m.startswith("hold-") else 0.0
         sync99 = med(x[2] or 0 for x in syncs[m])
         # The flush op is a write, then a FLUSH sent once the write completed: two requests in
         # a row, each waiting for its own commit, so two epochs.
@@ -133,6 +144,14 @@ for m in modes[1:]:
     commits = med(x[0] for x in syncs[m]); fs = med(x[1] for x in syncs[m]); p99 = med(x[2] or 0 for x in syncs[m])
     ops = med(sum(w["ops"] for w in json.load(open(f"{d}/{m}.{r}.json"))["results"] if not w["name"].startswith("randread")) for r in range(1, rounds + 1))
     print(f"| {m} | {commits:.0f} | {fs:.0f} | {'1 (empty commits skip it)' if fs <= commits else f'{fs/commits:.2f}'} | {ops/max(fs,1):.1f} | {ms(p99)} |")
+print()
+print("Seal to completion, p50 per phase in µs (coordinator telemetry, median of the runs' p50s; all workloads of a run together):")
+print()
+print("| mode | SEAL round trip | checkpoint (sim:0) | COMMIT round trip | of which fdatasync | COMMIT minus fdatasync | seal to COMMITTED |")
+print("|---|---|---|---|---|---|---|")
+for m in modes[1:]:
+    p = {k: med(x[k] for x in phases[m]) for k in phases[m][0]}
+    print(f"| {m} | {p['seal']:.0f} | {p['checkpoint']:.0f} | {p['commit']:.0f} | {p['fdatasync']:.0f} | {p['commit'] - p['fdatasync']:.0f} | {p['seal_to_commit']:.0f} |")
 EOF
 )
 
@@ -140,7 +159,7 @@ HEADER="Generated $(date -u '+%Y-%m-%d %H:%M UTC') at commit $(git rev-parse --s
 
 - Machine: $(nproc) CPUs, kernel $(uname -r); load average before/after: $LOAD_BEFORE / $LOAD_AFTER
 - vhost-user-blk-ft, 1 queue, 1 GiB sparse raw image (page cache), ft-blk-bench with ${RUNTIME} s per workload after 0.5 s warm-up, medians of $ROUNDS rounds
-- hold-N: \`--ft hold\` gated by \`ft-coordinator --checkpointer sim:0 --interval-ms N\` (periodic cuts only)
+- hold-N: \`--ft hold\` gated by \`ft-coordinator --checkpointer sim:0 --interval-ms N\` (periodic cuts only); event: \`--interval-ms 0 --min-interval-ms 0\` (a cut whenever output waits)
 - The flush workload's op is a write then a FLUSH; in hold mode both wait for the commit"
 echo "$HEADER"; echo; echo "$TABLE"
 
