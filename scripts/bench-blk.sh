@@ -194,6 +194,9 @@ if "flush" in name:
                          "p99": pct(j["sync"]["lat_ns"], "99.000000")}
 print(json.dumps(r))
 PYEOF
+        # Leave no dirty pages behind: they would be written back during the next backend's
+        # run on this file (and its first FLUSH would pay for them).
+        sync "$img"
         i=$((i + 1))
     done
     "$PY" -c 'import json,sys; print(json.dumps({"label": "fio", "results": [json.loads(open(f).read()) for f in sys.argv[1:]]}))' \
@@ -226,6 +229,9 @@ for mode in $MODES; do
                 continue
             fi
             sock="$WORK/$b.sock"
+            # Every run starts with its image clean in the page cache (no writeback of an
+            # earlier run's dirty pages going on meanwhile).
+            sync "$WORK/$b.img"
             start_backend "$b" "$mode" "$WORK/$b.img" "$sock"
             prefill=()
             # The image keeps its data between rounds: pre-fill once per image.

@@ -567,6 +567,13 @@ fn real_main() -> Result<(), String> {
             Duration::from_secs_f64(args.runtime),
             args.backend_pid,
         )?;
+        if wl.write {
+            // Unmeasured: the next workload should not share the disk with the writeback of
+            // this one's dirty pages (nor its first FLUSH pay for them).
+            client
+                .flush(0)
+                .map_err(|e| format!("settling flush: {e}"))?;
+        }
         if !args.json {
             print_row(&r, results.is_empty());
         }
