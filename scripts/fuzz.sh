@@ -4,7 +4,8 @@
 #   scripts/fuzz.sh TARGET EXECS [extra libFuzzer args...]
 #   scripts/fuzz.sh list
 #
-# Targets: vhost_user_protocol, blk_chain, net_tx, inflight_recovery (fuzz/fuzz_targets/).
+# Targets: vhost_user_protocol, blk_chain, net_tx, inflight_recovery, control_codec,
+# control_server (fuzz/fuzz_targets/).
 # Works on the stable toolchain: SanitizerCoverage is enabled with stable -C flags (no
 # -Zsanitizer, so no ASan; set FUZZ_ASAN=1 to add it through RUSTC_BOOTSTRAP=1). The corpus
 # lives in fuzz/corpus/TARGET (not committed), crashes and hangs in fuzz/artifacts/TARGET.
@@ -12,7 +13,7 @@
 # entry points, as ordinary tests). Not run by CI.
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
-targets=(vhost_user_protocol blk_chain net_tx inflight_recovery)
+targets=(vhost_user_protocol blk_chain net_tx inflight_recovery control_codec control_server)
 if [[ "${1:-}" == list || $# -lt 2 ]]; then
     echo "usage: $0 TARGET EXECS [libFuzzer args]; targets: ${targets[*]}" >&2
     [[ "${1:-}" == list ]] && exit 0 || exit 2

@@ -33,3 +33,13 @@ fn inflight_recovery() {
         ft_common::vhost_user::fuzzing::inflight_recovery,
     );
 }
+
+#[test]
+fn control_codec() {
+    replay("control_codec", ft_common::control::fuzzing::codec);
+}
+
+#[test]
+fn control_server() {
+    replay("control_server", ft_common::control::fuzzing::server);
+}
