@@ -10,7 +10,7 @@
 //!
 //! QEMU's own parser decides whether an option takes a value from a fixed table; a value is never
 //! mistaken for an option here either (`-append "-S"` stays a kernel command line), because every
-//! option not in [`NO_VALUE`] consumes the next word.
+//! option not in `NO_VALUE` consumes the next word.
 
 use std::path::Path;
 

@@ -339,7 +339,7 @@ impl BlkControl {
 
 impl ControlHandler for BlkControlHandler {
     /// The panic is caught here, under the lock, so the lock is never poisoned, and
-    /// [`BlkControl::recover`] leaves nothing of the command behind.
+    /// `BlkControl::recover` leaves nothing of the command behind.
     fn handle(&self, req: Request) -> Reply {
         let mut guard = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let c = &mut *guard;
