@@ -622,3 +622,19 @@ fn thousand_hostile_connections_leak_nothing() {
     assert_eq!(after.2, before.2, "threads {before:?} -> {after:?}");
     assert!(after.1 <= before.1 + 4096, "RSS {before:?} -> {after:?}");
 }
+
+/// A frontend flooding malformed messages gets each NACKed, but the log stays bounded (rate
+/// limited per call site), and the connection keeps working.
+#[test]
+fn malformed_message_flood_is_rate_limited_in_the_log() {
+    let d = Daemon::spawn("flood", &[]);
+    let mut f = ready(&d);
+    for _ in 0..5000 {
+        f.send_raw(999, 0x1, &[0; 8]);
+    }
+    // Still in sync and served.
+    start_queue(&mut f, 0, 0).expect("start");
+    served(&mut f, 0, b"after the flood");
+    let n = d.text().matches("malformed message dropped").count();
+    assert!((1..=40).contains(&n), "{n} log lines for 5000 malformed messages");
+}

@@ -130,7 +130,7 @@ fn eventfd_from(file: File, what: &str) -> VuResult<EventFd> {
 
 fn herr(msg: impl Into<String>) -> VuError {
     let msg = msg.into();
-    warn!("vhost-user: {msg}");
+    crate::guest_warn!("vhost-user: {msg}");
     VuError::ReqHandlerError(std::io::Error::other(msg))
 }
 
@@ -189,7 +189,7 @@ impl ConnHandler {
     fn ring_failed(&mut self, q: usize, reason: String) -> VuError {
         let r = &mut self.rings[q];
         if r.unreported.as_deref() != Some(reason.as_str()) {
-            error!("vhost-user: queue {q} cannot start: {reason}");
+            crate::guest_warn!("vhost-user: queue {q} cannot start: {reason}");
         }
         r.unreported = Some(reason.clone());
         VuError::ReqHandlerError(std::io::Error::other(format!(
@@ -637,7 +637,9 @@ impl VhostUserBackendReqHandlerMut for ConnHandler {
     fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
         let offered = self.offered_protocol_features().bits();
         if features & !offered != 0 {
-            warn!("vhost-user: SET_PROTOCOL_FEATURES {features:#x} has bits not offered");
+            crate::guest_warn!(
+                "vhost-user: SET_PROTOCOL_FEATURES {features:#x} has bits not offered"
+            );
         }
         self.acked_protocol = features & offered;
         Ok(())

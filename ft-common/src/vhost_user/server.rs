@@ -292,7 +292,7 @@ impl VhostUserServer {
             || hdr.flags & 0x3 != FLAG_VERSION_1
             || hdr.flags & (FLAG_REPLY | FLAG_RESERVED) != 0;
         if bad_header || (!msg.fds.is_empty() && !takes_fds(code)) {
-            warn!(
+            crate::guest_warn!(
                 "vhost-user: malformed message dropped: request {} flags {:#x} size {} fds {}",
                 hdr.request,
                 hdr.flags,
@@ -344,7 +344,7 @@ impl VhostUserServer {
                     lock(conn).send_rarp(mac)
                 };
                 if let Err(e) = &res {
-                    warn!("vhost-user: {e}");
+                    crate::guest_warn!("vhost-user: {e}");
                 }
                 ack(io.sock, res.is_ok())?;
                 Ok(true)
@@ -385,7 +385,7 @@ impl VhostUserServer {
         match c.take_unreported() {
             Some(reason) => {
                 let name = code.map_or_else(String::new, |c| format!("{c:?}"));
-                warn!("vhost-user: {name} answered with an error: {reason}");
+                crate::guest_warn!("vhost-user: {name} answered with an error: {reason}");
                 true
             }
             None => false,
@@ -426,7 +426,7 @@ impl VhostUserServer {
                 }
             }
             other => {
-                warn!("vhost-user: {name} rejected: {other}");
+                crate::guest_warn!("vhost-user: {name} rejected: {other}");
                 if code.is_some_and(has_payload_reply) {
                     error!("vhost-user: cannot answer {name}; closing");
                     return Ok(false);
