@@ -58,6 +58,86 @@ fn blk_daemon(s: &ScratchDir, name: &str, image: &Path, hold: bool) -> Backend {
     .expect("start vhost-user-blk-ft")
 }
 
+fn standby(s: &ScratchDir, store: &Path) -> Backend {
+    let sock = s.join("standby.sock");
+    // A killed standby leaves its socket file: the harness must wait for the new one.
+    let _ = std::fs::remove_file(&sock);
+    Backend::start(
+        &BackendCommand::new(
+            binary("ft-common", "ft-standby"),
+            [
+                OsString::from("--listen"),
+                format!("unix:{}", sock.display()).into(),
+                "--store".into(),
+                store.into(),
+            ],
+            &sock,
+        ),
+        &s.join("standby.log"),
+        Duration::from_secs(10),
+    )
+    .expect("start ft-standby")
+}
+
+/// ft-coordinator with the live migrate checkpointer on `qmp`, the block daemon `blk.ctl` and
+/// the standby `standby.sock` of `s`; its API socket is `api.sock`.
+fn coordinator(s: &ScratchDir, qmp: &Path) -> Backend {
+    let api = s.join("api.sock");
+    Backend::start(
+        &BackendCommand::new(
+            binary("ft-common", "ft-coordinator"),
+            [
+                OsString::from("--device"),
+                format!("vda={}", s.join("blk.ctl").display()).into(),
+                "--checkpointer".into(),
+                format!(
+                    "migrate:{},standby=unix:{}",
+                    qmp.display(),
+                    s.join("standby.sock").display()
+                )
+                .into(),
+                "--interval-ms".into(),
+                "500".into(),
+                "--min-interval-ms".into(),
+                "20".into(),
+                "--checkpoint-timeout-ms".into(),
+                "60000".into(),
+                "--state-file".into(),
+                s.join("coordinator.state").into(),
+                "--api".into(),
+                api.clone().into(),
+            ],
+            &api,
+        ),
+        &s.join("coordinator.log"),
+        Duration::from_secs(10),
+    )
+    .expect("start ft-coordinator")
+}
+
+/// The fio guest of these tests (320 MiB, 256 KiB writes: each one waits for its checkpoint
+/// in hold mode, so few large writes keep the run short while every checkpoint catches some
+/// of them held) with a QMP socket.
+fn fio_guest(
+    image: &GuestImage,
+    s: &ScratchDir,
+    disk_sock: &Path,
+) -> (GuestConfig, Guest, PathBuf) {
+    let mut cfg = GuestConfig::fio_verify(image, s.path(), disk_sock, 16 << 20);
+    cfg.mem_mb = MEM_MB;
+    cfg.cmdline_extra.retain(|w| !w.starts_with("ft.bs="));
+    cfg.cmdline_extra.push("ft.bs=256k".into());
+    cfg.timeout = Duration::from_secs(600);
+    let qmp = s.join("qmp.sock");
+    let guest = Guest::start(&cfg.clone().with_qmp(&qmp)).expect("start guest");
+    let t0 = Instant::now();
+    while !qmp.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(30), "QMP socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    (cfg, guest, qmp)
+}
+
 fn ftctl(api: &Path, cmd: &str) -> String {
     let out = Command::new(binary("ft-common", "ftctl"))
         .arg("--api")
@@ -175,69 +255,11 @@ fn checkpoints_of_a_guest_running_fio_are_durable_and_restore() {
     let disk = s.raw_image("disk.img", DISK_SIZE).expect("disk image");
     let store = s.join("store");
     let blk = blk_daemon(&s, "blk", &disk, true);
-    let standby_sock = s.join("standby.sock");
-    let _standby = Backend::start(
-        &BackendCommand::new(
-            binary("ft-common", "ft-standby"),
-            [
-                OsString::from("--listen"),
-                format!("unix:{}", standby_sock.display()).into(),
-                "--store".into(),
-                store.clone().into(),
-            ],
-            &standby_sock,
-        ),
-        &s.join("standby.log"),
-        Duration::from_secs(10),
-    )
-    .expect("start ft-standby");
+    let _standby = standby(&s, &store);
 
-    // fio with 256 KiB writes: each one waits for its checkpoint (hold mode), so few large
-    // writes keep the run short while every checkpoint catches some of them held.
-    let mut cfg = GuestConfig::fio_verify(&image, s.path(), blk.socket(), 16 << 20);
-    cfg.mem_mb = MEM_MB;
-    cfg.cmdline_extra.retain(|w| !w.starts_with("ft.bs="));
-    cfg.cmdline_extra.push("ft.bs=256k".into());
-    cfg.timeout = Duration::from_secs(600);
-    let base = cfg.clone();
-    let qmp = s.join("qmp.sock");
-    let guest = Guest::start(&cfg.with_qmp(&qmp)).expect("start guest");
-    let t0 = Instant::now();
-    while !qmp.exists() {
-        assert!(t0.elapsed() < Duration::from_secs(30), "QMP socket");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let (base, guest, qmp) = fio_guest(&image, &s, blk.socket());
     let api = s.join("api.sock");
-    let coordinator = Backend::start(
-        &BackendCommand::new(
-            binary("ft-common", "ft-coordinator"),
-            [
-                OsString::from("--device"),
-                format!("vda={}", s.join("blk.ctl").display()).into(),
-                "--checkpointer".into(),
-                format!(
-                    "migrate:{},standby=unix:{}",
-                    qmp.display(),
-                    standby_sock.display()
-                )
-                .into(),
-                "--interval-ms".into(),
-                "500".into(),
-                "--min-interval-ms".into(),
-                "20".into(),
-                "--checkpoint-timeout-ms".into(),
-                "60000".into(),
-                "--state-file".into(),
-                s.join("coordinator.state").into(),
-                "--api".into(),
-                api.clone().into(),
-            ],
-            &api,
-        ),
-        &s.join("coordinator.log"),
-        Duration::from_secs(10),
-    )
-    .expect("start ft-coordinator");
+    let coordinator = coordinator(&s, &qmp);
     let stop = Arc::new(AtomicBool::new(false));
     let kept = s.join("kept");
     let keep = keeper(store.clone(), kept.clone(), stop.clone());
@@ -297,4 +319,120 @@ fn checkpoints_of_a_guest_running_fio_are_durable_and_restore() {
     for (i, d) in dirs.iter().enumerate() {
         restore(&s, &base, d, &disk, i);
     }
+}
+
+fn status(api: &Path) -> serde_json::Value {
+    serde_json::from_str(&ftctl(api, "status")).expect("status JSON")
+}
+
+fn image_hash(path: &Path) -> u32 {
+    crc32c::crc32c(&std::fs::read(path).expect("read image"))
+}
+
+fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The standby dies in the middle of a checkpoint's stream while the guest's writes are held:
+/// the published checkpoint stays valid, nothing of the interrupted epoch is committed, the
+/// image does not change and the daemon keeps holding; a restarted standby (same store) lets
+/// the next cut commit everything and the guest's fio verify passes.
+#[test]
+fn a_standby_killed_mid_stream_acknowledges_nothing_and_the_next_cut_retries() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let image = GuestImage::ensure().expect("guest image (tests/guest/build-guest.sh)");
+    let s = ScratchDir::new("ckpt-kill").expect("scratch dir");
+    let disk = s.raw_image("disk.img", DISK_SIZE).expect("disk image");
+    let store = s.join("store");
+    let blk = blk_daemon(&s, "blk", &disk, true);
+    let sb = standby(&s, &store);
+    let (_cfg, guest, qmp) = fio_guest(&image, &s, blk.socket());
+    let api = s.join("api.sock");
+    let coordinator = coordinator(&s, &qmp);
+    assert!(
+        guest.wait_for_stage("fio-write-start"),
+        "guest never started fio"
+    );
+    let incoming = || -> u64 {
+        std::fs::read_dir(&store)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.file_name().to_string_lossy().starts_with(".incoming"))
+                    .filter_map(|e| std::fs::metadata(e.path().join(VMSTATE)).ok())
+                    .map(|m| m.len())
+                    .max()
+                    .unwrap_or(0)
+            })
+            .unwrap_or(0)
+    };
+    // A checkpoint with held writes is published, and the next one is streaming.
+    wait_until("a published checkpoint while fio writes", 120, || {
+        status(&api)["checkpointer"]["capture"]["checkpoints_durable"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 2
+    });
+    wait_until("a stream in progress", 120, || incoming() > 8 << 20);
+    sb.kill().expect("kill ft-standby");
+    let before = CheckpointStore::open(&store)
+        .unwrap()
+        .newest_valid()
+        .unwrap()
+        .expect("published checkpoint survives");
+    // Let the commit of the last acknowledged epoch (if running) finish, then freeze. (The
+    // store may hold a newer one than was acknowledged: published, DURABLE never sent.)
+    let mut durable = 0;
+    wait_until("commits settled", 60, || {
+        let st = status(&api);
+        durable = st["checkpointer"]["capture"]["newest_durable_epoch"]
+            .as_u64()
+            .unwrap_or(0);
+        st["cycle"]["commit_in_flight"].is_null()
+            && st["cycle"]["last_committed"].as_u64() == Some(durable)
+    });
+    assert!(before.epoch().0 >= durable);
+    let h0 = image_hash(&disk);
+    let st0 = status(&api);
+    std::thread::sleep(Duration::from_secs(3));
+    let st1 = status(&api);
+    assert_eq!(
+        image_hash(&disk),
+        h0,
+        "image changed with no durable checkpoint"
+    );
+    assert_eq!(
+        st1["cycle"]["last_committed"],
+        st0["cycle"]["last_committed"]
+    );
+    assert_eq!(
+        st1["checkpointer"]["capture"]["newest_durable_epoch"].as_u64(),
+        Some(durable)
+    );
+    let held = st1["devices"][0]["held_requests"].as_u64().unwrap_or(0);
+    assert!(held > 0, "the daemon holds the guest's writes: {st1}");
+    assert!(
+        st1["cycle"]["checkpointer_last_error"].is_string(),
+        "error visible: {st1}"
+    );
+    let after = CheckpointStore::open(&store)
+        .unwrap()
+        .newest_valid()
+        .unwrap()
+        .unwrap();
+    assert_eq!(after.epoch(), before.epoch(), "published checkpoint intact");
+
+    // The standby comes back on the same store: the retries commit everything held.
+    let _sb = standby(&s, &store);
+    let outcome = guest.wait().expect("guest run");
+    let st = status(&api);
+    coordinator.stop(Duration::from_secs(10)).ok();
+    assert!(outcome.passed(), "guest failed:\n{}", outcome.report(40));
+    assert!(
+        st["cycle"]["last_committed"].as_u64().unwrap() > durable,
+        "{st}"
+    );
 }
