@@ -172,7 +172,7 @@ fn keeper(store: PathBuf, kept: PathBuf, stop: Arc<AtomicBool>) -> std::thread::
                     .unwrap_or_default()
                     .iter()
                     .flat_map(|d| d.queues.iter())
-                    .map(|q| q.held_heads.len())
+                    .map(|q| (q.held as usize).max(q.held_heads.len()))
                     .sum();
                 if held == 0 || n >= KEEP {
                     continue;
