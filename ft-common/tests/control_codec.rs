@@ -119,6 +119,8 @@ fn request() -> impl Strategy<Value = Request> {
             .prop_map(|(generation, epoch)| Request::Commit { generation, epoch }),
         generation().prop_map(|generation| Request::Abort { generation }),
         generation().prop_map(|generation| Request::Announce { generation }),
+        (generation(), txstate())
+            .prop_map(|(generation, state)| Request::Replay { generation, state }),
         Just(Request::Status),
     ]
 }
@@ -139,6 +141,8 @@ fn reply() -> impl Strategy<Value = Reply> {
             last_committed: l
         }),
         any::<u32>().prop_map(|packets| Reply::Announced { packets }),
+        (any::<u32>(), any::<u64>())
+            .prop_map(|(queues, requests)| Reply::ReplayAccepted { queues, requests }),
         status().prop_map(|s| Reply::Status(Box::new(s))),
         (error_code(), any::<String>()).prop_map(|(code, message)| Reply::Error { code, message }),
     ]
@@ -563,6 +567,7 @@ fn doc_lists_every_error_code_and_the_bound() {
         ErrorCode::Aborted,
         ErrorCode::CommitRefused,
         ErrorCode::Unsupported,
+        ErrorCode::ReplayRefused,
         ErrorCode::Internal,
     ] {
         let name = serde_json::to_value(c).unwrap();

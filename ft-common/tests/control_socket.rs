@@ -105,7 +105,9 @@ impl Toy {
                 cancelled_bytes: 0,
                 last_committed: s.last_committed,
             },
-            Request::Announce { .. } => Reply::error(ErrorCode::Unsupported, "blk"),
+            Request::Announce { .. } | Request::Replay { .. } => {
+                Reply::error(ErrorCode::Unsupported, "blk")
+            }
             Request::Status => Reply::Status(Box::new(DeviceStatus {
                 device: "toy".into(),
                 kind: DeviceKind::Blk,

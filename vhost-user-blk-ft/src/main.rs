@@ -236,7 +236,8 @@ fn run(args: Args) -> std::io::Result<()> {
             };
             let name = device_name(&args);
             let ctl = BlkControl::new(h, server.worker_handles(), name, policy, engine)
-                .with_fence(fence(args.state_dir.as_deref())?);
+                .with_fence(fence(args.state_dir.as_deref())?)
+                .with_replay(server.replay_store());
             log::info!("control socket {}", c.path().display());
             Some(c.spawn(ctl.into_handler())?)
         }

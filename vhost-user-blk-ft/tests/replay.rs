@@ -9,7 +9,9 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ft_common::control::{ControlClient, DeviceKind, QueueState, Reply, Request, TransactionState};
+use ft_common::control::{
+    ControlClient, DeviceKind, ErrorCode, QueueState, Reply, Request, TransactionState,
+};
 use ft_common::epoch::{Epoch, Generation};
 use ft_tests::frontend::TestFrontend;
 use vhost::vhost_user::VhostUserFrontend;
@@ -52,9 +54,13 @@ fn wait_held(c: &mut ControlClient, n: u64) {
 }
 
 fn seal(c: &mut ControlClient, e: u64) -> TransactionState {
+    seal_g(c, G.0, e)
+}
+
+fn seal_g(c: &mut ControlClient, g: u64, e: u64) -> TransactionState {
     match c
         .call(&Request::Seal {
-            generation: G,
+            generation: Generation(g),
             epoch: Epoch(e),
         })
         .expect("seal")
@@ -153,9 +159,13 @@ fn fresh_inflight_region_keeps_set_vring_base_and_refuses_unknown_outstanding() 
 }
 
 fn commit(c: &mut ControlClient, e: u64) {
+    commit_g(c, G.0, e)
+}
+
+fn commit_g(c: &mut ControlClient, g: u64, e: u64) {
     match c
         .call(&Request::Commit {
-            generation: G,
+            generation: Generation(g),
             epoch: Epoch(e),
         })
         .expect("commit")
@@ -374,25 +384,65 @@ fn checkpoint_of_a_dying_primary() -> Checkpoint {
 }
 
 /// A fresh daemon and a restored copy of the guest: each outstanding request completes
-/// exactly once, writes land in guest order, and the ring carries on.
-fn replay_after_primary_dies(standby_hold: bool) {
+/// exactly once, writes land in guest order, and the ring carries on. With `over_control` the
+/// record goes over the (gated) standby's control socket (REPLAY) instead of `--replay FILE`.
+fn replay_after_primary_dies(standby_hold: bool, over_control: bool) {
     let ck = checkpoint_of_a_dying_primary();
     let (img, outstanding) = (&ck.img, &ck.outstanding);
     let slog = ck.dir.path().join("standby.log");
-    let rec = record_file(ck.dir.path(), "replay.json", &ck.state);
-    let s = standby(img, &slog, &rec, standby_hold);
+    let replay = |c: &mut ControlClient, g: u64| {
+        c.call(&Request::Replay {
+            generation: Generation(g),
+            state: ck.state.clone(),
+        })
+        .expect("replay")
+    };
+    let s = if over_control {
+        let s = daemon_on(img, true, &slog, &["--ft", "hold"]);
+        let mut sc = control(&s);
+        assert_eq!(
+            replay(&mut sc, 2),
+            Reply::ReplayAccepted {
+                queues: 1,
+                requests: 6
+            }
+        );
+        // Fenced like every command that changes what the daemon does.
+        assert!(matches!(
+            replay(&mut sc, 1),
+            Reply::Error {
+                code: ErrorCode::Fenced,
+                ..
+            }
+        ));
+        s
+    } else {
+        let rec = record_file(ck.dir.path(), "replay.json", &ck.state);
+        standby(img, &slog, &rec, standby_hold)
+    };
     let (mut r, started) = restore(&ck.guest, &s, ck.base);
     started.expect("restored ring starts with the record");
-    if standby_hold {
+    if over_control {
+        // Too late once the ring ran.
+        match replay(&mut control(&s), 2) {
+            Reply::Error { code, message } => {
+                assert_eq!(code, ErrorCode::ReplayRefused);
+                assert!(message.contains("already ran"), "{message}");
+            }
+            r => panic!("{r:?}"),
+        }
+    }
+    if standby_hold || over_control {
         // The new primary's first epoch holds them: nothing completes before its commit.
+        let g = if over_control { 2 } else { G.0 };
         let mut sc = control(&s);
         wait_held(&mut sc, outstanding.len() as u64);
         assert!(
             r.wait_used(0, 1, QUIET).is_empty(),
             "completed before commit"
         );
-        seal(&mut sc, 1);
-        commit(&mut sc, 1);
+        seal_g(&mut sc, g, 1);
+        commit_g(&mut sc, g, 1);
     }
     expect_completed_once(&mut r, outstanding, img);
     expect_image(img, &ck.all);
@@ -407,12 +457,17 @@ fn replay_after_primary_dies(standby_hold: bool) {
 
 #[test]
 fn outstanding_requests_replay_exactly_once_on_a_plain_standby() {
-    replay_after_primary_dies(false);
+    replay_after_primary_dies(false, false);
 }
 
 #[test]
 fn outstanding_requests_replay_in_the_first_epoch_of_a_gated_standby() {
-    replay_after_primary_dies(true);
+    replay_after_primary_dies(true, false);
+}
+
+#[test]
+fn the_record_can_come_over_the_control_socket() {
+    replay_after_primary_dies(true, true);
 }
 
 /// A record built by hand for requests the primary had taken in flight (reads too, which a

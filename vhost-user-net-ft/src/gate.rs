@@ -231,6 +231,10 @@ impl NetControl {
             Request::Commit { epoch, .. } => self.commit(epoch, st),
             Request::Abort { .. } => self.abort(st),
             Request::Announce { .. } => self.announce(),
+            Request::Replay { .. } => Reply::error(
+                ErrorCode::Unsupported,
+                "REPLAY is for block devices: a net daemon has nothing to replay",
+            ),
             Request::Status => self.status(st),
         }
     }

@@ -122,7 +122,9 @@ impl Gate {
                     last_committed: self.txq.last_committed(),
                 }
             }
-            Request::Announce { .. } => Reply::error(ErrorCode::Unsupported, "blk"),
+            Request::Announce { .. } | Request::Replay { .. } => {
+                Reply::error(ErrorCode::Unsupported, "blk")
+            }
             Request::Status => Reply::Status(Box::new(DeviceStatus {
                 device: "fuzz".into(),
                 kind: DeviceKind::Blk,

@@ -36,6 +36,13 @@ pub enum Request {
     Abort { generation: Generation },
     /// After failover (net): announce the guest's MAC (gratuitous RARP).
     Announce { generation: Generation },
+    /// On a standby, before the restored guest runs (blk): the SEALED `state` of the
+    /// checkpoint the VM is restored from; each ring checks it at its first start and
+    /// re-executes its outstanding requests first (the `--replay FILE` flag, over the socket).
+    Replay {
+        generation: Generation,
+        state: TransactionState,
+    },
     /// Report counters and held-output telemetry. Read-only, so it carries no generation.
     Status,
 }
@@ -78,7 +85,8 @@ impl Request {
             Request::Seal { generation, .. }
             | Request::Commit { generation, .. }
             | Request::Abort { generation }
-            | Request::Announce { generation } => Some(*generation),
+            | Request::Announce { generation }
+            | Request::Replay { generation, .. } => Some(*generation),
             Request::Status => None,
         }
     }
@@ -109,6 +117,13 @@ pub enum Reply {
         /// The newest committed epoch at the time of the abort, for the coordinator's records.
         #[serde(default)]
         last_committed: Option<Epoch>,
+    },
+    /// The replay record was taken; its requests run when their rings first start.
+    ReplayAccepted {
+        /// Queues the record covers.
+        queues: u32,
+        /// Requests it will replay.
+        requests: u64,
     },
     /// The announcement was sent.
     Announced {
@@ -164,6 +179,9 @@ pub enum ErrorCode {
     CommitRefused,
     /// The request is valid but this device does not implement it (e.g. `ANNOUNCE` on blk).
     Unsupported,
+    /// A `REPLAY` record does not fit the device (queue out of range, a queue or head listed
+    /// twice) or comes too late (a ring already ran).
+    ReplayRefused,
     /// The daemon failed internally (a bug or an unexpected system error).
     Internal,
     /// A code this side does not know (sent by a newer peer).

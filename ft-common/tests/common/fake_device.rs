@@ -218,6 +218,7 @@ fn handle(st: &Mutex<FakeState>, dev: &str, kind: DeviceKind, req: Request) -> R
                 last_committed: s.txq.last_committed(),
             }
         }
+        Request::Replay { .. } => Reply::error(ErrorCode::Unsupported, "fake device"),
         Request::Announce { .. } => match kind {
             DeviceKind::Net => Reply::Announced { packets: 1 },
             DeviceKind::Blk => Reply::error(ErrorCode::Unsupported, "blk has no announce"),

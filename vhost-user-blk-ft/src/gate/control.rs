@@ -34,7 +34,7 @@ use ft_common::control::{
     TransactionState,
 };
 use ft_common::epoch::{Epoch, Fence};
-use ft_common::vhost_user::WorkerHandle;
+use ft_common::vhost_user::{ReplayStore, WorkerHandle};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -66,6 +66,8 @@ pub struct BlkControl {
     policy: OnCommitError,
     engine: CommitEngine,
     state: State,
+    /// Where `REPLAY` records go (None: refused as unsupported).
+    replay: Option<ReplayStore>,
 }
 
 /// `BlkControl` behind the lock the `ControlHandler` trait needs (`&self`).
@@ -86,6 +88,7 @@ impl BlkControl {
             policy,
             engine,
             state: State::default(),
+            replay: None,
         }
     }
 
@@ -94,6 +97,49 @@ impl BlkControl {
     pub fn with_fence(mut self, fence: Fence) -> BlkControl {
         self.state.fence = fence;
         self
+    }
+
+    /// Accepts `REPLAY` records into the server's replay store (`VhostUserServer::replay_store`).
+    pub fn with_replay(mut self, store: ReplayStore) -> BlkControl {
+        self.replay = Some(store);
+        self
+    }
+
+    /// `REPLAY`: the record of the checkpoint a standby VM is restored from, before it runs.
+    fn replay(&mut self, state: &TransactionState) -> Reply {
+        let Some(store) = &self.replay else {
+            return Reply::error(
+                ErrorCode::Unsupported,
+                "this daemon takes no replay records",
+            );
+        };
+        if state.kind != DeviceKind::Blk {
+            return Reply::error(
+                ErrorCode::ReplayRefused,
+                format!("a {:?} record, not a block device's", state.kind),
+            );
+        }
+        if state.device != self.device {
+            log::warn!(
+                "REPLAY: record of device {:?}, this daemon serves {:?}",
+                state.device,
+                self.device
+            );
+        }
+        match store.install(state) {
+            Ok(sum) => {
+                log::info!(
+                    "REPLAY: {} request(s) on {} queue(s), replayed when their rings start",
+                    sum.requests,
+                    sum.queues
+                );
+                Reply::ReplayAccepted {
+                    queues: sum.queues as u32,
+                    requests: sum.requests as u64,
+                }
+            }
+            Err(e) => Reply::error(ErrorCode::ReplayRefused, e.to_string()),
+        }
     }
 
     pub fn into_handler(self) -> BlkControlHandler {
@@ -299,6 +345,7 @@ impl BlkControl {
             Request::Seal { epoch, .. } => self.seal(epoch),
             Request::Commit { epoch, .. } => self.commit(epoch),
             Request::Abort { .. } => self.abort(),
+            Request::Replay { state, .. } => self.replay(&state),
             Request::Announce { .. } => {
                 Reply::error(ErrorCode::Unsupported, "ANNOUNCE is for net devices")
             }
