@@ -636,5 +636,8 @@ fn malformed_message_flood_is_rate_limited_in_the_log() {
     start_queue(&mut f, 0, 0).expect("start");
     served(&mut f, 0, b"after the flood");
     let n = d.text().matches("malformed message dropped").count();
-    assert!((1..=40).contains(&n), "{n} log lines for 5000 malformed messages");
+    assert!(
+        (1..=40).contains(&n),
+        "{n} log lines for 5000 malformed messages"
+    );
 }
