@@ -113,28 +113,44 @@ fn spawn(prog: &str, args: &[String]) -> Proc {
 }
 
 fn start_standby(dir: &Path, store: &Path, fsync_delay_ms: u64) -> Proc {
-    let sock = dir.join("standby.sock");
-    let _ = std::fs::remove_file(&sock);
+    start_standby_on(&unix_addr(dir), store, fsync_delay_ms)
+}
+
+fn unix_addr(dir: &Path) -> String {
+    format!("unix:{}", dir.join("standby.sock").display())
+}
+
+/// `ft-standby --listen addr`, once it accepts connections.
+fn start_standby_on(addr: &str, store: &Path, fsync_delay_ms: u64) -> Proc {
+    if let Some(p) = addr.strip_prefix("unix:") {
+        let _ = std::fs::remove_file(p);
+    }
     let p = spawn(
         env!("CARGO_BIN_EXE_ft-standby"),
         &[
             "--listen".into(),
-            format!("unix:{}", sock.display()),
+            addr.to_string(),
             "--store".into(),
             store.display().to_string(),
             "--fsync-delay-ms".into(),
             fsync_delay_ms.to_string(),
         ],
     );
-    wait_for("standby socket", || sock.exists());
+    let a: ft_common::standby::StandbyAddr = addr.parse().unwrap();
+    wait_for("standby listening", || {
+        a.connect(Duration::from_secs(1)).is_ok()
+    });
     p
 }
 
 fn migrate_spec(dir: &Path, extra: &str) -> String {
+    migrate_spec_to(dir, &unix_addr(dir), extra)
+}
+
+fn migrate_spec_to(dir: &Path, standby: &str, extra: &str) -> String {
     format!(
-        "migrate:{},standby=unix:{}{extra}",
-        dir.join("qmp.qmp").display(),
-        dir.join("standby.sock").display()
+        "migrate:{},standby={standby}{extra}",
+        dir.join("qmp.qmp").display()
     )
 }
 
@@ -203,19 +219,26 @@ fn restore(dir: &Path, p: &ft_common::standby::PublishedCheckpoint) {
     eprintln!("restored epoch {} in {:?}", p.epoch(), t0.elapsed());
 }
 
+/// The paused-mode test streams over TCP (QEMU's `tcp:` migration URI, a port from this
+/// project's test range), the live one over a unix socket.
 fn run_mode(mode: &str) {
     let _ = env_logger::builder().is_test(true).try_init();
     let dir = TempDir::new(&format!("migrate-{mode}"));
     let store = dir.path().join("store");
     let _qemu = start_qemu(dir.path());
     // A slow standby disk: every acknowledgement waits 300 ms more.
-    let _standby = start_standby(dir.path(), &store, 300);
+    let addr = if mode == "paused" {
+        "tcp:127.0.0.1:22011".to_string()
+    } else {
+        unix_addr(dir.path())
+    };
+    let _standby = start_standby_on(&addr, &store, 300);
     let a = FakeDevice::start("vda", dir.path().join("vda.ctl"), DeviceKind::Blk);
     oracle(&a, dir.path(), store.clone());
     let mut cfg = config(
         dir.path(),
         &[("vda", &a.path)],
-        &migrate_spec(dir.path(), &format!(",mode={mode}")),
+        &migrate_spec_to(dir.path(), &addr, &format!(",mode={mode}")),
     );
     cfg.cycle.interval = Some(Duration::from_millis(50));
     cfg.cycle.checkpoint_timeout = Duration::from_secs(30);
@@ -229,6 +252,7 @@ fn run_mode(mode: &str) {
     c.shutdown();
     assert!(a.violations().is_empty(), "{:?}", a.violations());
     assert_eq!(cap["mode"], mode);
+    assert_eq!(cap["standby"], addr.as_str());
     assert!(cap["checkpoints_durable"].as_u64().unwrap() >= 3, "{cap}");
     assert!(cap["vm_pause"]["count"].as_u64().unwrap() >= 3, "{cap}");
     assert!(cap["last"]["bytes"].as_u64().unwrap() > 30 << 20, "{cap}");
