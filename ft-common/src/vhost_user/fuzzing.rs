@@ -91,7 +91,7 @@ pub fn inflight_recovery(data: &[u8]) {
                 }
             }
         }
-        iq.mark_in_use();
+        iq.mark_in_use(used_idx);
         let mut used = used_idx;
         for _ in 0..64 {
             if inp.is_empty() {

@@ -247,12 +247,19 @@ impl InflightQueue {
         self.fresh
     }
 
-    /// The ring now runs with this region: from here on it is authoritative for resubmission
-    /// (version set), also for a later daemon or connection of the same VM.
-    pub fn mark_in_use(&mut self) {
+    /// The ring now runs with this region, its used ring at `used_idx`: from here on it is
+    /// authoritative for resubmission (version set), also for a later daemon or connection of
+    /// the same VM.
+    ///
+    /// The region's own copy of the used idx is set too. A fresh region says 0, which is right
+    /// only for a ring that starts at 0; on a VM restored from a checkpoint the ring starts
+    /// anywhere, and a later [`recover`](Self::recover) would take the difference for a
+    /// half-recorded completion and drop a head still in flight (its entry then popped twice).
+    pub fn mark_in_use(&mut self, used_idx: u16) {
         let hdr = self.region.header(self.queue);
         hdr.desc_num
             .store(self.region.queue_size, Ordering::Relaxed);
+        hdr.used_idx.store(used_idx, Ordering::Release);
         hdr.version.store(VERSION, Ordering::Release);
         self.fresh = false;
     }
@@ -440,9 +447,26 @@ mod tests {
         assert!(q.is_fresh());
         // A refused start leaves it fresh.
         assert!(InflightQueue::new(region.clone(), 0, 8).unwrap().is_fresh());
-        q.mark_in_use();
+        q.mark_in_use(0);
         assert!(!InflightQueue::new(region.clone(), 0, 8).unwrap().is_fresh());
         assert!(InflightQueue::new(region, 1, 8).unwrap().is_fresh());
+    }
+
+    /// A restored VM: the fresh region meets a ring whose used idx is far from 0, requests are
+    /// replayed (marked in flight), and the ring restarts (the next checkpoint) before any of
+    /// them completes. All of them are still in flight: none is dropped as a "half-recorded
+    /// completion" (which made the daemon pop an avail entry twice after a takeover).
+    #[test]
+    fn a_restored_ring_restarting_before_any_completion_keeps_every_head() {
+        let (region, _file) = InflightRegion::create(1, 8).unwrap();
+        let mut q = InflightQueue::new(region.clone(), 0, 8).unwrap();
+        assert!(q.is_fresh());
+        for h in [0, 5, 3] {
+            q.start(h);
+        }
+        q.mark_in_use(1591);
+        let mut again = InflightQueue::new(region, 0, 8).unwrap();
+        assert_eq!(again.recover(1591).unwrap(), vec![0, 5, 3]);
     }
 
     #[test]
@@ -477,7 +501,7 @@ mod tests {
         // A ring ran with it: from now on its contents are trusted as far as they check out.
         InflightQueue::new(region.clone(), 0, 8)
             .unwrap()
-            .mark_in_use();
+            .mark_in_use(0);
         // desc_num 0, or smaller than the ring.
         for bad in [0u16, 4] {
             hdr.desc_num.store(bad, Ordering::Relaxed);

@@ -214,7 +214,7 @@ impl VringHandle {
             ));
         }
         if let Some(inf) = inflight.as_mut() {
-            inf.mark_in_use();
+            inf.mark_in_use(used_idx);
         }
         queue.set_next_avail(next_avail);
         queue.set_next_used(used_idx);
