@@ -24,6 +24,7 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use ft_common::control::{ControlClient, Reply, Request};
 use ft_tests::guest::image::workspace_binary;
 use ft_tests::guest::serial_file::guest_errors;
 use ft_tests::guest::{
@@ -529,8 +530,30 @@ impl Rig {
         }
     }
 
+    /// Waits (up to 2 minutes) until the block daemon holds writes, so that the checkpoints
+    /// around the kill have requests outstanding to replay; false if it never did.
+    fn wait_held_writes(&self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline {
+            let held = ControlClient::connect(self.scratch.join("blk.ctl"), Duration::from_secs(5))
+                .ok()
+                .and_then(|mut c| match c.call(&Request::Status) {
+                    Ok(Reply::Status(s)) => Some(s.held_requests),
+                    _ => None,
+                });
+            if held.unwrap_or(0) > 0 {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
     /// Brings the primary to `point` and leaves it frozen there (or idle).
     fn reach(&self, point: KillPoint, p: &Protection, blk_pid: u32) {
+        if !self.wait_held_writes() {
+            println!("{}: no held writes seen; killing anyway", point.name());
+        }
         let arm_and_wait = |arm: &str, pid: u32| {
             std::fs::write(self.scratch.join(arm), b"").expect("arm kill point");
             let deadline = Instant::now() + Duration::from_secs(180);

@@ -309,12 +309,10 @@ fn start_daemon(
             .map_err(|e| TakeoverError::Start(format!("replay record of {}: {e}", d.name)))?;
         fs::write(&file, body)
             .map_err(|e| TakeoverError::Start(format!("{}: {e}", file.display())))?;
-        // A record with nothing outstanding needs no replay: the restored rings' base then
-        // equals their used index, which a daemon accepts as it is.
-        if rec.outstanding > 0 {
-            argv.push("--replay".into());
-            argv.push(file.to_string_lossy().into_owned());
-        }
+        // Always, also with nothing outstanding: the daemon then still checks the restored
+        // ring's base against the record instead of trusting it.
+        argv.push("--replay".into());
+        argv.push(file.to_string_lossy().into_owned());
     }
     let sockets: Vec<PathBuf> = ["socket", "control"]
         .iter()
