@@ -792,7 +792,6 @@ fn takeover_keeps_the_guests_tcp_stream() {
 
 /// Each kill point once, chained across four takeovers of the same guest (issue "Takeover").
 #[test]
-#[ignore = "needs vhost-user-blk-ft --replay (issue 13), not landed yet"]
 fn every_kill_point_once_in_a_chain_of_takeovers() {
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let rows = run_chain("fo-chain", &KillPoint::ALL, 1000);
