@@ -232,3 +232,31 @@ fn a_cut_stream_or_a_lost_checkpointer_leaves_the_published_checkpoint() {
         StandbyReply::Durable { .. }
     ));
 }
+
+#[test]
+fn a_new_begin_preempts_a_checkpoint_in_progress() {
+    let dir = TempDir::new("standby-preempt");
+    let s = start(&dir);
+    // A checkpointer that went silent mid-checkpoint (its host died without closing).
+    let mut old = StandbyClient::new(s.addr().clone(), T);
+    let r = old
+        .call(&StandbyRequest::Begin {
+            generation: Generation(1),
+        })
+        .unwrap();
+    assert!(matches!(r, StandbyReply::Ready { .. }));
+    // Its successor (a restarted coordinator: next generation) is not locked out.
+    let mut new = StandbyClient::new(s.addr().clone(), T);
+    assert!(matches!(
+        checkpoint(&mut new, 2, 5, b"new"),
+        StandbyReply::Durable { .. }
+    ));
+    // The old one can no longer publish anything.
+    match old.call(&end(1, 6)).unwrap() {
+        StandbyReply::Refused { reason } => assert!(reason.contains("preempted"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    let store = CheckpointStore::open(dir.path().join("store")).unwrap();
+    let n = store.newest_valid().unwrap().unwrap();
+    assert_eq!((n.generation(), n.epoch()), (Generation(2), Epoch(5)));
+}
