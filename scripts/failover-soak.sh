@@ -18,6 +18,8 @@ N=${1:-20}
 
 "$ROOT/scripts/setup.sh"
 cd "$ROOT"
+# The test finds the daemons next to its own executable: build them in the same profile.
+cargo build --release -q -p vhost-user-blk-ft -p vhost-user-net-ft -p ft-common
 log=$(mktemp /tmp/ft-failover-soak.XXXXXX.log)
 echo "failover-soak: $N kill points; full output in $log" >&2
 status=0
