@@ -145,7 +145,7 @@ for m in modes[1:]:
     ops = med(sum(w["ops"] for w in json.load(open(f"{d}/{m}.{r}.json"))["results"] if not w["name"].startswith("randread")) for r in range(1, rounds + 1))
     print(f"| {m} | {commits:.0f} | {fs:.0f} | {'1 (empty commits skip it)' if fs <= commits else f'{fs/commits:.2f}'} | {ops/max(fs,1):.1f} | {ms(p99)} |")
 print()
-print("Seal to completion, p50 per phase in µs (coordinator telemetry, median of the runs' p50s; all workloads of a run together):")
+print("Seal to completion, p50 per phase in µs (coordinator telemetry, median of the runs' p50s; all workloads of a run together; the fdatasync p50 counts non-empty commits only and the COMMIT p50 all of them, so with many empty periodic commits the difference can be negative):")
 print()
 print("| mode | SEAL round trip | checkpoint (sim:0) | COMMIT round trip | of which fdatasync | COMMIT minus fdatasync | seal to COMMITTED |")
 print("|---|---|---|---|---|---|---|")
