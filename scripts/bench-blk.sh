@@ -150,6 +150,7 @@ stop_backend() {
 }
 
 # run_fio MODE IMG OUT: host fio (io_uring, defaults otherwise) on IMG, one job per workload
+# (--invalidate=0: fio's default drops IMG's page cache, which ours then pays for in its reads)
 # of ft-blk-bench's list, converted to ft-blk-bench's JSON. One fio process per queue would be
 # the fair multi-queue peer; with --queues > 1 fio runs numjobs=QUEUES.
 run_fio() {
@@ -176,7 +177,7 @@ run_fio() {
         /usr/bin/time -f '%e %U %S' -o "$WORK/fio-time" \
             fio --name="$w" --filename="$img" --ioengine=io_uring --direct=$direct --rw="$rw" \
                 --bs="$bs" --iodepth="$qd" --numjobs="$QUEUES" --group_reporting --size="$SIZE" \
-                --time_based --runtime="$RUNTIME" --ramp_time="$WARMUP" "${extra[@]}" \
+                --time_based --runtime="$RUNTIME" --ramp_time="$WARMUP" --invalidate=0 "${extra[@]}" \
                 --output-format=json >"$WORK/fio-$i.json" 2>"$WORK/logs/fio.log"
         "$PY" - "$WORK/fio-$i.json" "$WORK/fio-time" "$w" >"$WORK/fio-$i.res" <<'PYEOF'
 import json, sys
