@@ -6,6 +6,7 @@
 //! - [`control`]: the coordinator <-> daemon control protocol (messages, framing, socket ends).
 //! - [`ratelimit`]: rate-limited logging of guest and frontend input ([`guest_warn!`]).
 //! - [`vhost_user`]: the vhost-user device server both daemons run.
+//! - [`unix_socket`]: listening sockets whose file appears only once they listen.
 //! - [`killpoint`]: test-only stop points for failover tests (inert unless configured).
 //! - [`takeover`]: the standby becomes the primary (`ftctl record-vm`, `ftctl takeover`).
 //! - [`coordinator`]: the coordinator that seals epochs across devices, drives a checkpointer and
@@ -25,4 +26,5 @@ pub mod ratelimit;
 pub mod standby;
 pub mod takeover;
 pub mod txqueue;
+pub mod unix_socket;
 pub mod vhost_user;

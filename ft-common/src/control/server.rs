@@ -30,7 +30,7 @@ use crate::epoch::Epoch;
 use std::fs;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -158,9 +158,8 @@ impl ControlServer {
     pub fn bind(path: impl AsRef<Path>) -> io::Result<ControlServer> {
         let path = path.as_ref().to_path_buf();
         remove_stale_socket(&path)?;
-        let listener = UnixListener::bind(&path)?;
-        // The window between bind and chmod is covered by the peer uid check on accept.
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
+        // The file appears listening and already 0600 (the peer uid check on accept stays).
+        let listener = crate::unix_socket::bind_listening(&path, 0o600)?;
         listener.set_nonblocking(true)?;
         let md = fs::symlink_metadata(&path)?;
         let bound = Bound {

@@ -45,6 +45,7 @@ use super::handler::{ConnHandler, Shared};
 use super::memory::DirtyLog;
 use super::replay::ReplayStore;
 use super::worker::{self, Command, WorkerHandle};
+use crate::unix_socket::{bind_listening, SocketFile};
 
 const HDR_SIZE: usize = 12;
 /// Most fds a message carries (vhost's MAX_ATTACHED_FD_ENTRIES).
@@ -96,6 +97,8 @@ impl ServerStop {
 pub struct VhostUserServer {
     shared: Arc<Shared>,
     listener: Listener,
+    /// Removes the socket file when the server goes.
+    _socket_file: SocketFile,
     threads: Vec<JoinHandle<()>>,
     stop: ServerStop,
 }
@@ -130,8 +133,17 @@ impl VhostUserServer {
             workers.push(h);
             threads.push(t);
         }
-        let listener = Listener::new(socket, true)
-            .map_err(|e| std::io::Error::other(format!("listen on {}: {e}", socket.display())))?;
+        let listen_error = |e: std::io::Error| {
+            std::io::Error::new(e.kind(), format!("listen on {}: {e}", socket.display()))
+        };
+        match std::fs::remove_file(socket) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(listen_error(e)),
+            _ => {}
+        }
+        // The socket file appears only once it listens: a VMM started when it appears connects.
+        let listener = bind_listening(socket, 0o600).map_err(listen_error)?;
+        let socket_file = SocketFile::new(socket).map_err(listen_error)?;
+        let listener = Listener::from(listener);
         Ok(VhostUserServer {
             shared: Arc::new(Shared {
                 replay: ReplayStore::new(n),
@@ -141,6 +153,7 @@ impl VhostUserServer {
                 log,
             }),
             listener,
+            _socket_file: socket_file,
             threads,
             stop: ServerStop {
                 evt: Arc::new(EventFd::new(EFD_NONBLOCK)?),
