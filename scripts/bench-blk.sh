@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Block benchmark: ft-blk-bench (VM-less vhost-user-blk client) against qemu-storage-daemon and
 # against our vhost-user-blk-ft, same image size, same cache mode, alternating backends for
 # several rounds, with host fio (io_uring, on ours' image file) as the ceiling; writes a

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Real checkpoints: what the migrate: checkpointer costs. One TCG guest per configuration runs
 # the e2e-bench guest test (short fio jobs on its vhost-user-blk disk, iperf3 + ping to the
 # host through its vhost-user-net NIC) while ft-coordinator checkpoints it:

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Block output commit cost: vhost-user-blk-ft with --ft off vs --ft hold gated by ft-coordinator
 # (sim:0 checkpointer, so a checkpoint costs nothing and only the gating is measured) at epoch
 # intervals of 1, 5 and 25 ms, and with event-driven cuts (`event`: --interval-ms 0

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Guest-level benchmark: one TCG guest per configuration runs short fio jobs on its
 # vhost-user-blk disk (4k randread/randwrite at QD1 and QD32, 128k sequential read/write, 4k
 # writes with an fsync after each) and iperf3 + ping to the host through its NIC, for

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Network benchmark of a TCG guest: iperf3 guest->host and host->guest throughput and ping RTT
 # (p50/p99) through
 #   off     vhost-user-net-ft --ft off (plain backend)

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # The ft-vhost demo: one command on a fresh Debian 12 machine (as root).
 #
 # 1. installs the host tools (scripts/setup.sh), builds the release binaries and the test guest;

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Failover soak (not in CI): one guest, a chain of N takeovers at random kill points
 # ((a) mid-capture, (b) acknowledged before commit, (c) mid-commit, (d) idle), each one checked
 # as in tests/tests/e2e_failover.rs (nothing leaves while frozen, TCP stream continuous, a fio

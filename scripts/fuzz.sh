@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Run one coverage-guided fuzz target (libFuzzer via libfuzzer-sys) for a number of executions.
 #
 #   scripts/fuzz.sh TARGET EXECS [extra libFuzzer args...]

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Build the QEMU 10 root once: a Debian 13 (trixie) minbase tree with qemu-system-x86 and
 # qemu-utils, kept in ${FT_CACHE:-$HOME/.cache/ft-vhost}/qemu10-root (or $FT_QEMU10_ROOT), like
 # the guest image. Idempotent: an existing complete tree (marker file .ft-complete) is kept and

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Run QEMU 10 (Debian 13's qemu-system-x86_64) from the tree scripts/qemu10-root.sh builds,
 # without chroot or bind mounts: the tree's own dynamic loader runs its binary with the tree's
 # libraries, -L points at its firmware and QEMU_MODULE_DIR at its modules. Paths on the command

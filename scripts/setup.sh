@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Idempotent, non-interactive host setup for the ft-vhost test suite (Debian 12).
 #
 # Installs QEMU (TCG guests + qemu-storage-daemon), fio, iperf3, busybox-static and the small

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # The whole test suite, as CI runs it (.ci/run calls exactly this script).
 #
 # Installs what the tests need (idempotent, see scripts/setup.sh); checks formatting, lints

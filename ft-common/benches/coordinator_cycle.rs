@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Epoch cycle overhead with the sim checkpointer: cycles per second against fake daemons
 //! (real ControlServer + TxQueue over unix sockets) and the seal / checkpoint / commit latency
 //! breakdown. `cargo bench -p ft-common --bench coordinator_cycle [-- SECONDS]`.

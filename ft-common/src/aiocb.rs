@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! AIOCBs: owned handles for held and in-flight I/O, with real cancel.
 //!
 //! The Kemari review (2011) rejected event-tap because it handed out a shared dummy AIOCB for

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Epoch and generation numbers: the two clocks of output commit.
 //!
 //! An *epoch* is the interval between two checkpoints; epoch `E` ends at checkpoint `E`. Every held

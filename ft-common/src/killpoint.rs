@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Kill points: named places in the cycle where a failover test can freeze a process, so that
 //! it kills the primary at an exact protocol moment instead of at a lucky time.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! ft-common: the parts both ft-vhost daemons share.
 //!
 //! - [`epoch`]: epoch and generation numbers, and the generation fence.

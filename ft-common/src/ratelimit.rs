@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A tiny rate limiter for log lines about guest or frontend input.
 //!
 //! Anything a guest or frontend controls can happen millions of times a second; a log line per

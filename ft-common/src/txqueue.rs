@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The transaction queue: a device's held output, tagged by epoch, released only on commit.
 //!
 //! Both daemons keep one `TxQueue<P>` per device: the block daemon holds writes, flushes,

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Unix listening sockets that appear in the filesystem only once they accept connections.
 //!
 //! `UnixListener::bind` is bind(2) then listen(2): between the two the socket file exists but a

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The `migrate:` checkpointer against a real QEMU 7.2 (`-accel tcg`, 32 MiB, no guest disk:
 //! the vCPU runs the BIOS) and a real `ft-standby` process, with fake device daemons whose
 //! oracles check every SEAL and COMMIT:

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Properties of the control framing: every message round-trips, and no input (truncated,
 //! oversized, wrong version, garbage, wrong shape) makes the decoder panic or allocate beyond the
 //! frame bound.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! End to end over a real unix socket: a `ControlServer` with a toy device handler and a
 //! `ControlClient`, plus raw garbage writers.
 

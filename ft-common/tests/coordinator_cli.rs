@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The `ft-coordinator` binary end to end: CLI parsing, generation persisted, ftctl over the
 //! API socket, clean shutdown on SIGTERM, and refusal of a non-loopback metrics address.
 

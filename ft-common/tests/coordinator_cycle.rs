@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The coordinator against two fake daemons (real ControlServer + TxQueue): output is released
 //! only after its checkpoint is acknowledged, in epoch order, on both devices together; a
 //! failing checkpointer commits nothing and `ftctl status` says why.

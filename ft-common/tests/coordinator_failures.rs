@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Failure handling: a daemon killed mid-epoch stops the cycle (reported in status, metrics)
 //! until it is back (`continue`) or the operator resumes (`stop-vm`); a commit failure the daemon
 //! survives does not stop it; a fenced coordinator is deposed;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The qmp checkpointer against a real QEMU (7.2, `-accel tcg`, no guest disk: the vCPU runs
 //! the BIOS). A second QMP monitor is the oracle: at every SEAL the VM must be paused.
 //! Fails when qemu-system-x86_64 is not installed (scripts/setup.sh installs it).

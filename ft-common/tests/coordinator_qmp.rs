@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The qmp checkpointer against a small in-test QMP server speaking the real exchange
 //! (greeting, qmp_capabilities, stop, cont, events): every SEAL happens with the VM stopped,
 //! and the VM runs again after each cut.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Replays the fuzz inputs kept in `fuzz/regressions/` (crashes found and fixed, and seeds for
 //! the hostile cases of issue 16) through the same entry points the fuzz targets use.
 

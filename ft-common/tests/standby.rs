@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! ft-standby's protocol, store and refusals, driven over real sockets with a hand-made
 //! migration stream (the QEMU-backed tests are in tests/tests/checkpoint_qemu.rs).
 

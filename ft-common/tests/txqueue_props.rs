@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Property tests of the transaction queue against a reference model.
 //!
 //! Random interleavings of push, seal, commit, abort, cancel and cancel_where run on a

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! INFLIGHT_SHMFD recovery and bookkeeping over a fuzzed region; see
 //! `ft_common::vhost_user::fuzzing::inflight_recovery`.
 #![no_main]

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! vhost-user message decoder and handler (with fds) against a live server; see
 //! `ft_common::vhost_user::fuzzing::protocol`.
 #![no_main]

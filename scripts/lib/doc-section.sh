@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Sourced by the benchmark scripts: each owns one generated section of docs/benchmarks.md.
 
 # write_doc_section DOC NAME HEADING BODY_FILE

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Build (or reuse) the ft-vhost test guest: a Debian kernel and an initramfs with busybox, fio,
 # iperf3, iproute2 and the virtio modules, whose /init runs one test chosen on the kernel
 # command line (see tests/guest/init).

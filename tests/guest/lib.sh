@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Shell helpers sourced by the guest's test scripts (busybox sh).
 
 # Debian's static busybox runs its own applets before searching PATH, so `ip` would be the

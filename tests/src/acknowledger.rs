@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A stand-in checkpoint coordinator for tests and benchmarks: every `interval` it seals the
 //! next epoch on every control socket and commits it at once, as if each checkpoint were
 //! acknowledged immediately. It takes no checkpoint; it only exercises the daemons' output

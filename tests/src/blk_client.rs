@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A vhost-user-blk test and benchmark client (frontend without a VM).
 //!
 //! Built on the `virtio-driver` crate's vhost-user transport and split virtqueue, but with our

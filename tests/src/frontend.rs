@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A test vhost-user frontend: vhost's `Frontend` for the protocol, memfd-backed guest memory
 //! shared with the backend, and a minimal split-ring driver (place descriptor chains, kick,
 //! wait for used entries). Also raw message access for protocol-ordering and malformed-message

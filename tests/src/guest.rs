@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Boot a small Linux guest under QEMU (TCG) against vhost-user backends and collect its verdict.
 //!
 //! The pieces:

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Test support shared by the cross-crate integration tests and the benchmarks.
 //!
 //! - [`frontend`]: a raw vhost-user frontend (vhost `Frontend`, memfd guest memory, a small

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Private network namespaces for tests: taps, addresses and servers made inside one vanish with
 //! it, so fixed test addresses cannot clash with another run.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A numbered TCP byte stream through an echo server, checked byte for byte: the failover tests'
 //! proof that the guest's TCP connections survive a takeover.
 //!

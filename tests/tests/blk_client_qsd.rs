@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Validates the vhost-user-blk test client (`ft_tests::blk_client`) against a reference
 //! backend, qemu-storage-daemon's vhost-user-blk export: round trips, batching, flush,
 //! write-zeroes/discard, GET_ID, and the raw error statuses. Data is also checked in the image

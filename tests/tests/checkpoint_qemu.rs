@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Real checkpoints of a Linux guest: QEMU 7.2 (TCG, 320 MiB), vhost-user-blk-ft in hold mode,
 //! ft-coordinator with `--checkpointer migrate:` (live mode) and an `ft-standby` process. The
 //! guest writes its disk with fio (crc32c verify) while the coordinator checkpoints it.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! End-to-end failover (issue "Takeover"): a Linux guest under QEMU (TCG) with vhost-user-blk-ft
 //! and vhost-user-net-ft in hold mode is checkpointed into a standby store every epoch; the
 //! primary (QEMU, both daemons, the checkpointing side) is SIGKILLed at a chosen kill point and

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! End-to-end output commit: a Linux guest under QEMU (TCG) with vhost-user-blk-ft and
 //! vhost-user-net-ft, both `--ft hold`, gated by ft-coordinator. The checkpointer is an `exec:`
 //! oracle owned by the test: it acknowledges each checkpoint 200 ms after the capture, and not

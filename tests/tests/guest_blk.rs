@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Guest-level block tests: a Linux guest under QEMU (TCG) runs fio with crc32c verification on a
 //! vhost-user-blk disk. The backend is qemu-storage-daemon, the reference our vhost-user-blk-ft
 //! daemon must match; swapping in another backend only changes the `BackendCommand`.

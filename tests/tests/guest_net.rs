@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Guest-level network tests: a Linux guest under QEMU (TCG) with a vhost-user virtio-net device
 //! served by our `vhost-user-net-ft` daemon on a tap. The guest (tests/guest/tests/net-iperf.sh)
 //! pings the host end of the tap and runs iperf3 against a host server in both directions.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Both daemons under QEMU 10 with output commit driven by the `qmp:` checkpointer, as a user on
 //! today's QEMU runs them: vhost-user-blk-ft and vhost-user-net-ft in `--ft hold`, ft-coordinator
 //! stopping and continuing the VM over QMP at every epoch (every 20 ms, and 5 ms after output),

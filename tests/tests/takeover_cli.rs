@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `ftctl takeover` and `ftctl record-vm` without a VM: the order of the takeover's first
 //! steps (generation persisted and the store fenced before anything is started; the old
 //! primary's daemon fenced with the new generation) and clear errors for bad input.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A hostile or buggy frontend (or guest writing its own rings) against ft-common's vhost-user
 //! server, through the real socket protocol, with the ft-test-device binary (it reverses
 //! readable bytes into writable buffers). Every case checks that the daemon neither panics,

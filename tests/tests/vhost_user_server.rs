@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Protocol tests of ft-common's vhost-user server, driven by the test frontend against the
 //! ft-test-device binary (a toy device: reverses readable bytes into writable buffers; `H`
 //! requests are held, `D` requests complete after 100 ms).

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The virtio-blk device identity: feature bits and the `virtio_blk_config` space.
 //!
 //! Invariants: the config layout is little-endian at the offsets of the virtio 1.x spec

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The virtio-blk device as ft-common's vhost-user server sees it.
 //!
 //! Holds what lives as long as the daemon (image, config space) and creates one [`BlkQueue`]

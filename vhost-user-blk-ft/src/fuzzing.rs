@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Entry points for the fuzz targets in `fuzz/` (and the regression tests that replay the
 //! inputs they found): whole-input functions that must never panic, hang or touch memory
 //! outside the guest memory they are given.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The backing image: a raw file or a block device, opened once per daemon.
 //!
 //! Invariants: the capacity is fixed at open (in 512-byte sectors, rounded down; a partial tail

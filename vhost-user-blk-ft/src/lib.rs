@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! vhost-user-blk-ft: a virtio-blk vhost-user backend built for output commit.
 //!
 //! - [`image`]: the backing file or block device.

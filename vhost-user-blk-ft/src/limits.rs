@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Request size limits: what the device advertises in its config space (`config.rs`) is what
 //! the request parser (`request.rs`) enforces, because both read these constants and nothing
 //! else. A limit changed here changes the advertisement and the check together.

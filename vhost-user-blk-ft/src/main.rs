@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `vhost-user-blk-ft`: CLI, daemon setup and signal handling.
 //!
 //! Opens the image, builds the virtio-blk device and serves it on a vhost-user socket until

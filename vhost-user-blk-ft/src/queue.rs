@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The per-queue worker: pops chains, parses them, feeds the io_uring engine, completes.
 //!
 //! Runs on the queue's worker thread (ft-common's server gives each queue its own thread), so

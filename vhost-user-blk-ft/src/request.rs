@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The virtio-blk request parser: a descriptor chain in, a typed, self-contained request out.
 //!
 //! All validation of guest input happens here, so the engine and the (later) transaction queue

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Pooled segment tables: the large part of a request, recycled per thread.
 //!
 //! A request may carry `MAX_DATA_SEGS` data segments (see `limits.rs`); their host iovecs and

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A real Linux guest (QEMU TCG, virtio-blk-pci over vhost-user, 2 queues) runs fio with
 //! crc32c verification on a disk served by the vhost-user-blk-ft binary; the image file is then
 //! checked block by block. Uses the shared guest harness (`ft_tests::guest`).

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `--ft hold`: the daemon binary driven through the real vhost-user protocol (the raw test
 //! frontend) and the real control protocol (`ControlClient`): held output never reaches the
 //! image before COMMIT, one fdatasync per commit (daemon counters and the kernel's ext4

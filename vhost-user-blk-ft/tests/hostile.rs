@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The block daemon against a guest that writes its own rings wrong, in both modes (`--ft off`
 //! and `--ft hold`): an avail idx more than the ring size ahead used to make the queue worker
 //! spin at 100% CPU, log without end, ignore GET_VRING_BASE and SIGTERM, and serve no later

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The daemon binary driven through the real vhost-user protocol by `ft_tests::blk_client`
 //! (virtio-driver based frontend, no VM): every request type, config space, multi-queue,
 //! EVENT_IDX on and off, read-only, capacity edges, malformed chains, disconnect/reconnect and

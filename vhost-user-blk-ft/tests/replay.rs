@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Replay on the standby: a VM restored from a checkpoint hands a fresh daemon a fresh inflight
 //! region and SET_VRING_BASE = the checkpoint's last avail index. Requests the primary had
 //! taken off the ring and not completed at the checkpoint are no one's unless the daemon is

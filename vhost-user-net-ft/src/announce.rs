@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The gratuitous RARP that announces the guest's MAC after a failover or migration (what QEMU's
 //! `qemu_announce_self` sends): switches relearn on which port the MAC now lives.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The virtio-net device identity: offered feature bits and the config space
 //! (`struct virtio_net_config`: `mac[6]`, status u16, max_virtqueue_pairs u16, little endian).
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The virtio-net device served by ft-common's vhost-user server: one [`NetWorker`] per queue
 //! pair (RX queue 2i, TX queue 2i+1, tap queue i), each on its own worker thread.
 //!

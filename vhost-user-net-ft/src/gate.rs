@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The daemon's control handler: answers SEAL/COMMIT/ABORT/ANNOUNCE/STATUS from the coordinator
 //! by sending each queue-pair worker a [`NetMsg`] (run on the worker thread that owns the tap
 //! queue and hold buffer) and combining the answers into one reply.

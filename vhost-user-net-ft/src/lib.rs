@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! vhost-user-net-ft: a vhost-user virtio-net backend on a tap device whose TX output can be held
 //! per checkpoint epoch and released only when the checkpoint is acknowledged (output commit,
 //! ARCHITECTURE.md sections 1 and 4).

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Ethernet MAC addresses: parsing `aa:bb:cc:dd:ee:ff`, and generating a random locally
 //! administered unicast address when the user gives none.
 //!

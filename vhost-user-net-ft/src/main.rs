@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `vhost-user-net-ft`: command line, logging, signals; wires tap, device, vhost-user server and
 //! control socket together. See the library docs for the data path and gating.
 

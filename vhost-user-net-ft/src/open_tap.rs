@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Opening the tap: attach to an existing tap interface or create it (`--tap NAME`), one fd per
 //! queue pair (IFF_MULTI_QUEUE when more than one), all with IFF_VNET_HDR and non-blocking; probe
 //! which offloads the tap supports; optionally give the host side an IPv4 address and bring it up

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The few ring operations the RX and TX paths need, as a trait, so the copy logic runs the same
 //! over the server's `VringHandle` (with inflight tracking and dirty logging) and over a plain
 //! virtio-queue `Queue` (unit tests with `MockSplitQueue`).

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! RX: frames from the tap into the guest's RX ring. Never held: inbound traffic is not output.
 //!
 //! One frame at a time is read into a reusable buffer (virtio-net header included, as the tap

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Data-path counters and a rate-limited logger.
 //!
 //! The data path never panics on guest input: bad frames are dropped, counted here, and logged at

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! One tap queue: an fd on /dev/net/tun attached to a tap interface with IFF_VNET_HDR.
 //!
 //! Every frame read or written carries the virtio-net header first (its length set with

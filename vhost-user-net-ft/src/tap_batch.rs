@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Batched frame output for COMMIT: many frames to one tap fd with one io_uring submission
 //! instead of one write(2) each.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! TX: frames from the guest's TX ring to a sink (the tap directly, or the epoch hold buffer).
 //!
 //! Each chain is one frame: virtio-net header then Ethernet frame, spread over any number of

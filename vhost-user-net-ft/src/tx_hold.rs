@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The TX hold buffer of `--ft hold`: frames the guest sent, copied out of its ring and tagged
 //! with the epoch they were sent in, waiting for that epoch's checkpoint to be acknowledged.
 //!

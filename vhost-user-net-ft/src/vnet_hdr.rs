@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The virtio-net header (`virtio_net_hdr_v1`) that precedes every frame on the rings and on the
 //! tap (IFF_VNET_HDR), and validation of headers the guest puts on TX frames.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! RX and TX copy paths over virtio-queue's MockSplitQueue (a driver-side ring in test memory):
 //! multi-descriptor TX frames, every TX drop reason, backpressure, RX with and without merged
 //! buffers (num_buffers), a ring running dry in the middle of a frame, a ring stopped while a

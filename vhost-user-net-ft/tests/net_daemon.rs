@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The daemon binary end to end, in a network namespace the test creates: a test vhost-user
 //! frontend (ft-tests' TestFrontend) drives the virtio rings, an AF_PACKET socket watches the
 //! host side of the tap, and a control client plays the coordinator.

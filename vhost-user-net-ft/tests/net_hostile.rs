@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The net daemon against a guest that writes its TX ring wrong, with gating off and on: an
 //! avail idx more than the ring size ahead marks the ring broken (VRING_ERR) instead of making
 //! the worker spin; the daemon answers GET_VRING_BASE, a restarted ring sends frames to the tap

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The tap layer against the real kernel, each test in its own network namespace: create and
 //! attach (single and multi-queue), offload probing, `--ip` configuration, and frames with
 //! virtio-net headers in both directions.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `ft-coordinator`: drives the ft-vhost device daemons through the epoch cycle (SEAL,
 //! checkpoint, COMMIT) so no output leaves the primary before its checkpoint is acknowledged.
 

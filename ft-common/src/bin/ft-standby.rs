@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `ft-standby`: receives a checkpoint of the primary VM every epoch (QEMU's migration stream
 //! and the devices' SEALED records) and keeps the newest one durable in a store directory.
 //! The coordinator's `migrate:` checkpointer acknowledges an epoch only after this process

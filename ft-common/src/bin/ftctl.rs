@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `ftctl`: operator CLI for a running `ft-coordinator` (talks to its `--api` socket), and the
 //! failover commands that work without one: `record-vm` (on the primary, once) and `takeover`
 //! (on the standby, when the primary is lost).

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Coordinator side of a control socket: request/reply calls with a timeout (`call`, or
 //! `send` + `recv_reply` to fan a command out to several daemons at once), and collection of the
 //! `OUTPUT_PENDING` notifications the daemon interleaves with replies.

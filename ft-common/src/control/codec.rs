@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Framing of control messages on a byte stream.
 //!
 //! A frame is a 4-byte big-endian length `N`, then `N` bytes: one version byte

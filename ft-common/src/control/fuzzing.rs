@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Entry points for fuzzing the control plane (a coverage-guided fuzzer's target, and the
 //! tests that replay inputs): whole-input functions that must never panic or hang.
 //!

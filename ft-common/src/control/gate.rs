@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Daemon-independent pieces of a control handler (the "gate"): generation fencing, the mapping
 //! of transaction-queue refusals to protocol error codes, and the merge of held-output telemetry
 //! into `STATUS` epochs. Both daemons' handlers use these, so the two answer the same request the

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The messages of the control protocol between the coordinator and one device daemon.
 //!
 //! Requests flow coordinator -> daemon ([`Request`]); the daemon answers every request with exactly

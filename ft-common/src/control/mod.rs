@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The control protocol between the coordinator and each device daemon (one unix socket per
 //! daemon, `--control PATH`, mode 0600). Specification: `docs/control-protocol.md`.
 //!

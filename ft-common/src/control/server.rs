@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Daemon side of the control socket: one thread that serves the coordinator's connection (and
 //! up to [`MAX_CONNECTIONS`] in all, see there why), hands each request to a [`ControlHandler`]
 //! and writes its reply, and forwards `OUTPUT_PENDING` notifications raised by the queue threads

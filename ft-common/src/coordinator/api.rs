@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The `ftctl` API: a unix stream socket (mode 0600) speaking one JSON line per request and one
 //! JSON line per answer: `{"cmd":"status"}` -> `{"ok":true,"result":{...}}` or
 //! `{"ok":false,"error":"..."}`. Commands: status, pause, resume, checkpoint, abort, announce,

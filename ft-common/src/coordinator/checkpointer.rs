@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Checkpointers behind one trait: `sim` (acknowledges after a fixed delay; tests and
 //! benchmarks), `exec:CMD` (runs a command per checkpoint; exit 0 = acknowledged),
 //! `qmp:SOCK` (pauses and resumes QEMU over QMP around the seal; copies nothing) and

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The epoch cycle as a pure state machine: inputs (timer, output pending, seal replies,
 //! checkpoint capture/ack/failure, commit replies, device loss, operator commands) go in,
 //! actions (pause VM, seal, start checkpoint, resume VM, commit, stop VM, abort) come out. No

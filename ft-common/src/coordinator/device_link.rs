@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! One daemon's control connection, owned by one thread: it executes the coordinator's
 //! commands (SEAL, COMMIT, ABORT, ANNOUNCE, STATUS) one at a time over a [`ControlClient`],
 //! forwards `OUTPUT_PENDING` notifications as they arrive, refreshes a `STATUS` snapshot when

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The coordinator's persisted generation (fencing). On start the coordinator reads `G`, takes
 //! `G+1`, and persists it before it sends anything, so a restarted coordinator never reuses a
 //! generation an earlier incarnation may have used.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Prometheus text exposition over HTTP/1.0 on a loopback address: a tiny hand-rolled
 //! responder (GET /metrics only) on a std `TcpListener`, plus the renderer.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The `migrate:` checkpointer: every epoch's checkpoint is a real copy of the VM, taken with
 //! QEMU's own migration and sent straight from QEMU to an `ft-standby`, which acknowledges it
 //! once it is durable.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The coordinator: drives every device daemon through the epoch cycle (SEAL, checkpoint,
 //! COMMIT) so that no output leaves the primary before its checkpoint is acknowledged.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A minimal QMP client: connect to QEMU's QMP unix socket, read the greeting, negotiate
 //! capabilities, and run commands (`stop`, `cont`, `query-status`, the migration commands)
 //! synchronously; asynchronous events are kept for [`QmpClient::next_event`].

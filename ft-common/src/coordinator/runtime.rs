@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The coordinator's I/O shell: one thread owns the [`Cycle`] state machine and the
 //! checkpointer, feeds it inputs from the device links, the checkpointer, timers and operator
 //! requests, and executes the actions it returns (VM control, SEAL/COMMIT/ABORT through the

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Coordinator telemetry: latency histograms (HdrHistogram, microseconds) for the phases of
 //! the epoch cycle and per device `fdatasync`, plus counters. Updated by the cycle's I/O shell,
 //! read by `ftctl status`, the Prometheus endpoint and the benchmark.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The checkpointer's end of the standby protocol: one control connection, one request at a
 //! time, every read and write bounded by a timeout.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The standby: receives a real checkpoint of the VM (QEMU's migration stream plus every
 //! device's SEALED record) every epoch and keeps the newest one durable, so that the
 //! coordinator can acknowledge an epoch, and a takeover can restore from it.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The checkpointer <-> standby protocol and the addresses both ends use.
 //!
 //! One address (`tcp:HOST:PORT` or `unix:PATH`, QEMU's own migration URI syntax) carries two

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The standby process: accepts control connections from checkpointers and migration streams
 //! from QEMU on one address, writes each stream into the store and publishes it when the
 //! checkpointer says the migration completed (see `protocol` for the conversation).

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The standby's checkpoint store: one directory per published checkpoint, written aside and
 //! published atomically, validated on every read.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The checkpoint a takeover restores: the newest valid one in the standby's store
 //! ([`crate::standby::store`], which validates length and CRC-32C and skips torn ones), with
 //! each device's SEALED record kept as the exact JSON of the manifest, so a replay file handed

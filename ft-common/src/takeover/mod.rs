@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Takeover: the standby becomes the primary (ARCHITECTURE.md section 5, `ftctl takeover`).
 //!
 //! - [`vm_record`]: `vm.json`, the primary's QEMU and daemon command lines, recorded in the

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The restore command line: the primary's recorded QEMU argument vector with the same virtual
 //! hardware, made to wait for its state (`-S -incoming defer`) and to be driven over a QMP socket
 //! of the takeover's own.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The takeover itself, step by step (ARCHITECTURE.md section 5):
 //!
 //! 1. read the newest valid checkpoint and `vm.json` from the store (nothing changes yet);

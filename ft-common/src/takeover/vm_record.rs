@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `vm.json` in the standby's store: how the primary's QEMU and device daemons were started, so
 //! a takeover rebuilds the same virtual hardware without the operator typing it twice.
 //!

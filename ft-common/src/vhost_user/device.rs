@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The device trait: what a vhost-user device (block, net, the test device) implements so the
 //! server in this module can serve it.
 //!

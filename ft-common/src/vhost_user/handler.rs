@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Per-connection protocol state: the vhost crate calls this through
 //! `VhostUserBackendReqHandlerMut` (wrapped in a `Mutex`) for every parsed message.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! INFLIGHT_SHMFD: the shared region in which the backend records, per split virtqueue, which
 //! descriptor heads it has taken from the avail ring and not yet put on the used ring.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Guest memory as the frontend shares it (SET_MEM_TABLE / ADD_MEM_REGION / REM_MEM_REG), and
 //! the dirty log (LOG_SHMFD / SET_LOG_BASE).
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! vhost-user device server shared by the block and net daemons.
 //!
 //! Built on the vhost crate's protocol layer (message parsing, `BackendListener`), virtio-queue

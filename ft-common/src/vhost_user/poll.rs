@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Adaptive busy polling of a worker's queues (QEMU's `poll-max-ns` algorithm, plus a CPU
 //! guard).
 //!

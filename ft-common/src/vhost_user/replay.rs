@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Replay records: what a standby daemon must re-execute on a VM restored from a checkpoint.
 //!
 //! QEMU's migration stream records only each ring's last avail index. Requests the primary's

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The listener and connection loop.
 //!
 //! One frontend is served at a time. When it goes away (EOF, socket error) every ring is

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Per-ring state on the worker side: the virtio-queue `Queue`, the call eventfd, inflight
 //! tracking and resubmission, and used-ring notification with EVENT_IDX suppression.
 //!

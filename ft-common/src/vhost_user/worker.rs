@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! One epoll-driven thread per queue group.
 //!
 //! The thread polls the kick eventfds of its running rings, the device's extra fds and a

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Device side for the coordinator tests: a pluggable [`TestDevice`] trait, and a fake daemon
 //! built on the real `ControlServer` and the real `TxQueue` (a genuine protocol peer that
 //! enforces fencing and the epoch rules), recording what it releases and when. The real

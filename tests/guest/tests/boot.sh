@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # boot: the guest reaches its test runner and its tools run. Lists disks and NICs; handy to time
 # the boot and to debug the harness. Checks the network tools the net tests will use.
 echo "disks: $(ls /sys/block | tr '\n' ' ')"

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # demo: what scripts/demo.sh shows inside the guest. fio with crc32c verify on the first virtio
 # disk, then ping and iperf3 (guest -> host) through the first NIC. Every result the host's
 # summary shows is one "FT-DEMO: " line.

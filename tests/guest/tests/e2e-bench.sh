@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # e2e-bench: the guest side of scripts/bench-guest.sh. Short fio jobs on the first virtio disk
 # and an iperf3 run to the host through the first NIC; one "FT-BENCH: " line per result.
 #

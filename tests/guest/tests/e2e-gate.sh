@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # e2e-gate: a busy guest for the host's output-commit checks (tests/tests/e2e_gating.rs).
 # Brings up the NIC and pings the host every 0.2 s in the background (gated TX), then writes
 # the disk with fio (crc32c verify, an fsync every 16 writes: flushes wait for commit too) and

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # failover: the guest side of the takeover tests (tests/tests/e2e_failover.rs,
 # scripts/failover-soak.sh, scripts/demo.sh --failover). The host kills the primary at chosen
 # moments and restores this guest from a checkpoint on a standby, possibly several times; the

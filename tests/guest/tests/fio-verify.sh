@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # fio-verify: write a pattern to the virtio-blk disk with crc32c checksums, verify it while
 # writing (do_verify), then verify the whole area again in a separate read-only pass.
 # Parameters (kernel command line): ft.disk=vda ft.size=64M ft.bs=4k ft.iodepth=16

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # net-iperf: bring up the first virtio NIC, ping the host side, run iperf3 against the host's
 # server in both directions, and print the numbers on the console for the host to parse.
 #

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `ft-ack`: acknowledges a checkpoint every `--interval-ms` on one or more daemon control
 //! sockets (SEAL E then COMMIT E, E growing), until SIGINT/SIGTERM or `--duration-secs`; then a
 //! last round releases everything still held, and one `key=value` summary line is printed.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! ft-blk-bench: VM-less benchmark of any vhost-user-blk backend.
 //!
 //! One thread drives every queue with asynchronous requests (fixed queue depth per queue),

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! ft-test-device: a toy vhost-user device for the server tests.
 //!
 //! Every request: the readable buffers' bytes are copied, reversed, into the writable buffers;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A vhost-user backend process under test control: started from a command line, ready once
 //! its listening socket exists, stopped (SIGTERM, then SIGKILL) explicitly or on drop.
 //!

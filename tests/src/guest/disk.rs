@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Host-side reading of a guest's raw disk image: which blocks the guest wrote.
 
 use std::io::{self, Read};

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Errors of the guest test harness: anything that keeps a guest test from running at all.
 //! (A guest that runs and fails is not an error: see [`super::vm::GuestResult`].)
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Locate or build what a guest test needs: host tools (QEMU, qemu-storage-daemon, fio, ...)
 //! and the cached guest kernel + initramfs.
 //!

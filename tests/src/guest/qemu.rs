@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Which QEMU runs a guest: the host's (Debian 12: 7.2) or QEMU 10 (Debian 13's package, from
 //! the tree `scripts/qemu10-root.sh` builds once and caches next to the guest image, run by
 //! `scripts/qemu10.sh` with that tree's own loader and libraries: no chroot, no mounts, host

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Per-test scratch directories (disk images, sockets, logs).
 //!
 //! Removed on drop, except while panicking (a failed test keeps its logs; the path is printed)

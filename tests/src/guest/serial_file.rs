@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The serial console of a guest that this harness did not start: a QEMU restored by
 //! `ftctl takeover` writes its console to a file (`-serial file:PATH`). Same markers as
 //! [`super::vm`]: `FT-STAGE: <name>` and one `FT-RESULT: ...` line.

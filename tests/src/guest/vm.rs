@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! One QEMU guest: command line, serial console capture, verdict.
 //!
 //! The guest's /init (tests/guest/init) prints `FT-STAGE: <name>` progress lines and exactly one

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The commit engine: executes the held requests of a `COMMIT` on the control thread's own
 //! io_uring ([`Engine`] with AIOCB slots), then makes them durable with one `fdatasync`.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The block daemon's control handler: SEAL / COMMIT / ABORT / STATUS from the coordinator.
 //!
 //! Runs on the control thread (one request at a time). SEAL and ABORT work on the shared

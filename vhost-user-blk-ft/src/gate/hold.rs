@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The held state of one block device in `hold` mode, shared by every queue worker and the
 //! control thread.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Output commit for the block device (`--ft hold`, Kemari style): writes, flushes, discards and
 //! write-zeroes are held in the device's transaction queue, tagged with the open epoch, and are
 //! executed only when the coordinator commits that epoch. Reads run at once.

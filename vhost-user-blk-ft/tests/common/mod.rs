@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Setup shared by the daemon-binary tests (`hold.rs`, `protocol.rs`): a temporary directory
 //! with a zeroed image, the `vhost-user-blk-ft` binary spawned on it and waited for until its
 //! sockets exist, killed when the [`Daemon`] drops; reads of the image file behind its back and

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Test support: private network namespaces and an AF_PACKET socket to see the host side of a
 //! tap (frames the daemon writes to the tap are "received" by the interface; frames sent on the
 //! socket come out of the tap fd).

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Unit and property tests of the cycle state machine, without sockets.
 
 use super::*;
