@@ -335,6 +335,32 @@ impl TestFrontend {
         gpa
     }
 
+    /// Place a chain of a readable buffer holding `data` and a writable buffer of the same length
+    /// (the shape of `ft-test-device`'s requests) on queue `q` (no kick). Returns (head, gpa of
+    /// the writable buffer).
+    pub fn add_in_out(&mut self, q: usize, data: &[u8]) -> (u16, u64) {
+        let inp = self.alloc(data.len() as u64);
+        let out = self.alloc(data.len() as u64);
+        self.write(inp, data);
+        let len = data.len() as u32;
+        let head = self.add_chain(
+            q,
+            &[
+                Buf {
+                    gpa: inp,
+                    len,
+                    writable: false,
+                },
+                Buf {
+                    gpa: out,
+                    len,
+                    writable: true,
+                },
+            ],
+        );
+        (head, out)
+    }
+
     /// Place a chain on queue `q`'s avail ring (no kick); returns its head.
     pub fn add_chain(&mut self, q: usize, bufs: &[Buf]) -> u16 {
         let (desc, avail, _) = Self::ring_gpas(q);

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ft_tests::frontend::{Buf, TestFrontend, MEM_GPA, MEM_SIZE};
+use ft_tests::frontend::{TestFrontend, MEM_GPA, MEM_SIZE};
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::VhostBackend;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -88,24 +88,7 @@ fn start_queue(f: &mut TestFrontend, q: usize, base: u16) -> vhost::Result<()> {
 
 /// One request with `data`, served with its data intact, on running queue `q`.
 fn served(f: &mut TestFrontend, q: usize, data: &[u8]) {
-    let inp = f.alloc(data.len() as u64);
-    let out = f.alloc(data.len() as u64);
-    f.write(inp, data);
-    let head = f.add_chain(
-        q,
-        &[
-            Buf {
-                gpa: inp,
-                len: data.len() as u32,
-                writable: false,
-            },
-            Buf {
-                gpa: out,
-                len: data.len() as u32,
-                writable: true,
-            },
-        ],
-    );
+    let (head, out) = f.add_in_out(q, data);
     f.kick(q);
     assert_eq!(
         f.wait_used(q, 1, T),

@@ -90,25 +90,7 @@ fn sock(name: &str) -> PathBuf {
 
 /// A request: readable `data`, one writable buffer of the same length. Returns (head, out gpa).
 fn request(f: &mut TestFrontend, q: usize, data: &[u8]) -> (u16, u64) {
-    let inp = f.alloc(data.len() as u64);
-    let out = f.alloc(data.len() as u64);
-    f.write(inp, data);
-    let head = f.add_chain(
-        q,
-        &[
-            Buf {
-                gpa: inp,
-                len: data.len() as u32,
-                writable: false,
-            },
-            Buf {
-                gpa: out,
-                len: data.len() as u32,
-                writable: true,
-            },
-        ],
-    );
-    (head, out)
+    f.add_in_out(q, data)
 }
 
 fn reversed(d: &[u8]) -> Vec<u8> {
