@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! ft-common: the parts both ft-vhost daemons share.
 //!
+//! - [`durable`]: small state files replaced atomically and durably.
 //! - [`epoch`]: epoch and generation numbers, and the generation fence.
 //! - [`aiocb`]: AIOCB handles (queued, in flight, completed or cancelled) with real cancel.
 //! - [`txqueue`]: the per-device transaction queue holding output by epoch until commit.
@@ -21,6 +22,7 @@
 pub mod aiocb;
 pub mod control;
 pub mod coordinator;
+pub mod durable;
 pub mod epoch;
 pub mod killpoint;
 pub mod ratelimit;

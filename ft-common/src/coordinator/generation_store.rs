@@ -9,8 +9,8 @@
 
 use crate::epoch::Generation;
 use serde::{Deserialize, Serialize};
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 
 #[derive(Serialize, Deserialize)]
@@ -61,35 +61,9 @@ impl GenerationStore {
 
     /// Durably replaces the stored generation.
     pub fn store(&self, g: Generation) -> io::Result<()> {
-        let dir = match self.path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let name = self
-            .path
-            .file_name()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "state file has no name"))?;
-        let mut tmp_name = name.to_os_string();
-        tmp_name.push(format!(".tmp.{}", std::process::id()));
-        let tmp = dir.join(tmp_name);
-        let body = serde_json::to_vec(&Record { generation: g.0 }).map_err(io::Error::other)?;
-        let write = || -> io::Result<()> {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&tmp)?;
-            f.write_all(&body)?;
-            f.write_all(b"\n")?;
-            f.sync_all()?;
-            fs::rename(&tmp, &self.path)?;
-            File::open(&dir)?.sync_all()
-        };
-        let r = write();
-        if r.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        r
+        let mut body = serde_json::to_vec(&Record { generation: g.0 }).map_err(io::Error::other)?;
+        body.push(b'\n');
+        crate::durable::replace_file(&self.path, &body)
     }
 
     /// Reads `G`, persists `G+1` and returns it: the generation of a newly started coordinator.

@@ -375,13 +375,10 @@ impl CheckpointStore {
     /// Durably records `g` as the fence: the standby refuses streams of generations below it.
     /// A takeover calls this with its new generation before it starts anything.
     pub fn fence(&self, g: Generation) -> io::Result<()> {
-        let tmp = self.dir.join(format!(".{GENERATION_FILE}.tmp"));
-        let mut f = File::create(&tmp)?;
-        writeln!(f, "{}", g.0)?;
-        f.sync_all()?;
-        drop(f);
-        fs::rename(&tmp, self.dir.join(GENERATION_FILE))?;
-        fsync_dir(&self.dir)
+        crate::durable::replace_file(
+            &self.dir.join(GENERATION_FILE),
+            format!("{}\n", g.0).as_bytes(),
+        )
     }
 
     /// Starts writing a checkpoint for `generation` in a fresh `.incoming-*` directory.

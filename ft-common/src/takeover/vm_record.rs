@@ -14,8 +14,8 @@
 use crate::control::{ControlClient, DeviceKind, Reply, Request};
 use serde::{Deserialize, Serialize};
 use std::ffi::OsString;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::fs;
+use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::net::UnixStream;
@@ -104,27 +104,12 @@ impl VmRecord {
     pub fn save(&self, store: &Path) -> Result<(), RecordError> {
         fs::create_dir_all(store).map_err(io_err(format!("creating {}", store.display())))?;
         let path = store.join(FILE_NAME);
-        let tmp = store.join(format!(".{FILE_NAME}.tmp.{}", std::process::id()));
-        let body = serde_json::to_vec_pretty(self)
+        let mut body = serde_json::to_vec_pretty(self)
             .map_err(|e| RecordError::Invalid(format!("serializing the record: {e}")))?;
-        let write = || -> io::Result<()> {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&tmp)?;
-            f.write_all(&body)?;
-            f.write_all(b"\n")?;
-            f.sync_all()?;
-            fs::rename(&tmp, &path)?;
-            File::open(store)?.sync_all()
-        };
-        write().map_err(|e| {
-            let _ = fs::remove_file(&tmp);
-            RecordError::Io {
-                what: format!("writing {}", path.display()),
-                source: e,
-            }
+        body.push(b'\n');
+        crate::durable::replace_file(&path, &body).map_err(|source| RecordError::Io {
+            what: format!("writing {}", path.display()),
+            source,
         })
     }
 
