@@ -301,6 +301,18 @@ impl TestFrontend {
     /// Send SET_VRING_NUM, BASE, ADDR, CALL and KICK for queue `q` (rings as they are in
     /// memory, base = our avail idx as given).
     pub fn setup_vring(&mut self, q: usize, base: u16) {
+        self.set_vring_layout(q, base);
+        self.fe
+            .set_vring_call(q, &self.queues[q].call)
+            .expect("set_vring_call");
+        self.fe
+            .set_vring_kick(q, &self.queues[q].kick)
+            .expect("set_vring_kick");
+    }
+
+    /// Send only SET_VRING_NUM, BASE and ADDR for queue `q`: for tests that order the kick
+    /// and call fds (or the memory table) around them as a particular frontend does.
+    pub fn set_vring_layout(&mut self, q: usize, base: u16) {
         let (desc, avail, used) = Self::ring_gpas(q);
         let size = self.queues[q].size;
         let va = |gpa: u64| gpa - MEM_GPA + self.va_base;
@@ -316,12 +328,6 @@ impl TestFrontend {
             log_addr: None,
         };
         self.fe.set_vring_addr(q, &cfg).expect("set_vring_addr");
-        self.fe
-            .set_vring_call(q, &self.queues[q].call)
-            .expect("set_vring_call");
-        self.fe
-            .set_vring_kick(q, &self.queues[q].kick)
-            .expect("set_vring_kick");
     }
 
     /// Allocate `len` bytes of data buffer space (never reused).

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ft_tests::frontend::{req, Buf, TestFrontend, MEM_GPA};
+use ft_tests::frontend::{req, Buf, TestFrontend};
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserVirtioFeatures};
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::VhostBackend;
@@ -194,23 +194,7 @@ fn late_mem_table_and_call_after_kick() {
     f.handshake();
     f.init_queue(0, 128);
     f.fe.set_vring_enable(0, true).expect("enable");
-    let (desc, avail, used) = TestFrontend::ring_gpas(0);
-    let va = |g: u64| g - MEM_GPA + f.va_base;
-    f.fe.set_vring_num(0, 128).expect("num");
-    f.fe.set_vring_base(0, 0).expect("base");
-    f.fe.set_vring_addr(
-        0,
-        &vhost::VringConfigData {
-            queue_max_size: 128,
-            queue_size: 128,
-            flags: 0,
-            desc_table_addr: va(desc),
-            used_ring_addr: va(used),
-            avail_ring_addr: va(avail),
-            log_addr: None,
-        },
-    )
-    .expect("addr");
+    f.set_vring_layout(0, 0);
     f.fe.set_vring_kick(0, &f.queues[0].kick).expect("kick");
     f.fe.set_vring_call(0, &f.queues[0].call).expect("call");
     let (head, out) = request(&mut f, 0, b"late");
@@ -284,23 +268,7 @@ fn qemu10_blk_ordering_with_mem_slots() {
     let region = f.region_info();
     f.fe.add_mem_region(&region).expect("add_mem_region");
     f.init_queue(0, 256);
-    let (desc, avail, used) = TestFrontend::ring_gpas(0);
-    let va = |g: u64| g - MEM_GPA + f.va_base;
-    f.fe.set_vring_num(0, 256).expect("num");
-    f.fe.set_vring_base(0, 0).expect("base");
-    f.fe.set_vring_addr(
-        0,
-        &vhost::VringConfigData {
-            queue_max_size: 256,
-            queue_size: 256,
-            flags: 0,
-            desc_table_addr: va(desc),
-            used_ring_addr: va(used),
-            avail_ring_addr: va(avail),
-            log_addr: None,
-        },
-    )
-    .expect("addr");
+    f.set_vring_layout(0, 0);
     f.fe.set_vring_kick(0, &f.queues[0].kick).expect("kick");
     f.fe.set_vring_call(0, &f.queues[0].call).expect("call");
     f.fe.set_vring_enable(0, true).expect("enable");
@@ -412,24 +380,9 @@ fn completion_between_restart_and_new_call_fd_is_signalled_on_the_new_fd() {
         let base = f.fe.get_vring_base(0).expect("get_vring_base");
         assert_eq!(base, 1);
         // cont, QEMU 10 order: NUM, BASE, ADDR, KICK (the ring runs again), ... CALL later.
-        let (desc, avail, used) = TestFrontend::ring_gpas(0);
-        let va = |g: u64| g - MEM_GPA + f.va_base;
-        f.fe.set_vring_num(0, 256).expect("num");
-        f.fe.set_vring_base(0, 1).expect("base");
-        f.fe.set_vring_addr(
-            0,
-            &vhost::VringConfigData {
-                queue_max_size: 256,
-                queue_size: 256,
-                flags: 0,
-                desc_table_addr: va(desc),
-                used_ring_addr: va(used),
-                avail_ring_addr: va(avail),
-                log_addr: None,
-            },
-        )
-        .expect("addr");
+        f.set_vring_layout(0, 1);
         f.fe.set_vring_kick(0, &f.queues[0].kick).expect("kick");
+        let (_, avail, _) = TestFrontend::ring_gpas(0);
         // The guest asks for an interrupt at the next entry (EVENT_IDX: used_event = 1).
         f.write(avail + 4 + 2 * 256, &1u16.to_le_bytes());
         let (h, _) = request(&mut f, 0, b"two");

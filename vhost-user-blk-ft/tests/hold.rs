@@ -688,7 +688,11 @@ fn a_thousand_hostile_control_connections_leave_no_trace() {
             .filter_map(|e| e.ok())
             .map(|e| {
                 let target = std::fs::read_link(e.path()).unwrap_or_default();
-                format!("{} -> {}", e.file_name().to_string_lossy(), target.display())
+                format!(
+                    "{} -> {}",
+                    e.file_name().to_string_lossy(),
+                    target.display()
+                )
             })
             .collect()
     };
@@ -740,7 +744,11 @@ fn a_thousand_hostile_control_connections_leave_no_trace() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let list = fd_list();
-    assert_eq!(list.len(), fds0, "fd leak: before {list0:?}, after {list:?}");
+    assert_eq!(
+        list.len(),
+        fds0,
+        "fd leak: before {list0:?}, after {list:?}"
+    );
     assert_eq!(field("Threads:"), threads0, "thread leak");
     let rss = field("VmRSS:");
     assert!(rss < rss0 + 16 * 1024, "RSS grew from {rss0} to {rss} kB");
