@@ -24,6 +24,7 @@ pub mod control;
 pub mod coordinator;
 pub mod durable;
 pub mod epoch;
+pub mod gate;
 pub mod killpoint;
 pub mod ratelimit;
 pub mod standby;

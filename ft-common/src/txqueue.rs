@@ -191,6 +191,50 @@ pub struct TxCounters {
     pub cancelled: u64,
 }
 
+impl TxCounters {
+    /// Whether `SEAL epoch` would be accepted by the queue these counters describe. The one
+    /// copy of the rule: [`TxQueue::seal`] checks with it, and a device with several queues
+    /// checks all of them with it before sealing any (so a refusal seals nothing).
+    pub fn check_seal(&self, epoch: Epoch) -> Result<(), TxError> {
+        let last_sealed = Epoch(self.open_epoch.0.saturating_sub(1));
+        if epoch <= last_sealed {
+            return Err(TxError::Stale {
+                op: EpochOp::Seal,
+                epoch,
+                newest: last_sealed,
+            });
+        }
+        if epoch.next() == epoch {
+            return Err(TxError::EpochOverflow(epoch));
+        }
+        Ok(())
+    }
+
+    /// Whether `COMMIT epoch` would be accepted (see [`TxCounters::check_seal`] for why this is
+    /// public): `epoch` sealed, newer than the last committed epoch and not aborted.
+    pub fn check_commit(&self, epoch: Epoch) -> Result<(), TxError> {
+        let last_committed = self.last_committed.unwrap_or(Epoch(0));
+        if epoch <= last_committed {
+            return Err(TxError::Stale {
+                op: EpochOp::Commit,
+                epoch,
+                newest: last_committed,
+            });
+        }
+        let last_sealed = Epoch(self.open_epoch.0.saturating_sub(1));
+        if epoch > last_sealed {
+            return Err(TxError::NotSealed { epoch, last_sealed });
+        }
+        if let Some(aborted_through) = self.aborted_through.filter(|a| epoch <= *a) {
+            return Err(TxError::Aborted {
+                epoch,
+                aborted_through,
+            });
+        }
+        Ok(())
+    }
+}
+
 /// Per-epoch running counts; the oldest request is found in `held` (it is sorted by epoch).
 #[derive(Clone, Copy, Debug)]
 struct EpochCount {
@@ -316,17 +360,7 @@ impl<P> TxQueue<P> {
 
     /// SEAL E: closes the open epoch and opens `E+1`. Held requests keep their tags (`<= E`).
     pub fn seal(&mut self, epoch: Epoch) -> Result<SealSummary, TxError> {
-        let last_sealed = self.last_sealed_raw();
-        if epoch <= last_sealed {
-            return Err(TxError::Stale {
-                op: EpochOp::Seal,
-                epoch,
-                newest: last_sealed,
-            });
-        }
-        if epoch.next() == epoch {
-            return Err(TxError::EpochOverflow(epoch));
-        }
+        self.counters().check_seal(epoch)?;
         let (epoch_requests, epoch_bytes) = match self.epochs.back() {
             Some(c) if c.epoch == self.open => (c.requests, c.bytes),
             _ => (0, 0),
@@ -363,24 +397,7 @@ impl<P> TxQueue<P> {
     }
 
     fn check_commit(&self, epoch: Epoch) -> Result<(), TxError> {
-        if epoch <= self.last_committed {
-            return Err(TxError::Stale {
-                op: EpochOp::Commit,
-                epoch,
-                newest: self.last_committed,
-            });
-        }
-        let last_sealed = self.last_sealed_raw();
-        if epoch > last_sealed {
-            return Err(TxError::NotSealed { epoch, last_sealed });
-        }
-        if epoch <= self.aborted_through {
-            return Err(TxError::Aborted {
-                epoch,
-                aborted_through: self.aborted_through,
-            });
-        }
-        Ok(())
+        self.counters().check_commit(epoch)
     }
 
     /// Held AIOCBs of epochs `<= epoch`: a prefix, since `held` is sorted by epoch.

@@ -112,10 +112,11 @@ pub enum NetReply {
         rings: [QueueState; 2],
     },
     Committed(Released),
-    Aborted(Released),
+    /// What the abort dropped, and the queue's counters after it.
+    Aborted(Released, TxCounters),
     Announced(bool),
     Status {
-        counters: Option<TxCounters>,
+        counters: TxCounters,
         epochs: Vec<EpochStats>,
     },
     Refused(TxError),
@@ -427,10 +428,10 @@ impl NetWorker {
                 self.counters
                     .aborted_frames
                     .fetch_add(r.frames, Ordering::Relaxed);
-                NetReply::Aborted(r)
+                NetReply::Aborted(r, hold.queue().counters())
             }
             GateOp::Status => NetReply::Status {
-                counters: Some(hold.queue().counters()),
+                counters: hold.queue().counters(),
                 epochs: hold.queue().epochs().collect(),
             },
         };

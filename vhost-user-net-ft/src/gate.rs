@@ -1,166 +1,267 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! The daemon's control handler: answers SEAL/COMMIT/ABORT/ANNOUNCE/STATUS from the coordinator
-//! by sending each queue-pair worker a [`NetMsg`] (run on the worker thread that owns the tap
-//! queue and hold buffer) and combining the answers into one reply.
+//! The net device's side of the gate ([`ft_common::gate`]): [`NetGate`] seals, commits,
+//! aborts and reports by sending each queue-pair worker a [`NetMsg`] (run on the worker thread
+//! that owns the tap queue and hold buffer) and combining the answers; fencing, the
+//! retried-SEAL rule, the statistics and the replies are the shared gate core's.
 //!
-//! Invariants: every fenced command passes the generation [`Fence`] first (an older generation
-//! is refused and reaches no worker); epoch errors from the transaction queues become the
-//! protocol's error codes, never panics. In net copy mode (`hold` copies frames out of the ring
-//! and completes the descriptors at once) no descriptor of the guest is held, so SEAL records
-//! carry the TX rings' next avail index and no held heads: after a failover the guest resumes
-//! from a state in which it already "sent" uncommitted frames, i.e. they look like packet loss,
-//! which the guest's transport protocols recover from.
+//! Invariants:
+//! - No pair releases a frame of a commit another pair refuses. Each pair has its own
+//!   transaction queue; SEAL and COMMIT first read every pair's counters and check the epoch
+//!   against all of them ([`TxCounters::check_seal`] / [`TxCounters::check_commit`], the queue's
+//!   own rules), and only then act on every pair. Nothing can change a pair's epochs between
+//!   the check and the act: epochs move only through these commands, which the gate runs one at
+//!   a time, and a worker's own pushes only add frames to the open epoch. The one way a pair
+//!   can still fail in the second step is a worker thread that is gone; a commit then answers
+//!   `COMMIT_FAILED` (the other pairs did send), never `COMMITTED`.
+//! - A frame the tap refuses (or writes short) at commit is lost, like a packet dropped on the
+//!   wire, and is not retried (it would overtake later frames); the commit answers
+//!   `COMMIT_FAILED` with the count, so a coordinator never reads `COMMITTED` for output that
+//!   did not leave. The daemon keeps committing later epochs (`--on-commit-error report`
+//!   semantics: stopping would hold every later frame of the guest forever).
+//! - In net copy mode (`hold` copies frames out of the ring and completes the descriptors at
+//!   once) no descriptor of the guest is held, so SEAL records carry the TX rings' next avail
+//!   index and no held heads: after a failover the guest resumes from a state in which it
+//!   already "sent" uncommitted frames, i.e. they look like packet loss, which the guest's
+//!   transport protocols recover from.
+//!
+//! [`TxCounters::check_seal`]: ft_common::txqueue::TxCounters::check_seal
+//! [`TxCounters::check_commit`]: ft_common::txqueue::TxCounters::check_commit
 
 use crate::device::{FtMode, GateOp, NetMsg, NetReply};
 use crate::mac::MacAddr;
 use crate::tx_hold::Released;
-use ft_common::control::gate::{self, EpochMerge};
-use ft_common::control::{
-    CommitStats, ControlHandler, DeviceKind, DeviceStatus, ErrorCode, Reply, Request,
-    TransactionState,
-};
+use ft_common::control::{DeviceKind, ErrorCode, QueueState, Reply, Request};
 use ft_common::epoch::{Epoch, Fence};
+use ft_common::gate::{
+    AbortDone, CommitDone, CommitFailure, Gate, GateDevice, GateError, HeldView, Identity,
+    OnCommitError, QueueMerge, Recovery,
+};
+use ft_common::txqueue::TxCounters;
 use ft_common::vhost_user::WorkerHandle;
-use std::sync::Mutex;
 use std::time::Instant;
 
-#[derive(Default)]
-struct GateState {
-    fence: Fence,
-    commits_ok: u64,
-    last_commit: Option<CommitStats>,
-    last_committed: Option<Epoch>,
-}
-
-pub struct NetControl {
+/// The net device as the gate sees it.
+pub struct NetGate {
     workers: Vec<WorkerHandle>,
     device: String,
     mac: MacAddr,
     mode: FtMode,
-    state: Mutex<GateState>,
 }
 
-impl NetControl {
+/// The net daemon's control handler.
+pub type NetControl = Gate<NetGate>;
+
+impl NetGate {
     pub fn new(workers: Vec<WorkerHandle>, device: String, mac: MacAddr, mode: FtMode) -> Self {
-        NetControl {
+        NetGate {
             workers,
             device,
             mac,
             mode,
-            state: Mutex::new(GateState::default()),
         }
     }
 
-    /// Uses `fence` (e.g. a persistent one, [`Fence::from_state_dir`]) instead of a fresh
-    /// in-memory fence.
-    pub fn with_fence(self, fence: Fence) -> Self {
-        if let Ok(mut st) = self.state.lock() {
-            st.fence = fence;
-        }
-        self
+    /// The control handler over this device, with `fence` (e.g. a persistent one,
+    /// [`Fence::from_state_dir`]). A failed commit never stops later ones (see the module docs).
+    pub fn into_handler(self, fence: Fence) -> NetControl {
+        Gate::new(self, fence, OnCommitError::Report)
     }
 
-    /// Sends `op` to every worker; the first refusal or failure becomes the error reply.
-    fn fan_out(&self, op: impl Fn() -> GateOp) -> Result<Vec<NetReply>, Reply> {
-        let mut out = Vec::with_capacity(self.workers.len());
-        for w in &self.workers {
-            let r = w
-                .call(Box::new(NetMsg::Gate(op())))
-                .map_err(|e| Reply::error(ErrorCode::Internal, e.to_string()))?;
-            match r.downcast::<NetReply>().map(|r| *r) {
-                Ok(NetReply::Refused(e)) => return Err(gate::tx_error_reply(e)),
-                Ok(NetReply::NotHolding) => {
-                    return Err(Reply::error(
-                        ErrorCode::Unsupported,
-                        "output gating is off (--ft off)",
-                    ))
-                }
-                Ok(r) => out.push(r),
-                Err(_) => return Err(Reply::error(ErrorCode::Internal, "bad worker reply")),
-            }
+    fn call(&self, i: usize, op: GateOp) -> Result<NetReply, GateError> {
+        let w = &self.workers[i];
+        let r = w
+            .call(Box::new(NetMsg::Gate(op)))
+            .map_err(|e| GateError::Internal(format!("queue pair {i}: {e}")))?;
+        match r.downcast::<NetReply>().map(|r| *r) {
+            Ok(NetReply::Refused(e)) => Err(GateError::Refused(e)),
+            Ok(NetReply::NotHolding) => Err(GateError::Unsupported(
+                "output gating is off (--ft off)".into(),
+            )),
+            Ok(r) => Ok(r),
+            Err(_) => Err(GateError::Internal(format!(
+                "queue pair {i}: bad worker reply"
+            ))),
         }
-        Ok(out)
     }
 
-    fn seal(&self, epoch: Epoch) -> Reply {
-        let replies = match self.fan_out(|| GateOp::Seal(epoch)) {
-            Ok(r) => r,
-            Err(e) => return e,
-        };
-        let queues = replies
-            .into_iter()
-            .flat_map(|r| match r {
-                NetReply::Sealed { rings, .. } => rings.to_vec(),
-                _ => Vec::new(),
+    fn holding(&self) -> Result<(), GateError> {
+        match self.mode {
+            FtMode::Hold => Ok(()),
+            FtMode::Off => Err(GateError::Unsupported(
+                "output gating is off (--ft off)".into(),
+            )),
+        }
+    }
+
+    /// Every pair's counters and held epochs (the first step of SEAL and COMMIT).
+    fn counters(
+        &self,
+    ) -> Result<Vec<(TxCounters, Vec<ft_common::txqueue::EpochStats>)>, GateError> {
+        (0..self.workers.len())
+            .map(|i| match self.call(i, GateOp::Status)? {
+                NetReply::Status { counters, epochs } => Ok((counters, epochs)),
+                r => Err(GateError::Internal(format!(
+                    "queue pair {i}: {r:?} to STATUS"
+                ))),
             })
-            .collect();
-        Reply::Sealed {
-            epoch,
-            state: TransactionState {
-                device: self.device.clone(),
-                kind: DeviceKind::Net,
-                queues,
+            .collect()
+    }
+
+    fn sum(r: &mut Released, add: Released) {
+        r.frames += add.frames;
+        r.bytes += add.bytes;
+        r.errors += add.errors;
+    }
+}
+
+impl GateDevice for NetGate {
+    fn identity(&self) -> Identity {
+        Identity {
+            device: self.device.clone(),
+            kind: DeviceKind::Net,
+            mode: match self.mode {
+                FtMode::Off => "off".into(),
+                FtMode::Hold => "hold".into(),
             },
         }
     }
 
-    fn sum(replies: Vec<NetReply>) -> Released {
-        let mut t = Released::default();
-        for r in replies {
-            if let NetReply::Committed(r) | NetReply::Aborted(r) = r {
-                t.frames += r.frames;
-                t.bytes += r.bytes;
-                t.errors += r.errors;
+    fn seal(&mut self, epoch: Epoch) -> Result<Vec<QueueState>, GateError> {
+        self.holding()?;
+        for (c, _) in self.counters()? {
+            c.check_seal(epoch)?;
+        }
+        let mut queues = Vec::with_capacity(2 * self.workers.len());
+        for i in 0..self.workers.len() {
+            match self.call(i, GateOp::Seal(epoch))? {
+                NetReply::Sealed { rings, .. } => queues.extend(rings),
+                r => {
+                    return Err(GateError::Internal(format!(
+                        "queue pair {i}: {r:?} to SEAL"
+                    )))
+                }
             }
         }
-        t
+        Ok(queues)
     }
 
-    fn commit(&self, epoch: Epoch, st: &mut GateState) -> Reply {
+    fn commit(&mut self, epoch: Epoch) -> Result<CommitDone, GateError> {
         // Tests stop or panic the daemon here: COMMIT admitted, no frame handed to a worker yet.
         ft_common::killpoint::reached("net-before-commit");
+        self.holding()?;
         let start = Instant::now();
-        let replies = match self.fan_out(|| GateOp::Commit(epoch)) {
-            Ok(r) => r,
-            Err(e) => return e,
-        };
-        let t = Self::sum(replies);
+        // Step 1: every pair would accept the commit; nothing is released yet.
+        let mut previous = None;
+        for (i, (c, _)) in self.counters()?.into_iter().enumerate() {
+            c.check_commit(epoch)?;
+            previous = if i == 0 {
+                c.last_committed
+            } else {
+                previous.min(c.last_committed)
+            };
+        }
+        // Step 2: every pair releases (see the module docs for why none can refuse now).
+        let mut t = Released::default();
+        let mut lost = Vec::new();
+        for i in 0..self.workers.len() {
+            match self.call(i, GateOp::Commit(epoch)) {
+                Ok(NetReply::Committed(r)) => Self::sum(&mut t, r),
+                Ok(r) => lost.push(format!("queue pair {i}: {r:?} to COMMIT")),
+                Err(e) => lost.push(e.to_string()),
+            }
+        }
+        let mut failure = None;
         if t.errors > 0 {
             log::warn!(
                 "commit {epoch}: the tap refused {} of {} frames",
                 t.errors,
                 t.frames
             );
+            failure = Some(format!(
+                "the tap refused {} of {} frames (lost, not retried)",
+                t.errors, t.frames
+            ));
         }
-        let us = start.elapsed().as_micros() as u64;
-        let stats = CommitStats {
+        if !lost.is_empty() {
+            let l = lost.join("; ");
+            failure = Some(match failure {
+                Some(f) => format!("{f}; {l}"),
+                None => l,
+            });
+        }
+        let us = start.elapsed();
+        Ok(CommitDone {
+            previous,
             requests: t.frames,
             bytes: t.bytes,
-            submit_to_drain_us: us,
-            fdatasync_us: 0,
-            total_us: us,
-            epochs: epoch.0 - st.last_committed.map_or(epoch.0.saturating_sub(1), |e| e.0),
-        };
-        st.commits_ok += 1;
-        st.last_committed = Some(epoch);
-        st.last_commit = Some(stats.clone());
-        Reply::Committed { epoch, stats }
+            submit_to_drain: us,
+            fdatasync: std::time::Duration::ZERO,
+            failure: failure.map(|error| CommitFailure { error, errno: None }),
+        })
     }
 
-    fn abort(&self, st: &GateState) -> Reply {
-        match self.fan_out(|| GateOp::Abort) {
-            Ok(r) => {
-                let t = Self::sum(r);
-                Reply::Aborted {
-                    cancelled_requests: t.frames,
-                    cancelled_bytes: t.bytes,
-                    last_committed: st.last_committed,
+    fn abort(&mut self) -> Result<AbortDone, GateError> {
+        self.holding()?;
+        let mut t = Released::default();
+        let mut last_committed = None;
+        for i in 0..self.workers.len() {
+            match self.call(i, GateOp::Abort)? {
+                NetReply::Aborted(r, c) => {
+                    Self::sum(&mut t, r);
+                    last_committed = if i == 0 {
+                        c.last_committed
+                    } else {
+                        last_committed.min(c.last_committed)
+                    };
+                }
+                r => {
+                    return Err(GateError::Internal(format!(
+                        "queue pair {i}: {r:?} to ABORT"
+                    )))
                 }
             }
-            Err(e) => e,
+        }
+        Ok(AbortDone {
+            requests: t.frames,
+            bytes: t.bytes,
+            last_committed,
+        })
+    }
+
+    fn status(&mut self) -> Result<HeldView, GateError> {
+        if self.mode == FtMode::Off {
+            return Ok(HeldView::default());
+        }
+        let now = Instant::now();
+        let mut m = QueueMerge::default();
+        for (c, epochs) in self.counters()? {
+            m.add(&c, epochs, now);
+        }
+        if m.disagree() {
+            log::error!("STATUS: the queue pairs disagree on their epochs");
+        }
+        Ok(m.into_view())
+    }
+
+    fn other(&mut self, req: Request) -> Reply {
+        match req {
+            Request::Announce { .. } => self.announce(),
+            Request::Replay { .. } => Reply::error(
+                ErrorCode::Unsupported,
+                "REPLAY is for block devices: a net daemon has nothing to replay",
+            ),
+            r => Reply::error(ErrorCode::Internal, format!("not a device command: {r:?}")),
         }
     }
 
+    /// A panic in the control thread never holds a worker's frames: they stay in their
+    /// workers' hold buffers, untouched.
+    fn recover(&mut self) -> Recovery {
+        Recovery::Untouched
+    }
+}
+
+impl NetGate {
     fn announce(&self) -> Reply {
         let Some(w) = self.workers.first() else {
             return Reply::error(ErrorCode::Internal, "no queue worker");
@@ -171,89 +272,6 @@ impl NetControl {
                 _ => Reply::error(ErrorCode::Internal, "the tap refused the RARP frame"),
             },
             Err(e) => Reply::error(ErrorCode::Internal, e.to_string()),
-        }
-    }
-
-    fn status(&self, st: &GateState) -> Reply {
-        let mut s = DeviceStatus {
-            device: self.device.clone(),
-            kind: DeviceKind::Net,
-            mode: match self.mode {
-                FtMode::Off => "off".into(),
-                FtMode::Hold => "hold".into(),
-            },
-            generation: st.fence.newest(),
-            open_epoch: Epoch::FIRST,
-            last_sealed: None,
-            last_committed: st.last_committed,
-            held_requests: 0,
-            held_bytes: 0,
-            epochs: Vec::new(),
-            commits_ok: st.commits_ok,
-            commits_failed: 0,
-            fdatasyncs: 0,
-            commit_refused: false,
-            last_commit: st.last_commit.clone(),
-        };
-        if self.mode == FtMode::Hold {
-            let replies = match self.fan_out(|| GateOp::Status) {
-                Ok(r) => r,
-                Err(e) => return e,
-            };
-            let now = Instant::now();
-            let mut epochs = EpochMerge::default();
-            for r in replies {
-                let NetReply::Status {
-                    counters: Some(c),
-                    epochs: es,
-                } = r
-                else {
-                    continue;
-                };
-                s.open_epoch = c.open_epoch;
-                s.last_sealed = c.last_sealed;
-                s.held_requests += c.held_requests as u64;
-                s.held_bytes += c.held_bytes;
-                epochs.add(es, now);
-            }
-            s.epochs = epochs.into_vec();
-        }
-        Reply::Status(Box::new(s))
-    }
-}
-
-impl NetControl {
-    fn handle_locked(&self, st: &mut GateState, req: Request) -> Reply {
-        if let Err(refused) = gate::admit(&mut st.fence, &req) {
-            return refused;
-        }
-        match req {
-            Request::Seal { epoch, .. } => self.seal(epoch),
-            Request::Commit { epoch, .. } => self.commit(epoch, st),
-            Request::Abort { .. } => self.abort(st),
-            Request::Announce { .. } => self.announce(),
-            Request::Replay { .. } => Reply::error(
-                ErrorCode::Unsupported,
-                "REPLAY is for block devices: a net daemon has nothing to replay",
-            ),
-            Request::Status => self.status(st),
-        }
-    }
-}
-
-impl ControlHandler for NetControl {
-    /// A panic is caught under the lock, so the lock is never poisoned: that command fails
-    /// (`INTERNAL`), the held frames stay in their workers, and later commands work.
-    fn handle(&self, req: Request) -> Reply {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let st = &mut *st;
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.handle_locked(st, req)))
-        {
-            Ok(reply) => reply,
-            Err(_) => {
-                log::error!("net control handler panicked");
-                Reply::error(ErrorCode::Internal, "control handler panicked")
-            }
         }
     }
 }

@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use vhost_user_net_ft::config::device_features;
 use vhost_user_net_ft::device::{FtMode, HoldLimits, NetDevice};
-use vhost_user_net_ft::gate::NetControl;
+use vhost_user_net_ft::gate::NetGate;
 use vhost_user_net_ft::mac::MacAddr;
 use vhost_user_net_ft::open_tap::{configure_ip, open_tap, probe_offloads, Ipv4Prefix};
 use vhost_user_net_ft::stats::NetCounters;
@@ -174,8 +174,8 @@ fn run(cli: Cli) -> Result<(), String> {
     let control = control
         .map(|c| {
             c.spawn(
-                NetControl::new(server.worker_handles(), cli.tap.clone(), mac, mode)
-                    .with_fence(fence),
+                NetGate::new(server.worker_handles(), cli.tap.clone(), mac, mode)
+                    .into_handler(fence),
             )
         })
         .transpose()

@@ -326,6 +326,25 @@ fn hold_gates_tx_until_commit_and_abort_discards() {
             }
             r => panic!("seal: {r:?}"),
         }
+        // The coordinator lost that reply and retries: the same record, not STALE_EPOCH (the
+        // shared gate's rule, as on the block daemon).
+        let first = call(
+            &mut ctl,
+            Request::Seal {
+                generation: G,
+                epoch: Epoch(2),
+            },
+        );
+        match &first {
+            Reply::Sealed { epoch, state } => {
+                assert_eq!(*epoch, Epoch(2));
+                assert_eq!(
+                    (state.queues[1].next_avail, state.queues[1].used_idx),
+                    (8, Some(8))
+                );
+            }
+            r => panic!("retried seal: {r:?}"),
+        }
         match call(&mut ctl, Request::Abort { generation: G }) {
             Reply::Aborted {
                 cancelled_requests,
@@ -401,6 +420,61 @@ fn hold_gates_tx_until_commit_and_abort_discards() {
         assert_eq!(got[0][..6], [0xff; 6]);
         assert_eq!(got[0][6..12], GUEST);
         assert_eq!(got[0][20..22], [0, 3], "reverse request");
+        drop(f);
+        d.stop();
+    });
+}
+
+/// Frames the tap refuses at commit (its interface is down: the tap answers EIO) are not
+/// reported COMMITTED: the commit is COMMIT_FAILED and counted in STATUS, the daemon keeps
+/// committing later epochs (a lost frame is packet loss, not a reason to hold all output).
+#[test]
+fn frames_the_tap_refuses_make_the_commit_fail_visibly() {
+    in_netns(|| {
+        let d = Daemon::start("refuse", "ftrefuse0", &[]);
+        let mut f = frontend(&d.sock);
+        let mut ctl = d.control();
+        let link = |state: &str| {
+            let st = Command::new("ip")
+                .args(["link", "set", "ftrefuse0", state])
+                .status()
+                .expect("ip");
+            assert!(st.success(), "ip link set {state}");
+        };
+        let frames = test_frames(3, 2);
+        for fr in &frames {
+            send(&mut f, fr);
+        }
+        f.kick(TXQ);
+        assert_eq!(f.wait_used(TXQ, 2, Duration::from_secs(5)).len(), 2);
+        link("down");
+        match seal_commit(&mut ctl, 1) {
+            Reply::CommitFailed { epoch, error, .. } => {
+                assert_eq!(epoch, Epoch(1));
+                assert!(error.contains("refused 2 of 2"), "{error}");
+            }
+            r => panic!("commit to a downed tap: {r:?}"),
+        }
+        match call(&mut ctl, Request::Status) {
+            Reply::Status(s) => {
+                assert_eq!((s.commits_ok, s.commits_failed), (0, 1));
+                assert!(!s.commit_refused);
+                assert_eq!(s.last_committed, Some(Epoch(1)));
+                assert_eq!(s.held_requests, 0);
+            }
+            r => panic!("status: {r:?}"),
+        }
+        link("up");
+        let pkt = PacketSocket::bind("ftrefuse0").expect("packet socket");
+        let more = test_frames(4, 1);
+        send(&mut f, &more[0]);
+        f.kick(TXQ);
+        assert_eq!(f.wait_used(TXQ, 1, Duration::from_secs(5)).len(), 1);
+        match seal_commit(&mut ctl, 2) {
+            Reply::Committed { stats, .. } => assert_eq!(stats.requests, 1),
+            r => panic!("commit after the tap came back: {r:?}"),
+        }
+        assert_eq!(wait_collect(&pkt, 1), more);
         drop(f);
         d.stop();
     });

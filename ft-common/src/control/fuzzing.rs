@@ -8,26 +8,26 @@
 //!   re-encodes within the frame bound and decodes back to itself, and the range check never
 //!   panics.
 //! - [`server`]: the input written to a real [`ControlServer`] (one per process, living across
-//!   inputs as it lives across coordinators) whose handler follows the gate rules (fence,
+//!   inputs as it lives across coordinators) whose handler is the daemons' own gate (fence,
 //!   epochs of a transaction queue). Checks: every byte the daemon answers is a whole, valid
 //!   frame, the daemon keeps serving, and no input moves the fence or the open epoch beyond
 //!   [`MAX_REQUEST_NUMBER`].
 
 use super::codec::{encode, read_message, FrameDecoder, HEADER_LEN, MAX_FRAME_LEN};
-use super::gate;
-use super::message::{
-    DaemonMessage, DeviceKind, DeviceStatus, ErrorCode, Reply, Request, TransactionState,
-    MAX_REQUEST_NUMBER,
-};
+use super::message::{DaemonMessage, DeviceKind, QueueState, Reply, Request, MAX_REQUEST_NUMBER};
 use super::server::{ControlServer, ControlServerHandle};
 use super::ControlClient;
 use crate::epoch::{Epoch, Fence};
+use crate::gate::{
+    AbortDone, CommitDone, Gate, GateDevice, GateError, HeldView, Identity, OnCommitError,
+    QueueMerge,
+};
 use crate::txqueue::{Limits, TxQueue};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::{Mutex, OnceLock};
-use std::time::Duration;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 /// Decodes `data` incrementally (chunk size from its first byte, a small and the real frame
 /// bound) and with the blocking reader; panics on a broken invariant.
@@ -84,66 +84,44 @@ where
     let _ = d.finish();
 }
 
-/// The handler state of the fuzzed server: the gate's fence and a transaction queue's epochs.
-struct Gate {
-    fence: Fence,
+/// The device behind the fuzzed server's gate (the daemons' own [`crate::gate::Gate`]): one
+/// transaction queue's epochs, nothing held.
+struct FuzzDevice {
     txq: TxQueue<()>,
 }
 
-impl Gate {
-    fn handle(&mut self, req: Request) -> Reply {
-        if let Err(r) = gate::admit(&mut self.fence, &req) {
-            return r;
+impl GateDevice for FuzzDevice {
+    fn identity(&self) -> Identity {
+        Identity {
+            device: "fuzz".into(),
+            kind: DeviceKind::Blk,
+            mode: "hold".into(),
         }
-        match req {
-            Request::Seal { epoch, .. } => match self.txq.seal(epoch) {
-                Ok(_) => Reply::Sealed {
-                    epoch,
-                    state: TransactionState {
-                        device: "fuzz".into(),
-                        kind: DeviceKind::Blk,
-                        queues: vec![],
-                    },
-                },
-                Err(e) => gate::tx_error_reply(e),
-            },
-            Request::Commit { epoch, .. } => match self.txq.take_committable(epoch) {
-                Ok(_) => Reply::Committed {
-                    epoch,
-                    stats: Default::default(),
-                },
-                Err(e) => gate::tx_error_reply(e),
-            },
-            Request::Abort { .. } => {
-                // Nothing is held here: the cancelled payloads are ().
-                drop(self.txq.abort());
-                Reply::Aborted {
-                    cancelled_requests: 0,
-                    cancelled_bytes: 0,
-                    last_committed: self.txq.last_committed(),
-                }
-            }
-            Request::Announce { .. } | Request::Replay { .. } => {
-                Reply::error(ErrorCode::Unsupported, "blk")
-            }
-            Request::Status => Reply::Status(Box::new(DeviceStatus {
-                device: "fuzz".into(),
-                kind: DeviceKind::Blk,
-                mode: "hold".into(),
-                generation: self.fence.newest(),
-                open_epoch: self.txq.open_epoch(),
-                last_sealed: self.txq.last_sealed(),
-                last_committed: self.txq.last_committed(),
-                held_requests: 0,
-                held_bytes: 0,
-                epochs: vec![],
-                commits_ok: 0,
-                commits_failed: 0,
-                fdatasyncs: 0,
-                commit_refused: false,
-                last_commit: None,
-            })),
-        }
+    }
+    fn seal(&mut self, epoch: Epoch) -> Result<Vec<QueueState>, GateError> {
+        self.txq.seal(epoch)?;
+        Ok(Vec::new())
+    }
+    fn commit(&mut self, epoch: Epoch) -> Result<CommitDone, GateError> {
+        let previous = self.txq.last_committed();
+        self.txq.take_committable(epoch)?;
+        Ok(CommitDone {
+            previous,
+            ..Default::default()
+        })
+    }
+    fn abort(&mut self) -> Result<AbortDone, GateError> {
+        // Nothing is held here: the cancelled payloads are ().
+        drop(self.txq.abort());
+        Ok(AbortDone {
+            last_committed: self.txq.last_committed(),
+            ..Default::default()
+        })
+    }
+    fn status(&mut self) -> Result<HeldView, GateError> {
+        let mut m = QueueMerge::default();
+        m.add(&self.txq.counters(), self.txq.epochs(), Instant::now());
+        Ok(m.into_view())
     }
 }
 
@@ -159,16 +137,17 @@ fn fuzz_server() -> &'static PathBuf {
         }
         // SAFETY: registers a plain extern "C" function without arguments.
         unsafe { libc::atexit(unlink_socket) };
-        let gate = Mutex::new(Gate {
-            fence: Fence::default(),
-            txq: TxQueue::new(Limits {
-                max_requests: 16,
-                max_bytes: 1 << 20,
-            }),
-        });
-        let handle = server
-            .spawn(move |req| gate.lock().unwrap_or_else(|p| p.into_inner()).handle(req))
-            .expect("spawn the fuzz control server");
+        let gate = Gate::new(
+            FuzzDevice {
+                txq: TxQueue::new(Limits {
+                    max_requests: 16,
+                    max_bytes: 1 << 20,
+                }),
+            },
+            Fence::default(),
+            OnCommitError::Stop,
+        );
+        let handle = server.spawn(gate).expect("spawn the fuzz control server");
         (handle, path)
     });
     path

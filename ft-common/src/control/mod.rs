@@ -6,7 +6,7 @@
 //! - [`codec`]: length-prefixed, versioned, size-bounded framing; blocking and incremental.
 //! - [`server`]: the daemon's control thread, its handler trait and the queue threads' notifier.
 //! - [`client`]: the coordinator's connection.
-//! - [`gate`]: daemon-independent handler pieces (fencing, error codes, STATUS epochs).
+//! - The handler both daemons run on it is the gate, [`crate::gate`].
 //! - `fuzzing`: entry points for fuzz targets of the codec and the server.
 //!
 //! Protocol invariants: one reply per request, in order; every fenced command carries a
@@ -17,7 +17,6 @@ pub mod client;
 pub mod codec;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod gate;
 pub mod message;
 pub mod server;
 
