@@ -9,7 +9,7 @@ use crate::config::BlkConfig;
 use crate::gate::hold::Hold;
 use crate::image::Image;
 use crate::queue::{BlkCounters, BlkQueue};
-use ft_common::vhost_user::{DeviceError, QueueWorker, VhostUserDevice};
+use ft_common::vhost_user::{DeviceError, VhostUserDevice};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -69,6 +69,8 @@ impl BlkDevice {
 }
 
 impl VhostUserDevice for BlkDevice {
+    type Worker = BlkQueue;
+
     fn num_queues(&self) -> usize {
         usize::from(self.config.params().num_queues)
     }
@@ -96,11 +98,7 @@ impl VhostUserDevice for BlkDevice {
         }
     }
 
-    fn create_worker(
-        &self,
-        _group: usize,
-        queues: &[u16],
-    ) -> std::io::Result<Box<dyn QueueWorker>> {
+    fn create_worker(&self, _group: usize, queues: &[u16]) -> std::io::Result<BlkQueue> {
         let &[queue] = queues else {
             return Err(std::io::Error::other("virtio-blk: one queue per worker"));
         };
@@ -116,6 +114,6 @@ impl VhostUserDevice for BlkDevice {
         )
         .map_err(|e| std::io::Error::new(e.kind(), format!("queue {queue}: {e}")))?
         .with_poll_cpu_guard(self.poll_cpu_guard);
-        Ok(Box::new(q))
+        Ok(q)
     }
 }

@@ -115,7 +115,11 @@ fn device_name(args: &Args) -> String {
 }
 
 /// `--replay FILE`: hands the record to the server before any frontend connects.
-fn load_replay(server: &VhostUserServer, path: &Path, device: &str) -> std::io::Result<()> {
+fn load_replay(
+    server: &VhostUserServer<BlkDevice>,
+    path: &Path,
+    device: &str,
+) -> std::io::Result<()> {
     let err = |what: String| std::io::Error::other(format!("--replay {}: {what}", path.display()));
     let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
     let state: TransactionState = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;

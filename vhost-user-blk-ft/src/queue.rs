@@ -30,13 +30,13 @@
 
 use crate::config::BlkConfig;
 use crate::engine::{Completion, Engine};
-use crate::gate::hold::{held_bytes, GateAck, GateMsg, HeldReq, Hold, RecordQuery};
+use crate::gate::hold::{held_bytes, GateAck, GateMsg, GateReply, HeldReq, Hold};
 use crate::image::Image;
 use crate::request::{
     parse, BlkRequest, DiskLimits, Rejected, RequestKind, STATUS_IOERR, STATUS_OK,
 };
 use ft_common::control::QueueState;
-use ft_common::vhost_user::{DeviceMsg, QueueWorker, StopStatus, VringHandle, WorkerCtx};
+use ft_common::vhost_user::{QueueWorker, StopStatus, VringHandle, WorkerCtx};
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -556,6 +556,9 @@ fn complete(ctx: &mut WorkerCtx, queue: u16, c: Completion) {
 }
 
 impl QueueWorker for BlkQueue {
+    type Msg = GateMsg;
+    type Reply = GateReply;
+
     fn fds(&self) -> Vec<(RawFd, u64)> {
         vec![(self.engine.eventfd(), ENGINE_TOKEN)]
     }
@@ -640,26 +643,17 @@ impl QueueWorker for BlkQueue {
         }
     }
 
-    fn handle_message(&mut self, ctx: &mut WorkerCtx, msg: DeviceMsg) -> DeviceMsg {
-        let msg = match msg.downcast::<GateMsg>() {
-            Ok(m) => *m,
-            Err(other) => {
-                return match other.downcast::<RecordQuery>() {
-                    Ok(_) => Box::new(self.record(ctx)),
-                    Err(other) => other,
-                }
-            }
-        };
-        let mut ack = GateAck {
-            completed: 0,
-            deferred: 0,
-            dropped: 0,
-        };
+    fn handle_message(&mut self, ctx: &mut WorkerCtx, msg: GateMsg) -> GateReply {
+        if let GateMsg::Record = msg {
+            return GateReply::Record(self.record(ctx));
+        }
+        let mut ack = GateAck::default();
         let q = self.queue;
         let Some(h) = self.hold.as_mut() else {
-            return Box::new(ack);
+            return GateReply::Ack(ack);
         };
         match msg {
+            GateMsg::Record => {}
             GateMsg::Complete(list) => {
                 for (held, status) in list {
                     if held.conn != h.conn || held.queue != q {
@@ -698,6 +692,6 @@ impl QueueWorker for BlkQueue {
                 }
             }
         }
-        Box::new(ack)
+        GateReply::Ack(ack)
     }
 }

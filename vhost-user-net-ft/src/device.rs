@@ -32,8 +32,8 @@ use ft_common::control::{Notifier, QueueState};
 use ft_common::epoch::Epoch;
 use ft_common::txqueue::{EpochStats, SealSummary, TxCounters, TxError};
 use ft_common::vhost_user::{
-    DeviceError, DeviceMsg, GuestMem, QueueWorker, StopStatus, VhostUserDevice, VringHandle,
-    WorkerCtx, WorkerHandle,
+    DeviceError, GuestMem, QueueWorker, StopStatus, VhostUserDevice, VringHandle, WorkerCtx,
+    WorkerHandle,
 };
 use log::{error, warn};
 use std::os::fd::AsRawFd;
@@ -133,7 +133,7 @@ pub struct NetDevice {
     taps: Mutex<Vec<Option<Tap>>>,
     counters: Arc<NetCounters>,
     notifier: Notifier,
-    workers: OnceLock<Vec<WorkerHandle>>,
+    workers: OnceLock<Vec<WorkerHandle<NetWorker>>>,
 }
 
 impl NetDevice {
@@ -163,7 +163,7 @@ impl NetDevice {
     }
 
     /// Gives the device its workers' handles (after the server is built), for SEND_RARP.
-    pub fn set_workers(&self, w: Vec<WorkerHandle>) {
+    pub fn set_workers(&self, w: Vec<WorkerHandle<NetWorker>>) {
         let _ = self.workers.set(w);
     }
 
@@ -181,6 +181,8 @@ impl NetDevice {
 }
 
 impl VhostUserDevice for NetDevice {
+    type Worker = NetWorker;
+
     fn num_queues(&self) -> usize {
         2 * self.config.max_virtqueue_pairs as usize
     }
@@ -214,7 +216,7 @@ impl VhostUserDevice for NetDevice {
             .collect()
     }
 
-    fn create_worker(&self, group: usize, queues: &[u16]) -> std::io::Result<Box<dyn QueueWorker>> {
+    fn create_worker(&self, group: usize, queues: &[u16]) -> std::io::Result<NetWorker> {
         let tap = self
             .taps
             .lock()
@@ -226,7 +228,7 @@ impl VhostUserDevice for NetDevice {
             [rx, tx] => (rx, tx),
             _ => return Err(std::io::Error::other("a net queue group is an RX/TX pair")),
         };
-        Ok(Box::new(NetWorker {
+        Ok(NetWorker {
             rx_q,
             tx_q,
             tap,
@@ -245,7 +247,7 @@ impl VhostUserDevice for NetDevice {
             features: None,
             hdr_len: VNET_HDR_LEN,
             tx_blocked: false,
-        }))
+        })
     }
 
     fn send_rarp(&self, mac: [u8; 6]) -> Result<(), DeviceError> {
@@ -254,11 +256,9 @@ impl VhostUserDevice for NetDevice {
             .get()
             .and_then(|w| w.first())
             .ok_or(DeviceError::Unsupported)?;
-        match w.call(Box::new(NetMsg::Announce(MacAddr(mac)))) {
-            Ok(r) => match r.downcast::<NetReply>().map(|r| *r) {
-                Ok(NetReply::Announced(true)) => Ok(()),
-                _ => Err(DeviceError::Io(std::io::Error::other("RARP not sent"))),
-            },
+        match w.call(NetMsg::Announce(MacAddr(mac))) {
+            Ok(NetReply::Announced(true)) => Ok(()),
+            Ok(_) => Err(DeviceError::Io(std::io::Error::other("RARP not sent"))),
             Err(e) => Err(DeviceError::Io(std::io::Error::other(e.to_string()))),
         }
     }
@@ -458,6 +458,9 @@ fn ring_record(ctx: &WorkerCtx, queue: u16, outstanding: Vec<u16>) -> QueueState
 }
 
 impl QueueWorker for NetWorker {
+    type Msg = NetMsg;
+    type Reply = NetReply;
+
     fn fds(&self) -> Vec<(std::os::fd::RawFd, u64)> {
         vec![(self.tap.as_raw_fd(), TOKEN_TAP)]
     }
@@ -508,10 +511,7 @@ impl QueueWorker for NetWorker {
         self.watch_tap(ctx, false);
     }
 
-    fn handle_message(&mut self, ctx: &mut WorkerCtx, msg: DeviceMsg) -> DeviceMsg {
-        match msg.downcast::<NetMsg>() {
-            Ok(m) => Box::new(self.handle(ctx, *m)),
-            Err(other) => other,
-        }
+    fn handle_message(&mut self, ctx: &mut WorkerCtx, msg: NetMsg) -> NetReply {
+        self.handle(ctx, msg)
     }
 }

@@ -27,7 +27,7 @@
 //! [`TxCounters::check_seal`]: ft_common::txqueue::TxCounters::check_seal
 //! [`TxCounters::check_commit`]: ft_common::txqueue::TxCounters::check_commit
 
-use crate::device::{FtMode, GateOp, NetMsg, NetReply};
+use crate::device::{FtMode, GateOp, NetMsg, NetReply, NetWorker};
 use crate::mac::MacAddr;
 use crate::tx_hold::Released;
 use ft_common::control::{DeviceKind, ErrorCode, QueueState, Reply, Request};
@@ -42,7 +42,7 @@ use std::time::Instant;
 
 /// The net device as the gate sees it.
 pub struct NetGate {
-    workers: Vec<WorkerHandle>,
+    workers: Vec<WorkerHandle<NetWorker>>,
     device: String,
     mac: MacAddr,
     mode: FtMode,
@@ -52,7 +52,12 @@ pub struct NetGate {
 pub type NetControl = Gate<NetGate>;
 
 impl NetGate {
-    pub fn new(workers: Vec<WorkerHandle>, device: String, mac: MacAddr, mode: FtMode) -> Self {
+    pub fn new(
+        workers: Vec<WorkerHandle<NetWorker>>,
+        device: String,
+        mac: MacAddr,
+        mode: FtMode,
+    ) -> Self {
         NetGate {
             workers,
             device,
@@ -70,17 +75,14 @@ impl NetGate {
     fn call(&self, i: usize, op: GateOp) -> Result<NetReply, GateError> {
         let w = &self.workers[i];
         let r = w
-            .call(Box::new(NetMsg::Gate(op)))
+            .call(NetMsg::Gate(op))
             .map_err(|e| GateError::Internal(format!("queue pair {i}: {e}")))?;
-        match r.downcast::<NetReply>().map(|r| *r) {
-            Ok(NetReply::Refused(e)) => Err(GateError::Refused(e)),
-            Ok(NetReply::NotHolding) => Err(GateError::Unsupported(
+        match r {
+            NetReply::Refused(e) => Err(GateError::Refused(e)),
+            NetReply::NotHolding => Err(GateError::Unsupported(
                 "output gating is off (--ft off)".into(),
             )),
-            Ok(r) => Ok(r),
-            Err(_) => Err(GateError::Internal(format!(
-                "queue pair {i}: bad worker reply"
-            ))),
+            r => Ok(r),
         }
     }
 
@@ -266,11 +268,9 @@ impl NetGate {
         let Some(w) = self.workers.first() else {
             return Reply::error(ErrorCode::Internal, "no queue worker");
         };
-        match w.call(Box::new(NetMsg::Announce(self.mac))) {
-            Ok(r) => match r.downcast::<NetReply>().map(|r| *r) {
-                Ok(NetReply::Announced(true)) => Reply::Announced { packets: 1 },
-                _ => Reply::error(ErrorCode::Internal, "the tap refused the RARP frame"),
-            },
+        match w.call(NetMsg::Announce(self.mac)) {
+            Ok(NetReply::Announced(true)) => Reply::Announced { packets: 1 },
+            Ok(_) => Reply::error(ErrorCode::Internal, "the tap refused the RARP frame"),
             Err(e) => Reply::error(ErrorCode::Internal, e.to_string()),
         }
     }

@@ -16,7 +16,10 @@
 //! thread waits for the worker only through the worker's command channel, holding no lock the
 //! worker needs. Other threads (a control thread doing SEAL/COMMIT) talk to a worker with
 //! [`WorkerHandle::call`](super::worker::WorkerHandle::call), which runs
-//! [`QueueWorker::handle_message`] on the worker thread and waits for its reply.
+//! [`QueueWorker::handle_message`] on the worker thread and waits for its reply. Messages are
+//! typed: each worker names its [`QueueWorker::Msg`] and [`QueueWorker::Reply`], and the
+//! handles the server gives out are typed by the device's worker, so a message of the wrong
+//! type does not compile.
 //!
 //! Stopping: GET_VRING_BASE, RESET_DEVICE/RESET_OWNER, frontend disconnect and server shutdown
 //! call [`QueueWorker::stop_queue`]. It may cancel or drain asynchronously and return
@@ -27,7 +30,6 @@
 //! later connection (or a restarted daemon) resubmits it: cancel-and-resubmit is correct,
 //! complete-twice is not.
 
-use std::any::Any;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,9 +43,6 @@ pub use super::worker::{WorkerCtx, WorkerHandle};
 
 /// A descriptor chain over the connection's guest memory, as handed to workers.
 pub type Chain = DescriptorChain<Arc<GuestMem>>;
-
-/// Opaque message between a control thread (or the server) and a queue worker.
-pub type DeviceMsg = Box<dyn Any + Send>;
 
 /// Errors a device reports to the server; the server turns them into protocol error replies.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +73,9 @@ pub enum StopStatus {
 /// All methods are called from the connection thread (or at server construction) and must not
 /// block for long. Getters must not fail: the protocol gives them no way to report an error.
 pub trait VhostUserDevice: Send + Sync + 'static {
+    /// The worker of one queue group (see [`create_worker`](Self::create_worker)).
+    type Worker: QueueWorker;
+
     /// Number of virtqueues (the maximum; the frontend may use fewer).
     fn num_queues(&self) -> usize;
 
@@ -123,7 +125,7 @@ pub trait VhostUserDevice: Send + Sync + 'static {
 
     /// Create the worker for queue group `group` (its queues are `queues`). Called once per
     /// group when the server is built.
-    fn create_worker(&self, group: usize, queues: &[u16]) -> std::io::Result<Box<dyn QueueWorker>>;
+    fn create_worker(&self, group: usize, queues: &[u16]) -> std::io::Result<Self::Worker>;
 
     /// SEND_RARP (protocol feature RARP): announce `mac` after a migration or failover.
     fn send_rarp(&self, mac: [u8; 6]) -> Result<(), DeviceError> {
@@ -136,7 +138,14 @@ pub trait VhostUserDevice: Send + Sync + 'static {
 ///
 /// `ctx` gives access to the group's rings that are currently running (started and enabled)
 /// and to the connection's memory and dirty log. Between connections `ctx` has no rings.
-pub trait QueueWorker: Send {
+pub trait QueueWorker: Send + 'static {
+    /// What other threads send this worker through
+    /// [`WorkerHandle::call`](super::worker::WorkerHandle::call)
+    /// ([`std::convert::Infallible`] for a worker that takes none).
+    type Msg: Send + 'static;
+    /// The answer to a [`Msg`](Self::Msg).
+    type Reply: Send + 'static;
+
     /// Extra file descriptors to poll (io_uring eventfd, tap fd, ...), each with a token the
     /// worker chooses; readiness is reported to [`handle_fd`](Self::handle_fd). Polled
     /// level-triggered for input: drain the fd in `handle_fd`. Queried once when the worker
@@ -206,8 +215,49 @@ pub trait QueueWorker: Send {
     }
 
     /// A message from another thread via [`WorkerHandle::call`]; the return value is the reply.
-    fn handle_message(&mut self, ctx: &mut WorkerCtx, msg: DeviceMsg) -> DeviceMsg {
-        let _ = ctx;
-        msg
+    fn handle_message(&mut self, ctx: &mut WorkerCtx, msg: Self::Msg) -> Self::Reply;
+}
+
+/// [`VhostUserDevice`] without its worker type: what the connection thread asks of a device,
+/// as a trait object (the server's protocol code is not generic over the device).
+pub(crate) trait DeviceOps: Send + Sync + 'static {
+    fn num_queues(&self) -> usize;
+    fn max_queue_size(&self) -> u16;
+    fn features(&self) -> u64;
+    fn protocol_features(&self) -> VhostUserProtocolFeatures;
+    fn has_config(&self) -> bool;
+    fn read_config(&self, offset: u32, buf: &mut [u8]);
+    fn write_config(&self, offset: u32, data: &[u8]) -> Result<(), DeviceError>;
+    fn set_acked_features(&self, features: u64);
+    fn send_rarp(&self, mac: [u8; 6]) -> Result<(), DeviceError>;
+}
+
+impl<D: VhostUserDevice> DeviceOps for D {
+    fn num_queues(&self) -> usize {
+        VhostUserDevice::num_queues(self)
+    }
+    fn max_queue_size(&self) -> u16 {
+        VhostUserDevice::max_queue_size(self)
+    }
+    fn features(&self) -> u64 {
+        VhostUserDevice::features(self)
+    }
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserDevice::protocol_features(self)
+    }
+    fn has_config(&self) -> bool {
+        VhostUserDevice::has_config(self)
+    }
+    fn read_config(&self, offset: u32, buf: &mut [u8]) {
+        VhostUserDevice::read_config(self, offset, buf)
+    }
+    fn write_config(&self, offset: u32, data: &[u8]) -> Result<(), DeviceError> {
+        VhostUserDevice::write_config(self, offset, data)
+    }
+    fn set_acked_features(&self, features: u64) {
+        VhostUserDevice::set_acked_features(self, features)
+    }
+    fn send_rarp(&self, mac: [u8; 6]) -> Result<(), DeviceError> {
+        VhostUserDevice::send_rarp(self, mac)
     }
 }

@@ -124,6 +124,8 @@ pub fn inflight_recovery(data: &[u8]) {
 struct FuzzDevice;
 
 impl VhostUserDevice for FuzzDevice {
+    type Worker = FuzzWorker;
+
     fn num_queues(&self) -> usize {
         2
     }
@@ -138,18 +140,21 @@ impl VhostUserDevice for FuzzDevice {
             *b = (offset as usize + i).min(255) as u8;
         }
     }
-    fn create_worker(
-        &self,
-        _group: usize,
-        _queues: &[u16],
-    ) -> std::io::Result<Box<dyn QueueWorker>> {
-        Ok(Box::new(FuzzWorker))
+    fn create_worker(&self, _group: usize, _queues: &[u16]) -> std::io::Result<FuzzWorker> {
+        Ok(FuzzWorker)
     }
 }
 
 struct FuzzWorker;
 
 impl QueueWorker for FuzzWorker {
+    type Msg = std::convert::Infallible;
+    type Reply = std::convert::Infallible;
+
+    fn handle_message(&mut self, _ctx: &mut WorkerCtx, msg: Self::Msg) -> Self::Reply {
+        match msg {}
+    }
+
     fn handle_kick(&mut self, ctx: &mut WorkerCtx, q: u16) {
         let mut buf = [0u8; 512];
         // Bounded like a device must be: a ring that keeps announcing work it does not yield
@@ -185,8 +190,8 @@ impl QueueWorker for FuzzWorker {
     }
 }
 
-fn server() -> &'static Mutex<VhostUserServer> {
-    static SERVER: OnceLock<Mutex<VhostUserServer>> = OnceLock::new();
+fn server() -> &'static Mutex<VhostUserServer<FuzzDevice>> {
+    static SERVER: OnceLock<Mutex<VhostUserServer<FuzzDevice>>> = OnceLock::new();
     SERVER.get_or_init(|| {
         let path = std::env::temp_dir().join(format!("ft-vhost-fuzz-{}.sock", std::process::id()));
         let server = VhostUserServer::new(Arc::new(FuzzDevice), &path).expect("fuzz server");

@@ -36,12 +36,12 @@ use vhost::vhost_user::message::{
 use vhost::vhost_user::{Error as VuError, Result as VuResult, VhostUserBackendReqHandlerMut};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::device::VhostUserDevice;
+use super::device::DeviceOps;
 use super::inflight::{InflightQueue, InflightRegion};
 use super::memory::{DirtyLog, GuestMem, MemoryMap};
 use super::replay::ReplayStore;
 use super::vring::RingSetup;
-use super::worker::{Command, Reply, WorkerHandle};
+use super::worker::{Command, CommandHandle, Reply};
 
 /// Most memory slots we accept (CONFIGURE_MEM_SLOTS); as libvhost-user.
 const MAX_MEM_SLOTS: u64 = 509;
@@ -60,8 +60,8 @@ pub fn server_protocol_features() -> VhostUserProtocolFeatures {
 
 /// State shared by all connections of one server.
 pub(crate) struct Shared {
-    pub device: Arc<dyn VhostUserDevice>,
-    pub workers: Vec<WorkerHandle>,
+    pub device: Arc<dyn DeviceOps>,
+    pub workers: Vec<CommandHandle>,
     /// Queue index -> worker (group) index.
     pub queue_group: Vec<usize>,
     pub log: Arc<DirtyLog>,
@@ -181,7 +181,7 @@ impl ConnHandler {
             .ok_or_else(|| herr(format!("queue index {index} out of range (device has {n})")))
     }
 
-    fn worker(&self, q: usize) -> &WorkerHandle {
+    fn worker(&self, q: usize) -> &CommandHandle {
         &self.shared.workers[self.shared.queue_group[q]]
     }
 

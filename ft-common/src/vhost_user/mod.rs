@@ -18,9 +18,10 @@
 //!
 //! Using it from a daemon:
 //! ```ignore
-//! let dev: Arc<dyn VhostUserDevice> = Arc::new(MyDevice::new(..));
+//! let dev = Arc::new(MyDevice::new(..));
 //! let server = VhostUserServer::new(dev, Path::new("/run/blk.sock"))?;
-//! let workers = server.worker_handles();      // for a control thread (SEAL/COMMIT)
+//! let workers = server.worker_handles();      // typed by MyDevice's worker: for a control
+//!                                             // thread (SEAL/COMMIT)
 //! server.stop_handle().on_signals(&[libc::SIGINT, libc::SIGTERM])?;
 //! server.run()?;                              // serves frontends one after another
 //! ```
@@ -60,7 +61,7 @@ pub mod server;
 pub mod vring;
 pub mod worker;
 
-pub use device::{Chain, DeviceError, DeviceMsg, QueueWorker, StopStatus, VhostUserDevice};
+pub use device::{Chain, DeviceError, QueueWorker, StopStatus, VhostUserDevice};
 pub use memory::GuestMem;
 pub use replay::{ReplayError, ReplayStore, ReplaySummary, RingReplay};
 pub use server::{ServerStop, VhostUserServer};

@@ -41,12 +41,13 @@ use vhost::vhost_user::{BackendReqHandler, Error as VuError, Listener};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-use super::device::VhostUserDevice;
+use super::device::{DeviceOps, VhostUserDevice};
 use super::handler::{ConnHandler, Shared};
 use super::memory::DirtyLog;
 use super::replay::ReplayStore;
 use super::worker::{self, Command, WorkerHandle};
 use crate::unix_socket::{bind_listening, SocketFile};
+use std::marker::PhantomData;
 
 const HDR_SIZE: usize = 12;
 /// Most fds a message carries (vhost's MAX_ATTACHED_FD_ENTRIES).
@@ -95,8 +96,11 @@ impl ServerStop {
 }
 
 /// A vhost-user server for one device on one socket.
-pub struct VhostUserServer {
+pub struct VhostUserServer<D: VhostUserDevice> {
     shared: Arc<Shared>,
+    /// The typed message handles of the workers, for control threads.
+    handles: Vec<WorkerHandle<D::Worker>>,
+    _device: PhantomData<fn() -> D>,
     listener: Listener,
     /// Removes the socket file when the server goes.
     _socket_file: SocketFile,
@@ -104,10 +108,10 @@ pub struct VhostUserServer {
     stop: ServerStop,
 }
 
-impl VhostUserServer {
+impl<D: VhostUserDevice> VhostUserServer<D> {
     /// Listen on `socket` (an existing file there is replaced) and start one worker per queue
     /// group of `device`.
-    pub fn new(device: Arc<dyn VhostUserDevice>, socket: &Path) -> std::io::Result<Self> {
+    pub fn new(device: Arc<D>, socket: &Path) -> std::io::Result<Self> {
         let n = device.num_queues();
         let groups = device.queue_groups();
         let mut queue_group = vec![usize::MAX; n];
@@ -127,13 +131,16 @@ impl VhostUserServer {
         }
         let log = Arc::new(DirtyLog::default());
         let mut workers = Vec::new();
+        let mut handles = Vec::new();
         let mut threads = Vec::new();
         for (g, qs) in groups.iter().enumerate() {
             let w = device.create_worker(g, qs)?;
-            let (h, t) = worker::spawn(g, w, log.clone())?;
-            workers.push(h);
+            let (c, h, t) = worker::spawn(g, w, log.clone())?;
+            workers.push(c);
+            handles.push(h);
             threads.push(t);
         }
+        let device: Arc<dyn DeviceOps> = device;
         let listen_error = |e: std::io::Error| {
             std::io::Error::new(e.kind(), format!("listen on {}: {e}", socket.display()))
         };
@@ -153,6 +160,8 @@ impl VhostUserServer {
                 queue_group,
                 log,
             }),
+            handles,
+            _device: PhantomData,
             listener,
             _socket_file: socket_file,
             threads,
@@ -163,8 +172,8 @@ impl VhostUserServer {
     }
 
     /// Handles to the worker of each queue group (index = group), for control threads.
-    pub fn worker_handles(&self) -> Vec<WorkerHandle> {
-        self.shared.workers.clone()
+    pub fn worker_handles(&self) -> Vec<WorkerHandle<D::Worker>> {
+        self.handles.clone()
     }
 
     /// Where replay records for a VM restored from a checkpoint go (`--replay FILE`, or a

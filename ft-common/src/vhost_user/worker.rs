@@ -2,9 +2,10 @@
 //! One epoll-driven thread per queue group.
 //!
 //! The thread polls the kick eventfds of its running rings, the device's extra fds and a
-//! control eventfd. Commands (start/stop ring, memory and call-fd updates, disconnect, device
-//! messages) arrive on a channel; the sender writes the control eventfd and waits for the reply
-//! on a per-command channel. The worker never waits for the connection thread, and the
+//! control eventfd. The server's commands (start/stop ring, memory and call-fd updates,
+//! disconnect) arrive on one channel, the device's typed messages ([`WorkerHandle`]) on
+//! another; the sender writes the control eventfd and waits for the reply on a per-command
+//! channel. The worker never waits for the connection thread, and the
 //! connection thread holds nothing the worker needs while it waits: this is what lets
 //! `stop_queue` wait for io_uring completions without deadlocking.
 //!
@@ -28,7 +29,7 @@ use log::{error, warn};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::device::{DeviceMsg, QueueWorker, StopStatus};
+use super::device::{QueueWorker, StopStatus};
 use super::memory::{DirtyLog, GuestMem};
 use super::poll::AdaptivePoll;
 use super::vring::{RingSetup, VringHandle};
@@ -61,7 +62,6 @@ pub(crate) enum Command {
     Sync,
     /// Stop every ring, then `QueueWorker::reset`.
     Disconnect,
-    Device(DeviceMsg),
     Shutdown,
 }
 
@@ -70,7 +70,6 @@ pub(crate) enum Reply {
     Done,
     Stopped(Option<u16>),
     Started(Result<(), String>),
-    Device(DeviceMsg),
 }
 
 /// Error of [`WorkerHandle::call`].
@@ -78,37 +77,64 @@ pub(crate) enum Reply {
 #[error("queue worker thread is gone")]
 pub struct WorkerGone;
 
-/// Sends commands to one worker thread. Cheap to clone; usable from any thread.
+/// Sends the server's commands to one worker thread. Cheap to clone.
 #[derive(Clone)]
-pub struct WorkerHandle {
+pub(crate) struct CommandHandle {
     tx: Sender<(Command, Sender<Reply>)>,
     wake: Arc<EventFd>,
 }
 
-impl std::fmt::Debug for WorkerHandle {
+impl std::fmt::Debug for CommandHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WorkerHandle").finish_non_exhaustive()
+        f.debug_struct("CommandHandle").finish_non_exhaustive()
     }
 }
 
-impl WorkerHandle {
+impl CommandHandle {
     pub(crate) fn command(&self, cmd: Command) -> Result<Reply, WorkerGone> {
         let (rtx, rrx) = channel();
         self.tx.send((cmd, rtx)).map_err(|_| WorkerGone)?;
         self.wake.write(1).map_err(|_| WorkerGone)?;
         rrx.recv().map_err(|_| WorkerGone)
     }
+}
 
+/// A message for worker `W` and where its reply goes.
+type Envelope<W> = (<W as QueueWorker>::Msg, Sender<<W as QueueWorker>::Reply>);
+
+/// Sends messages to one worker thread, typed by its worker `W`. Cheap to clone; usable from
+/// any thread.
+pub struct WorkerHandle<W: QueueWorker> {
+    tx: Sender<Envelope<W>>,
+    wake: Arc<EventFd>,
+}
+
+impl<W: QueueWorker> Clone for WorkerHandle<W> {
+    fn clone(&self) -> Self {
+        WorkerHandle {
+            tx: self.tx.clone(),
+            wake: self.wake.clone(),
+        }
+    }
+}
+
+impl<W: QueueWorker> std::fmt::Debug for WorkerHandle<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerHandle").finish_non_exhaustive()
+    }
+}
+
+impl<W: QueueWorker> WorkerHandle<W> {
     /// Run [`QueueWorker::handle_message`] on the worker thread and return its reply.
     /// Blocks until the worker gets to it (after its current event). Never call it from the
     /// worker's own thread (it would wait for itself); calls to several workers are not atomic
     /// together: a device needing a cross-queue atomic step (SEAL) shares state under its own
     /// lock and uses `call` only to make workers act on it.
-    pub fn call(&self, msg: DeviceMsg) -> Result<DeviceMsg, WorkerGone> {
-        match self.command(Command::Device(msg))? {
-            Reply::Device(r) => Ok(r),
-            _ => Err(WorkerGone),
-        }
+    pub fn call(&self, msg: W::Msg) -> Result<W::Reply, WorkerGone> {
+        let (rtx, rrx) = channel();
+        self.tx.send((msg, rtx)).map_err(|_| WorkerGone)?;
+        self.wake.write(1).map_err(|_| WorkerGone)?;
+        rrx.recv().map_err(|_| WorkerGone)
     }
 }
 
@@ -230,11 +256,12 @@ struct Stopping {
     reply: Option<Sender<Reply>>,
 }
 
-struct Worker {
+struct Worker<W: QueueWorker> {
     group: usize,
-    dev: Box<dyn QueueWorker>,
+    dev: W,
     ctx: WorkerCtx,
     rx: Receiver<(Command, Sender<Reply>)>,
+    msgs: Receiver<Envelope<W>>,
     wake: Arc<EventFd>,
     stopping: Vec<Stopping>,
     /// Disconnect waiting for all stops to finish.
@@ -244,12 +271,13 @@ struct Worker {
     ready: Vec<u16>,
 }
 
-/// Spawn the worker thread for `group`.
-pub(crate) fn spawn(
+/// Spawn the worker thread for `group`: the server's command handle, the device's message
+/// handle, and the thread.
+pub(crate) fn spawn<W: QueueWorker>(
     group: usize,
-    dev: Box<dyn QueueWorker>,
+    dev: W,
     log: Arc<DirtyLog>,
-) -> std::io::Result<(WorkerHandle, JoinHandle<()>)> {
+) -> std::io::Result<(CommandHandle, WorkerHandle<W>, JoinHandle<()>)> {
     let epoll = Epoll::new()?;
     let wake = Arc::new(EventFd::new(EFD_NONBLOCK)?);
     epoll.ctl(
@@ -271,8 +299,13 @@ pub(crate) fn spawn(
         ctx.watch_fd(fd, token, EventSet::IN.bits())?;
     }
     let (tx, rx) = channel();
-    let handle = WorkerHandle {
+    let handle = CommandHandle {
         tx,
+        wake: wake.clone(),
+    };
+    let (mtx, msgs) = channel();
+    let messages = WorkerHandle {
+        tx: mtx,
         wake: wake.clone(),
     };
     let poll = AdaptivePoll::new(dev.poll_max()).with_cpu_guard(dev.poll_cpu_guard());
@@ -282,6 +315,7 @@ pub(crate) fn spawn(
         dev,
         ctx,
         rx,
+        msgs,
         wake,
         stopping: Vec::new(),
         disconnecting: None,
@@ -290,10 +324,10 @@ pub(crate) fn spawn(
     let jh = std::thread::Builder::new()
         .name(format!("vu-worker-{group}"))
         .spawn(move || w.run())?;
-    Ok((handle, jh))
+    Ok((handle, messages, jh))
 }
 
-impl Worker {
+impl<W: QueueWorker> Worker<W> {
     fn run(&mut self) {
         let mut events = vec![EpollEvent::default(); 64];
         let mut last_epoll = Instant::now();
@@ -481,10 +515,6 @@ impl Worker {
                     }
                     self.disconnecting = Some(reply);
                 }
-                Command::Device(msg) => {
-                    let r = self.dev.handle_message(&mut self.ctx, msg);
-                    let _ = reply.send(Reply::Device(r));
-                }
                 Command::Shutdown => {
                     for q in self.ctx.running_queues() {
                         self.begin_stop(q, None);
@@ -509,6 +539,11 @@ impl Worker {
                     return false;
                 }
             }
+        }
+        // Messages from other threads (control thread) share the wakeup eventfd.
+        while let Ok((msg, reply)) = self.msgs.try_recv() {
+            let r = self.dev.handle_message(&mut self.ctx, msg);
+            let _ = reply.send(r);
         }
         self.poll_stopping();
         true

@@ -19,8 +19,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use ft_common::vhost_user::{
-    Chain, DeviceError, DeviceMsg, QueueWorker, StopStatus, VhostUserDevice, VhostUserServer,
-    WorkerCtx,
+    Chain, DeviceError, QueueWorker, StopStatus, VhostUserDevice, VhostUserServer, WorkerCtx,
 };
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 
@@ -62,6 +61,8 @@ struct Device {
 }
 
 impl VhostUserDevice for Device {
+    type Worker = Worker;
+
     fn num_queues(&self) -> usize {
         self.args.queues as usize
     }
@@ -105,11 +106,7 @@ impl VhostUserDevice for Device {
         }
     }
 
-    fn create_worker(
-        &self,
-        _group: usize,
-        _queues: &[u16],
-    ) -> std::io::Result<Box<dyn QueueWorker>> {
+    fn create_worker(&self, _group: usize, _queues: &[u16]) -> std::io::Result<Worker> {
         // SAFETY: plain syscall, result checked.
         let fd = unsafe {
             libc::timerfd_create(
@@ -120,14 +117,14 @@ impl VhostUserDevice for Device {
         if fd < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        Ok(Box::new(Worker {
+        Ok(Worker {
             // SAFETY: fresh fd we own.
             timer: unsafe { OwnedFd::from_raw_fd(fd) },
             delayed: VecDeque::new(),
             held: Vec::new(),
             release_held: self.args.release_held,
             quiet: self.args.quiet,
-        }))
+        })
     }
 
     fn send_rarp(&self, mac: [u8; 6]) -> Result<(), DeviceError> {
@@ -207,6 +204,9 @@ fn first_byte(chain: &Chain) -> u8 {
 }
 
 impl QueueWorker for Worker {
+    type Msg = usize;
+    type Reply = usize;
+
     fn fds(&self) -> Vec<(RawFd, u64)> {
         vec![(self.timer.as_raw_fd(), TIMER_TOKEN)]
     }
@@ -278,8 +278,9 @@ impl QueueWorker for Worker {
         self.held.clear();
     }
 
-    fn handle_message(&mut self, _ctx: &mut WorkerCtx, msg: DeviceMsg) -> DeviceMsg {
-        Box::new(self.held.len() + msg.downcast_ref::<usize>().copied().unwrap_or(0))
+    /// A typed message: the number of held chains plus `msg`.
+    fn handle_message(&mut self, _ctx: &mut WorkerCtx, msg: usize) -> usize {
+        self.held.len() + msg
     }
 }
 

@@ -27,7 +27,8 @@
 //!   gate answers `COMMIT_FAILED`.
 
 use crate::gate::commit::CommitEngine;
-use crate::gate::hold::{held_bytes, GateAck, GateMsg, HeldReq, Hold, RecordQuery};
+use crate::gate::hold::{held_bytes, GateAck, GateMsg, GateReply, HeldReq, Hold};
+use crate::queue::BlkQueue;
 use crate::request::STATUS_IOERR;
 use ft_common::control::{DeviceKind, ErrorCode, QueueState, Reply, Request, TransactionState};
 use ft_common::epoch::{Epoch, Fence};
@@ -45,7 +46,7 @@ pub use ft_common::gate::OnCommitError;
 pub struct BlkGate {
     hold: Arc<Hold>,
     /// One per queue, in queue order (virtio-blk runs one queue per worker).
-    workers: Vec<WorkerHandle>,
+    workers: Vec<WorkerHandle<BlkQueue>>,
     device: String,
     engine: CommitEngine,
     /// The epoch of a commit that took its requests and has not returned (so a panic knows
@@ -68,7 +69,7 @@ pub struct BlkControl {
 impl BlkControl {
     pub fn new(
         hold: Arc<Hold>,
-        workers: Vec<WorkerHandle>,
+        workers: Vec<WorkerHandle<BlkQueue>>,
         device: String,
         policy: OnCommitError,
         engine: CommitEngine,
@@ -147,11 +148,7 @@ impl BlkGate {
     fn deliver(&self, done: Vec<(HeldReq, u8)>) -> GateAck {
         let mut per_queue: Vec<Vec<(HeldReq, u8)>> =
             (0..self.workers.len()).map(|_| Vec::new()).collect();
-        let mut total = GateAck {
-            completed: 0,
-            deferred: 0,
-            dropped: 0,
-        };
+        let mut total = GateAck::default();
         for (h, s) in done {
             match per_queue.get_mut(usize::from(h.queue)) {
                 Some(v) => v.push((h, s)),
@@ -160,15 +157,16 @@ impl BlkGate {
         }
         for (w, list) in self.workers.iter().zip(per_queue) {
             let n = list.len();
-            match w.call(Box::new(GateMsg::Complete(list))) {
-                Ok(r) => match r.downcast::<GateAck>() {
-                    Ok(a) => {
-                        total.completed += a.completed;
-                        total.deferred += a.deferred;
-                        total.dropped += a.dropped;
-                    }
-                    Err(_) => total.dropped += n,
-                },
+            match w.call(GateMsg::Complete(list)) {
+                Ok(GateReply::Ack(a)) => {
+                    total.completed += a.completed;
+                    total.deferred += a.deferred;
+                    total.dropped += a.dropped;
+                }
+                Ok(r) => {
+                    log::error!("commit: {r:?} to Complete");
+                    total.dropped += n;
+                }
                 Err(e) => {
                     log::error!("commit: {e}");
                     total.dropped += n;
@@ -202,13 +200,10 @@ impl GateDevice for BlkGate {
         // request). The rings are stopped at a checkpoint, so nothing moves meanwhile.
         let mut queues = Vec::with_capacity(held.len());
         for (w, held) in self.workers.iter().zip(held) {
-            match w
-                .call(Box::new(RecordQuery))
-                .map(|r| r.downcast::<QueueState>())
-            {
-                Ok(Ok(mut qs)) => {
+            match w.call(GateMsg::Record) {
+                Ok(GateReply::Record(mut qs)) => {
                     qs.held = held;
-                    queues.push(*qs);
+                    queues.push(qs);
                 }
                 _ => {
                     return Err(GateError::Internal(format!(
@@ -266,7 +261,7 @@ impl GateDevice for BlkGate {
         }
         for (w, list) in self.workers.iter().zip(per_queue) {
             if !list.is_empty() {
-                if let Err(e) = w.call(Box::new(GateMsg::Forget(list))) {
+                if let Err(e) = w.call(GateMsg::Forget(list)) {
                     log::error!("abort: {e}");
                 }
             }

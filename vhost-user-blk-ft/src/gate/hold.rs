@@ -10,7 +10,7 @@
 use crate::engine::SlotRequest;
 use crate::request::{BlkRequest, RequestKind};
 use ft_common::aiocb::InFlight;
-use ft_common::control::Notifier;
+use ft_common::control::{Notifier, QueueState};
 use ft_common::txqueue::{Limits, TxQueue};
 use std::sync::{Mutex, MutexGuard};
 
@@ -41,24 +41,31 @@ pub fn held_bytes(req: &BlkRequest) -> u64 {
     }
 }
 
-/// Messages from the control thread to a queue worker (via `WorkerHandle::call`).
+/// Messages from the control thread to a queue worker (via `WorkerHandle::call`); the
+/// worker's [`QueueWorker::Msg`](ft_common::vhost_user::QueueWorker::Msg).
 #[derive(Debug)]
 pub enum GateMsg {
     /// Committed requests of this queue with the status each must complete with. Sent to
     /// every worker after every commit (possibly empty): room was freed, so a worker that
-    /// stopped taking from its ring resumes.
+    /// stopped taking from its ring resumes. Answered with [`GateReply::Ack`].
     Complete(Vec<(HeldReq, u8)>),
-    /// Requests cancelled by ABORT: never written; forget them without completing.
+    /// Requests cancelled by ABORT: never written; forget them without completing. Answered
+    /// with [`GateReply::Ack`].
     Forget(Vec<HeldReq>),
+    /// The worker's part of the SEALED record, answered with [`GateReply::Record`] (`held`
+    /// left 0: the control thread counts the held requests).
+    Record,
 }
 
-/// Asks a queue worker (via `WorkerHandle::call`) for its part of the SEALED record; the reply
-/// is a `QueueState` with `held` left 0 (the control thread counts the held requests).
-#[derive(Debug)]
-pub struct RecordQuery;
-
-/// The worker's answer to a [`GateMsg`].
+/// A worker's answer to a [`GateMsg`].
 #[derive(Debug, PartialEq, Eq)]
+pub enum GateReply {
+    Ack(GateAck),
+    Record(QueueState),
+}
+
+/// What a worker did with a [`GateMsg::Complete`] or [`GateMsg::Forget`].
+#[derive(Debug, Default, PartialEq, Eq)]
 pub struct GateAck {
     /// Guest completions delivered now.
     pub completed: usize,
