@@ -8,8 +8,11 @@
 //! - [`segments`]: the pooled iovec tables requests point to (small moves, no allocation).
 //! - [`engine`]: io_uring submission/completion with a fixed slot pool, one per queue thread.
 //! - [`queue`]: the per-queue worker (pop, parse, submit, complete).
+//! - [`used`]: answering a request (status byte, used ring).
 //! - [`device`]: the device for ft-common's vhost-user server.
-//! - [`gate`]: output commit (`--ft hold`): held requests, commit engine, control handler.
+//! - [`gate`]: the whole output-commit path (`--ft hold`): held requests, each queue worker's
+//!   part (owed heads, parked and deferred requests, cancel on reset), commit engine, the
+//!   device's side of ft-common's gate.
 //! - [`fuzzing`]: the chain parser's fuzz entry point (`fuzz/`, regression tests).
 //!
 //! Parsing and submission are separate on purpose: a parsed request can wait in the transaction
@@ -25,3 +28,4 @@ pub mod limits;
 pub mod queue;
 pub mod request;
 pub mod segments;
+pub mod used;

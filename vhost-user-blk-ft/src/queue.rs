@@ -16,25 +16,17 @@
 //! - Data is read into guest memory by the kernel, so the written ranges are marked dirty
 //!   before the request is completed.
 //!
-//! With `--ft hold` ([`crate::gate`]) output requests go into the device's transaction queue
-//! instead of the engine. The worker then also:
-//! - keeps a bitmap of the heads it owes the guest (popped, not completed); a head the server
-//!   resubmits from the inflight region while still owed (ring restarted on the same
-//!   connection, e.g. every VM stop/cont) is skipped, so nothing is held or completed twice;
-//! - parks a request the full transaction queue refuses and takes nothing more from the ring
-//!   until a commit frees room (backpressure; OUTPUT_PENDING asks for an early cut);
-//! - keeps held requests across a ring stop (GET_VRING_BASE does not wait for commit: QEMU
-//!   stops the rings at every checkpoint, and the commit comes only after the VM runs again);
-//!   completions arriving while the ring is stopped are delivered when it runs again;
-//! - on disconnect or device reset cancels its held requests (never written) and forgets them.
+//! With `--ft hold` output requests go into the device's transaction queue instead of the
+//! engine (`BlkQueue::dispatch` is the seam); what the worker keeps for that (owed heads, a
+//! parked request, deferred completions, cancel on reset) is [`crate::gate::worker`].
 
 use crate::config::BlkConfig;
 use crate::engine::{Completion, Engine};
-use crate::gate::hold::{held_bytes, GateAck, GateMsg, GateReply, HeldReq, Hold};
+use crate::gate::hold::{GateAck, GateMsg, GateReply, Hold};
+use crate::gate::worker::QueueHold;
 use crate::image::Image;
-use crate::request::{
-    parse, BlkRequest, DiskLimits, Rejected, RequestKind, STATUS_IOERR, STATUS_OK,
-};
+use crate::request::{parse, BlkRequest, DiskLimits, RequestKind, STATUS_IOERR, STATUS_OK};
+use crate::used::{answer_rejected, finish};
 use ft_common::control::QueueState;
 use ft_common::vhost_user::{QueueWorker, StopStatus, VringHandle, WorkerCtx};
 use std::os::fd::RawFd;
@@ -42,7 +34,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
-use vm_memory::{Bytes, GuestAddress};
 
 /// Token of the engine's eventfd in the worker's epoll set.
 const ENGINE_TOKEN: u64 = 1;
@@ -103,42 +94,6 @@ pub struct BlkQueue {
     poll_cpu_guard: bool,
 }
 
-/// One worker's part of `hold` mode. See the module docs.
-struct QueueHold {
-    shared: Arc<Hold>,
-    /// Bumped on every reset/disconnect; held requests carry the value they were popped under.
-    conn: u64,
-    /// Heads popped and not completed yet (held, committing, parked or deferred).
-    owed: Vec<bool>,
-    /// A request the full transaction queue refused; retried before the ring is read again.
-    parked: Option<BlkRequest>,
-    /// Completions for a ring that was stopped when they arrived: (head, status addr, status).
-    deferred: Vec<(u16, GuestAddress, u8)>,
-    /// When each head was last taken off the ring (a counter): orders the SEALED record.
-    pop_seq: Vec<u64>,
-    next_seq: u64,
-}
-
-impl QueueHold {
-    fn owes(&self, head: u16) -> bool {
-        self.owed.get(usize::from(head)).copied().unwrap_or(false)
-    }
-
-    fn set_owed(&mut self, head: u16, v: bool) {
-        if let Some(b) = self.owed.get_mut(usize::from(head)) {
-            *b = v;
-        }
-    }
-
-    /// `head` was taken off the ring (one store: this is the hot path).
-    fn taken(&mut self, head: u16) {
-        self.next_seq += 1;
-        if let Some(s) = self.pop_seq.get_mut(usize::from(head)) {
-            *s = self.next_seq;
-        }
-    }
-}
-
 impl BlkQueue {
     pub fn new(
         queue: u16,
@@ -166,15 +121,7 @@ impl BlkQueue {
             stalled: false,
             counters,
             reported: Default::default(),
-            hold: hold.map(|shared| QueueHold {
-                shared,
-                conn: 0,
-                owed: vec![false; depth.clamp(1, 1 << 16) as usize],
-                parked: None,
-                deferred: Vec::new(),
-                pop_seq: vec![0; depth.clamp(1, 1 << 16) as usize],
-                next_seq: 0,
-            }),
+            hold: hold.map(|shared| QueueHold::new(queue, shared, depth)),
             poll_max,
             poll_cpu_guard: true,
         })
@@ -223,12 +170,8 @@ impl BlkQueue {
         }
         self.stalled = false;
         if let Some(h) = self.hold.as_mut() {
-            if let Some(req) = h.parked.take() {
-                if let Err(req) = hold_push(h, self.queue, req) {
-                    // Still full: only owed resubmissions are taken below; wait for a commit.
-                    h.parked = Some(req);
-                }
-            }
+            // Still full: only owed resubmissions are taken below; wait for a commit.
+            h.retry_parked();
         }
         let (mut popped, mut rejected) = (0u64, 0u64);
         let mut inline = false;
@@ -238,16 +181,7 @@ impl BlkQueue {
                 log::error!("queue {}: io_uring submit: {e}", self.queue);
             }
             if let Some(h) = self.hold.as_mut() {
-                // Resubmitted heads are consumed first by the loop above, so once none is left
-                // a deferred completion can no longer come back as a resubmission.
-                if vring.resubmit_pending() == 0 {
-                    for (head, addr, status) in h.deferred.drain(..) {
-                        finish(vring, head, addr, status, 1);
-                        if let Some(b) = h.owed.get_mut(usize::from(head)) {
-                            *b = false;
-                        }
-                    }
-                }
+                h.deliver_deferred(vring);
             }
             // Page-cache hits have completed inside that submit: answer them now instead of
             // one epoll round trip (eventfd wakeup) later.
@@ -303,7 +237,7 @@ impl BlkQueue {
                     return true;
                 }
                 let resubmit = vring.resubmit_pending() > 0;
-                let parked = self.hold.as_ref().is_some_and(|h| h.parked.is_some());
+                let parked = self.hold.as_ref().is_some_and(QueueHold::is_parked);
                 if !resubmit && (parked || self.engine.in_flight() >= self.engine.capacity()) {
                     break;
                 }
@@ -351,7 +285,7 @@ impl BlkQueue {
                 self.stalled = true;
                 return false;
             }
-            if self.hold.as_ref().is_some_and(|h| h.parked.is_some()) {
+            if self.hold.as_ref().is_some_and(QueueHold::is_parked) {
                 // The transaction queue is full; a commit resumes us.
                 return false;
             }
@@ -385,16 +319,7 @@ impl BlkQueue {
         req.hold_memory(vring.memory().clone());
         if let Some(h) = self.hold.as_mut() {
             if req.kind().is_output() {
-                h.set_owed(req.head(), true);
-                if let Err(req) = hold_push(h, self.queue, req) {
-                    if h.parked.is_some() {
-                        // Cannot happen: nothing is popped while a request is parked.
-                        h.set_owed(req.head(), false);
-                        finish(vring, req.head(), req.status_addr(), STATUS_IOERR, 1);
-                    } else {
-                        h.parked = Some(req);
-                    }
-                }
+                h.hold(vring, req);
                 return;
             }
         }
@@ -408,41 +333,18 @@ impl BlkQueue {
         }
     }
 
-    /// This queue's part of a SEALED record: every head taken and not yet on the used ring,
-    /// in the order taken, and the ring's position (as of its stop while it is stopped).
+    /// This queue's part of a SEALED record (see [`QueueHold::record`]); the reads still in
+    /// the engine are outstanding too.
     fn record(&self, ctx: &WorkerCtx) -> QueueState {
-        let q = self.queue;
-        let pos = ctx.ring_position(q);
-        let mut heads: Vec<(u64, u16)> = Vec::new();
-        if let Some(h) = &self.hold {
-            let seq = |head: u16| h.pop_seq.get(usize::from(head)).copied().unwrap_or(0);
-            heads.extend(
-                (0..h.owed.len())
-                    .filter(|&i| h.owed[i])
-                    .map(|i| (seq(i as u16), i as u16)),
-            );
-            // Reads (and GET_ID) still in the engine; held requests never are.
-            self.engine
-                .for_each_in_flight(|r| heads.push((seq(r.head()), r.head())));
-        }
-        heads.sort_unstable();
-        let outstanding: Vec<u16> = heads.into_iter().map(|(_, h)| h).collect();
-        if let Some(p) = pos.filter(|p| !p.running) {
-            if p.used_idx.wrapping_add(outstanding.len() as u16) != p.next_avail {
-                log::error!(
-                    "queue {q}: SEALED record inconsistent: used idx {} + {} outstanding != base {}",
-                    p.used_idx,
-                    outstanding.len(),
-                    p.next_avail
-                );
-            }
-        }
-        QueueState {
-            queue: q,
-            next_avail: pos.map_or(0, |p| p.next_avail),
-            used_idx: pos.map(|p| p.used_idx),
-            outstanding,
-            ..Default::default()
+        match &self.hold {
+            Some(h) => h.record(ctx, |each| {
+                self.engine.for_each_in_flight(|r| each(r.head()))
+            }),
+            // Only hold mode has a control socket that asks.
+            None => QueueState {
+                queue: self.queue,
+                ..Default::default()
+            },
         }
     }
 
@@ -470,58 +372,6 @@ impl BlkQueue {
         }
         if self.stalled {
             self.process_ring(ctx);
-        }
-    }
-}
-
-/// Holds `req` in the open epoch. Returns the request when the transaction queue is full.
-// By value on purpose: boxing would allocate per request.
-#[allow(clippy::result_large_err)]
-fn hold_push(h: &mut QueueHold, queue: u16, req: BlkRequest) -> Result<(), BlkRequest> {
-    let bytes = held_bytes(&req);
-    let held = HeldReq {
-        queue,
-        conn: h.conn,
-        req,
-    };
-    let mut txq = h.shared.lock();
-    match txq.push(held, bytes) {
-        Ok(p) => {
-            drop(txq);
-            if p.first_in_epoch {
-                h.shared.notifier().output_pending(p.epoch);
-            }
-            Ok(())
-        }
-        Err(full) => {
-            let open = txq.open_epoch();
-            drop(txq);
-            // Output is waiting and cannot even be held: ask for an early checkpoint.
-            h.shared.notifier().output_pending(open);
-            Err(full.payload.req)
-        }
-    }
-}
-
-/// Writes `status` and puts `head` on the used ring.
-fn finish(vring: &mut VringHandle, head: u16, status_addr: GuestAddress, status: u8, len: u32) {
-    let len = match vring.memory().write_obj(status, status_addr) {
-        Ok(()) => len,
-        // The status byte was checked at parse time; if memory changed since, report nothing.
-        Err(_) => 0,
-    };
-    if let Err(e) = vring.add_used(head, len) {
-        ft_common::guest_warn!("queue {}: add_used({head}): {e:?}", vring.index());
-    }
-}
-
-fn answer_rejected(vring: &mut VringHandle, rej: Rejected) {
-    match rej.status_addr {
-        Some(a) => finish(vring, rej.head, a, rej.status, 1),
-        None => {
-            if let Err(e) = vring.add_used(rej.head, 0) {
-                ft_common::guest_warn!("queue {}: add_used({}): {e:?}", vring.index(), rej.head);
-            }
         }
     }
 }
@@ -591,7 +441,7 @@ impl QueueWorker for BlkQueue {
         }
         // A stalled ring (all slots busy) or a parked request waits for completions or a
         // commit; its avail entries are not work yet.
-        let blocked = self.stalled || self.hold.as_ref().is_some_and(|h| h.parked.is_some());
+        let blocked = self.stalled || self.hold.as_ref().is_some_and(QueueHold::is_parked);
         if !blocked && ctx.queue(self.queue).is_some_and(|v| v.has_avail()) {
             self.process_ring(ctx);
             progress = true;
@@ -626,20 +476,7 @@ impl QueueWorker for BlkQueue {
         self.stalled = false;
         self.config.reset();
         if let Some(h) = self.hold.as_mut() {
-            // The connection is gone (or the device reset): its held requests are cancelled,
-            // never written. A new frontend resubmits them from its inflight region. Requests
-            // already taken by a commit belong to an acknowledged epoch and may land; their
-            // completions are dropped by the connection check.
-            let q = self.queue;
-            let cancelled = h.shared.lock().cancel_where(|r| r.queue == q);
-            if !cancelled.is_empty() {
-                log::info!("queue {q}: cancelled {} held request(s)", cancelled.len());
-            }
-            drop(cancelled);
-            h.conn += 1;
-            h.parked = None;
-            h.deferred.clear();
-            h.owed.fill(false);
+            h.reset();
         }
     }
 
@@ -647,50 +484,14 @@ impl QueueWorker for BlkQueue {
         if let GateMsg::Record = msg {
             return GateReply::Record(self.record(ctx));
         }
-        let mut ack = GateAck::default();
-        let q = self.queue;
         let Some(h) = self.hold.as_mut() else {
-            return GateReply::Ack(ack);
+            return GateReply::Ack(GateAck::default());
         };
-        match msg {
-            GateMsg::Record => {}
-            GateMsg::Complete(list) => {
-                for (held, status) in list {
-                    if held.conn != h.conn || held.queue != q {
-                        ack.dropped += 1;
-                        continue;
-                    }
-                    let r = &held.req;
-                    // While the server still has heads to resubmit, an owed head completed now
-                    // could come back as a new request: defer until they are consumed.
-                    match ctx.queue(q).filter(|v| v.resubmit_pending() == 0) {
-                        Some(v) => {
-                            finish(v, r.head(), r.status_addr(), status, r.used_len(status));
-                            h.set_owed(r.head(), false);
-                            ack.completed += 1;
-                        }
-                        None => {
-                            h.deferred.push((r.head(), r.status_addr(), status));
-                            ack.deferred += 1;
-                        }
-                    }
-                }
-                if let Some(v) = ctx.queue(q) {
-                    v.signal_used();
-                }
-                // Room was freed: take from the ring again (a parked request first).
-                if ctx.queue(q).is_some() {
-                    self.process_ring(ctx);
-                }
-            }
-            GateMsg::Forget(list) => {
-                for held in list {
-                    if held.conn == h.conn {
-                        h.set_owed(held.req.head(), false);
-                    }
-                    ack.dropped += 1;
-                }
-            }
+        let resume = matches!(msg, GateMsg::Complete(_));
+        let ack = h.handle(ctx, msg);
+        // Room was freed: take from the ring again (a parked request first).
+        if resume && ctx.queue(self.queue).is_some() {
+            self.process_ring(ctx);
         }
         GateReply::Ack(ack)
     }

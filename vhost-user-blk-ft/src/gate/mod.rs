@@ -8,7 +8,11 @@
 //!   messages the control thread sends workers.
 //! - [`commit`]: the commit engine: one io_uring batch for all committed requests (overlapping
 //!   ones in guest order, disjoint ones in parallel), drain, one `fdatasync`.
-//! - [`control`]: the control-socket handler (SEAL/COMMIT/ABORT/STATUS, fencing, policy).
+//! - [`worker`]: one queue worker's part: the heads it owes the guest, the request parked for
+//!   room, completions deferred while its ring is stopped, the pop order for SEALED records,
+//!   and the cancel of its held requests on reset or disconnect.
+//! - [`control`]: the device's side of ft-common's gate (SEAL/COMMIT/ABORT/STATUS/REPLAY);
+//!   fencing, the retried-SEAL rule and `--on-commit-error` are the shared gate core's.
 //!
 //! Invariants (ARCHITECTURE.md section 1):
 //! 1. No held request reaches the image before `COMMIT` of its epoch: held requests live only in
@@ -25,3 +29,4 @@
 pub mod commit;
 pub mod control;
 pub mod hold;
+pub mod worker;
