@@ -4,7 +4,7 @@
 //! (on the standby, when the primary is lost).
 
 use clap::{Parser, Subcommand};
-use ft_common::coordinator::DeviceSpec;
+use ft_common::coordinator::{DeviceSpec, Op};
 use ft_common::takeover::{takeover, TakeoverConfig, VmRecord};
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -24,20 +24,9 @@ struct Args {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Epochs sealed/committed, held output per device, latencies, checkpointer state.
-    Status,
-    /// Stop cutting epochs (acknowledged epochs still commit).
-    Pause,
-    /// Cut epochs again (also clears a halt after a device failure once all are connected).
-    Resume,
-    /// Cut an epoch now.
-    Checkpoint,
-    /// Depose this primary: ABORT to every device under a new, persisted generation.
-    Abort,
-    /// Gratuitous RARP from the net devices (after failover).
-    Announce,
-    /// The Prometheus text the metrics endpoint serves.
-    Metrics,
+    /// The coordinator's operator requests (need --api).
+    #[command(flatten)]
+    Coordinator(Op),
     /// Record the running primary's QEMU and daemon command lines in STORE/vm.json (read from
     /// the processes behind the sockets), so `takeover` can rebuild the same VM.
     RecordVm {
@@ -91,13 +80,7 @@ fn fail(what: &str, e: impl std::fmt::Display) -> ! {
 fn main() {
     let a = Args::parse();
     let cmd = match a.cmd {
-        Cmd::Status => "status",
-        Cmd::Pause => "pause",
-        Cmd::Resume => "resume",
-        Cmd::Checkpoint => "checkpoint",
-        Cmd::Abort => "abort",
-        Cmd::Announce => "announce",
-        Cmd::Metrics => "metrics",
+        Cmd::Coordinator(op) => op.name(),
         Cmd::RecordVm {
             store,
             qmp,

@@ -7,7 +7,7 @@
 //! Invariants: a request line is bounded ([`MAX_REQUEST`]) and read with a timeout, so a bad
 //! client costs one short-lived thread and an error answer, never the coordinator.
 
-use super::runtime::{CoordinatorHandle, Op};
+use super::handle::{CoordinatorHandle, Op};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::fs;

@@ -7,7 +7,7 @@
 //! the answer.
 
 use super::cycle::CycleStatus;
-use super::runtime::{CoordinatorHandle, Op};
+use super::handle::{CoordinatorHandle, Op};
 use super::telemetry::{Latency, Telemetry};
 use crate::control::message::DeviceStatus;
 use std::fmt::Write as _;

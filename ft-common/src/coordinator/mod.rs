@@ -5,6 +5,7 @@
 //! - [`cycle`]: the epoch cycle as a pure state machine (pipelining, in-order commits,
 //!   failure policy, timeouts); all decisions live here.
 //! - [`runtime`]: the I/O shell running the state machine on one thread.
+//! - [`handle`]: operator requests ([`Op`]) and the [`CoordinatorHandle`] that sends them.
 //! - [`device_link`]: one thread per daemon control connection.
 //! - [`checkpointer`]: `sim`, `exec:CMD`, `qmp:SOCK` and [`migrate`] (`migrate:SOCK,standby=ADDR`:
 //!   real checkpoints to an `ft-standby`) behind one trait; [`qmp`]: QMP client.
@@ -21,6 +22,7 @@ pub mod checkpointer;
 pub mod cycle;
 pub mod device_link;
 pub mod generation_store;
+pub mod handle;
 pub mod metrics;
 pub mod migrate;
 pub mod qmp;
@@ -30,4 +32,5 @@ pub mod telemetry;
 pub use checkpointer::{Checkpointer, CheckpointerSpec};
 pub use cycle::{CycleConfig, FailurePolicy};
 pub use device_link::LinkConfig;
-pub use runtime::{Coordinator, CoordinatorConfig, DeviceSpec, Op};
+pub use handle::{CoordinatorHandle, Op};
+pub use runtime::{Coordinator, CoordinatorConfig, DeviceSpec};

@@ -14,6 +14,8 @@ use super::checkpointer::{Checkpointer, CheckpointerSpec};
 use super::cycle::{Action, Cycle, CycleConfig, Event, Input};
 use super::device_link::{DeviceLink, LinkCmd, LinkConfig, LinkRequester, LinkSink};
 use super::generation_store::GenerationStore;
+use super::handle::{CoordinatorHandle, Op};
+use super::handle::{Msg, OP_TIMEOUT};
 use super::metrics::{self, MetricsServer};
 use super::telemetry::Telemetry;
 use crate::control::message::{Reply, Request};
@@ -59,46 +61,6 @@ pub struct CoordinatorConfig {
     pub api: Option<PathBuf>,
     pub metrics: Option<SocketAddr>,
 }
-
-/// Operator requests (from `ftctl`, the metrics endpoint, or a test).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Op {
-    Status,
-    Pause,
-    Resume,
-    Checkpoint,
-    Abort,
-    Announce,
-    /// Prometheus text, as a JSON string.
-    Metrics,
-}
-
-impl std::str::FromStr for Op {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        Ok(match s {
-            "status" => Op::Status,
-            "pause" => Op::Pause,
-            "resume" => Op::Resume,
-            "checkpoint" => Op::Checkpoint,
-            "abort" => Op::Abort,
-            "announce" => Op::Announce,
-            "metrics" => Op::Metrics,
-            _ => return Err(format!("unknown command {s:?}")),
-        })
-    }
-}
-
-type OpAnswer = mpsc::Sender<Result<Value, String>>;
-
-pub(crate) enum Msg {
-    Input(Input),
-    Op(Op, OpAnswer),
-    Shutdown,
-}
-
-/// Bound on operator calls to a daemon (ABORT, ANNOUNCE, STATUS).
-const OP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A running coordinator.
 pub struct Coordinator {
@@ -196,10 +158,7 @@ impl Coordinator {
 
     /// A cloneable handle for operator requests.
     pub fn handle(&self) -> CoordinatorHandle {
-        CoordinatorHandle {
-            tx: Mutex::new(self.tx.clone()),
-            requesters: self.requesters.clone(),
-        }
+        CoordinatorHandle::new(self.tx.clone(), self.requesters.clone())
     }
 
     /// Runs an operator request.
@@ -230,36 +189,6 @@ impl Coordinator {
 impl Drop for Coordinator {
     fn drop(&mut self) {
         self.stop();
-    }
-}
-
-/// Sends operator requests to a running coordinator from any thread.
-pub struct CoordinatorHandle {
-    tx: Mutex<mpsc::Sender<Msg>>,
-    requesters: Vec<LinkRequester>,
-}
-
-impl CoordinatorHandle {
-    pub fn op(&self, op: Op) -> Result<Value, String> {
-        if op == Op::Status || op == Op::Metrics {
-            // Fresh per-device held-output numbers; a dead device keeps its last snapshot.
-            for r in &self.requesters {
-                if r.shared()
-                    .connected
-                    .load(std::sync::atomic::Ordering::Acquire)
-                {
-                    let _ = r.call(Request::Status, OP_TIMEOUT);
-                }
-            }
-        }
-        let (atx, arx) = mpsc::channel();
-        self.tx
-            .lock()
-            .map_err(|_| "coordinator handle poisoned".to_string())?
-            .send(Msg::Op(op, atx))
-            .map_err(|_| "coordinator stopped".to_string())?;
-        arx.recv_timeout(OP_TIMEOUT * 4)
-            .map_err(|_| "coordinator did not answer".to_string())?
     }
 }
 
