@@ -537,6 +537,13 @@ impl TestFrontend {
             .expect("clear log");
     }
 
+    /// Truncate the guest memory file to `len` bytes under every mapping of it (a hostile
+    /// frontend; QEMU seals its memfds against this). This process's own view of guest memory
+    /// beyond `len` is gone too: touching it raises SIGBUS here.
+    pub fn truncate_guest_memory(&self, len: u64) {
+        self.mem_file.set_len(len).expect("truncate guest memory");
+    }
+
     /// Write bytes into guest memory.
     pub fn write(&self, gpa: u64, data: &[u8]) {
         self.mem

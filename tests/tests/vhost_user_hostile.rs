@@ -449,6 +449,107 @@ fn files_shorter_than_their_mapping_are_refused() {
     assert!(log.contains("the mapping needs"), "{log}");
 }
 
+/// Waits until the daemon closes `f`'s connection (EOF on the socket).
+fn wait_closed(f: &mut TestFrontend) -> bool {
+    let start = Instant::now();
+    let mut buf = [0u8; 256];
+    while start.elapsed() < T {
+        match std::io::Read::read(f.raw(), &mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+/// A frontend truncates a file it shared after the daemon mapped it: the data pages of guest
+/// memory under a pending request, the whole guest memory (rings included), or the inflight
+/// region. The daemon's next access raises SIGBUS; it must cost that connection (closed with
+/// a clear error, the request not completed), never the process, and a fresh well-behaved
+/// frontend is then served with its data intact.
+#[test]
+fn shared_files_truncated_after_mapping_cost_the_connection_not_the_daemon() {
+    let mut d = Daemon::spawn("sigbus-trunc", &[]);
+    for case in ["data pages", "all guest memory", "inflight region"] {
+        let mut f = ready(&d);
+        let inflight = (case == "inflight region").then(|| f.setup_inflight(2, 256).1);
+        start_queue(&mut f, 0, 0).expect("start");
+        served(&mut f, 0, b"before the truncation");
+        let used = f.used_idx(0);
+        // Buffers live at DATA_GPA, 2 MiB into the memfd, above the rings.
+        let (head, _) = f.add_in_out(0, b"written before the truncation");
+        match case {
+            "data pages" => f.truncate_guest_memory(0x20_0000),
+            "all guest memory" => f.truncate_guest_memory(0),
+            _ => inflight
+                .as_ref()
+                .expect("region")
+                .set_len(0)
+                .expect("truncate"),
+        }
+        f.kick(0);
+        assert!(wait_closed(&mut f), "{case}: connection not closed");
+        assert!(
+            d.child.try_wait().expect("wait").is_none(),
+            "{case}: daemon died: {}",
+            d.text()
+        );
+        if case != "all guest memory" {
+            // Rings are still readable here: the request over zeroed memory never completed.
+            assert_eq!(f.used_idx(0), used, "{case}: head {head} completed");
+        }
+        let log = d.text();
+        assert!(log.contains("shrank under its mapping"), "{case}: {log}");
+    }
+    let mut f = ready(&d);
+    start_queue(&mut f, 0, 0).expect("start");
+    served(&mut f, 0, b"a fresh frontend after three truncations");
+    assert!(!d.text().contains("panicked"), "{}", d.text());
+}
+
+/// The scratch avail ring used to resubmit in-flight heads is not in the guest's address
+/// space: a guest that rewrites a resubmitted request's writable descriptor to point at it
+/// after the ring started gets nothing written there (the test device's error answer: used
+/// length 0), not a successful write into device-private memory.
+#[test]
+fn resubmitted_descriptor_cannot_reach_the_scratch_ring() {
+    let d = Daemon::spawn("scratch", &[]);
+    let mut f = ready(&d);
+    let (info, file) = f.setup_inflight(2, 256);
+    start_queue(&mut f, 0, 0).expect("start");
+    served(&mut f, 0, b"x");
+    // Stopped before the next request is placed, so this connection cannot take it.
+    assert_eq!(f.fe.get_vring_base(0).expect("get_vring_base"), 1);
+    f.reconnect(&d.sock, T);
+    // As if the previous connection had taken this request: on the avail ring, marked in
+    // flight. `D` requests are completed 100 ms after they are taken.
+    let data = b"Delayed resubmitted request";
+    let (head, out) = f.add_in_out(0, data);
+    mark_inflight(&file, 256, 0, head, 100);
+    f.handshake();
+    f.set_mem_table();
+    f.fe.set_inflight_fd(&info, file.as_raw_fd())
+        .expect("set_inflight_fd");
+    f.setup_vring(0, 2);
+    f.fe.set_vring_enable(0, true)
+        .expect("start with resubmission");
+    // The chain was popped from the scratch ring at the start; now point its writable
+    // descriptor (the one after the head) at the scratch.
+    let (desc, _, _) = TestFrontend::ring_gpas(0);
+    let next: u16 = {
+        let b = f.read(desc + 16 * u64::from(head) + 14, 2);
+        u16::from_le_bytes([b[0], b[1]])
+    };
+    f.write(desc + 16 * u64::from(next), &(1u64 << 52).to_le_bytes());
+    assert_eq!(f.wait_used(0, 1, T), vec![(head, 0)], "{}", d.text());
+    assert_eq!(f.read(out, data.len()), vec![0; data.len()]);
+    // A later request on the same ring is served normally.
+    served(&mut f, 0, b"after the resubmission");
+}
+
 /// Guest memory in a memfd without F_SEAL_SHRINK is warned about (it could be truncated under
 /// us); a sealed one is not.
 #[test]

@@ -74,7 +74,8 @@ pub fn inflight_recovery(data: &[u8]) {
     let fill = inp.bytes(size as usize).to_vec();
     let _ = file.write_at(&fill, 0);
     let asked = if inp.u8() & 1 == 0 { layout } else { ring };
-    let Ok(region) = InflightRegion::open(&file, size, 0, 2, asked) else {
+    let Ok(region) = InflightRegion::open(&file, size, 0, 2, asked, super::sigbus::ConnId::next())
+    else {
         return;
     };
     for q in 0..2 {

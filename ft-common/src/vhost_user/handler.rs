@@ -40,6 +40,7 @@ use super::device::DeviceOps;
 use super::inflight::{InflightQueue, InflightRegion};
 use super::memory::{DirtyLog, GuestMem, MemoryMap};
 use super::replay::ReplayStore;
+use super::sigbus::ConnId;
 use super::vring::RingSetup;
 use super::worker::{Command, CommandHandle, Reply};
 
@@ -99,6 +100,8 @@ pub(crate) struct ConnHandler {
     guest_mem: Option<Arc<GuestMem>>,
     rings: Vec<RingConfig>,
     inflight: Option<Arc<InflightRegion>>,
+    /// This connection's identity for the mappings it makes (SIGBUS recovery).
+    conn: ConnId,
 }
 
 /// Take `file` as an eventfd, refusing any other kind of fd: the worker writes call and err
@@ -138,8 +141,10 @@ fn herr(msg: impl Into<String>) -> VuError {
 impl ConnHandler {
     pub(crate) fn new(shared: Arc<Shared>) -> std::io::Result<Self> {
         let n = shared.device.num_queues();
+        let conn = ConnId::next();
         Ok(ConnHandler {
-            mem: MemoryMap::new(),
+            mem: MemoryMap::new(conn),
+            conn,
             rings: (0..n).map(|_| RingConfig::default()).collect(),
             shared,
             acked_features: None,
@@ -147,6 +152,11 @@ impl ConnHandler {
             guest_mem: None,
             inflight: None,
         })
+    }
+
+    /// This connection's identity (its mappings are registered under it).
+    pub(crate) fn conn_id(&self) -> ConnId {
+        self.conn
     }
 
     /// All virtio features offered to the frontend.
@@ -701,7 +711,7 @@ impl VhostUserBackendReqHandlerMut for ConnHandler {
         // SET_VRING_NUM. Lay the region out for the largest ring we accept, so every
         // ring we can run is tracked; the per-queue `desc_num` records the layout.
         let layout = msg.queue_size.max(self.shared.device.max_queue_size());
-        let (region, file) = InflightRegion::create(msg.num_queues, layout)
+        let (region, file) = InflightRegion::create(msg.num_queues, layout, self.conn)
             .map_err(|e| herr(format!("GET_INFLIGHT_FD: {e}")))?;
         let size = super::inflight::queue_region_size(layout) * u64::from(msg.num_queues);
         if layout != msg.queue_size {
@@ -736,6 +746,7 @@ impl VhostUserBackendReqHandlerMut for ConnHandler {
             msg.mmap_offset,
             msg.num_queues,
             msg.queue_size,
+            self.conn,
         )
         .map_err(|e| herr(format!("SET_INFLIGHT_FD: {e}")))?;
         if self.rings.iter().any(|r| r.running) {
@@ -803,7 +814,7 @@ impl VhostUserBackendReqHandlerMut for ConnHandler {
     fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VuResult<()> {
         self.shared
             .log
-            .set_base(&file, log.mmap_size, log.mmap_offset)
+            .set_base(&file, log.mmap_size, log.mmap_offset, self.conn)
             .map_err(|e| herr(format!("SET_LOG_BASE: {e}")))?;
         // The replaced area is unmapped once no worker can still be marking it.
         for w in &self.shared.workers {

@@ -24,7 +24,7 @@
 //! SET_VRING_BASE; only a used region (same VM, reconnect or restart) is authoritative for what
 //! to resubmit.
 
-use memmap2::{MmapOptions, MmapRaw};
+use super::sigbus::{ConnId, SharedMapping};
 use std::fs::File;
 use std::os::fd::FromRawFd;
 use std::sync::atomic::{fence, AtomicU16, AtomicU64, AtomicU8, Ordering};
@@ -46,8 +46,9 @@ pub fn queue_region_size(queue_size: u16) -> u64 {
 #[derive(Debug)]
 pub struct InflightRegion {
     /// Shared with the frontend and accessed through atomics only; each queue's area is
-    /// written by one worker thread.
-    map: MmapRaw,
+    /// written by one worker thread. Registered for SIGBUS recovery (the frontend holds the
+    /// fd and could truncate it).
+    map: SharedMapping,
     num_queues: u16,
     queue_size: u16,
 }
@@ -55,7 +56,11 @@ pub struct InflightRegion {
 impl InflightRegion {
     /// GET_INFLIGHT_FD: create a zeroed memfd region for `num_queues` queues of `queue_size`.
     /// Its version stays 0 (fresh) until a ring runs with it.
-    pub fn create(num_queues: u16, queue_size: u16) -> std::io::Result<(Arc<Self>, File)> {
+    pub fn create(
+        num_queues: u16,
+        queue_size: u16,
+        conn: ConnId,
+    ) -> std::io::Result<(Arc<Self>, File)> {
         if num_queues == 0 || queue_size == 0 {
             return Err(std::io::ErrorKind::InvalidInput.into());
         }
@@ -68,7 +73,7 @@ impl InflightRegion {
         // SAFETY: fd was just created and is owned here.
         let file = unsafe { File::from_raw_fd(fd) };
         file.set_len(size)?;
-        let region = Self::map(&file, size, 0, num_queues, queue_size)?;
+        let region = Self::map(&file, size, 0, num_queues, queue_size, conn)?;
         for q in 0..num_queues {
             // Not the version: that would make the region look used (see the module docs).
             region
@@ -93,6 +98,7 @@ impl InflightRegion {
         offset: u64,
         num_queues: u16,
         queue_size: u16,
+        conn: ConnId,
     ) -> std::io::Result<Arc<Self>> {
         if num_queues == 0
             || queue_size == 0
@@ -101,7 +107,7 @@ impl InflightRegion {
             return Err(std::io::ErrorKind::InvalidInput.into());
         }
         super::memory::check_file_covers(file, offset, size)?;
-        let region = Self::map(file, size, offset, num_queues, queue_size)?;
+        let region = Self::map(file, size, offset, num_queues, queue_size, conn)?;
         let hdr = region.header(0);
         let desc_num = hdr.desc_num.load(Ordering::Relaxed);
         if desc_num > queue_size
@@ -122,9 +128,10 @@ impl InflightRegion {
         offset: u64,
         num_queues: u16,
         queue_size: u16,
+        conn: ConnId,
     ) -> std::io::Result<Self> {
         let len = usize::try_from(size).map_err(|_| std::io::ErrorKind::InvalidInput)?;
-        let map = MmapOptions::new().offset(offset).len(len).map_raw(file)?;
+        let map = SharedMapping::new(file, offset, len, conn)?;
         Ok(InflightRegion {
             map,
             num_queues,
@@ -383,7 +390,7 @@ mod tests {
             pick in any::<prop::sample::Index>(),
             crash in 0u8..3,
         ) {
-            let (region, _f) = InflightRegion::create(1, 16).unwrap();
+            let (region, _f) = InflightRegion::create(1, 16, ConnId::next()).unwrap();
             let mut q = InflightQueue::new(region.clone(), 0, 16).unwrap();
             let mut free: Vec<u16> = (0..16).rev().collect();
             let mut outstanding: Vec<u16> = Vec::new(); // in pop order
@@ -422,19 +429,21 @@ mod tests {
     /// smaller size, so heads above the asked size are tracked across a reconnect.
     #[test]
     fn reopened_region_keeps_larger_layout() {
-        let (region, file) = InflightRegion::create(2, 1024).unwrap();
+        let (region, file) = InflightRegion::create(2, 1024, ConnId::next()).unwrap();
         let mut q = InflightQueue::new(region.clone(), 1, 1024).unwrap();
         q.recover(0).unwrap();
         q.start(700);
         let size = queue_region_size(1024) * 2;
-        let again = InflightRegion::open(&file, size, 0, 2, 128).unwrap();
+        let again = InflightRegion::open(&file, size, 0, 2, 128, ConnId::next()).unwrap();
         assert_eq!(again.queue_size(), 1024);
         let mut q2 = InflightQueue::new(again, 1, 1024).unwrap();
         assert_eq!(q2.recover(0).unwrap(), vec![700]);
         // A region really laid out for 128 stays at 128 and cannot track a ring of 1024.
-        let (small, file) = InflightRegion::create(2, 128).unwrap();
+        let (small, file) = InflightRegion::create(2, 128, ConnId::next()).unwrap();
         drop(small);
-        let reopened = InflightRegion::open(&file, queue_region_size(128) * 2, 0, 2, 128).unwrap();
+        let reopened =
+            InflightRegion::open(&file, queue_region_size(128) * 2, 0, 2, 128, ConnId::next())
+                .unwrap();
         assert_eq!(reopened.queue_size(), 128);
         assert!(InflightQueue::new(reopened, 0, 1024).is_none());
     }
@@ -443,7 +452,7 @@ mod tests {
     /// hands the same memory back on reconnect, and then it is used.
     #[test]
     fn created_region_is_fresh_until_a_ring_runs() {
-        let (region, _file) = InflightRegion::create(2, 8).unwrap();
+        let (region, _file) = InflightRegion::create(2, 8, ConnId::next()).unwrap();
         let mut q = InflightQueue::new(region.clone(), 0, 8).unwrap();
         assert!(q.is_fresh());
         // A refused start leaves it fresh.
@@ -459,7 +468,7 @@ mod tests {
     /// completion" (which made the daemon pop an avail entry twice after a takeover).
     #[test]
     fn a_restored_ring_restarting_before_any_completion_keeps_every_head() {
-        let (region, _file) = InflightRegion::create(1, 8).unwrap();
+        let (region, _file) = InflightRegion::create(1, 8, ConnId::next()).unwrap();
         let mut q = InflightQueue::new(region.clone(), 0, 8).unwrap();
         assert!(q.is_fresh());
         for h in [0, 5, 3] {
@@ -472,7 +481,7 @@ mod tests {
 
     #[test]
     fn start_complete_recover() {
-        let (region, _file) = InflightRegion::create(2, 8).unwrap();
+        let (region, _file) = InflightRegion::create(2, 8, ConnId::next()).unwrap();
         let mut q = InflightQueue::new(region.clone(), 1, 8).unwrap();
         assert!(q.recover(0).unwrap().is_empty());
         q.start(3);
@@ -496,7 +505,7 @@ mod tests {
 
     #[test]
     fn hostile_regions_are_errors_not_panics() {
-        let (region, _file) = InflightRegion::create(1, 8).unwrap();
+        let (region, _file) = InflightRegion::create(1, 8, ConnId::next()).unwrap();
         let p = raw(&region, 0);
         let hdr = region.header(0);
         // A ring ran with it: from now on its contents are trusted as far as they check out.

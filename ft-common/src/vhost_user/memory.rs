@@ -15,13 +15,13 @@
 //!   boundary ([`DirtyLog::drop_retired`] after a round trip), so none can still be marking it:
 //!   SET_LOG_BASE calls cost no mappings beyond the current one.
 //! - Every file is checked against `fstat` before it is mapped ([`check_file_covers`]): a
-//!   mapping beyond the end of its file raises SIGBUS on access, which kills the process.
-//!   Guest memory files that could still shrink (no F_SEAL_SHRINK) are warned about; see
-//!   docs/architecture.md ("Hostile frontends") for the risk that remains.
+//!   mapping beyond the end of its file raises SIGBUS on access. Every mapping is registered
+//!   with [`sigbus`] for its connection, so a file the frontend shrinks *later* costs that
+//!   connection ([`GuestMem::is_broken`]), not the process. Guest memory files that could
+//!   still shrink (no F_SEAL_SHRINK) are warned about.
 //! - Vring addresses arrive as frontend virtual addresses; [`MemoryMap::va_to_gpa`] translates
 //!   them with the region table of the same connection.
 
-use memmap2::{MmapOptions, MmapRaw};
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, Ordering};
@@ -29,21 +29,122 @@ use std::sync::{Arc, Mutex};
 
 use vm_memory::bitmap::{Bitmap, RefSlice, WithBitmapSlice};
 use vm_memory::mmap::{MmapRegionBuilder, NewBitmap};
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
+
+use super::sigbus;
 
 /// Dirty log page size fixed by the vhost-user spec.
 pub const LOG_PAGE_SIZE: u64 = 0x1000;
 
 /// Guest-physical base of the private scratch region used to resubmit inflight heads (see
-/// [`with_scratch`]). Guest regions must end below it; the scratch is never part of the
-/// memory map rings and normal chains see.
+/// [`with_scratch`]). Guest regions must end below it.
 pub const SCRATCH_GPA: u64 = 1 << 52;
+
+/// One guest memory region, mapped and registered for SIGBUS recovery.
+#[derive(Debug)]
+struct MappedRegion {
+    // Declared first: unregistered before the region is unmapped.
+    _guard: sigbus::Guard,
+    region: GuestRegionMmap<LogBitmap>,
+}
+
+/// The private avail ring of a resubmission view (see [`with_scratch`]).
+#[derive(Debug)]
+struct Scratch {
+    region: GuestRegionMmap<LogBitmap>,
+    /// Reachable only while the shadow ring is being popped; closed before any chain of the
+    /// view is handed to a device.
+    open: AtomicBool,
+}
+
+/// The guest memory every device sees: the frontend's regions of one connection (vm-memory's
+/// `GuestMemoryBackend`, so `Bytes`, `get_slices` and virtio-queue work on it as on
+/// `GuestMemoryMmap`).
+///
+/// Invariants:
+/// - Regions are sorted by guest address and do not overlap; all end below [`SCRATCH_GPA`].
+/// - The memory of a connection whose mappings faulted ([`sigbus`]) is *broken*
+///   ([`is_broken`](Self::is_broken)): some of it reads as zeros. Nothing read from it may be
+///   completed as valid.
+/// - Device-private memory is never part of the address space a device resolves descriptors
+///   in: a resubmission view's scratch ring is closed before its chains leave `vring.rs`.
+#[derive(Debug)]
+pub struct GuestMem {
+    regions: Vec<Arc<MappedRegion>>,
+    conn: sigbus::ConnId,
+    scratch: Option<Scratch>,
+}
+
+impl GuestMem {
+    /// Whether this connection's memory faulted (a file shrank under a mapping): see
+    /// [`sigbus`].
+    pub fn is_broken(&self) -> bool {
+        self.conn.is_broken()
+    }
+
+    /// The address of the first fault in this connection's mappings, if any.
+    pub fn fault(&self) -> Option<usize> {
+        self.conn.fault()
+    }
+
+    /// Makes the scratch ring of a resubmission view unreachable (see [`with_scratch`]).
+    pub(crate) fn close_scratch(&self) {
+        if let Some(s) = &self.scratch {
+            s.open.store(false, Ordering::Release);
+        }
+    }
+}
+
+/// A clone has the same regions and connection, never a scratch ring (only the view popped
+/// from has one, and only while popping).
+impl Clone for GuestMem {
+    fn clone(&self) -> Self {
+        GuestMem {
+            regions: self.regions.clone(),
+            conn: self.conn,
+            scratch: None,
+        }
+    }
+}
+
+impl GuestMemoryBackend for GuestMem {
+    type R = GuestRegionMmap<LogBitmap>;
+
+    fn num_regions(&self) -> usize {
+        self.regions.len()
+    }
+
+    fn find_region(&self, addr: GuestAddress) -> Option<&Self::R> {
+        if let Some(s) = &self.scratch {
+            if addr.0 >= SCRATCH_GPA && s.open.load(Ordering::Acquire) {
+                return (addr.0 - SCRATCH_GPA < s.region.len()).then_some(&s.region);
+            }
+        }
+        let i = match self
+            .regions
+            .binary_search_by_key(&addr.0, |r| r.region.start_addr().0)
+        {
+            Ok(i) => i,
+            Err(0) => return None,
+            Err(i) => i - 1,
+        };
+        let r = &self.regions[i].region;
+        (addr.0 - r.start_addr().0 < r.len()).then_some(r)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Self::R> {
+        self.regions.iter().map(|r| &r.region)
+    }
+}
 
 /// Guest memory plus a private scratch region at [`SCRATCH_GPA`] holding a split avail ring
 /// (flags 0, idx `heads.len()`, `heads`). Resubmission pops chains from a shadow queue over
-/// this view: virtio-queue builds a `DescriptorChain` only from an avail ring. The view exists
-/// only for that (the scratch is a fresh anonymous mapping, never read again after the pops).
-/// Returns the view and the avail ring's address.
+/// this view: virtio-queue builds a `DescriptorChain` only from an avail ring, and a chain
+/// keeps the memory it was popped from. So the scratch is reachable only until
+/// `GuestMem::close_scratch`, which the caller does once all heads are popped and before any
+/// chain is used: from then on a descriptor naming the scratch resolves to nothing, like any
+/// address outside guest memory, and the device answers it with its error status. Returns the
+/// view and the avail ring's address.
 pub fn with_scratch(mem: &GuestMem, heads: &[u16]) -> std::io::Result<(GuestMem, u64)> {
     use vm_memory::Bytes;
     let len = (4 + 2 * heads.len() as u64 + 2).div_ceil(LOG_PAGE_SIZE) * LOG_PAGE_SIZE;
@@ -54,9 +155,14 @@ pub fn with_scratch(mem: &GuestMem, heads: &[u16]) -> std::io::Result<(GuestMem,
         .map_err(|e| std::io::Error::other(format!("mmap scratch: {e}")))?;
     let region = GuestRegionMmap::new(mmap, GuestAddress(SCRATCH_GPA))
         .ok_or_else(|| std::io::Error::other("scratch region"))?;
-    let view = mem
-        .insert_region(Arc::new(region))
-        .map_err(|e| std::io::Error::other(format!("scratch view: {e}")))?;
+    let view = GuestMem {
+        regions: mem.regions.clone(),
+        conn: mem.conn,
+        scratch: Some(Scratch {
+            region,
+            open: AtomicBool::new(true),
+        }),
+    };
     let err = |e: vm_memory::GuestMemoryError| std::io::Error::other(format!("scratch: {e}"));
     view.write_obj(heads.len() as u16, GuestAddress(SCRATCH_GPA + 2))
         .map_err(err)?;
@@ -66,14 +172,6 @@ pub fn with_scratch(mem: &GuestMem, heads: &[u16]) -> std::io::Result<(GuestMem,
     }
     Ok((view, SCRATCH_GPA))
 }
-
-/// Whether `[addr, addr + len)` touches the scratch range (a resubmitted chain must not).
-pub fn touches_scratch(addr: u64, len: u32) -> bool {
-    addr.saturating_add(u64::from(len)) > SCRATCH_GPA
-}
-
-/// The guest memory type every device sees.
-pub type GuestMem = GuestMemoryMmap<LogBitmap>;
 
 /// The dirty page log shared with the frontend: one bit per 4 KiB guest page, bit `p % 8` of
 /// byte `p / 8` for page `p`.
@@ -89,9 +187,10 @@ pub struct DirtyLog {
     areas: Mutex<Vec<Box<LogArea>>>,
 }
 
-/// One LOG_SHMFD mapping (plain shared memory, accessed through atomics).
+/// One LOG_SHMFD mapping (plain shared memory, accessed through atomics), registered for
+/// SIGBUS recovery.
 struct LogArea {
-    map: MmapRaw,
+    map: sigbus::SharedMapping,
 }
 
 /// Checks that `file` (fstat) holds `[offset, offset + len)`: touching a mapping beyond the end
@@ -130,13 +229,19 @@ impl std::fmt::Debug for DirtyLog {
 impl DirtyLog {
     /// Map `size` bytes of `file` at `offset` as the new log area (SET_LOG_BASE). The replaced
     /// area stays mapped until [`drop_retired`](Self::drop_retired).
-    pub fn set_base(&self, file: &File, size: u64, offset: u64) -> std::io::Result<()> {
+    pub fn set_base(
+        &self,
+        file: &File,
+        size: u64,
+        offset: u64,
+        conn: sigbus::ConnId,
+    ) -> std::io::Result<()> {
         let len = usize::try_from(size).map_err(|_| std::io::ErrorKind::InvalidInput)?;
         if len == 0 {
             return Err(std::io::ErrorKind::InvalidInput.into());
         }
         check_file_covers(file, offset, size)?;
-        let map = MmapOptions::new().offset(offset).len(len).map_raw(file)?;
+        let map = sigbus::SharedMapping::new(file, offset, len, conn)?;
         let mut area = Box::new(LogArea { map });
         let ptr: *mut LogArea = &mut *area;
         let mut areas = self.areas.lock().unwrap_or_else(|e| e.into_inner());
@@ -265,20 +370,22 @@ pub struct RegionInfo {
     pub user_addr: u64,
     /// Offset of the region in its file.
     pub mmap_offset: u64,
-    mapping: Arc<GuestRegionMmap<LogBitmap>>,
+    mapping: Arc<MappedRegion>,
 }
 
 /// The connection's memory table: regions plus the vm-memory view built from them.
-#[derive(Default)]
 pub struct MemoryMap {
     regions: Vec<RegionInfo>,
+    /// The connection the mappings are registered for (SIGBUS recovery).
+    conn: sigbus::ConnId,
 }
 
 impl MemoryMap {
-    /// Empty table.
-    pub fn new() -> Self {
+    /// Empty table of connection `conn`.
+    pub fn new(conn: sigbus::ConnId) -> Self {
         MemoryMap {
             regions: Vec::new(),
+            conn,
         }
     }
 
@@ -311,7 +418,7 @@ impl MemoryMap {
         if may_shrink(&file) {
             crate::guest_warn!(
                 "vhost-user: guest memory region gpa {gpa:#x} is in a file without F_SEAL_SHRINK: \
-                 if the frontend truncates it, the daemon dies of SIGBUS"
+                 if the frontend truncates it, the connection is closed at the next access"
             );
         }
         let mmap = MmapRegionBuilder::new_with_bitmap(len, LogBitmap::new(log.clone(), gpa))
@@ -321,12 +428,16 @@ impl MemoryMap {
             .build()
             .map_err(|e| std::io::Error::other(format!("mmap guest region: {e}")))?;
         let region = GuestRegionMmap::new(mmap, GuestAddress(gpa)).ok_or_else(inval)?;
+        let guard = sigbus::register(region.as_ptr(), len, self.conn)?;
         self.regions.push(RegionInfo {
             gpa,
             size,
             user_addr,
             mmap_offset,
-            mapping: Arc::new(region),
+            mapping: Arc::new(MappedRegion {
+                _guard: guard,
+                region,
+            }),
         });
         self.regions.sort_by_key(|r| r.gpa);
         Ok(())
@@ -362,13 +473,13 @@ impl MemoryMap {
             .map(|r| r.gpa + (va - r.user_addr))
     }
 
-    /// Build the vm-memory view of the current table.
+    /// Build the vm-memory view of the current table (regions are kept sorted and disjoint).
     pub fn guest_memory(&self) -> std::io::Result<Arc<GuestMem>> {
-        let mem = GuestMemoryMmap::from_arc_regions(
-            self.regions.iter().map(|r| r.mapping.clone()).collect(),
-        )
-        .map_err(|e| std::io::Error::other(format!("guest memory: {e}")))?;
-        Ok(Arc::new(mem))
+        Ok(Arc::new(GuestMem {
+            regions: self.regions.iter().map(|r| r.mapping.clone()).collect(),
+            conn: self.conn,
+            scratch: None,
+        }))
     }
 }
 
@@ -391,7 +502,7 @@ mod tests {
     #[test]
     fn writes_through_vm_memory_mark_log_pages_and_va_translates() {
         let log = Arc::new(DirtyLog::default());
-        let mut map = MemoryMap::new();
+        let mut map = MemoryMap::new(sigbus::ConnId::next());
         map.add_region(&log, 0x10_0000, 0x10_0000, 0x7000_0000, 0, memfd(0x10_0000))
             .unwrap();
         assert_eq!(map.va_to_gpa(0x7000_1234), Some(0x10_1234));
@@ -402,7 +513,8 @@ mod tests {
             .is_err());
         let mem = map.guest_memory().unwrap();
         let logfile = memfd(0x1000);
-        log.set_base(&logfile, 0x1000, 0).unwrap();
+        log.set_base(&logfile, 0x1000, 0, sigbus::ConnId::next())
+            .unwrap();
         // Not active yet: nothing logged.
         mem.write_slice(&[1u8; 16], GuestAddress(0x10_0000))
             .unwrap();

@@ -15,6 +15,7 @@
 //! - [`memory`]: guest memory table and dirty log.
 //! - [`inflight`]: the INFLIGHT_SHMFD region.
 //! - [`replay`]: replay records for a VM restored from a checkpoint.
+//! - [`sigbus`]: a frontend shrinking a shared file costs its connection, not the process.
 //!
 //! Using it from a daemon:
 //! ```ignore
@@ -58,6 +59,7 @@ pub mod memory;
 mod poll;
 pub mod replay;
 pub mod server;
+pub mod sigbus;
 pub mod vring;
 pub mod worker;
 

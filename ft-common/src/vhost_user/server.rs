@@ -45,6 +45,7 @@ use super::device::{DeviceOps, VhostUserDevice};
 use super::handler::{ConnHandler, Shared};
 use super::memory::DirtyLog;
 use super::replay::ReplayStore;
+use super::sigbus;
 use super::worker::{self, Command, WorkerHandle};
 use crate::unix_socket::{bind_listening, SocketFile};
 use std::marker::PhantomData;
@@ -129,6 +130,8 @@ impl<D: VhostUserDevice> VhostUserServer<D> {
         if let Some(q) = queue_group.iter().position(|&g| g == usize::MAX) {
             return Err(std::io::Error::other(format!("queue {q} is in no group")));
         }
+        // A frontend shrinking a file it shared must cost its connection, not this process.
+        sigbus::install()?;
         let log = Arc::new(DirtyLog::default());
         let mut workers = Vec::new();
         let mut handles = Vec::new();
@@ -243,18 +246,24 @@ impl<D: VhostUserDevice> VhostUserServer<D> {
         let theirs_probe = theirs.try_clone()?;
         let mut req = BackendReqHandler::from_stream(theirs, conn.clone());
         let stop_fd = self.stop.evt.as_raw_fd();
+        let conn_id = lock(&conn).conn_id();
+        let broken = sigbus::Watch::new(conn_id)?;
         let mut stopped = false;
         loop {
-            match wait_readable(sock.as_raw_fd(), stop_fd) {
-                Ok(true) => {
+            match wait_readable_or(sock.as_raw_fd(), &[stop_fd, broken.fd()]) {
+                Ok(Some(0)) => {
                     stopped = true;
                     break;
                 }
-                Ok(false) => {}
+                Ok(_) => {}
                 Err(e) => {
                     error!("vhost-user: poll: {e}");
                     break;
                 }
+            }
+            if let Some(addr) = conn_id.fault() {
+                memory_broken(addr);
+                break;
             }
             let msg = match recv_message(&mut sock, stop_fd) {
                 Ok(Some(m)) => m,
@@ -281,6 +290,11 @@ impl<D: VhostUserDevice> VhostUserServer<D> {
                     warn!("vhost-user: connection error: {e}");
                     break;
                 }
+            }
+            // The message itself may have touched memory the frontend had shrunk.
+            if let Some(addr) = conn_id.fault() {
+                memory_broken(addr);
+                break;
             }
         }
         lock(&conn).close();
@@ -512,6 +526,46 @@ struct RawHeader {
     request: u32,
     flags: u32,
     size: u32,
+}
+
+/// Logs why a connection whose mappings faulted is closed (see `sigbus.rs`).
+fn memory_broken(addr: usize) {
+    error!(
+        "vhost-user: a file the frontend shared (guest memory, inflight region or dirty log) \
+         shrank under its mapping (SIGBUS at {addr:#x}, recovered): closing the connection; \
+         requests over that memory are not completed"
+    );
+}
+
+/// Wait until `fd` or one of `others` is readable; returns the index in `others` of one that
+/// is, or None if only `fd` is.
+fn wait_readable_or(fd: RawFd, others: &[RawFd]) -> std::io::Result<Option<usize>> {
+    let mut fds = [libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    }; 4];
+    let n = others.len().min(3) + 1;
+    for (p, &o) in fds[1..n].iter_mut().zip(others) {
+        p.fd = o;
+    }
+    loop {
+        // SAFETY: fds[..n] are valid pollfds.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), n as libc::nfds_t, -1) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if let Some(i) = fds[1..n].iter().position(|p| p.revents != 0) {
+            return Ok(Some(i));
+        }
+        if fds[0].revents != 0 {
+            return Ok(None);
+        }
+    }
 }
 
 /// Wait until `fd` is readable; returns true if `stop_fd` fired instead.

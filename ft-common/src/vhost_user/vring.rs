@@ -15,8 +15,14 @@
 //! from an avail ring, so at start the heads are written into a private avail ring in a scratch
 //! mapping that only a one-off view of guest memory contains (`memory::with_scratch`), and all
 //! of them are popped from a shadow `Queue` at once. The scratch is never part of the memory
-//! normal chains and rings use, and a resubmitted chain whose descriptors point into it is
-//! refused.
+//! normal chains and rings use, and the view closes it once the heads are popped, before any
+//! chain is handed out: a resubmitted descriptor naming it (even one the guest rewrote after
+//! the start) resolves to nothing and gets the device's error status.
+//!
+//! Broken memory (a file the frontend shrank under a mapping, see `sigbus.rs`): `pop` takes
+//! nothing more and `add_used` completes nothing more on a connection whose memory faulted,
+//! since part of it now reads as zeros; the connection is being closed, and with an inflight
+//! region the requests are resubmitted by the next one.
 //!
 //! Guest-controlled state is never trusted to make progress. The avail ring, its idx and the
 //! heads in it are guest RAM: [`pop`](VringHandle::pop) reads the idx once, and an idx more
@@ -43,7 +49,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::device::Chain;
 use super::inflight::InflightQueue;
-use super::memory::{touches_scratch, with_scratch, DirtyLog, GuestMem};
+use super::memory::{with_scratch, DirtyLog, GuestMem};
 use super::replay::RingReplay;
 use crate::guest_warn;
 
@@ -255,14 +261,11 @@ impl VringHandle {
                 .ok()
                 .and_then(|mut it| it.next())
                 .ok_or_else(|| format!("queue {q}: resubmission ring unreadable"))?;
-            if chain.clone().any(|d| touches_scratch(d.addr().0, d.len())) {
-                return Err(format!(
-                    "queue {q}: in-flight head {} has a descriptor beyond guest memory",
-                    chain.head_index()
-                ));
-            }
             out.push_back(chain);
         }
+        // From here on the chains resolve descriptors in guest memory only: one naming the
+        // scratch gets the device's error status like any address outside guest memory.
+        view.close_scratch();
         Ok(out)
     }
 
@@ -307,6 +310,18 @@ impl VringHandle {
     /// started again.
     pub fn is_broken(&self) -> bool {
         self.broken
+    }
+
+    /// Whether the connection's memory faulted (see `sigbus.rs`); marks the ring broken if so.
+    /// One atomic load while no fault ever happened in the process.
+    pub fn memory_broken(&mut self) -> bool {
+        if !self.mem.is_broken() {
+            return false;
+        }
+        self.set_broken(format_args!(
+            "the frontend shrank a file under this connection's memory"
+        ));
+        true
     }
 
     /// Mark the ring broken: log (rate limited), signal VRING_ERR, never retry.
@@ -356,13 +371,13 @@ impl VringHandle {
 
     /// Take the next request: first heads left in flight by a previous connection, then new
     /// avail entries. Each new head is marked in flight before it is returned. None when the
-    /// ring is empty or broken.
+    /// ring is empty or broken, or the connection's memory is (see the module docs).
     pub fn pop(&mut self) -> Option<Chain> {
+        if self.broken || self.memory_broken() {
+            return None;
+        }
         if let Some(c) = self.resubmit.pop_front() {
             return Some(c);
-        }
-        if self.broken {
-            return None;
         }
         let next = self.queue.next_avail();
         let size = self.queue.size();
@@ -410,14 +425,16 @@ impl VringHandle {
     }
 
     /// Whether [`pop`](Self::pop) would return a chain: heads to resubmit, or avail entries
-    /// not taken yet (false once the ring is broken). One load from the avail ring; for polling.
+    /// not taken yet (false once the ring or the connection's memory is broken). One load from
+    /// the avail ring; for polling.
     pub fn has_avail(&self) -> bool {
-        !self.resubmit.is_empty()
-            || !self.broken
-                && self
+        !self.broken
+            && !self.mem.is_broken()
+            && (!self.resubmit.is_empty()
+                || self
                     .queue
                     .avail_idx(&*self.mem, Ordering::Acquire)
-                    .is_ok_and(|idx| idx.0 != self.queue.next_avail())
+                    .is_ok_and(|idx| idx.0 != self.queue.next_avail()))
     }
 
     /// Put back the last chain returned by [`pop`](Self::pop) from the avail ring (the device
@@ -435,6 +452,11 @@ impl VringHandle {
         if head >= self.queue.size() {
             // Checked here: virtio-queue would log an unlimited ERROR line per call.
             return Err(virtio_queue::Error::InvalidDescriptorIndex);
+        }
+        if self.memory_broken() {
+            // What the request read may be zeros, not the guest's data: never report it done.
+            // It stays in flight (resubmitted by the next connection if a region tracks it).
+            return Err(virtio_queue::Error::InvalidChain);
         }
         if let Some(inf) = self.inflight.as_mut() {
             inf.pre_complete(head);
