@@ -1,22 +1,13 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Replays the fuzz inputs kept in `fuzz/regressions/` (crashes found and fixed, and seeds for
-//! the hostile cases of issue 16) through the same entry points the fuzz targets use.
+//! the hostile cases of issue 16) through the same entry points the fuzz targets use
+//! (`ft-common/tests/common/fuzz_replay.rs`).
 
-use std::path::Path;
+#[path = "../../ft-common/tests/common/fuzz_replay.rs"]
+mod fuzz_replay;
 
 fn replay(target: &str, run: fn(&[u8])) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../fuzz/regressions")
-        .join(target);
-    let mut n = 0;
-    for entry in std::fs::read_dir(&dir).expect("regressions dir") {
-        let path = entry.expect("entry").path();
-        let data = std::fs::read(&path).expect("input");
-        eprintln!("{target}: {}", path.display());
-        run(&data);
-        n += 1;
-    }
-    assert!(n > 0, "no inputs in {}", dir.display());
+    fuzz_replay::replay(env!("CARGO_MANIFEST_DIR"), target, run);
 }
 
 #[test]
