@@ -18,7 +18,9 @@
 //! ```
 //!
 //! Every transition consumes the previous state, except `request_cancel`, which marks the
-//! in-flight handle and hands out a [`CancelToken`] for `IORING_OP_ASYNC_CANCEL`. The payload
+//! in-flight handle; the I/O engine then sends `IORING_OP_ASYNC_CANCEL` for it (the block
+//! daemon's commit engine does, at shutdown, addressing the SQE by its own slot `user_data`).
+//! The payload
 //! `P` (the daemon's guest completion: queue, descriptor head, iovecs, status address) is moved
 //! out exactly once, on the terminal transition. Hence, by construction: no double completion,
 //! no completion or submission after a queued cancel, no cancel after completion. A second
@@ -29,9 +31,9 @@
 //! it ([`Outcome::Cancelled`]); any other result means the kernel could not, the canceller waited
 //! for the real completion, and the outcome is that result. No transition allocates.
 //!
-//! Identity: an [`AiocbId`] is unique per transaction queue (monotonic, so id order is guest
-//! order) and below 2^63, so it is usable as io_uring `user_data` directly while the top bit
-//! tags the CQE of the ASYNC_CANCEL operation itself (see [`UserData`]).
+//! Identity: an [`AiocbId`] is unique per transaction queue and monotonic, so id order is guest
+//! order. It is not an io_uring `user_data`: each engine addresses its SQEs its own way (the
+//! block engine by slot index), so an AIOCB can sit in any slot.
 //!
 //! The legal path, and the misuses that do not compile:
 //!
@@ -49,7 +51,9 @@
 //! ```compile_fail,E0382
 //! # use ft_common::{epoch::Epoch, txqueue::{Limits, TxQueue}};
 //! # let mut q = TxQueue::new(Limits { max_requests: 8, max_bytes: 1 << 20 });
-//! let f = q.pass_through("read", 512).submit();
+//! # q.push("write", 512).unwrap();
+//! # q.seal(Epoch(1)).unwrap();
+//! let f = q.take_committable(Epoch(1)).unwrap().pop().unwrap().submit();
 //! let _ = f.complete(512);
 //! let _ = f.complete(512);
 //! ```
@@ -58,7 +62,9 @@
 //! ```compile_fail,E0382
 //! # use ft_common::{epoch::Epoch, txqueue::{Limits, TxQueue}};
 //! # let mut q = TxQueue::new(Limits { max_requests: 8, max_bytes: 1 << 20 });
-//! let a = q.pass_through("read", 512);
+//! # q.push("write", 512).unwrap();
+//! # q.seal(Epoch(1)).unwrap();
+//! let a = q.take_committable(Epoch(1)).unwrap().pop().unwrap();
 //! let _ = a.cancel();
 //! let _ = a.submit();
 //! ```
@@ -67,7 +73,9 @@
 //! ```compile_fail,E0382
 //! # use ft_common::{epoch::Epoch, txqueue::{Limits, TxQueue}};
 //! # let mut q = TxQueue::new(Limits { max_requests: 8, max_bytes: 1 << 20 });
-//! let mut f = q.pass_through("read", 512).submit();
+//! # q.push("write", 512).unwrap();
+//! # q.seal(Epoch(1)).unwrap();
+//! let mut f = q.take_committable(Epoch(1)).unwrap().pop().unwrap().submit();
 //! let _ = f.complete(512);
 //! let _ = f.request_cancel();
 //! ```
@@ -76,8 +84,9 @@ use crate::epoch::Epoch;
 use std::fmt;
 use std::time::Instant;
 
-/// Top bit of io_uring `user_data`: set on the ASYNC_CANCEL SQE, clear on the I/O SQE.
-const CANCEL_TAG: u64 = 1 << 63;
+/// Ids stay below this (2^63 requests do not happen), so an id always fits an `i64` and the top
+/// bit is free for whoever stores ids beside other numbers.
+const ID_LIMIT: u64 = 1 << 63;
 
 /// Identity of one AIOCB: unique per transaction queue, below 2^63, increasing in guest order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -85,20 +94,15 @@ pub struct AiocbId(u64);
 
 impl AiocbId {
     /// The largest id; the queue never hands out more (2^63 requests do not happen).
-    pub const MAX: AiocbId = AiocbId(CANCEL_TAG - 1);
+    pub const MAX: AiocbId = AiocbId(ID_LIMIT - 1);
 
-    /// The id for `raw`, or `None` if `raw` has the cancel tag bit set.
+    /// The id for `raw`, or `None` if `raw` is 2^63 or more.
     pub fn new(raw: u64) -> Option<AiocbId> {
-        (raw & CANCEL_TAG == 0).then_some(AiocbId(raw))
+        (raw < ID_LIMIT).then_some(AiocbId(raw))
     }
 
     /// The raw number.
     pub fn get(self) -> u64 {
-        self.0
-    }
-
-    /// The io_uring `user_data` of the SQE that performs this AIOCB's I/O.
-    pub fn user_data(self) -> u64 {
         self.0
     }
 
@@ -111,54 +115,6 @@ impl AiocbId {
 impl fmt::Display for AiocbId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "#{}", self.0)
-    }
-}
-
-/// What a CQE's `user_data` refers to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum UserData {
-    /// The completion of the AIOCB's own I/O.
-    Io(AiocbId),
-    /// The completion of the ASYNC_CANCEL aimed at that AIOCB (its result says whether the
-    /// kernel found it; the AIOCB itself still gets its own CQE).
-    Cancel(AiocbId),
-}
-
-impl UserData {
-    /// Decodes a CQE's `user_data`.
-    pub fn decode(raw: u64) -> UserData {
-        let id = AiocbId(raw & !CANCEL_TAG);
-        if raw & CANCEL_TAG == 0 {
-            UserData::Io(id)
-        } else {
-            UserData::Cancel(id)
-        }
-    }
-}
-
-/// Permission to cancel one submitted AIOCB: the I/O engine turns it into
-/// `IORING_OP_ASYNC_CANCEL` targeting [`CancelToken::target_user_data`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[must_use = "a cancel request does nothing until the engine submits ASYNC_CANCEL"]
-pub struct CancelToken {
-    target: AiocbId,
-}
-
-impl CancelToken {
-    /// The AIOCB to cancel.
-    pub fn target(self) -> AiocbId {
-        self.target
-    }
-
-    /// The `user_data` the ASYNC_CANCEL SQE must look for.
-    pub fn target_user_data(self) -> u64 {
-        self.target.user_data()
-    }
-
-    /// The `user_data` to give the ASYNC_CANCEL SQE itself, so its CQE decodes as
-    /// [`UserData::Cancel`].
-    pub fn own_user_data(self) -> u64 {
-        self.target.0 | CANCEL_TAG
     }
 }
 
@@ -226,8 +182,8 @@ impl<P> Aiocb<P> {
         &mut self.payload
     }
 
-    /// Queued -> Submitted. Call once the SQE (built from [`Aiocb::payload`] and
-    /// [`AiocbId::user_data`]) is in the submission queue.
+    /// Queued -> Submitted. Call once the SQE (built from [`Aiocb::payload`]) is in the
+    /// submission queue.
     pub fn submit(self) -> InFlight<P> {
         InFlight {
             id: self.id,
@@ -284,14 +240,15 @@ impl<P> InFlight<P> {
         self.cancel_requested
     }
 
-    /// Submitted -> cancel requested. The engine must submit ASYNC_CANCEL for the token and
-    /// then wait for this AIOCB's own CQE, which decides the outcome.
-    pub fn request_cancel(&mut self) -> Result<CancelToken, AiocbError> {
+    /// Submitted -> cancel requested. The engine must submit ASYNC_CANCEL for this AIOCB's
+    /// SQE and then wait for its own CQE, which decides the outcome (`-ECANCELED`:
+    /// [`Outcome::Cancelled`]; anything else: the kernel could not cancel it).
+    pub fn request_cancel(&mut self) -> Result<(), AiocbError> {
         if self.cancel_requested {
             return Err(AiocbError::CancelAlreadyRequested(self.id));
         }
         self.cancel_requested = true;
-        Ok(CancelToken { target: self.id })
+        Ok(())
     }
 
     /// Submitted | cancel requested -> Completed | Cancelled, from the CQE result `res`.
@@ -385,17 +342,7 @@ mod tests {
     #[test]
     fn cancel_of_submitted_resolves_cancelled_or_completed() {
         let mut f = queued(9).submit();
-        let t = f.request_cancel().unwrap();
-        assert_eq!(t.target(), AiocbId(9));
-        assert_eq!(t.target_user_data(), 9);
-        assert_eq!(
-            UserData::decode(t.own_user_data()),
-            UserData::Cancel(AiocbId(9))
-        );
-        assert_eq!(
-            UserData::decode(f.id().user_data()),
-            UserData::Io(AiocbId(9))
-        );
+        f.request_cancel().unwrap();
         assert!(f.cancel_requested());
         assert_eq!(
             f.request_cancel(),
@@ -407,19 +354,19 @@ mod tests {
 
         // The kernel could not cancel: the real result wins.
         let mut f = queued(10).submit();
-        let _ = f.request_cancel().unwrap();
+        f.request_cancel().unwrap();
         let c = f.complete(4096);
         assert_eq!(c.outcome, Outcome::Done(4096));
         assert!(c.cancel_requested);
 
         let mut f = queued(11).submit();
-        let _ = f.request_cancel().unwrap();
+        f.request_cancel().unwrap();
         assert_eq!(f.complete(-libc::EIO).outcome, Outcome::Failed(libc::EIO));
     }
 
     #[test]
-    fn ids_stay_below_the_cancel_tag() {
-        assert_eq!(AiocbId::new(CANCEL_TAG), None);
+    fn ids_stay_below_2_pow_63() {
+        assert_eq!(AiocbId::new(ID_LIMIT), None);
         assert_eq!(AiocbId::new(5), Some(AiocbId(5)));
         assert_eq!(AiocbId::MAX.next(), AiocbId::MAX);
         assert_eq!(AiocbId(1).next(), AiocbId(2));

@@ -9,7 +9,7 @@
 //! [`Aiocb`]. [`TxQueue::seal`]`(E)` (SEAL E) closes the open epoch and opens `E+1`.
 //! [`TxQueue::take_committable`]`(E)` (COMMIT E) hands every held AIOCB of epochs `<= E` to the
 //! I/O engine, in guest order. [`TxQueue::abort`] (ABORT) cancels everything still held.
-//! [`TxQueue::cancel`] / [`TxQueue::cancel_where`] cancel single requests or one virtqueue's.
+//! [`TxQueue::cancel_where`] cancels one virtqueue's held requests (its reset or disconnect).
 //!
 //! Epochs. The open epoch starts at [`Epoch::FIRST`]; the last sealed epoch is always the open
 //! epoch minus one (none before the first seal). `seal(E)` accepts any `E >=` the open epoch (a
@@ -28,7 +28,7 @@
 //!    epoch order (a push always goes into the open epoch, which no held epoch exceeds), so a
 //!    commit takes a prefix of the queue.
 //! 3. Nothing is lost silently: every pushed request is, at any time, exactly one of {still
-//!    held, taken for commit, cancelled (returned to the caller by `cancel`, `cancel_where` or
+//!    held, taken for commit, cancelled (returned to the caller by `cancel_where` or
 //!    `abort`)}; the counters `pushed = held + taken + cancelled` witness it. What happens after
 //!    `take` is the I/O engine's ([`crate::aiocb`]): each AIOCB ends in one [`Completion`]
 //!    whose failure is explicit.
@@ -38,8 +38,7 @@
 //!
 //! Cost: push, seal and the counters are O(1) amortised with no allocation once the deques
 //! have grown; commit and abort move a prefix or everything out (one `Vec` per call, or none
-//! with [`TxQueue::take_committable_into`]); cancel by id is O(log n) search plus the deque
-//! shift.
+//! with [`TxQueue::take_committable_into`]); `cancel_where` is one pass over what is held.
 //!
 //! [`Completion`]: crate::aiocb::Completion
 
@@ -140,9 +139,6 @@ pub enum TxError {
     /// SEAL of the largest epoch number: no epoch could open after it.
     #[error("cannot seal epoch {0}: no epoch after it")]
     EpochOverflow(Epoch),
-    /// The AIOCB is not held (already taken, cancelled, or never pushed here).
-    #[error("AIOCB {0} is not held")]
-    NotHeld(AiocbId),
 }
 
 /// What a seal closed.
@@ -344,14 +340,6 @@ impl<P> TxQueue<P> {
         })
     }
 
-    /// An AIOCB for a request that produces no output (a read, GET_ID): not held, not counted,
-    /// tagged with the open epoch, and drawn from the same id space so one io_uring can carry
-    /// held and unheld requests without `user_data` collisions.
-    pub fn pass_through(&mut self, payload: P, bytes: u64) -> Aiocb<P> {
-        let id = self.alloc_id();
-        Aiocb::new(id, self.open, bytes, Instant::now(), payload)
-    }
-
     fn alloc_id(&mut self) -> AiocbId {
         let id = self.next_id;
         self.next_id = id.next();
@@ -432,17 +420,6 @@ impl<P> TxQueue<P> {
         // into it can ever be committed, which keeps invariant 1.
         self.open = self.open.next();
         out
-    }
-
-    /// Cancels one held AIOCB (device reset, stop of its ring). It can never be submitted.
-    pub fn cancel(&mut self, id: AiocbId) -> Result<P, TxError> {
-        let i = self.held.partition_point(|a| a.id() < id);
-        if self.held.get(i).map(Aiocb::id) != Some(id) {
-            return Err(TxError::NotHeld(id));
-        }
-        let a = self.held.remove(i).ok_or(TxError::NotHeld(id))?;
-        self.forget(a.epoch(), a.bytes());
-        Ok(a.cancel())
     }
 
     /// Cancels every held AIOCB whose payload matches (e.g. all of one virtqueue) and returns
@@ -553,10 +530,6 @@ mod tests {
         max_requests: 100,
         max_bytes: 1 << 20,
     };
-
-    fn ids<P>(v: &[Aiocb<P>]) -> Vec<u64> {
-        v.iter().map(|a| a.id().get()).collect()
-    }
 
     fn payloads(v: Vec<Aiocb<u32>>) -> Vec<u32> {
         v.into_iter().map(Aiocb::cancel).collect()
@@ -812,30 +785,6 @@ mod tests {
     }
 
     #[test]
-    fn cancel_by_id_removes_exactly_that_request() {
-        let mut q = TxQueue::new(ROOMY);
-        let a = q.push(1u32, 1).unwrap();
-        let b = q.push(2, 2).unwrap();
-        q.seal(Epoch(1)).unwrap();
-        let c = q.push(3, 3).unwrap();
-        assert_eq!(q.cancel(b.id), Ok(2));
-        assert_eq!(q.cancel(b.id), Err(TxError::NotHeld(b.id)));
-        assert_eq!((q.held_requests(), q.held_bytes()), (2, 4));
-        let unknown = AiocbId::new(999).unwrap();
-        assert_eq!(q.cancel(unknown), Err(TxError::NotHeld(unknown)));
-
-        let taken = q.take_committable(Epoch(1)).unwrap();
-        assert_eq!(ids(&taken), [a.id.get()]);
-        assert_eq!(q.cancel(a.id), Err(TxError::NotHeld(a.id)));
-        assert_eq!(payloads(taken), [1]);
-
-        // Cancelling the open epoch's only request makes the next push first again.
-        assert_eq!(q.cancel(c.id), Ok(3));
-        assert!(q.push(4, 4).unwrap().first_in_epoch);
-        assert_eq!(q.counters().cancelled, 2);
-    }
-
-    #[test]
     fn cancel_where_keeps_survivors_in_order() {
         let mut q = TxQueue::new(ROOMY);
         for (i, vq) in [(0u32, 0u8), (1, 1), (2, 0), (3, 1), (4, 1)] {
@@ -861,7 +810,7 @@ mod tests {
         let t0 = Instant::now();
         let s = Duration::from_secs(1);
         let mut q = TxQueue::new(ROOMY);
-        let a = q.push_at(1u32, 10, t0).unwrap();
+        q.push_at(1u32, 10, t0).unwrap();
         q.push_at(2, 20, t0 + s).unwrap();
         q.seal(Epoch(1)).unwrap();
         q.push_at(3, 30, t0 + 2 * s).unwrap();
@@ -878,23 +827,10 @@ mod tests {
         );
         assert_eq!(st[1].oldest_age(t0 + 5 * s), 3 * s);
         // The oldest goes away: the next one becomes the oldest.
-        q.cancel(a.id).unwrap();
+        assert_eq!(q.cancel_where(|&p| p == 1), [1]);
         let st0 = q.epochs().next().unwrap();
         assert_eq!(st0.oldest_age(t0 + 5 * s), 4 * s);
         assert_eq!(st0.oldest_age(t0), Duration::ZERO);
-    }
-
-    #[test]
-    fn pass_through_shares_the_id_space() {
-        let mut q = TxQueue::new(ROOMY);
-        let a = q.push(1u32, 1).unwrap();
-        let r = q.pass_through(2, 4096);
-        let b = q.push(3, 1).unwrap();
-        assert!(a.id < r.id() && r.id() < b.id);
-        assert_eq!(r.epoch(), Epoch::FIRST);
-        assert_eq!(q.held_requests(), 2);
-        assert_eq!(q.counters().pushed, 2);
-        assert_eq!(r.submit().complete(4096).payload, 2);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Property tests of the transaction queue against a reference model.
 //!
-//! Random interleavings of push, seal, commit, abort, cancel and cancel_where run on a
+//! Random interleavings of push, seal, commit, abort and cancel_where run on a
 //! `TxQueue` and on a plain-`Vec` model; every result and every counter must agree. A simulated
 //! I/O engine submits the AIOCBs a commit hands out, cancels some (queued and in flight) and
 //! completes the rest with random results. Independently of the model, each step checks
@@ -46,34 +46,15 @@ enum Res {
 
 #[derive(Clone, Copy, Debug)]
 enum Op {
-    Push {
-        bytes: u64,
-        vq: u8,
-    },
+    Push { bytes: u64, vq: u8 },
     Seal(EpochArg),
     Commit(EpochArg),
     Abort,
-    /// which: 0 = a held request, 1 = an id no longer held, 2 = an id never issued.
-    Cancel {
-        pick: usize,
-        which: u8,
-    },
-    CancelWhere {
-        vq: u8,
-    },
-    Submit {
-        pick: usize,
-    },
-    DropQueued {
-        pick: usize,
-    },
-    RequestCancel {
-        pick: usize,
-    },
-    Complete {
-        pick: usize,
-        res: Res,
-    },
+    CancelWhere { vq: u8 },
+    Submit { pick: usize },
+    DropQueued { pick: usize },
+    RequestCancel { pick: usize },
+    Complete { pick: usize, res: Res },
 }
 
 fn epoch_arg(rel: std::ops::RangeInclusive<i8>) -> impl Strategy<Value = EpochArg> {
@@ -99,8 +80,7 @@ fn op() -> impl Strategy<Value = Op> {
         4 => epoch_arg(-2..=2).prop_map(Op::Seal),
         4 => epoch_arg(-2..=1).prop_map(Op::Commit),
         1 => Just(Op::Abort),
-        2 => (any::<usize>(), 0u8..3).prop_map(|(pick, which)| Op::Cancel { pick, which }),
-        1 => (0u8..3).prop_map(|vq| Op::CancelWhere { vq }),
+        2 => (0u8..3).prop_map(|vq| Op::CancelWhere { vq }),
         4 => any::<usize>().prop_map(|pick| Op::Submit { pick }),
         1 => any::<usize>().prop_map(|pick| Op::DropQueued { pick }),
         2 => any::<usize>().prop_map(|pick| Op::RequestCancel { pick }),
@@ -125,7 +105,7 @@ enum Fate {
     Done,
     /// Failed with this errno: reported, not lost.
     Failed(i32),
-    /// Cancelled while held (cancel, cancel_where, abort).
+    /// Cancelled while held (cancel_where, abort).
     CancelledHeld,
     /// Cancelled by the engine before submission.
     CancelledQueued,
@@ -396,27 +376,6 @@ impl Harness {
                     self.transition(seq, Fate::Held, Fate::CancelledHeld)?;
                 }
             }
-            Op::Cancel { pick, which } => {
-                let target = match which {
-                    0 if !self.m.held.is_empty() => Some(self.m.held[pick % self.m.held.len()].0),
-                    _ => None,
-                };
-                let id = match (target, which) {
-                    (Some(r), _) => r.id,
-                    (None, 1) if !self.issued.is_empty() => self.issued[pick % self.issued.len()],
-                    _ => AiocbId::new(1 << 40).expect("small id"),
-                };
-                let got = self.q.cancel(id);
-                match self.m.held.iter().position(|(r, _)| r.id == id) {
-                    Some(i) => {
-                        let (r, vq) = self.m.held.remove(i);
-                        self.m.cancelled += 1;
-                        prop_assert_eq!(got, Ok(Req { seq: r.seq, vq }));
-                        self.transition(r.seq, Fate::Held, Fate::CancelledHeld)?;
-                    }
-                    None => prop_assert_eq!(got, Err(TxError::NotHeld(id))),
-                }
-            }
             Op::CancelWhere { vq } => {
                 let got: Vec<Req> = self.q.cancel_where(|r| r.vq == vq);
                 let want: Vec<Req> = self
@@ -454,10 +413,7 @@ impl Harness {
                     let f = &mut self.inflight[pick % n];
                     let again = f.cancel_requested();
                     match f.request_cancel() {
-                        Ok(t) => {
-                            prop_assert!(!again);
-                            prop_assert_eq!(t.target(), f.id());
-                        }
+                        Ok(()) => prop_assert!(!again),
                         Err(_) => prop_assert!(again),
                     }
                 }

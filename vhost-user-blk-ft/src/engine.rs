@@ -43,6 +43,8 @@ impl SlotRequest for BlkRequest {
 }
 
 /// `user_data` bit marking the CQE of a cancel request (its own result is not interesting).
+/// An I/O SQE's `user_data` is its slot index (the engine's only encoding; AIOCB ids are not
+/// used as `user_data`).
 const CANCEL_BIT: u64 = 1 << 63;
 
 /// Counters, for tests and telemetry.
@@ -519,31 +521,21 @@ impl<R: SlotRequest> Engine<R> {
         self.queue_sqe(idx).is_ok()
     }
 
-    /// Asks the kernel to cancel the in-flight request(s) pushed with `tag` (e.g. an AIOCB id
-    /// of the transaction queue). Returns how many cancels were queued (and submitted). The
-    /// request still completes through [`Engine::drain`]: `-ECANCELED` if the kernel cancelled
-    /// it, its real result if it could not.
-    pub fn cancel(&mut self, tag: u64) -> io::Result<usize> {
-        let mut n = 0;
-        for idx in 0..self.slots.len() as u32 {
-            let slot = &self.slots[idx as usize];
-            if slot.req.is_some() && slot.tag == tag {
-                let sqe = opcode::AsyncCancel::new(u64::from(idx))
-                    .build()
-                    .user_data(CANCEL_BIT | u64::from(idx));
-                self.push_raw(&sqe)?;
-                n += 1;
-            }
-        }
-        self.submit()?;
-        Ok(n)
-    }
-
     /// Asks the kernel to cancel every request in flight. Cancelled requests complete with
     /// `-ECANCELED` through [`Engine::drain`]; ones the kernel cannot cancel complete normally.
     pub fn cancel_all(&mut self) -> io::Result<()> {
+        self.cancel_all_with(|_| {})
+    }
+
+    /// [`Engine::cancel_all`], calling `mark` on each request before its cancel goes out (an
+    /// AIOCB records the request: `InFlight::request_cancel`, so its `-ECANCELED` completion
+    /// is a cancel, not a failure). The ASYNC_CANCEL SQE addresses the request by its slot's
+    /// `user_data` (the slot index) and carries `CANCEL_BIT` itself, so its own CQE is
+    /// skipped by the drain.
+    pub fn cancel_all_with(&mut self, mut mark: impl FnMut(&mut R)) -> io::Result<()> {
         for idx in 0..self.slots.len() as u32 {
-            if self.slots[idx as usize].req.is_some() {
+            if let Some(req) = self.slots[idx as usize].req.as_mut() {
+                mark(req);
                 let sqe = opcode::AsyncCancel::new(u64::from(idx))
                     .build()
                     .user_data(CANCEL_BIT | u64::from(idx));
@@ -1022,32 +1014,6 @@ mod tests {
     }
 
     #[test]
-    fn cancel_by_tag_targets_one_request() {
-        let fx = fixture();
-        let mut e = Engine::new(fx.image.clone(), 8).unwrap();
-        for i in 0..4u64 {
-            e.push(req(&fx.mem, i, VIRTIO_BLK_T_FLUSH, 0, None), 10 + i, false)
-                .unwrap();
-        }
-        // Not submitted yet: the cancel goes out in the same io_uring_enter, after the op.
-        assert_eq!(e.cancel(12).unwrap(), 1);
-        assert_eq!(e.cancel(99).unwrap(), 0);
-        let mut seen = Vec::new();
-        e.wait_idle(|c| seen.push((c.tag, c.result))).unwrap();
-        seen.sort_unstable();
-        assert_eq!(seen.len(), 4);
-        for (tag, res) in seen {
-            if tag == 12 {
-                assert!(res == 0 || res == -libc::ECANCELED, "{res}");
-            } else {
-                assert_eq!(res, 0, "tag {tag} disturbed by a cancel of another tag");
-            }
-        }
-    }
-
-    /// An AIOCB-shaped payload (like ft-common's `InFlight<BlkRequest>`): the engine submits
-    /// the request it owns in place and hands the wrapper back whole.
-    #[test]
     fn slots_can_hold_a_wrapped_request() {
         struct Held {
             id: u64,
@@ -1070,6 +1036,40 @@ mod tests {
         e.wait_idle(|c| got.push((c.req.id, c.status()))).unwrap();
         assert_eq!(got, vec![(41, STATUS_OK)]);
         assert_eq!(file_bytes(&fx.path, 1024, 1024), vec![9; 1024]);
+    }
+
+    /// The commit engine's shutdown cancel: each request in flight is marked (an AIOCB's
+    /// `request_cancel`) before its ASYNC_CANCEL goes out, so its completion knows it was a
+    /// requested cancel; requests completed before the cancel are not marked.
+    #[test]
+    fn cancel_all_with_marks_each_request_in_flight() {
+        struct Held {
+            marked: bool,
+            req: BlkRequest,
+        }
+        impl SlotRequest for Held {
+            fn request(&self) -> &BlkRequest {
+                &self.req
+            }
+        }
+        let fx = fixture();
+        let mut e: Engine<Held> = Engine::new(fx.image.clone(), 8).unwrap();
+        for i in 0..8u64 {
+            let req = req(&fx.mem, i, VIRTIO_BLK_T_FLUSH, 0, None);
+            e.push(Held { marked: false, req }, i, false).ok().unwrap();
+        }
+        e.submit().unwrap();
+        let mut got = Vec::new();
+        e.drain(|c| got.push((c.req.marked, c.result)));
+        let before = got.len();
+        e.cancel_all_with(|h| h.marked = true).unwrap();
+        e.wait_idle(|c| got.push((c.req.marked, c.result))).unwrap();
+        assert_eq!(got.len(), 8);
+        assert!(got[..before].iter().all(|&(m, _)| !m));
+        assert!(got[before..].iter().all(|&(m, _)| m));
+        assert!(got
+            .iter()
+            .all(|&(m, r)| r == 0 || (m && r == -libc::ECANCELED)));
     }
 
     #[test]

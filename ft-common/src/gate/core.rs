@@ -277,7 +277,6 @@ pub fn tx_error_code(e: &TxError) -> ErrorCode {
         TxError::Stale { .. } | TxError::EpochOverflow(_) => ErrorCode::StaleEpoch,
         TxError::NotSealed { .. } => ErrorCode::NotSealed,
         TxError::Aborted { .. } => ErrorCode::Aborted,
-        TxError::NotHeld(_) => ErrorCode::Internal,
     }
 }
 

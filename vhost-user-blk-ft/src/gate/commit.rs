@@ -109,7 +109,10 @@ fn wait_all(
         }
         if cancel.is_cancelled() && !*cancel_sent {
             *cancel_sent = true;
-            if let Err(e) = engine.cancel_all() {
+            // Each AIOCB records the request, so a kernel cancel completes as `Cancelled`.
+            if let Err(e) = engine.cancel_all_with(|a| {
+                let _ = a.request_cancel();
+            }) {
                 log::error!("commit: ASYNC_CANCEL: {e}");
             }
             continue;
