@@ -3,7 +3,10 @@
 //! and `--ft hold`): an avail idx more than the ring size ahead used to make the queue worker
 //! spin at 100% CPU, log without end, ignore GET_VRING_BASE and SIGTERM, and serve no later
 //! frontend. Now the ring is marked broken (VRING_ERR), the daemon answers, serves a
-//! restarted ring with the data intact, and stops on SIGTERM.
+//! restarted ring with the data intact, and stops on SIGTERM. A frontend that truncates its
+//! guest memory file under a pending write used to kill the daemon with SIGBUS; now it costs
+//! that connection, nothing of the lost memory reaches the image, and the next frontend is
+//! served.
 
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
@@ -63,6 +66,34 @@ fn cpu_ticks(pid: u32) -> u64 {
     f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime")
 }
 
+/// Held until committed: waits until `n` requests are held, then seals and commits `epoch`.
+fn commit_held(d: &Daemon, n: u64, epoch: u64) {
+    let mut c = ControlClient::connect(&d.ctl, T).expect("control");
+    let deadline = Instant::now() + T;
+    loop {
+        match c.call(&Request::Status).expect("status") {
+            Reply::Status(st) if st.held_requests == n => break,
+            _ => assert!(Instant::now() < deadline, "write never held"),
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let g = Generation(1);
+    let r = c
+        .call(&Request::Seal {
+            generation: g,
+            epoch: Epoch(epoch),
+        })
+        .expect("seal");
+    assert!(matches!(r, Reply::Sealed { .. }), "{r:?}");
+    let r = c
+        .call(&Request::Commit {
+            generation: g,
+            epoch: Epoch(epoch),
+        })
+        .expect("commit");
+    assert!(matches!(r, Reply::Committed { .. }), "{r:?}");
+}
+
 fn avail_idx_far_ahead(hold: bool) {
     let mut d = start(hold);
     let pid = d.child.as_ref().expect("child").id();
@@ -94,31 +125,7 @@ fn avail_idx_far_ahead(hold: bool) {
     let data: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
     let (head, status) = write(&mut f, 8, &data);
     if hold {
-        // Held until committed: wait until it is held, then seal and commit its epoch.
-        let mut c = ControlClient::connect(&d.ctl, T).expect("control");
-        let deadline = Instant::now() + T;
-        loop {
-            match c.call(&Request::Status).expect("status") {
-                Reply::Status(st) if st.held_requests == 1 => break,
-                _ => assert!(Instant::now() < deadline, "write never held"),
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let g = Generation(1);
-        let r = c
-            .call(&Request::Seal {
-                generation: g,
-                epoch: Epoch(1),
-            })
-            .expect("seal");
-        assert!(matches!(r, Reply::Sealed { .. }), "{r:?}");
-        let r = c
-            .call(&Request::Commit {
-                generation: g,
-                epoch: Epoch(1),
-            })
-            .expect("commit");
-        assert!(matches!(r, Reply::Committed { .. }), "{r:?}");
+        commit_held(&d, 1, 1);
     }
     assert_eq!(f.wait_used(0, 1, T).first().map(|u| u.0), Some(head));
     assert_eq!(f.read(status, 1)[0], VIRTIO_BLK_S_OK as u8);
@@ -150,4 +157,79 @@ fn avail_idx_far_ahead_breaks_the_ring_ft_off() {
 #[test]
 fn avail_idx_far_ahead_breaks_the_ring_ft_hold() {
     avail_idx_far_ahead(true);
+}
+
+/// Waits until the daemon closes `f`'s connection (EOF on the socket).
+fn wait_closed(f: &mut TestFrontend) -> bool {
+    let deadline = Instant::now() + T;
+    let mut buf = [0u8; 256];
+    while Instant::now() < deadline {
+        match std::io::Read::read(f.raw(), &mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+/// The frontend truncates its (unsealed) guest memory file under a pending write: the daemon
+/// faults reading the request header. It must cost the connection (closed, nothing of the
+/// lost memory written to the image, no completion), not the daemon, which then serves a
+/// fresh frontend with its data intact. Before the SIGBUS handler the daemon died.
+fn truncated_guest_memory(hold: bool) {
+    let d = start(hold);
+    let mut f = TestFrontend::connect(&d.sock, 1, T);
+    f.handshake();
+    f.set_mem_table();
+    f.init_queue(0, 256);
+    f.setup_vring(0, 0);
+    f.fe.set_vring_enable(0, true).expect("enable");
+    let data = vec![0x5au8; 4096];
+    let buf = f.alloc(4096);
+    f.write(buf, &data);
+    blk_req_on(&mut f, 0, VIRTIO_BLK_T_OUT, 8, Some((buf, 4096)));
+    let used = f.used_idx(0);
+    // Rings stay (the first 2 MiB); header, data and status (from DATA_GPA on) are gone.
+    f.truncate_guest_memory(0x20_0000);
+    f.kick(0);
+    assert!(wait_closed(&mut f), "connection not closed");
+    assert_eq!(f.used_idx(0), used, "a request over lost memory completed");
+    let pid = d.child.as_ref().expect("child").id();
+    // SAFETY: probing our own child with signal 0 (a zombie still answers: check its state).
+    assert_eq!(unsafe { libc::kill(pid as i32, 0) }, 0, "daemon gone");
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    assert!(!stat.contains(") Z "), "daemon died");
+    assert_eq!(file_bytes(&d.img, 8 * 512, 4096), vec![0u8; 4096]);
+    // A fresh frontend: served, data intact.
+    let mut f = TestFrontend::connect(&d.sock, 1, T);
+    f.handshake();
+    f.set_mem_table();
+    f.init_queue(0, 256);
+    f.setup_vring(0, 0);
+    f.fe.set_vring_enable(0, true).expect("enable");
+    let data: Vec<u8> = (0..4096u32).map(|i| (i * 13 + 1) as u8).collect();
+    let (head, status) = write(&mut f, 8, &data);
+    if hold {
+        commit_held(&d, 1, 1);
+    }
+    assert_eq!(f.wait_used(0, 1, T).first().map(|u| u.0), Some(head));
+    assert_eq!(f.read(status, 1)[0], VIRTIO_BLK_S_OK as u8);
+    let deadline = Instant::now() + T;
+    while file_bytes(&d.img, 8 * 512, 4096) != data {
+        assert!(Instant::now() < deadline, "data never reached the image");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn truncated_guest_memory_costs_the_connection_ft_off() {
+    truncated_guest_memory(false);
+}
+
+#[test]
+fn truncated_guest_memory_costs_the_connection_ft_hold() {
+    truncated_guest_memory(true);
 }
