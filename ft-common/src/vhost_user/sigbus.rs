@@ -44,7 +44,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 /// and log areas, also of connections whose last request is still being drained.
 const SLOTS: usize = 2048;
 /// Broken connections remembered; older entries are overwritten (a broken connection is
-/// closed within one message, long before 64 more break).
+/// closed within one message, long before 64 more break; each is recorded once).
 const FAULT_LOG: usize = 64;
 
 /// One registered range. `seq` is odd while the slot is being (un)registered: the handler reads
@@ -73,7 +73,7 @@ static TABLE: [Slot; SLOTS] = [EMPTY_SLOT; SLOTS];
 const NO_FAULT: (AtomicU64, AtomicUsize) = (AtomicU64::new(0), AtomicUsize::new(0));
 /// (connection, fault address) of recent faults, written round-robin by the handler.
 static FAULTS: [(AtomicU64, AtomicUsize); FAULT_LOG] = [NO_FAULT; FAULT_LOG];
-/// Faults handled so far (the next `FAULTS` entry is this modulo `FAULT_LOG`).
+/// Connections recorded so far (the next `FAULTS` entry is this modulo `FAULT_LOG`).
 static FAULT_COUNT: AtomicU64 = AtomicU64::new(0);
 /// Eventfd the handler writes after a fault; read by the reaper thread. Never closed.
 static WAKE_FD: AtomicI32 = AtomicI32::new(-1);
@@ -217,11 +217,16 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
                 )
             };
             if p != libc::MAP_FAILED {
-                let n = FAULT_COUNT.load(Ordering::Relaxed);
-                let (c, a) = &FAULTS[(n % FAULT_LOG as u64) as usize];
-                a.store(addr, Ordering::Relaxed);
-                c.store(conn, Ordering::Release);
-                FAULT_COUNT.fetch_add(1, Ordering::AcqRel);
+                // One entry per connection (its first fault): a frontend faulting on many pages
+                // must not push other connections out of the log.
+                if !FAULTS.iter().any(|(c, _)| c.load(Ordering::Acquire) == conn) {
+                    // The index is reserved first, so two threads faulting at once use two
+                    // entries.
+                    let n = FAULT_COUNT.fetch_add(1, Ordering::AcqRel);
+                    let (c, a) = &FAULTS[(n % FAULT_LOG as u64) as usize];
+                    a.store(addr, Ordering::Relaxed);
+                    c.store(conn, Ordering::Release);
+                }
                 let fd = WAKE_FD.load(Ordering::Relaxed);
                 if fd >= 0 {
                     let one: u64 = 1;
