@@ -7,11 +7,13 @@
 #
 # Usage: scripts/bench-blk.sh [--rounds N] [--runtime S] [--warmup S] [--size 1G]
 #                             [--cache page|direct|both] [--queues N] [--workloads LIST]
-#                             [--no-fio] [--no-doc] [--keep]
+#                             [--no-fio] [--no-doc] [--keep] [--saturate]
 # Env:   BENCH_DIR   parent of the scratch directory (default /var/tmp; must not be tmpfs)
 #        OURS_BIN    vhost-user-blk-ft binary to use instead of building target/release's
 #        OURS_DESC   free text about that binary (e.g. its source commit) for the report
 #        OURS_ARGS   extra flags for vhost-user-blk-ft (e.g. "--poll-max-ns 32768"), reported
+# --saturate runs a busy loop pinned to the last CPU during the measurements (the "saturated
+# host" regime of adaptive polling: no idle core).
 #        BASE_BIN    a second vhost-user-blk-ft binary (e.g. built from an older commit), run
 #                    as backend "base" in the same rounds; BASE_ARGS, BASE_DESC as for ours
 set -euo pipefail
@@ -30,9 +32,10 @@ WORKLOADS=all
 WRITE_DOC=1
 KEEP=0
 FIO=1
+SATURATE=0
 DOC="$ROOT/docs/benchmarks.md"
 
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -46,6 +49,7 @@ while [ $# -gt 0 ]; do
         --no-doc) WRITE_DOC=0; shift ;;
         --no-fio) FIO=0; shift ;;
         --keep) KEEP=1; shift ;;
+        --saturate) SATURATE=1; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "unknown argument: $1" >&2; usage >&2; exit 2 ;;
     esac
@@ -105,8 +109,10 @@ if [ "$(stat -f -c %T "$PARENT")" = tmpfs ]; then
 fi
 WORK=$(mktemp -d "$PARENT/ft-bench-blk.XXXXXX")
 BACKEND_PID=""
+BUSY_PID=""
 cleanup() {
     if [ -n "$BACKEND_PID" ]; then kill "$BACKEND_PID" 2>/dev/null || true; wait "$BACKEND_PID" 2>/dev/null || true; fi
+    if [ -n "$BUSY_PID" ]; then kill "$BUSY_PID" 2>/dev/null || true; wait "$BUSY_PID" 2>/dev/null || true; fi
     if [ "$KEEP" = 1 ]; then log "kept $WORK"; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
@@ -206,6 +212,16 @@ PYEOF
 }
 
 # --- runs -------------------------------------------------------------------------------------
+# Host CPU pressure (PSI "some": share of the time some runnable task waited for a CPU) over
+# the whole run, next to the load average: it says whether there was an idle core.
+psi_us() { sed -n 's/^some .*total=\([0-9]*\)$/\1/p' /proc/pressure/cpu 2>/dev/null || true; }
+PSI_BEFORE=$(psi_us)
+T_BEFORE=$(date +%s%N)
+if [ "$SATURATE" = 1 ]; then
+    taskset -c $(($(nproc) - 1)) sh -c 'while :; do :; done' &
+    BUSY_PID=$!
+    log "saturating: busy loop pid $BUSY_PID pinned to CPU $(($(nproc) - 1))"
+fi
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 for mode in $MODES; do
     for b in $BACKENDS; do
@@ -247,6 +263,13 @@ for mode in $MODES; do
     done
 done
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
+if [ -n "$BUSY_PID" ]; then kill "$BUSY_PID"; wait "$BUSY_PID" 2>/dev/null || true; BUSY_PID=""; fi
+PSI_AFTER=$(psi_us)
+HOST_PRESSURE=""
+if [ -n "$PSI_BEFORE" ] && [ -n "$PSI_AFTER" ]; then
+    HOST_PRESSURE=$(( (PSI_AFTER - PSI_BEFORE) * 100000 / ($(date +%s%N) - T_BEFORE) ))
+fi
+export HOST_PRESSURE SATURATE
 
 # --- report -----------------------------------------------------------------------------------
 TABLE="$WORK/table.md"
@@ -291,7 +314,10 @@ out = []
 out.append(f"Generated {os.environ['DATE']} at commit {os.environ['GIT_REV']} by `{os.environ['CMDLINE']}`.")
 out.append("")
 out.append(f"- Machine: {os.environ['MACHINE_NPROC']} CPUs ({os.environ['MACHINE_CPU']}), kernel {os.environ['MACHINE_KERNEL']}; "
-           f"load average before/after: {os.environ['LOAD_BEFORE']} / {os.environ['LOAD_AFTER']}")
+           f"load average before/after: {os.environ['LOAD_BEFORE']} / {os.environ['LOAD_AFTER']}"
+           + (f"; host CPU pressure (PSI some) over the run: {os.environ['HOST_PRESSURE']}%" if os.environ.get("HOST_PRESSURE") else ""))
+if os.environ.get("SATURATE") == "1":
+    out.append("- Saturated host (`--saturate`): a busy loop pinned to the last CPU during every measurement")
 out.append(f"- {os.environ['QSD_VERSION']}")
 if os.environ.get("OURS_VERSION"):
     out.append(f"- {os.environ['OURS_VERSION']}")

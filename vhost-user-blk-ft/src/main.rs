@@ -68,12 +68,11 @@ struct Args {
     /// Longest busy-polling window of a queue thread, in ns (adaptive, as QEMU's IOThread
     /// poll-max-ns; 32768 is QEMU's default there): after a batch the thread spins on its ring
     /// and io_uring instead of sleeping, so the next request costs no wakeup. The window grows
-    /// while polling finds requests in time and drops to 0 when they come further apart; it
-    /// also pauses while the host has no idle CPU (the thread has to wait for one). Off by
-    /// default: on a saturated host a spinning thread that gets preempted leaves the ring
-    /// unwatched with notifications off, which cost 2x at QD1 in docs/benchmarks.md even with
-    /// the pause. 0 (default) disables polling.
-    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
+    /// while polling finds requests in time and drops to 0 when they come further apart, and
+    /// polling pauses while the host has no idle CPU (its CPU pressure, or the thread's own
+    /// wait for a CPU; see docs/benchmarks.md), so the default needs no tuning. 0 disables
+    /// polling.
+    #[arg(long, default_value_t = 32_768, value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
     poll_max_ns: u64,
     /// Keep polling even while the host has no idle CPU (for CPUs reserved for the daemon).
     #[arg(long)]

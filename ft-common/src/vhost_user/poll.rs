@@ -20,17 +20,26 @@
 //! So a busy queue polls, an idle one (next request more than `max` away) sleeps at once, and
 //! the CPU spent spinning per idle period is bounded by `max`.
 //!
-//! The CPU guard (on unless the device turns it off): spinning only pays while a CPU would
-//! otherwise be idle. When the host has none, the spinning thread takes its time slice from
-//! the frontend (the VM's vCPU) and the kernel's io_uring workers, which then answer later.
-//! The sign of that is the worker thread's own run delay (`/proc/thread-self/schedstat`, the
-//! time it spent runnable but waiting for a CPU): it is checked every [`CHECK_EVERY`], and
-//! when the thread waited for a CPU more than [`CONTENDED_SHARE`] of that period, polling stops
-//! (window 0) for a back-off that starts at [`BACKOFF_MIN`] and doubles up to [`BACKOFF_MAX`]
-//! while the contention lasts. Sleeping threads accumulate run delay only when woken, so the
-//! check keeps working while polling is off, and polling comes back by itself once a CPU is
-//! free again. Without schedstat (kernel without `CONFIG_SCHED_INFO`) the guard cannot see and
-//! stays open.
+//! The CPU guard (on unless the device turns it off) is what lets polling be on by default:
+//! spinning only pays while a CPU would otherwise be idle. When the host has none, the spinning
+//! thread takes its time slice from the frontend (the VM's vCPU) and the kernel's io_uring
+//! workers, which then answer later; and a poller that is preempted leaves its rings unwatched
+//! with notifications off, so a request waits for the poller's next time slice instead of
+//! waking it. Every [`CHECK_EVERY`] the guard reads two counters:
+//! - the host's CPU pressure (`/proc/pressure/cpu`, `some total`: time during which at least
+//!   one runnable task waited for a CPU). Above [`HOST_PRESSURE_SHARE`] of the wall time, the
+//!   host has no idle CPU to spin on, whoever is waiting, and polling stops. This is seen
+//!   whether or not this thread polls, so on a saturated host polling stays off instead of
+//!   being retried (and costing) after every pause.
+//! - the worker thread's own run delay (`/proc/thread-self/schedstat`), above
+//!   [`CONTENDED_SHARE`]: the thread itself waited (covers kernels without PSI, and CPU sets
+//!   smaller than the host).
+//!
+//! Either one pauses polling (window 0) for a back-off that starts at [`BACKOFF_MIN`] and
+//! doubles up to [`BACKOFF_MAX`] while the contention comes back (polling itself may be what
+//! causes it), and lasts while the contention does. Polling comes back by itself once a CPU is
+//! free again. A counter that cannot be read (no PSI, no `CONFIG_SCHED_INFO`) is ignored; with
+//! neither the guard cannot see and stays open.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -40,8 +49,11 @@ use std::time::{Duration, Instant};
 const START: Duration = Duration::from_micros(4);
 /// How often the CPU guard looks at the run delay.
 const CHECK_EVERY: Duration = Duration::from_millis(10);
-/// Run delay per wall time above which the host counts as having no idle CPU.
+/// The worker thread's run delay per wall time above which it counts as contended.
 const CONTENDED_SHARE: f64 = 0.05;
+/// Host CPU pressure (`some`) per wall time above which the host counts as having no idle
+/// CPU. Short waits of the host's own background tasks stay well below it on an idle host.
+const HOST_PRESSURE_SHARE: f64 = 0.10;
 /// First and longest pause of polling under CPU contention.
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
@@ -54,14 +66,25 @@ pub(crate) struct AdaptivePoll {
     guard: Option<CpuGuard>,
 }
 
-/// Watches the worker thread's run delay; see the module docs.
+/// One reading of the guard's counters; None where a counter cannot be read.
+#[derive(Debug, Default, Clone, Copy)]
+struct Sample {
+    /// The worker thread's run delay so far, ns.
+    run_delay_ns: Option<u64>,
+    /// The host's CPU pressure `some total`, µs.
+    host_some_us: Option<u64>,
+}
+
+/// Watches the host's CPU pressure and the worker thread's run delay; see the module docs.
 #[derive(Debug)]
 struct CpuGuard {
     /// `/proc/thread-self/schedstat`, opened on the worker thread at its first check; None
     /// before that, `Some(None)` if it cannot be read (the guard then stays open).
     schedstat: Option<Option<File>>,
+    /// `/proc/pressure/cpu`, likewise.
+    pressure: Option<Option<File>>,
     last_at: Option<Instant>,
-    last_delay_ns: u64,
+    last: Sample,
     /// Polling is paused until then.
     paused_until: Option<Instant>,
     /// The last check that found the thread waiting for a CPU.
@@ -75,8 +98,9 @@ impl CpuGuard {
     fn new() -> Self {
         CpuGuard {
             schedstat: None,
+            pressure: None,
             last_at: None,
-            last_delay_ns: 0,
+            last: Sample::default(),
             paused_until: None,
             last_contended: None,
             backoff: BACKOFF_MIN,
@@ -84,36 +108,59 @@ impl CpuGuard {
         }
     }
 
-    /// The thread's run delay in ns so far, or None if it cannot be read.
-    fn run_delay_ns(&mut self) -> Option<u64> {
-        let file = self
-            .schedstat
-            .get_or_insert_with(|| File::open("/proc/thread-self/schedstat").ok())
-            .as_ref()?;
-        let mut buf = [0u8; 96];
-        let n = file.read_at(&mut buf, 0).ok()?;
-        // "<on-cpu ns> <run delay ns> <timeslices>"
-        std::str::from_utf8(&buf[..n])
-            .ok()?
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()
+    /// Reads both counters (opening the files on first use, on the calling thread).
+    fn sample(&mut self) -> Sample {
+        Sample {
+            run_delay_ns: Self::read_field(
+                &mut self.schedstat,
+                "/proc/thread-self/schedstat",
+                |t| {
+                    // "<on-cpu ns> <run delay ns> <timeslices>"
+                    t.split_whitespace().nth(1)?.parse().ok()
+                },
+            ),
+            host_some_us: Self::read_field(&mut self.pressure, "/proc/pressure/cpu", |t| {
+                // "some avg10=0.00 avg60=0.00 avg300=0.00 total=12345\nfull ..."
+                t.lines()
+                    .next()?
+                    .strip_prefix("some ")?
+                    .split_whitespace()
+                    .find_map(|f| f.strip_prefix("total="))?
+                    .parse()
+                    .ok()
+            }),
+        }
     }
 
-    /// Whether polling is allowed at `now`; `delay_ns` reads the thread's run delay (None:
-    /// unknown), at most once per [`CHECK_EVERY`].
-    fn allows(&mut self, now: Instant, delay_ns: impl FnOnce(&mut Self) -> Option<u64>) -> bool {
+    fn read_field(
+        file: &mut Option<Option<File>>,
+        path: &str,
+        parse: impl FnOnce(&str) -> Option<u64>,
+    ) -> Option<u64> {
+        let file = file.get_or_insert_with(|| File::open(path).ok()).as_ref()?;
+        let mut buf = [0u8; 160];
+        let n = file.read_at(&mut buf, 0).ok()?;
+        parse(std::str::from_utf8(&buf[..n]).ok()?)
+    }
+
+    /// Whether polling is allowed at `now`; `sample` reads the counters, at most once per
+    /// [`CHECK_EVERY`].
+    fn allows(&mut self, now: Instant, sample: impl FnOnce(&mut Self) -> Sample) -> bool {
         let due = self
             .last_at
             .is_none_or(|t| now.saturating_duration_since(t) >= CHECK_EVERY);
         if due {
-            let d = delay_ns(self);
-            if let (Some(d), Some(t)) = (d, self.last_at) {
-                let wall = now.saturating_duration_since(t).as_nanos() as f64;
-                let waited = d.saturating_sub(self.last_delay_ns) as f64;
+            let cur = sample(self);
+            if let Some(t) = self.last_at {
+                let wall_ns = now.saturating_duration_since(t).as_nanos() as f64;
+                let share = |a: Option<u64>, b: Option<u64>, unit_ns: f64| match (a, b) {
+                    (Some(a), Some(b)) => a.saturating_sub(b) as f64 * unit_ns / wall_ns,
+                    _ => 0.0,
+                };
+                let own = share(cur.run_delay_ns, self.last.run_delay_ns, 1.0);
+                let host = share(cur.host_some_us, self.last.host_some_us, 1000.0);
                 let paused = self.paused_until.is_some_and(|p| now < p);
-                if waited > CONTENDED_SHARE * wall {
+                if own > CONTENDED_SHARE || host > HOST_PRESSURE_SHARE {
                     if !paused {
                         // Contended again soon after a pause ended: polling itself may be what
                         // takes the CPU, so pause longer each time.
@@ -136,7 +183,10 @@ impl CpuGuard {
                 }
             }
             self.last_at = Some(now);
-            self.last_delay_ns = d.unwrap_or(self.last_delay_ns);
+            self.last = Sample {
+                run_delay_ns: cur.run_delay_ns.or(self.last.run_delay_ns),
+                host_some_us: cur.host_some_us.or(self.last.host_some_us),
+            };
         }
         self.paused_until.is_none_or(|p| now >= p)
     }
@@ -176,7 +226,7 @@ impl AdaptivePoll {
             return;
         }
         let allowed = match self.guard.as_mut() {
-            Some(g) => g.allows(Instant::now(), CpuGuard::run_delay_ns),
+            Some(g) => g.allows(Instant::now(), CpuGuard::sample),
             None => true,
         };
         self.adjust(block, allowed);
@@ -261,17 +311,61 @@ mod tests {
         assert_eq!(p.window(), Duration::ZERO);
     }
 
-    /// Feeds the guard a run delay that grows by `share` of the wall time, one check every
-    /// 10 ms from `t`; returns whether polling was allowed at each check.
+    /// Feeds the guard a run delay that grows by `share` of the wall time (host pressure
+    /// unknown), one check every 10 ms from `t`; returns whether polling was allowed at each
+    /// check.
     fn feed(g: &mut CpuGuard, t: &mut Instant, delay: &mut u64, share: f64, n: usize) -> Vec<bool> {
         (0..n)
             .map(|_| {
                 *t += CHECK_EVERY;
                 *delay += (CHECK_EVERY.as_nanos() as f64 * share) as u64;
                 let d = *delay;
-                g.allows(*t, |_| Some(d))
+                g.allows(*t, |_| Sample {
+                    run_delay_ns: Some(d),
+                    host_some_us: None,
+                })
             })
             .collect()
+    }
+
+    /// As [`feed`], with the host's CPU pressure growing by `share` of the wall time and the
+    /// thread's own run delay unknown.
+    fn feed_host(
+        g: &mut CpuGuard,
+        t: &mut Instant,
+        some_us: &mut u64,
+        share: f64,
+        n: usize,
+    ) -> Vec<bool> {
+        (0..n)
+            .map(|_| {
+                *t += CHECK_EVERY;
+                *some_us += (CHECK_EVERY.as_micros() as f64 * share) as u64;
+                let s = *some_us;
+                g.allows(*t, |_| Sample {
+                    run_delay_ns: None,
+                    host_some_us: Some(s),
+                })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn guard_stays_off_while_the_host_has_no_idle_cpu() {
+        let mut g = CpuGuard::new();
+        let (mut t, mut some) = (Instant::now(), 0u64);
+        // Idle host: background waits well under the threshold; polling allowed.
+        assert!(feed_host(&mut g, &mut t, &mut some, 0.03, 10)
+            .iter()
+            .all(|&a| a));
+        // Saturated (others wait 90% of the time, whether or not this thread polls): polling
+        // stays off for as long as it lasts, as one pause, with no retries in between.
+        let busy = feed_host(&mut g, &mut t, &mut some, 0.9, 500);
+        assert!(busy.iter().all(|&a| !a));
+        assert_eq!(g.pauses, 1);
+        // The host calms down: polling resumes after the pause.
+        let idle = feed_host(&mut g, &mut t, &mut some, 0.0, 6);
+        assert_eq!(idle, [false, false, false, false, true, true]);
     }
 
     #[test]
@@ -331,14 +425,17 @@ mod tests {
             // 100 records within 1 ms: one read (the first).
             assert!(g.allows(t0 + i * 10 * US, |_| {
                 reads += 1;
-                Some(0)
+                Sample {
+                    run_delay_ns: Some(0),
+                    host_some_us: Some(0),
+                }
             }));
         }
         assert_eq!(reads, 1);
-        // No schedstat: never paused.
+        // No counters: never paused.
         let mut blind = CpuGuard::new();
         for i in 0..10u32 {
-            assert!(blind.allows(t0 + i * 20 * MS, |_| None));
+            assert!(blind.allows(t0 + i * 20 * MS, |_| Sample::default()));
         }
     }
 
@@ -354,13 +451,12 @@ mod tests {
     }
 
     #[test]
-    fn reads_this_threads_run_delay() {
-        // Every Linux with schedstat has the file; where it is missing the guard stays open.
-        let mut g = CpuGuard::new();
-        if std::path::Path::new("/proc/thread-self/schedstat").exists() {
-            assert!(g.run_delay_ns().is_some());
-        } else {
-            assert!(g.run_delay_ns().is_none());
-        }
+    fn reads_this_threads_run_delay_and_the_host_pressure() {
+        // Every Linux with schedstat / PSI has the files; where one is missing the guard
+        // ignores that counter.
+        let s = CpuGuard::new().sample();
+        let has = |p: &str| std::fs::read_to_string(p).is_ok();
+        assert_eq!(s.run_delay_ns.is_some(), has("/proc/thread-self/schedstat"));
+        assert_eq!(s.host_some_us.is_some(), has("/proc/pressure/cpu"));
     }
 }
