@@ -90,8 +90,11 @@ struct CpuGuard {
     /// The last check that found the thread waiting for a CPU.
     last_contended: Option<Instant>,
     backoff: Duration,
-    /// Times polling was paused (tests).
+    /// Times polling was paused.
     pauses: u64,
+    /// Checks done, and those that found polling allowed (for the exit log).
+    checks: u64,
+    allowed: u64,
 }
 
 impl CpuGuard {
@@ -105,6 +108,8 @@ impl CpuGuard {
             last_contended: None,
             backoff: BACKOFF_MIN,
             pauses: 0,
+            checks: 0,
+            allowed: 0,
         }
     }
 
@@ -182,6 +187,8 @@ impl CpuGuard {
                     self.backoff = BACKOFF_MIN;
                 }
             }
+            self.checks += 1;
+            self.allowed += u64::from(self.paused_until.is_none_or(|p| now >= p));
             self.last_at = Some(now);
             self.last = Sample {
                 run_delay_ns: cur.run_delay_ns.or(self.last.run_delay_ns),
@@ -189,6 +196,22 @@ impl CpuGuard {
             };
         }
         self.paused_until.is_none_or(|p| now >= p)
+    }
+}
+
+impl Drop for AdaptivePoll {
+    /// Says at exit how much of the time the guard let the worker poll (the benchmarks'
+    /// evidence of which regime the host was in).
+    fn drop(&mut self) {
+        if let (true, Some(g)) = (self.enabled(), self.guard.as_ref()) {
+            log::info!(
+                "polling (max {:?}): allowed at {} of {} CPU checks, paused {} times",
+                self.max,
+                g.allowed,
+                g.checks,
+                g.pauses
+            );
+        }
     }
 }
 
