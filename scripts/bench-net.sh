@@ -14,6 +14,8 @@
 #
 # Usage: scripts/bench-net.sh [--iperf-secs 5] [--pings 50] [--ping-interval 0.1] [--rounds 3]
 #                             [--configs "off hold-1 hold-5 hold-25 qemu"] [--no-doc]
+#        scripts/bench-net.sh --pps [ARGS]   VM-less 64 B packet rate with DPDK testpmd as the
+#                                            frontend (scripts/bench-net-pps.sh, ARGS are its own)
 # Rounds run the configurations interleaved (round 1: all configs, round 2: all, ...), so a
 # burst of load on the shared machine hits them alike; throughput is the median over rounds
 # (min-max shown), RTT percentiles pool the pings of all rounds.
@@ -36,6 +38,7 @@ HOST_IP=10.77.0.1
 GUEST_IP=10.77.0.2/24
 MAC=52:54:00:12:34:56
 
+[ "${1:-}" != --pps ] || { shift; exec "$ROOT/scripts/bench-net-pps.sh" "$@"; }
 while [ $# -gt 0 ]; do
     case "$1" in
         --iperf-secs) IPERF_SECS=$2; shift 2 ;;
@@ -44,7 +47,7 @@ while [ $# -gt 0 ]; do
         --configs) CONFIGS=$2; shift 2 ;;
         --rounds) ROUNDS=$2; shift 2 ;;
         --no-doc) WRITE_DOC=0; shift ;;
-        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
 done
