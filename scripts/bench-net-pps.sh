@@ -14,6 +14,8 @@
 #
 # Usage: scripts/bench-net-pps.sh [--secs 5] [--warmup 2] [--rounds 3] [--configs "off hold-5"]
 #                                 [--no-doc]     (also: scripts/bench-net.sh --pps ...)
+# BASE_BIN=/path/to/older/vhost-user-net-ft adds the configurations base-off and base-hold-N (that
+# binary, same settings) to --configs, e.g. --configs "off base-off hold-5 base-hold-5".
 # Needs root and dpdk-testpmd (Debian package dpdk-dev; installed on demand). testpmd runs
 # without hugepages (`--no-huge -m 512`). Each testpmd busy-polls one CPU: on a 2-CPU machine
 # the generator, the receiver and the daemon share two CPUs, so the rx rate is bounded by the
@@ -90,15 +92,19 @@ tap_stat() { "${NSX[@]}" cat "/sys/class/net/$TAP/statistics/$1"; }
 run_one() {
     local cfg=$1 round=$2 dir="$WORK/$1/r$2" dpid apid="" tpid gpid t0 t1 r0 r1 d0 d1
     mkdir -p "$dir"
-    local args=(--socket "$dir/net.sock" --tap "$TAP" --mac "$MAC")
-    [ "$cfg" = off ] || args+=(--ft hold --control "$dir/net.ctl")
-    RUST_LOG=info "${NSX[@]}" "$DAEMON" "${args[@]}" >"$dir/daemon.log" 2>&1 &
+    local args=(--socket "$dir/net.sock" --tap "$TAP" --mac "$MAC") bin=$DAEMON mode=$cfg
+    if [ "${cfg#base-}" != "$cfg" ]; then
+        bin=${BASE_BIN:?base-* configurations need BASE_BIN}
+        mode=${cfg#base-}
+    fi
+    [ "$mode" = off ] || args+=(--ft hold --control "$dir/net.ctl")
+    RUST_LOG=info "${NSX[@]}" "$bin" "${args[@]}" >"$dir/daemon.log" 2>&1 &
     dpid=$!
     PIDS+=("$dpid")
     for _ in $(seq 1 250); do [ -S "$dir/net.sock" ] && break; sleep 0.02; done
     "${NSX[@]}" ip link set "$TAP" up
-    if [ "$cfg" != off ]; then
-        "$ACK" --control "$dir/net.ctl" --interval-ms "${cfg#hold-}" >"$dir/ack.log" 2>&1 &
+    if [ "$mode" != off ]; then
+        "$ACK" --control "$dir/net.ctl" --interval-ms "${mode#hold-}" >"$dir/ack.log" 2>&1 &
         apid=$!
         PIDS+=("$apid")
     fi
@@ -158,6 +164,7 @@ DIRTY=$(git -C "$ROOT" status --porcelain 2>/dev/null | grep -q . && echo " (+ l
     echo
     echo "Run $(date -u '+%Y-%m-%d %H:%M UTC') at commit \`$COMMIT\`$DIRTY: \`$CMDLINE\`."
     echo
+    [ -z "${BASE_BIN:-}" ] || echo "- base-*: \`$BASE_BIN\` (built $(date -u -r "$BASE_BIN" '+%Y-%m-%d %H:%M UTC'))${BASE_DESC:+; $BASE_DESC}."
     echo "- Machine: $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo), $(nproc) CPUs, kernel $(uname -r); load average before/after: $LOAD_BEFORE / $LOAD_AFTER."
     echo "- $(dpdk-testpmd --version 2>/dev/null | head -n1 || true)DPDK $(dpkg-query -W -f '${Version}' dpdk-dev 2>/dev/null) testpmd, \`--no-huge -m 512\`, virtio-user port (\`--vdev net_virtio_user0,path=SOCK,queue_size=1024\`), 64 B frames; $SECS s measured after $WARMUP s per direction; $ROUNDS rounds, configurations interleaved."
     echo "- guest -> tap: testpmd \`txonly\`; rate = the tap's rx_packets. tap -> guest: a second testpmd (\`net_af_packet\` on the tap, \`qdisc_bypass=1\`, \`txonly\`) sends to the virtio-user testpmd (\`rxonly\`); rate = the tap's tx_packets (taken by the daemon), offered = tx_packets + tx_dropped. Where rate and offered are close, the generator was the limit, not the daemon."
