@@ -104,6 +104,48 @@ type Envelope<W> = (<W as QueueWorker>::Msg, Sender<<W as QueueWorker>::Reply>);
 
 /// Sends messages to one worker thread, typed by its worker `W`. Cheap to clone; usable from
 /// any thread.
+///
+/// A message is the worker's own [`QueueWorker::Msg`] and the answer its
+/// [`QueueWorker::Reply`]:
+/// ```
+/// # use ft_common::vhost_user::{QueueWorker, StopStatus, WorkerCtx, WorkerHandle};
+/// struct Counter(u32);
+/// impl QueueWorker for Counter {
+///     type Msg = u32;
+///     type Reply = u32;
+///     fn handle_kick(&mut self, _: &mut WorkerCtx, _: u16) {}
+///     fn stop_queue(&mut self, _: &mut WorkerCtx, _: u16) -> StopStatus {
+///         StopStatus::Done
+///     }
+///     fn handle_message(&mut self, _: &mut WorkerCtx, add: u32) -> u32 {
+///         self.0 += add;
+///         self.0
+///     }
+/// }
+/// fn add(h: &WorkerHandle<Counter>) -> Option<u32> {
+///     h.call(2).ok()
+/// }
+/// ```
+/// and a message of another type does not compile:
+/// ```compile_fail,E0308
+/// # use ft_common::vhost_user::{QueueWorker, StopStatus, WorkerCtx, WorkerHandle};
+/// # struct Counter(u32);
+/// # impl QueueWorker for Counter {
+/// #     type Msg = u32;
+/// #     type Reply = u32;
+/// #     fn handle_kick(&mut self, _: &mut WorkerCtx, _: u16) {}
+/// #     fn stop_queue(&mut self, _: &mut WorkerCtx, _: u16) -> StopStatus {
+/// #         StopStatus::Done
+/// #     }
+/// #     fn handle_message(&mut self, _: &mut WorkerCtx, add: u32) -> u32 {
+/// #         self.0 += add;
+/// #         self.0
+/// #     }
+/// # }
+/// fn add(h: &WorkerHandle<Counter>) {
+///     let _ = h.call("two");
+/// }
+/// ```
 pub struct WorkerHandle<W: QueueWorker> {
     tx: Sender<Envelope<W>>,
     wake: Arc<EventFd>,
