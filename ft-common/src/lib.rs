@@ -13,6 +13,8 @@
 //! - [`takeover`]: the standby becomes the primary (`ftctl record-vm`, `ftctl takeover`).
 //! - [`coordinator`]: the coordinator that seals epochs across devices, drives a checkpointer and
 //!   commits in epoch order (binaries `ft-coordinator` and `ftctl`).
+//! - [`replica`]: disk replication to the standby's own image, one acknowledged epoch at a
+//!   time (`vhost-user-blk-ft --replicate-to`, `ft-standby --replica-image`).
 //! - [`standby`]: the checkpoint store and the standby process that receives checkpoints
 //!   (binary `ft-standby`).
 //!
@@ -27,6 +29,7 @@ pub mod epoch;
 pub mod gate;
 pub mod killpoint;
 pub mod ratelimit;
+pub mod replica;
 pub mod standby;
 pub mod takeover;
 pub mod txqueue;

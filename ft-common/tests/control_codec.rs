@@ -110,6 +110,7 @@ fn status() -> impl Strategy<Value = DeviceStatus> {
                 fdatasyncs: v[4],
                 commit_refused,
                 last_commit,
+                replica: None,
             },
         )
 }

@@ -125,6 +125,7 @@ impl Toy {
                 fdatasyncs: 0,
                 commit_refused: false,
                 last_commit: None,
+                replica: None,
             })),
         }
     }

@@ -10,6 +10,7 @@
 //! - [`acknowledger`]: a stand-in coordinator that seals and commits an epoch every interval on
 //!   daemon control sockets (guest net test, `ft-ack` for benchmarks).
 //! - [`netns`]: run a closure in a private network namespace (guest net and end-to-end tests).
+//! - [`proxy`]: a TCP proxy that freezes or cuts a link on command (replication fault tests).
 //! - [`stream`]: a numbered TCP byte stream through an echo server, checked byte for byte
 //!   (failover tests: the guest's connections survive a takeover).
 
@@ -18,4 +19,5 @@ pub mod blk_client;
 pub mod frontend;
 pub mod guest;
 pub mod netns;
+pub mod proxy;
 pub mod stream;

@@ -9,6 +9,7 @@
 use clap::{Parser, ValueEnum};
 use ft_common::control::ControlServer;
 use ft_common::control::{DeviceKind, TransactionState};
+use ft_common::replica::ReplicaLink;
 use ft_common::txqueue::Limits;
 use ft_common::vhost_user::VhostUserServer;
 use std::path::{Path, PathBuf};
@@ -18,6 +19,7 @@ use vhost_user_blk_ft::device::BlkDevice;
 use vhost_user_blk_ft::gate::commit::CommitEngine;
 use vhost_user_blk_ft::gate::control::{BlkControl, OnCommitError};
 use vhost_user_blk_ft::gate::hold::Hold;
+use vhost_user_blk_ft::gate::replicate::Replication;
 use vhost_user_blk_ft::image::{Image, OpenOpts};
 
 /// Output-commit gating mode.
@@ -104,6 +106,16 @@ struct Args {
     /// lists before any new one (see docs/operations.md, "Replay on the standby").
     #[arg(long, value_name = "FILE")]
     replay: Option<PathBuf>,
+    /// Replicate the disk to a replica service on the standby (`ft-standby --replica-listen`),
+    /// tcp:HOST:PORT or unix:PATH: every committed epoch is shipped there, and its requests
+    /// complete towards the guest only after the replica applied and synced it. Needs --ft hold.
+    #[arg(long, value_name = "ADDR")]
+    replicate_to: Option<ft_common::standby::StandbyAddr>,
+    /// Longest wait of one commit for the replica's acknowledgement; after it the commit
+    /// answers COMMIT_FAILED, the epoch's output stays held and the next commit retries. Keep it
+    /// below the coordinator's call timeout (5 s).
+    #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..))]
+    replica_timeout_ms: u64,
 }
 
 /// The device name in SEALED records: the image's file name.
@@ -173,6 +185,11 @@ fn run(args: Args) -> std::io::Result<()> {
             ));
         }
     };
+    if args.replicate_to.is_some() && ft != FtMode::Hold {
+        return Err(std::io::Error::other(
+            "--replicate-to needs --ft hold (the replica is fed from the commit path)",
+        ));
+    }
     let control = match &args.control {
         Some(p) => Some(ControlServer::bind(p).map_err(|e| {
             std::io::Error::new(e.kind(), format!("control socket {}: {e}", p.display()))
@@ -207,6 +224,9 @@ fn run(args: Args) -> std::io::Result<()> {
         args.poll_max_ns,
         ft,
     );
+    // The replica checks its image has exactly this size (file or device size, as it reads its
+    // own).
+    let image_size = ft_common::replica::apply::file_size(image.file())?;
     let image = Arc::new(image);
     let config = Arc::new(BlkConfig::new(params));
     let mut device = BlkDevice::new(image.clone(), config, args.queue_size)
@@ -244,6 +264,17 @@ fn run(args: Args) -> std::io::Result<()> {
             let ctl = BlkControl::new(h, server.worker_handles(), name, policy, engine)
                 .with_fence(fence(args.state_dir.as_deref())?)
                 .with_replay(server.replay_store());
+            let ctl = match &args.replicate_to {
+                Some(addr) => {
+                    log::info!("replicating to {addr}");
+                    ctl.with_replication(Replication::new(ReplicaLink::new(
+                        addr.clone(),
+                        image_size,
+                        std::time::Duration::from_millis(args.replica_timeout_ms),
+                    )))
+                }
+                None => ctl,
+            };
             log::info!("control socket {}", c.path().display());
             Some(c.spawn(ctl.into_handler())?)
         }

@@ -5,6 +5,7 @@
 //! answered that its checkpoint is durable.
 
 use clap::Parser;
+use ft_common::replica::{ReplicaConfig, ReplicaServer};
 use ft_common::standby::{StandbyAddr, StandbyConfig, StandbyServer};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -24,6 +25,18 @@ struct Args {
     /// Test hook: sleep this long before the publish fsyncs (simulates a slow disk).
     #[arg(long, default_value_t = 0, hide = true)]
     fsync_delay_ms: u64,
+    /// Also run the disk replica service here: apply the primary block daemon's committed
+    /// epochs (`vhost-user-blk-ft --replicate-to`) to this image, the standby's own copy of the
+    /// disk (same size as the primary's). Needs --replica-listen.
+    #[arg(long, requires = "replica_listen")]
+    replica_image: Option<PathBuf>,
+    /// Where the primary's block daemon connects to replicate: tcp:HOST:PORT or unix:PATH.
+    #[arg(long, requires = "replica_image")]
+    replica_listen: Option<StandbyAddr>,
+    /// Largest epoch accepted from the primary, in bytes (its --max-held-bytes plus 24 bytes
+    /// per request is enough).
+    #[arg(long, default_value_t = 256 << 20)]
+    replica_max_epoch_bytes: u64,
 }
 
 fn main() {
@@ -39,9 +52,10 @@ fn main() {
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     };
+    let store = a.store;
     let server = match StandbyServer::start(StandbyConfig {
         listen: a.listen,
-        store: a.store,
+        store: store.clone(),
         fsync_delay: Duration::from_millis(a.fsync_delay_ms),
         stream_timeout: Duration::from_millis(a.stream_timeout_ms.max(1)),
     }) {
@@ -51,9 +65,26 @@ fn main() {
             std::process::exit(1);
         }
     };
+    let replica = match (a.replica_image, a.replica_listen) {
+        (Some(image), Some(listen)) => match ReplicaServer::start(ReplicaConfig {
+            listen,
+            image,
+            store: store.clone(),
+            max_epoch_bytes: a.replica_max_epoch_bytes,
+            io_timeout: Duration::from_millis(a.stream_timeout_ms.max(1)),
+        }) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                eprintln!("ft-standby: replica: {e}");
+                std::process::exit(1);
+            }
+        },
+        _ => None,
+    };
     let mut sig: libc::c_int = 0;
     // SAFETY: `set` is an initialised sigset_t and `sig` a valid out pointer.
     unsafe { libc::sigwait(&set, &mut sig) };
     log::info!("signal {sig}: shutting down");
+    drop(replica);
     drop(server);
 }

@@ -307,6 +307,9 @@ pub struct DeviceStatus {
     /// Stats of the newest successful commit.
     #[serde(default)]
     pub last_commit: Option<CommitStats>,
+    /// Disk replication to the standby (`--replicate-to`), if configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<crate::replica::ReplicaStatus>,
 }
 
 /// Anything a daemon sends: a reply or a notification. The `"type"` tags of the two sets are

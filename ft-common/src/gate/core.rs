@@ -153,6 +153,15 @@ impl GateCore {
     ) -> Reply {
         let done = match res {
             Ok(d) => d,
+            Err(GateError::Held(error)) => {
+                log::error!("commit {epoch}: output held: {error}");
+                self.commits_failed += 1;
+                return Reply::CommitFailed {
+                    epoch,
+                    error,
+                    errno: None,
+                };
+            }
             Err(e) => return error_reply(e),
         };
         let stats = CommitStats {
@@ -226,6 +235,7 @@ impl GateCore {
             fdatasyncs: v.fdatasyncs,
             commit_refused: self.commit_refused,
             last_commit: self.last_commit.clone(),
+            replica: v.replica,
         }))
     }
 
@@ -285,6 +295,8 @@ pub fn error_reply(e: GateError) -> Reply {
     match e {
         GateError::Refused(t) => Reply::error(tx_error_code(&t), t.to_string()),
         GateError::Unsupported(m) => Reply::error(ErrorCode::Unsupported, m),
+        // Only a commit answers this, as COMMIT_FAILED (`GateCore::committed`).
+        GateError::Held(m) => Reply::error(ErrorCode::Internal, m),
         GateError::Internal(m) => {
             log::error!("{m}");
             Reply::error(ErrorCode::Internal, m)

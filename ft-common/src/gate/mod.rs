@@ -70,6 +70,12 @@ pub enum GateError {
     /// The device does not do this (e.g. SEAL with gating off).
     #[error("{0}")]
     Unsupported(String),
+    /// The commit ran but its output may not be released yet (disk replication: the replica has
+    /// not acknowledged the epoch). Nothing was completed towards the guest, the device keeps
+    /// the epoch and retries it at the next COMMIT: answered `COMMIT_FAILED`, counted, but not a
+    /// failure `--on-commit-error stop` acts on.
+    #[error("{0}")]
+    Held(String),
     /// A daemon bug or an unexpected system error (a queue worker that is gone).
     #[error("{0}")]
     Internal(String),
@@ -115,6 +121,8 @@ pub struct HeldView {
     /// Per uncommitted epoch holding something, oldest first.
     pub epochs: Vec<EpochHeld>,
     pub fdatasyncs: u64,
+    /// Disk replication, if the device replicates.
+    pub replica: Option<crate::replica::ReplicaStatus>,
 }
 
 impl Default for HeldView {
@@ -128,6 +136,7 @@ impl Default for HeldView {
             held_bytes: 0,
             epochs: Vec::new(),
             fdatasyncs: 0,
+            replica: None,
         }
     }
 }
@@ -155,8 +164,9 @@ pub trait GateDevice: Send + 'static {
 
     /// COMMIT `epoch`: release every held request of epochs `<= epoch` (written and synced, or
     /// sent) and complete it towards the guest. `Err` only if nothing was released (a refusal
-    /// of every queue checked first); a commit that released output and failed to deliver some
-    /// returns `Ok` with [`CommitDone::failure`].
+    /// of every queue checked first), or [`GateError::Held`] if what ran may not be completed
+    /// yet (kept by the device for the next COMMIT); a commit that released output and failed
+    /// to deliver some returns `Ok` with [`CommitDone::failure`].
     fn commit(&mut self, epoch: Epoch) -> Result<CommitDone, GateError>;
 
     /// ABORT: cancel every held request of uncommitted epochs; none of it is ever released.
@@ -212,6 +222,7 @@ impl QueueMerge {
                     held_bytes: c.held_bytes,
                     epochs: Vec::new(),
                     fdatasyncs: 0,
+                    replica: None,
                 })
             }
             Some(v) => {

@@ -6,8 +6,11 @@
 //!    the store with it (the deposed primary's checkpoints are refused from then on);
 //! 3. fence the old primary where reachable: `ABORT` with G+1 on every control socket given
 //!    (by default those recorded in `vm.json`); an unreachable daemon is reported, not an error;
+//!    With disk replication (`DIR/replica.json`), also wait until the replica service applies
+//!    nothing more ([`crate::replica::server::fence`]) and read the newest checkpoint again;
 //! 4. write each block device's SEALED record to a replay file and start the standby's daemons
-//!    with the recorded arguments plus `--replay FILE`; wait for their sockets;
+//!    with the recorded arguments plus `--replay FILE` (a block daemon on the replica's image,
+//!    without `--replicate-to`, when there is a replica); wait for their sockets;
 //! 5. start QEMU with the recorded command line (same devices), `-S -incoming defer` and a QMP
 //!    socket of its own; `migrate-incoming` from the checkpoint's stream; wait for `completed`;
 //! 6. `cont`: the guest runs (this instant is the end of the downtime);
@@ -29,6 +32,7 @@ use crate::control::{ControlClient, DeviceKind, Reply, Request};
 use crate::coordinator::generation_store::GenerationStore;
 use crate::coordinator::qmp::QmpClient;
 use crate::epoch::Generation;
+use crate::replica;
 use crate::standby::store::CheckpointStore;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -96,6 +100,8 @@ pub struct TakeoverOutcome {
     pub vmstate_bytes: u64,
     /// Requests the block daemons were told to replay (outstanding at the checkpoint's seal).
     pub requests_replayed: u64,
+    /// The replica's image the block daemon runs on (shared-nothing replication), if any.
+    pub replica_image: Option<PathBuf>,
     pub fenced: Vec<Fenced>,
     pub qemu_pid: u32,
     pub daemon_pids: BTreeMap<String, u32>,
@@ -129,7 +135,7 @@ fn ms(d: Duration) -> f64 {
 pub fn takeover(cfg: &TakeoverConfig) -> Result<TakeoverOutcome, TakeoverError> {
     let t0 = Instant::now();
     let mut times = StepTimes::default();
-    let ckpt = checkpoint::newest_valid(&cfg.store).map_err(TakeoverError::Store)?;
+    let mut ckpt = checkpoint::newest_valid(&cfg.store).map_err(TakeoverError::Store)?;
     let record = VmRecord::load(&cfg.store).map_err(|e| TakeoverError::Store(e.to_string()))?;
     times.read_store_ms = ms(t0.elapsed());
     log::info!(
@@ -155,6 +161,22 @@ pub fn takeover(cfg: &TakeoverConfig) -> Result<TakeoverOutcome, TakeoverError> 
         .map_err(TakeoverError::Generation)?;
     // The store refuses the deposed primary's checkpoints from now on.
     store.fence(generation).map_err(TakeoverError::Generation)?;
+    // Disk replication: once the fence is written and the replica's apply lock taken, the
+    // replica applies nothing more. Its image holds no epoch newer than the newest checkpoint
+    // published by then (an epoch is committed, so shipped, only after its checkpoint is
+    // durable), which is why the checkpoint is read again now.
+    let replica = replica::server::replica_image(&cfg.store).map_err(TakeoverError::Generation)?;
+    if replica.is_some() {
+        replica::server::fence(&cfg.store).map_err(TakeoverError::Generation)?;
+        let now = checkpoint::newest_valid(&cfg.store).map_err(TakeoverError::Store)?;
+        if now.epoch != ckpt.epoch || now.generation != ckpt.generation {
+            log::info!(
+                "a newer checkpoint, epoch {}, was published meanwhile",
+                now.epoch
+            );
+            ckpt = now;
+        }
+    }
     times.generation_ms = ms(t.elapsed());
 
     let t = Instant::now();
@@ -176,7 +198,8 @@ pub fn takeover(cfg: &TakeoverConfig) -> Result<TakeoverOutcome, TakeoverError> 
     let t = Instant::now();
     let mut daemon_pids = BTreeMap::new();
     for d in &record.daemons {
-        let pid = start_daemon(d, &ckpt, &cfg.run_dir, cfg.timeout)?;
+        let image = replica.as_ref().map(|r| r.image.as_path());
+        let pid = start_daemon(d, &ckpt, image, &cfg.run_dir, cfg.timeout)?;
         daemon_pids.insert(d.name.clone(), pid);
     }
     times.daemons_ms = ms(t.elapsed());
@@ -240,6 +263,7 @@ pub fn takeover(cfg: &TakeoverConfig) -> Result<TakeoverOutcome, TakeoverError> 
         checkpoint_generation: ckpt.generation,
         vmstate_bytes: ckpt.vmstate_len,
         requests_replayed: ckpt.outstanding(),
+        replica_image: replica.map(|r| r.image),
         fenced,
         qemu_pid,
         daemon_pids,
@@ -286,14 +310,23 @@ fn fence(name: &str, control: &Path, generation: Generation, timeout: Duration) 
 }
 
 /// Starts one of the standby's daemons with its recorded arguments (plus the replay record for
-/// a block device) and waits for its vhost-user and control sockets.
+/// a block device) and waits for its vhost-user and control sockets. With a replica
+/// (`replica_image`), a block daemon runs on the replica's image and replicates to nobody (until
+/// protection of the new primary is set up again).
 fn start_daemon(
     d: &DaemonRecord,
     ckpt: &Checkpoint,
+    replica_image: Option<&Path>,
     run_dir: &Path,
     timeout: Duration,
 ) -> Result<u32, TakeoverError> {
     let mut argv = without_flag(&d.argv, "replay");
+    if let (DeviceKind::Blk, Some(image)) = (d.kind, replica_image) {
+        argv = without_flag(&without_flag(&argv, "replicate-to"), "image");
+        argv.push("--image".into());
+        argv.push(image.to_string_lossy().into_owned());
+        log::info!("{}: on the replica's image {}", d.name, image.display());
+    }
     if d.kind == DeviceKind::Blk {
         let rec = ckpt
             .devices

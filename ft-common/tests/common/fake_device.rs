@@ -252,6 +252,7 @@ fn handle(st: &Mutex<FakeState>, dev: &str, kind: DeviceKind, req: Request) -> R
                 fdatasyncs: s.commits_ok,
                 commit_refused: s.commit_refused,
                 last_commit: None,
+                replica: None,
             }))
         }
     }

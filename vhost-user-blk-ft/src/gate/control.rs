@@ -25,9 +25,15 @@
 //! - A panic inside a commit: the requests the commit had taken are salvaged from the commit
 //!   engine and failed towards the guest (IOERR; nothing of them is reported durable), and the
 //!   gate answers `COMMIT_FAILED`.
+//! - With `--replicate-to`, a commit's completions are handed to the workers only after the
+//!   replica acknowledged the epoch ([`crate::gate::replicate`]). A missing acknowledgement is
+//!   [`GateError::Held`] (`COMMIT_FAILED`, no IOERR, not a failure `--on-commit-error stop`
+//!   acts on: the local commit succeeded and retrying loses nothing): the completions stay
+//!   kept, and the next `COMMIT` retries that epoch before it takes anything new.
 
 use crate::gate::commit::CommitEngine;
 use crate::gate::hold::{held_bytes, GateAck, GateMsg, GateReply, HeldReq, Hold};
+use crate::gate::replicate::Replication;
 use crate::queue::BlkQueue;
 use crate::request::STATUS_IOERR;
 use ft_common::control::{DeviceKind, ErrorCode, QueueState, Reply, Request, TransactionState};
@@ -54,6 +60,8 @@ pub struct BlkGate {
     committing: Option<Epoch>,
     /// Where `REPLAY` records go (None: refused as unsupported).
     replay: Option<ReplayStore>,
+    /// Disk replication to the standby (`--replicate-to`).
+    replication: Option<Replication>,
 }
 
 /// The block daemon's control handler.
@@ -82,6 +90,7 @@ impl BlkControl {
                 engine,
                 committing: None,
                 replay: None,
+                replication: None,
             },
             policy,
             fence: Fence::default(),
@@ -98,6 +107,13 @@ impl BlkControl {
     /// Accepts `REPLAY` records into the server's replay store (`VhostUserServer::replay_store`).
     pub fn with_replay(mut self, store: ReplayStore) -> BlkControl {
         self.dev.replay = Some(store);
+        self
+    }
+
+    /// Ships every committed epoch to a replica and completes its requests only after the
+    /// replica acknowledged it.
+    pub fn with_replication(mut self, r: Replication) -> BlkControl {
+        self.dev.replication = Some(r);
         self
     }
 
@@ -217,13 +233,37 @@ impl GateDevice for BlkGate {
     }
 
     fn commit(&mut self, epoch: Epoch) -> Result<CommitDone, GateError> {
+        if let Some(r) = &mut self.replication {
+            // An earlier epoch still waits for the replica: nothing new before it.
+            let kept = r.blocked();
+            let done = r
+                .retry()
+                .map_err(|e| GateError::Held(format!("replication: {e}")))?;
+            if let Some(e) = kept {
+                log::info!("replica acknowledged epoch {e} at last; completing it");
+            }
+            self.deliver(done);
+        }
         let (batch, previous) = {
             let mut txq = self.hold.lock();
             let prev = txq.last_committed();
             (txq.take_committable(epoch)?, prev)
         };
         self.committing = Some(epoch);
-        let out = self.engine.run(batch);
+        if let Some(r) = &mut self.replication {
+            r.ship(epoch, &batch);
+        }
+        let mut out = self.engine.run(batch);
+        if let Some(r) = &mut self.replication {
+            match r.confirm(std::mem::take(&mut out.done)) {
+                Ok(done) => out.done = done,
+                Err(e) => {
+                    // Output stays held (nothing completed); the next COMMIT retries.
+                    self.committing = None;
+                    return Err(GateError::Held(format!("replication: {e}")));
+                }
+            }
+        }
         let delivered = self.deliver(out.done);
         self.committing = None;
         log::debug!(
@@ -246,10 +286,14 @@ impl GateDevice for BlkGate {
     }
 
     fn abort(&mut self) -> Result<AbortDone, GateError> {
-        let (cancelled, last_committed) = {
+        let (mut cancelled, last_committed) = {
             let mut txq = self.hold.lock();
             (txq.abort(), txq.last_committed())
         };
+        if let Some(r) = &mut self.replication {
+            // Deposed: the epoch waiting for the replica is dropped like the held ones.
+            cancelled.extend(r.forget());
+        }
         let requests = cancelled.len() as u64;
         let bytes = cancelled.iter().map(|h| held_bytes(&h.req)).sum();
         let mut per_queue: Vec<Vec<HeldReq>> =
@@ -280,6 +324,7 @@ impl GateDevice for BlkGate {
         drop(txq);
         let mut v = m.into_view();
         v.fdatasyncs = self.engine.fdatasyncs();
+        v.replica = self.replication.as_ref().map(Replication::status);
         Ok(v)
     }
 

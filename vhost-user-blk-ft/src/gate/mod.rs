@@ -13,6 +13,8 @@
 //!   and the cancel of its held requests on reset or disconnect.
 //! - [`control`]: the device's side of ft-common's gate (SEAL/COMMIT/ABORT/STATUS/REPLAY);
 //!   fencing, the retried-SEAL rule and `--on-commit-error` are the shared gate core's.
+//! - [`replicate`]: the commit's hook for disk replication (`--replicate-to`): ship the batch,
+//!   complete it towards the guest only after the replica's acknowledgement.
 //!
 //! Invariants (ARCHITECTURE.md section 1):
 //! 1. No held request reaches the image before `COMMIT` of its epoch: held requests live only in
@@ -25,8 +27,11 @@
 //! 4. A held request is completed to the guest at most once: its head is "owed" by the worker
 //!    from pop until completion, and a head the server resubmits from the inflight region
 //!    while still owed (ring restart on the same connection) is ignored.
+//! 5. With replication, no held request completes towards the guest before the replica
+//!    acknowledged its epoch (applied and synced on the standby's image).
 
 pub mod commit;
 pub mod control;
 pub mod hold;
+pub mod replicate;
 pub mod worker;

@@ -1,0 +1,397 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The replica service (`ft-standby --replica-image PATH --replica-listen ADDR`): receives the
+//! primary block daemon's committed epochs and applies them to the standby's own image.
+//!
+//! Per connection: `HELLO` -> `WELCOME` (or `REFUSED`), then `EPOCH` -> apply, one
+//! `fdatasync` -> `ACK`, in order. A newer connection replaces the older one (the primary
+//! reconnected; the old one may be half-open).
+//!
+//! Ordering and duplicates: epochs are ordered within the primary daemon's session (a random
+//! number it draws at start). The newest applied one received again (its `ACK` was lost) is
+//! acknowledged without being applied again; an older one is refused; a newer one is applied.
+//! A new session (the primary's daemon restarted) starts the order again.
+//!
+//! Fencing against a takeover: the service shares the checkpoint store directory. It applies an
+//! epoch only while holding an exclusive `flock` on `DIR/replica.lock`, after checking under
+//! that lock that `DIR/replica.fenced` does not exist; a takeover creates that file under the
+//! same lock ([`fence`]). So once [`fence`] returned, no epoch is being applied and none ever
+//! will be on this store (a service started on it later refuses to run): the new primary's
+//! daemon owns the image. `DIR/replica.json` names the image, so the takeover starts the
+//! standby's daemon on it ([`replica_image`]).
+
+use super::apply::ReplicaImage;
+use super::protocol::{self, EpochView, MsgType, ProtoError};
+use crate::epoch::Epoch;
+use crate::standby::protocol::{Conn, Listener, StandbyAddr};
+use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+pub const LOCK_FILE: &str = "replica.lock";
+pub const RECORD_FILE: &str = "replica.json";
+pub const FENCED_FILE: &str = "replica.fenced";
+
+/// `DIR/replica.json`: which image the replica service feeds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaRecord {
+    pub format: u32,
+    pub image: PathBuf,
+    pub size: u64,
+}
+
+/// The image a replica service in store `dir` feeds, if any.
+pub fn replica_image(dir: &Path) -> io::Result<Option<ReplicaRecord>> {
+    match std::fs::read(dir.join(RECORD_FILE)) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// An exclusive `flock` on `DIR/replica.lock`, released on drop.
+struct ApplyLock(File);
+
+impl ApplyLock {
+    fn take(dir: &Path) -> io::Result<ApplyLock> {
+        let f = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(LOCK_FILE))?;
+        loop {
+            // SAFETY: flock on a descriptor `f` owns.
+            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } == 0 {
+                return Ok(ApplyLock(f));
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+}
+
+impl Drop for ApplyLock {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
+    }
+}
+
+/// For a takeover: waits until no epoch is being applied and makes sure none ever is again on
+/// store `dir` (`DIR/replica.fenced`, durable, checked by every apply under the same lock).
+/// False if no replica service ever ran on this store.
+pub fn fence(dir: &Path) -> io::Result<bool> {
+    if !dir.join(LOCK_FILE).exists() {
+        return Ok(false);
+    }
+    let _lock = ApplyLock::take(dir)?;
+    let f = File::create(dir.join(FENCED_FILE))?;
+    f.sync_all()?;
+    File::open(dir)?.sync_all()?;
+    Ok(true)
+}
+
+fn taken_over(dir: &Path) -> bool {
+    dir.join(FENCED_FILE).exists()
+}
+
+#[derive(Clone, Debug)]
+pub struct ReplicaConfig {
+    pub listen: StandbyAddr,
+    pub image: PathBuf,
+    /// The standby's store directory (fence, lock and `replica.json`).
+    pub store: PathBuf,
+    /// Largest `EPOCH` body accepted (bounds the receive buffer).
+    pub max_epoch_bytes: u64,
+    /// Bound on a silent peer mid-frame (an idle connection waits forever).
+    pub io_timeout: Duration,
+}
+
+/// What the replica has applied; [`ReplicaServer::stats`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ReplicaStats {
+    /// (session, epoch) of the newest epoch applied.
+    pub last_applied: Option<(u64, Epoch)>,
+    pub epochs_applied: u64,
+    pub duplicates: u64,
+    pub refused: u64,
+    pub bytes_applied: u64,
+    pub connections: u64,
+    pub last_error: Option<String>,
+}
+
+struct Shared {
+    cfg: ReplicaConfig,
+    image: Mutex<ReplicaImage>,
+    stats: Mutex<ReplicaStats>,
+    /// The newest connection (shut down when a newer one arrives, or on stop).
+    current: Mutex<Option<Conn>>,
+    stop: AtomicBool,
+}
+
+pub struct ReplicaServer {
+    shared: Arc<Shared>,
+    addr: StandbyAddr,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ReplicaServer {
+    pub fn start(cfg: ReplicaConfig) -> io::Result<ReplicaServer> {
+        if taken_over(&cfg.store) {
+            return Err(io::Error::other(format!(
+                "{}: a takeover made this replica's image the primary's ({} exists); a new \
+                 replica needs a new store and image",
+                cfg.store.display(),
+                cfg.store.join(FENCED_FILE).display()
+            )));
+        }
+        let image = ReplicaImage::open(&cfg.image)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", cfg.image.display())))?;
+        std::fs::create_dir_all(&cfg.store)?;
+        let record = ReplicaRecord {
+            format: 1,
+            image: std::fs::canonicalize(&cfg.image)?,
+            size: image.size(),
+        };
+        let tmp = cfg.store.join(format!(".{RECORD_FILE}.tmp"));
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec_pretty(&record).map_err(io::Error::other)?,
+        )?;
+        File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, cfg.store.join(RECORD_FILE))?;
+        drop(ApplyLock::take(&cfg.store)?);
+        let listener = cfg.listen.bind()?;
+        let addr = listener.local_addr()?;
+        log::info!(
+            "replica: feeding {} ({} bytes) from {addr}",
+            record.image.display(),
+            record.size
+        );
+        let shared = Arc::new(Shared {
+            cfg,
+            image: Mutex::new(image),
+            stats: Mutex::new(ReplicaStats::default()),
+            current: Mutex::new(None),
+            stop: AtomicBool::new(false),
+        });
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("replica-accept".into())
+            .spawn(move || accept_loop(&s, listener))?;
+        Ok(ReplicaServer {
+            shared,
+            addr,
+            thread: Some(thread),
+        })
+    }
+
+    /// The address bound (the real port when asked for port 0).
+    pub fn addr(&self) -> &StandbyAddr {
+        &self.addr
+    }
+
+    pub fn stats(&self) -> ReplicaStats {
+        lock(&self.shared.stats).clone()
+    }
+}
+
+impl Drop for ReplicaServer {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        if let Some(c) = lock(&self.shared.current).take() {
+            c.shutdown();
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn accept_loop(shared: &Arc<Shared>, listener: Listener) {
+    while !shared.stop.load(Ordering::Acquire) {
+        let mut pfd = libc::pollfd {
+            fd: listener.raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; 100 ms so that a stop is seen.
+        if unsafe { libc::poll(&mut pfd, 1, 100) } <= 0 {
+            continue;
+        }
+        let conn = match listener.accept() {
+            Ok(c) => c,
+            Err(e) => {
+                log::warn!("replica: accept: {e}");
+                continue;
+            }
+        };
+        let Ok(clone) = conn.try_clone() else {
+            continue;
+        };
+        if let Some(old) = lock(&shared.current).replace(clone) {
+            log::info!("replica: a new primary connection replaces the previous one");
+            old.shutdown();
+        }
+        lock(&shared.stats).connections += 1;
+        let s = shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name("replica-conn".into())
+            .spawn(move || {
+                let mut conn = conn;
+                if let Err(e) = serve(&s, &mut conn) {
+                    log::warn!("replica: connection ended: {e}");
+                }
+                // `current` may hold a clone: close for real, so the peer sees the end.
+                conn.shutdown();
+            });
+        if let Err(e) = spawned {
+            log::error!("replica: cannot start a connection thread: {e}");
+        }
+    }
+}
+
+fn refuse(conn: &mut Conn, shared: &Shared, reason: String) -> io::Result<()> {
+    log::warn!("replica: refused: {reason}");
+    {
+        let mut st = lock(&shared.stats);
+        st.refused += 1;
+        st.last_error = Some(reason.clone());
+    }
+    protocol::write_frame(conn, MsgType::Refused, reason.as_bytes())
+}
+
+/// Reads the next frame header; an idle connection may wait forever, a started frame not.
+fn next_header(conn: &mut Conn) -> Result<Option<protocol::Header>, ProtoError> {
+    match protocol::read_header(conn) {
+        Ok(h) => Ok(Some(h)),
+        Err(ProtoError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn serve(shared: &Shared, conn: &mut Conn) -> Result<(), ProtoError> {
+    let io_timeout = Some(shared.cfg.io_timeout);
+    conn.set_timeouts(io_timeout)?;
+    let mut body = Vec::new();
+    let Some(h) = next_header(conn)? else {
+        return Ok(());
+    };
+    if h.kind != MsgType::Hello {
+        refuse(conn, shared, format!("expected HELLO, got {:?}", h.kind))?;
+        return Ok(());
+    }
+    protocol::read_body(conn, &h, 64, &mut body)?;
+    let (session, size) = protocol::parse_hello(&body)?;
+    let (my_size, last) = {
+        let img = lock(&shared.image);
+        let st = lock(&shared.stats);
+        (img.size(), st.last_applied.map(|(_, e)| e))
+    };
+    if taken_over(&shared.cfg.store) {
+        refuse(conn, shared, "fenced: the standby took over".into())?;
+        return Ok(());
+    }
+    if size != my_size {
+        refuse(
+            conn,
+            shared,
+            format!("primary image is {size} bytes, the replica's {my_size}"),
+        )?;
+        return Ok(());
+    }
+    protocol::write_frame(conn, MsgType::Welcome, &protocol::welcome(my_size, last))?;
+    log::info!("replica: primary (session {session:016x}) connected");
+    loop {
+        // Idle between epochs: no timeout (the primary commits only when it has writes).
+        conn.set_read_timeout(None)?;
+        let Some(h) = next_header(conn)? else {
+            return Ok(());
+        };
+        conn.set_read_timeout(io_timeout)?;
+        if h.kind != MsgType::Epoch {
+            refuse(conn, shared, format!("expected EPOCH, got {:?}", h.kind))?;
+            return Ok(());
+        }
+        if let Err(e) = protocol::read_body(conn, &h, shared.cfg.max_epoch_bytes, &mut body) {
+            if !matches!(e, ProtoError::Io(_)) {
+                refuse(conn, shared, e.to_string())?;
+            }
+            return Err(e);
+        }
+        let view = EpochView::parse(&body)?;
+        match apply(shared, &view) {
+            Ok(duplicate) => {
+                protocol::write_frame(conn, MsgType::Ack, &protocol::ack(view.epoch, duplicate))?;
+            }
+            Err(reason) => {
+                refuse(conn, shared, reason)?;
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Applies `view` under the lock after checking fence and order; true for a duplicate.
+fn apply(shared: &Shared, view: &EpochView<'_>) -> Result<bool, String> {
+    let mut img = lock(&shared.image);
+    let _applying = ApplyLock::take(&shared.cfg.store).map_err(|e| format!("lock: {e}"))?;
+    if taken_over(&shared.cfg.store) {
+        return Err(format!(
+            "epoch {}: fenced: the standby took over",
+            view.epoch
+        ));
+    }
+    let this = (view.session, view.epoch);
+    let last = lock(&shared.stats)
+        .last_applied
+        .filter(|(session, _)| *session == view.session);
+    if let Some(last) = last {
+        if this == last {
+            lock(&shared.stats).duplicates += 1;
+            log::info!(
+                "replica: epoch {} again (ack was lost): not re-applied",
+                view.epoch
+            );
+            return Ok(true);
+        }
+        if this < last {
+            return Err(format!(
+                "epoch {} is older than the applied epoch {} of this primary",
+                view.epoch, last.1
+            ));
+        }
+    }
+    let applied = img.apply(view).map_err(|e| {
+        let msg = format!("epoch {}: {e}", view.epoch);
+        log::error!("replica: {msg}");
+        msg
+    })?;
+    let mut st = lock(&shared.stats);
+    st.last_applied = Some(this);
+    st.epochs_applied += 1;
+    st.bytes_applied += applied.bytes;
+    st.last_error = None;
+    log::debug!(
+        "replica: epoch {} applied: {} ops, {} bytes, apply {:?}, fdatasync {:?}",
+        view.epoch,
+        applied.ops,
+        applied.bytes,
+        applied.apply,
+        applied.fdatasync
+    );
+    Ok(false)
+}
