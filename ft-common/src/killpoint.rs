@@ -12,6 +12,8 @@
 //! - `before-fdatasync` (vhost-user-blk-ft): the commit of E submitted and drained its writes,
 //!   its `fdatasync` has not run and no guest completion was delivered: mid-commit.
 //! - `net-before-commit` (vhost-user-net-ft): `COMMIT E` admitted, no frame sent yet.
+//! - `net-after-release` (vhost-user-net-ft): every queue pair sent its frames of `COMMIT E`,
+//!   no reply yet.
 //!
 //! `FT_PANIC_AT=NAME[,NAME...]` (with the same `FT_STOP_ARM`) panics at the point instead: a
 //! failure test of how the process survives a bug there (the blk control handler must fail that

@@ -46,6 +46,9 @@ pub struct NetGate {
     device: String,
     mac: MacAddr,
     mode: FtMode,
+    /// Set while a commit's second step runs (pairs may have sent), so a panic there is a
+    /// failed commit, not an untouched one.
+    releasing: bool,
 }
 
 /// The net daemon's control handler.
@@ -63,6 +66,7 @@ impl NetGate {
             device,
             mac,
             mode,
+            releasing: false,
         }
     }
 
@@ -163,6 +167,7 @@ impl GateDevice for NetGate {
             };
         }
         // Step 2: every pair releases (see the module docs for why none can refuse now).
+        self.releasing = true;
         let mut t = Released::default();
         let mut lost = Vec::new();
         for i in 0..self.workers.len() {
@@ -172,6 +177,9 @@ impl GateDevice for NetGate {
                 Err(e) => lost.push(e.to_string()),
             }
         }
+        // Tests panic here: frames sent, the commit not answered yet.
+        ft_common::killpoint::reached("net-after-release");
+        self.releasing = false;
         let mut failure = None;
         if t.errors > 0 {
             log::warn!(
@@ -256,10 +264,15 @@ impl GateDevice for NetGate {
         }
     }
 
-    /// A panic in the control thread never holds a worker's frames: they stay in their
-    /// workers' hold buffers, untouched.
+    /// The control thread never holds a worker's frames: before a commit's second step they
+    /// stay in their workers' hold buffers, untouched; during it some pairs may have sent, so
+    /// the commit failed (what a pair sent is not reported, none of it is retried).
     fn recover(&mut self) -> Recovery {
-        Recovery::Untouched
+        if std::mem::take(&mut self.releasing) {
+            Recovery::CommitFailed { failed: 0 }
+        } else {
+            Recovery::Untouched
+        }
     }
 }
 

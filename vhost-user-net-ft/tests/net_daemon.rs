@@ -1000,6 +1000,65 @@ fn a_panic_in_commit_fails_that_command_and_loses_nothing() {
     let _ = std::fs::remove_file(&arm);
 }
 
+/// A panic after the frames of a commit went out is not answered COMMITTED nor as a harmless
+/// INTERNAL error: the commit failed (`COMMIT_FAILED`, counted), and the daemon goes on.
+#[test]
+fn a_panic_after_frames_were_sent_is_a_failed_commit() {
+    let arm = std::env::temp_dir().join(format!("ft-net-panic2-{}.arm", std::process::id()));
+    std::fs::write(&arm, b"").unwrap();
+    let arm_env = arm.clone();
+    in_netns(move || {
+        let d = Daemon::start_full(
+            "panic2",
+            "ftpanic1",
+            &[],
+            &[],
+            &[
+                ("FT_PANIC_AT", "net-after-release".as_ref()),
+                ("FT_STOP_ARM", arm_env.as_os_str()),
+            ],
+        );
+        let mut f = frontend(&d.sock);
+        let pkt = PacketSocket::bind("ftpanic1").expect("packet socket");
+        let mut ctl = d.control();
+        let frames = test_frames(8, 2);
+        for fr in &frames {
+            send(&mut f, fr);
+        }
+        f.kick(TXQ);
+        assert_eq!(f.wait_used(TXQ, 2, Duration::from_secs(5)).len(), 2);
+        match seal_commit(&mut ctl, 1) {
+            Reply::CommitFailed { epoch, error, .. } => {
+                assert_eq!(epoch, Epoch(1));
+                assert!(error.contains("panicked"), "{error}");
+            }
+            r => panic!("commit with a panic after sending: {r:?}"),
+        }
+        assert!(!arm_env.exists(), "the panic point was not reached");
+        assert_eq!(wait_collect(&pkt, 2), frames, "the frames did go out");
+        match call(&mut ctl, Request::Status) {
+            Reply::Status(s) => {
+                assert_eq!((s.commits_ok, s.commits_failed), (0, 1));
+                assert!(!s.commit_refused);
+                assert_eq!(s.last_committed, Some(Epoch(1)));
+            }
+            r => panic!("status after the panic: {r:?}"),
+        }
+        let more = test_frames(9, 1);
+        send(&mut f, &more[0]);
+        f.kick(TXQ);
+        assert_eq!(f.wait_used(TXQ, 1, Duration::from_secs(5)).len(), 1);
+        match seal_commit(&mut ctl, 2) {
+            Reply::Committed { stats, .. } => assert_eq!(stats.requests, 1),
+            r => panic!("commit after the panic: {r:?}"),
+        }
+        assert_eq!(wait_collect(&pkt, 1), more);
+        drop(f);
+        d.stop();
+    });
+    let _ = std::fs::remove_file(&arm);
+}
+
 #[test]
 fn bad_command_lines_fail_cleanly() {
     let run = |args: &[&str]| {
