@@ -26,7 +26,7 @@ use crate::txqueue::{Limits, TxQueue};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Decodes `data` incrementally (chunk size from its first byte, a small and the real frame
@@ -172,8 +172,22 @@ pub fn server(data: &[u8]) {
         .is_some()
     {}
     d.finish().expect("the daemon cut a frame short");
-    let mut c = ControlClient::connect(path, Duration::from_secs(10)).expect("still serving");
-    match c.call(&Request::Status).expect("STATUS answered") {
+    // The daemon still serves: STATUS over a connection kept across inputs (a connect per
+    // input doubled the cost of an execution); a fresh one if the daemon dropped it (evicted,
+    // which a coordinator could also see).
+    static STATUS: Mutex<Option<ControlClient>> = Mutex::new(None);
+    let mut kept = STATUS.lock().unwrap_or_else(|e| e.into_inner());
+    let reply = match kept.as_mut().map(|c| c.call(&Request::Status)) {
+        Some(Ok(r)) => r,
+        _ => {
+            let mut c =
+                ControlClient::connect(path, Duration::from_secs(10)).expect("still serving");
+            let r = c.call(&Request::Status).expect("STATUS answered");
+            *kept = Some(c);
+            r
+        }
+    };
+    match reply {
         Reply::Status(st) => {
             assert!(st.generation.0 <= MAX_REQUEST_NUMBER);
             assert!(st.open_epoch <= Epoch(MAX_REQUEST_NUMBER + 1));
