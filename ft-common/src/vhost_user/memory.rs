@@ -500,6 +500,28 @@ mod tests {
     }
 
     #[test]
+    fn mappings_beyond_the_file_are_refused() {
+        let f = memfd(0x2000);
+        assert!(check_file_covers(&f, 0, 0x2000).is_ok());
+        assert!(check_file_covers(&f, 0x1000, 0x1000).is_ok());
+        assert!(check_file_covers(&f, 0x1000, 0x1001).is_err());
+        assert!(check_file_covers(&f, 0x3000, 0).is_err());
+        assert!(check_file_covers(&f, u64::MAX, 2).is_err());
+        let log = Arc::new(DirtyLog::default());
+        let mut map = MemoryMap::new(sigbus::ConnId::next());
+        // A region whose offset pushes it past the end of its file.
+        assert!(map
+            .add_region(&log, 0x10_0000, 0x2000, 0x7000_0000, 0x1000, memfd(0x2000))
+            .is_err());
+        assert!(map
+            .add_region(&log, 0x10_0000, 0x1000, 0x7000_0000, 0x1000, memfd(0x2000))
+            .is_ok());
+        assert!(log
+            .set_base(&memfd(0x1000), 0x1000, 0x1000, sigbus::ConnId::next())
+            .is_err());
+    }
+
+    #[test]
     fn writes_through_vm_memory_mark_log_pages_and_va_translates() {
         let log = Arc::new(DirtyLog::default());
         let mut map = MemoryMap::new(sigbus::ConnId::next());

@@ -219,7 +219,10 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
             if p != libc::MAP_FAILED {
                 // One entry per connection (its first fault): a frontend faulting on many pages
                 // must not push other connections out of the log.
-                if !FAULTS.iter().any(|(c, _)| c.load(Ordering::Acquire) == conn) {
+                if !FAULTS
+                    .iter()
+                    .any(|(c, _)| c.load(Ordering::Acquire) == conn)
+                {
                     // The index is reserved first, so two threads faulting at once use two
                     // entries.
                     let n = FAULT_COUNT.fetch_add(1, Ordering::AcqRel);
