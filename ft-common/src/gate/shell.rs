@@ -271,4 +271,135 @@ mod tests {
         assert!(matches!(g.handle(commit(1)), Reply::Committed { .. }));
         assert_eq!(g.with_device(|d| d.released.clone()), vec![1]);
     }
+
+    #[derive(Clone, Debug)]
+    enum Cmd {
+        Push(usize),
+        /// Generation offset (-1, 0, +1 from the newest), epoch offset from the last sealed.
+        Seal(i64, i64),
+        Commit(i64, i64),
+        Abort(i64),
+        Status,
+        TapFails(bool),
+    }
+
+    fn cmd() -> impl proptest::strategy::Strategy<Value = Cmd> {
+        use proptest::prelude::*;
+        prop_oneof![
+            6 => (0usize..2).prop_map(Cmd::Push),
+            4 => (-1i64..=1, -1i64..=2).prop_map(|(g, e)| Cmd::Seal(g, e)),
+            4 => (-1i64..=1, -2i64..=1).prop_map(|(g, e)| Cmd::Commit(g, e)),
+            1 => (-1i64..=1).prop_map(Cmd::Abort),
+            2 => Just(Cmd::Status),
+            1 => any::<bool>().prop_map(Cmd::TapFails),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Random commands against the gate over a two-queue device: the fence refuses every
+        /// older generation before the device sees it, a retried SEAL gets the very first
+        /// record without a second seal, nothing of an epoch above the committed one is
+        /// released, STATUS epochs never go back and its counters match the replies, and
+        /// under `stop` nothing commits after a failed commit.
+        #[test]
+        fn gate_rules_hold_for_any_command_sequence(
+            stop in proptest::bool::ANY,
+            cmds in proptest::collection::vec(cmd(), 1..120),
+        ) {
+            use proptest::prelude::*;
+            let policy = if stop { OnCommitError::Stop } else { OnCommitError::Report };
+            let g = gate(policy);
+            let mut newest = 0u64;
+            let mut last_sealed: Option<(Epoch, Reply)> = None;
+            let (mut ok, mut failed) = (0u64, 0u64);
+            let (mut open, mut committed) = (Epoch(1), None);
+            for c in cmds {
+                let gen_of = |d: i64| newest.saturating_add_signed(d);
+                let before = g.with_device(|d| (d.seals, d.released.len()));
+                let (req, gen) = match c {
+                    Cmd::Push(q) => {
+                        g.with_device(|d| {
+                            let e = d.q[q].open_epoch().0;
+                            let _ = d.q[q].push(e, 1);
+                        });
+                        continue;
+                    }
+                    Cmd::TapFails(f) => {
+                        g.with_device(|d| d.refuse_tap = f);
+                        continue;
+                    }
+                    Cmd::Status => (Request::Status, None),
+                    Cmd::Seal(gd, ed) => {
+                        let base = last_sealed.as_ref().map_or(0, |(e, _)| e.0);
+                        let epoch = Epoch(base.saturating_add_signed(ed).max(1));
+                        let gen = gen_of(gd);
+                        (Request::Seal { generation: Generation(gen), epoch }, Some(gen))
+                    }
+                    Cmd::Commit(gd, ed) => {
+                        let base = open.0.saturating_sub(1);
+                        let epoch = Epoch(base.saturating_add_signed(ed).max(1));
+                        let gen = gen_of(gd);
+                        (Request::Commit { generation: Generation(gen), epoch }, Some(gen))
+                    }
+                    Cmd::Abort(gd) => {
+                        let gen = gen_of(gd);
+                        (Request::Abort { generation: Generation(gen) }, Some(gen))
+                    }
+                };
+                let reply = g.handle(req.clone());
+                if let Some(gen) = gen {
+                    if gen < newest {
+                        prop_assert!(
+                            matches!(&reply, Reply::Error { code: ErrorCode::Fenced, .. }),
+                            "{req:?} -> {reply:?}"
+                        );
+                        prop_assert_eq!(g.with_device(|d| (d.seals, d.released.len())), before);
+                        continue;
+                    }
+                    newest = gen;
+                }
+                match (&req, &reply) {
+                    (Request::Seal { epoch, .. }, Reply::Sealed { .. }) => {
+                        match &last_sealed {
+                            Some((e, first)) if e == epoch => {
+                                prop_assert_eq!(first, &reply);
+                                prop_assert_eq!(g.with_device(|d| d.seals), before.0);
+                            }
+                            _ => last_sealed = Some((*epoch, reply.clone())),
+                        }
+                    }
+                    (Request::Commit { epoch, .. }, Reply::Committed { .. } | Reply::CommitFailed { .. }) => {
+                        if matches!(reply, Reply::Committed { .. }) {
+                            prop_assert!(!(stop && failed > 0), "committed after a failure under stop");
+                            ok += 1;
+                        } else {
+                            failed += 1;
+                        }
+                        let released = g.with_device(|d| d.released[before.1..].to_vec());
+                        prop_assert!(released.iter().all(|&e| e <= epoch.0), "{released:?} > {epoch}");
+                    }
+                    (Request::Seal { epoch, .. }, Reply::Error { .. }) => {
+                        prop_assert!(
+                            last_sealed.as_ref().is_none_or(|(e, _)| e != epoch),
+                            "a retried SEAL {epoch} refused: {reply:?}"
+                        );
+                    }
+                    (Request::Commit { .. }, Reply::Error { code, .. }) => {
+                        if stop && failed > 0 {
+                            prop_assert_eq!(*code, ErrorCode::CommitRefused);
+                        }
+                    }
+                    (Request::Abort { .. }, Reply::Aborted { .. }) => last_sealed = None,
+                    (Request::Status, Reply::Status(s)) => {
+                        prop_assert!(s.open_epoch >= open && s.last_committed >= committed);
+                        prop_assert_eq!((s.commits_ok, s.commits_failed), (ok, failed));
+                        open = s.open_epoch;
+                        committed = s.last_committed;
+                    }
+                    (_, Reply::Error { .. }) => {}
+                    (r, a) => prop_assert!(false, "{r:?} answered {a:?}"),
+                }
+            }
+        }
+    }
 }
