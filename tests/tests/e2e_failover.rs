@@ -12,6 +12,11 @@
 //! reached the image or the tap (image hash, the tap's RX counter and a packet socket on the
 //! tap, as in tests/tests/e2e_gating.rs): output of unacknowledged epochs never left.
 //!
+//! With local images (`two_kill_points_on_local_images`, issue "Shared-nothing"): the
+//! standby's image is its own file, fed only by disk replication (`--replicate-to` to the
+//! replica service in `ft-standby`). At the kill the replica's image must equal the primary's;
+//! the primary's image is then moved away, and the takeover runs on the replica's image.
+//!
 //! One network namespace per test; the tap is persistent (`ip tuntap add ... vnet_hdr`), so it
 //! survives the primary's net daemon and the standby's daemon attaches to the same one.
 
@@ -41,6 +46,8 @@ const GUEST_IP: &str = "10.97.0.2";
 const ECHO_PORT: u16 = 7000;
 const STOP_PORT: u16 = 7001;
 const GUEST_MEM_MB: u32 = 320;
+/// The replica service's address (inside the test's own network namespace).
+const REPLICA_ADDR: &str = "tcp:127.0.0.1:27201";
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -113,6 +120,8 @@ struct Primary {
 struct Rig {
     scratch: ScratchDir,
     disk: PathBuf,
+    /// The standby's own image, fed by replication (None: shared storage).
+    replica: Option<PathBuf>,
     detached: Detached,
     /// The first primary's daemons (owned: killed by pid, reaped on drop).
     _first: Vec<Backend>,
@@ -121,9 +130,18 @@ struct Rig {
 
 impl Rig {
     /// `rounds`: most fio rounds the guest runs (0: network only).
-    fn start(name: &str, image: &GuestImage, rounds: u32) -> (Rig, Primary) {
+    /// `replicate`: the primary's block daemon replicates to a replica image of its own (the
+    /// first protection's standby runs the replica service).
+    fn start(name: &str, image: &GuestImage, rounds: u32, replicate: bool) -> (Rig, Primary) {
         let scratch = ScratchDir::new(name).expect("scratch dir");
         let disk = scratch.raw_image("disk.raw", DISK_SIZE).expect("image");
+        // Same file name: the device name in SEALED records is the image's file name.
+        let replica = replicate.then(|| {
+            std::fs::create_dir(scratch.join("standby-host")).expect("standby dir");
+            scratch
+                .raw_image("standby-host/disk.raw", DISK_SIZE)
+                .expect("replica image")
+        });
         sh(&format!(
             "ip link set lo up && ip tuntap add dev {TAP} mode tap vnet_hdr && \
              ip addr add {HOST_IP}/24 dev {TAP} && ip link set {TAP} up"
@@ -145,6 +163,11 @@ impl Rig {
             ],
             s("blk.sock"),
         );
+        if replica.is_some() {
+            blk_cmd
+                .args
+                .extend(["--replicate-to".into(), REPLICA_ADDR.into()]);
+        }
         // The block daemon may stop mid-commit (kill point c) when the test arms it.
         blk_cmd.program = wrap_env(&mut blk_cmd.args, &blk_cmd.program, &blk_stop_env(&scratch));
         let blk = Backend::start(&blk_cmd, &s("blk.log"), Duration::from_secs(10))
@@ -199,6 +222,7 @@ impl Rig {
         let rig = Rig {
             scratch,
             disk,
+            replica,
             detached: Detached::default(),
             _first: vec![blk, net],
             first_guest: Some(guest),
@@ -437,17 +461,27 @@ impl Rig {
         let s = |x: &str| self.scratch.join(x);
         let store = s(&format!("store-{n}"));
         let standby_sock = s(&format!("standby-{n}.sock"));
+        let mut standby_cmd = BackendCommand::new(
+            binary("ft-common", "ft-standby"),
+            [
+                OsString::from("--listen"),
+                format!("unix:{}", standby_sock.display()).into(),
+                "--store".into(),
+                store.clone().into(),
+            ],
+            &standby_sock,
+        );
+        // Only the first primary replicates (a new primary would need an initial sync).
+        if let (0, Some(replica)) = (n, &self.replica) {
+            standby_cmd.args.extend([
+                "--replica-image".into(),
+                replica.clone().into(),
+                "--replica-listen".into(),
+                REPLICA_ADDR.into(),
+            ]);
+        }
         let standby = Backend::start(
-            &BackendCommand::new(
-                binary("ft-common", "ft-standby"),
-                [
-                    OsString::from("--listen"),
-                    format!("unix:{}", standby_sock.display()).into(),
-                    "--store".into(),
-                    store.clone().into(),
-                ],
-                &standby_sock,
-            ),
+            &standby_cmd,
             &s(&format!("standby-{n}.log")),
             Duration::from_secs(10),
         )
@@ -652,13 +686,13 @@ struct Row {
 /// Runs the chain: primary 0, then for each kill point: reach it, check nothing leaves while
 /// frozen, SIGKILL the primary, `ftctl takeover`, protect the new primary, check the stream and
 /// a fio round go on. Ends with the guest's verdict. Returns the table.
-fn run_chain(name: &str, points: &[KillPoint], rounds: u32) -> Vec<Row> {
+fn run_chain(name: &str, points: &[KillPoint], rounds: u32, replicate: bool) -> Vec<Row> {
     let image = guest_image();
     let points = points.to_vec();
     let name = name.to_owned();
     in_netns(move || {
         let started = Instant::now();
-        let (mut rig, mut primary) = Rig::start(&name, &image, rounds);
+        let (mut rig, mut primary) = Rig::start(&name, &image, rounds, replicate);
         let mut guest = rig.first_guest.take();
         let mut protection = rig.protect(0, &primary.qmp);
         rig.record_vm(&protection.store, &primary);
@@ -694,12 +728,38 @@ fn run_chain(name: &str, points: &[KillPoint], rounds: u32) -> Vec<Row> {
             // (a frozen one is let go: its half-written checkpoint is never published).
             let lost_at = rig.kill(&primary);
             sigkill(protection.coordinator.pid().expect("pid"));
+            if let (0, Some(replica)) = (i, rig.replica.clone()) {
+                // Everything committed or being committed is on both images: at (c) the epoch
+                // being committed was shipped before its local writes, so the replica gets it
+                // too (it is applying or has applied it); elsewhere nothing is in between.
+                // Then the primary's disk is lost for good.
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while image_hash(&rig.disk) != image_hash(&replica) {
+                    assert!(
+                        Instant::now() < deadline,
+                        "{}: the replica's image differs from the primary's",
+                        point.name()
+                    );
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                std::fs::rename(&rig.disk, rig.scratch.join("primary-disk.lost"))
+                    .expect("move the primary's image away");
+                // From now on the primary's disk is the replica's image.
+                rig.disk = replica;
+            }
             // SAFETY: our own child.
             unsafe { libc::kill(protection.standby.pid().expect("pid") as i32, libc::SIGCONT) };
             if let Some(g) = guest.take() {
                 first_console = g.wait().map(|o| o.serial).unwrap_or_default();
             }
             let (next, report) = rig.takeover(&protection.store, i + 1, lost_at);
+            if let (0, Some(replica)) = (i, &rig.replica) {
+                assert_eq!(
+                    report["replica_image"].as_str().map(PathBuf::from),
+                    Some(std::fs::canonicalize(replica).expect("replica path")),
+                    "the takeover did not run on the replica's image: {report:#}"
+                );
+            }
             drop(protection);
             primary = next;
             let serial = primary.serial.clone().expect("serial");
@@ -787,7 +847,7 @@ fn print_table(rows: &[Row]) {
 #[test]
 fn takeover_keeps_the_guests_tcp_stream() {
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let rows = run_chain("fo-net", &[KillPoint::Idle], 0);
+    let rows = run_chain("fo-net", &[KillPoint::Idle], 0, false);
     assert_eq!(rows[0].replayed, 0);
 }
 
@@ -795,8 +855,26 @@ fn takeover_keeps_the_guests_tcp_stream() {
 #[test]
 fn every_kill_point_once_in_a_chain_of_takeovers() {
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let rows = run_chain("fo-chain", &KillPoint::ALL, 1000);
+    let rows = run_chain("fo-chain", &KillPoint::ALL, 1000, false);
     assert_eq!(rows.len(), 4);
+}
+
+/// Shared-nothing: the standby's image is fed only by disk replication; the primary is killed
+/// mid-commit (c: the epoch shipped, its local writes drained, nothing completed towards the
+/// guest), the replica's image must equal the primary's, and the primary's image is moved away;
+/// the takeover runs on the replica's image, replays the outstanding requests over it, and
+/// fio's verify passes (then a takeover at (b) of the new primary, on the same image).
+#[test]
+fn two_kill_points_on_local_images() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let rows = run_chain(
+        "fo-replica",
+        &[KillPoint::MidCommit, KillPoint::BeforeCommit],
+        1000,
+        true,
+    );
+    assert_eq!(rows.len(), 2);
+    assert!(rows.iter().all(|r| r.fio == "PASS"));
 }
 
 /// `FT_SOAK_POINTS` (default 20) random kill points in one chain; run by
@@ -812,7 +890,7 @@ fn soak_random_kill_points() {
     let points: Vec<KillPoint> = (0..n)
         .map(|_| KillPoint::ALL[fastrand::usize(..KillPoint::ALL.len())])
         .collect();
-    let rows = run_chain("fo-soak", &points, 1000);
+    let rows = run_chain("fo-soak", &points, 1000, false);
     println!("SOAK TABLE");
     print_table(&rows);
 }
@@ -824,7 +902,7 @@ fn soak_random_kill_points() {
 fn demo_failover() {
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let started = Instant::now();
-    let rows = run_chain("fo-demo", &[KillPoint::BeforeCommit], 1000);
+    let rows = run_chain("fo-demo", &[KillPoint::BeforeCommit], 1000, false);
     let r = &rows[0];
     let cycle = &r.status["cycle"];
     let capture = &r.status["checkpointer"]["capture"];
