@@ -40,6 +40,10 @@ struct Rig {
 }
 
 fn rig() -> Rig {
+    rig_with(&[])
+}
+
+fn rig_with(extra: &[&str]) -> Rig {
     let replica_dir = tempfile::tempdir().expect("tempdir");
     let replica_img = replica_dir.path().join("disk.img");
     std::fs::File::create(&replica_img)
@@ -62,7 +66,8 @@ fn rig() -> Rig {
     let to = format!("tcp:{}", proxy.addr());
     let daemon = spawn(dir, img, true, T, |c| {
         c.args(["--ft", "hold", "--replicate-to", &to])
-            .args(["--replica-timeout-ms", &ACK_TIMEOUT_MS.to_string()]);
+            .args(["--replica-timeout-ms", &ACK_TIMEOUT_MS.to_string()])
+            .args(extra);
     });
     Rig {
         daemon,
@@ -286,4 +291,58 @@ fn every_committed_epoch_reaches_the_replica_in_order() {
     assert_eq!(stats.last_applied.map(|l| l.1), Some(Epoch(5)));
     let rs = status(&mut c).replica.unwrap();
     assert_eq!((rs.epochs_acked, rs.bytes_acked), (5, 5 * 4 * 4096));
+}
+
+/// Bounded memory while the replica does not answer: the epoch waiting for it is the only one
+/// taken; new writes fill the held queue up to its limit and then stay on the ring (not even
+/// popped), so nothing grows however long the outage lasts. Once the link is back everything
+/// completes and the images are equal.
+#[test]
+fn a_stalled_replica_gives_backpressure_not_buffering() {
+    let r = rig_with(&["--max-held-requests", "8"]);
+    let mut c = ControlClient::connect(&r.daemon.ctl, T).expect("control");
+    let mut f = session(&r.daemon);
+    let mut heads = Vec::new();
+    for i in 0..4u64 {
+        heads.push(write(&mut f, i * 8, &pattern(i as u8, 4096)));
+    }
+    f.kick(0);
+    wait_held(&mut c, 4);
+    r.proxy.cut();
+    assert!(matches!(seal_commit(&mut c, 1), Reply::CommitFailed { .. }));
+    // 40 more writes while the replica is unreachable: 8 are held, the rest wait on the ring.
+    for i in 4..44u64 {
+        heads.push(write(&mut f, i * 8, &pattern(i as u8, 4096)));
+    }
+    f.kick(0);
+    wait_held(&mut c, 8);
+    for e in 2..=4 {
+        assert!(matches!(seal_commit(&mut c, e), Reply::CommitFailed { .. }));
+        let st = status(&mut c);
+        assert_eq!(st.held_requests, 8, "held beyond the limit");
+        let rs = st.replica.expect("replica status");
+        assert_eq!(
+            rs.unacked_epoch,
+            Some(Epoch(1)),
+            "more than one epoch buffered"
+        );
+        assert_eq!(rs.unacked_bytes, 4 * 4096);
+    }
+    assert!(f.wait_used(0, 1, QUIET).is_empty());
+    r.proxy.pass();
+    // Epoch 5 takes epochs 1 (kept) and 2..=5 (the 8 held); the ring then refills the queue.
+    let mut e = 5;
+    let mut done = Vec::new();
+    let deadline = Instant::now() + T;
+    while done.len() < heads.len() {
+        assert!(Instant::now() < deadline, "only {} completed", done.len());
+        match seal_commit(&mut c, e) {
+            Reply::Committed { .. } => {}
+            r => panic!("commit {e}: {r:?}"),
+        }
+        done.extend(f.wait_used(0, heads.len() - done.len(), QUIET));
+        e += 1;
+    }
+    assert_eq!(done.len(), heads.len());
+    assert!(same_images(&r));
 }
