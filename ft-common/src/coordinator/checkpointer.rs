@@ -3,7 +3,8 @@
 //! benchmarks), `exec:CMD` (runs a command per checkpoint; exit 0 = acknowledged),
 //! `qmp:SOCK` (pauses and resumes QEMU over QMP around the seal; copies nothing) and
 //! `migrate:SOCK,standby=ADDR,...` (real checkpoints: QEMU migration to an `ft-standby`,
-//! acknowledged when durable there; see `migrate.rs`).
+//! acknowledged when durable there; see `migrate.rs`). `checkpointer_spec.rs` parses the
+//! `--checkpointer` argument and builds the one it names.
 //!
 //! Contract: after [`Checkpointer::start`] for epoch `E` the checkpointer reports, through its
 //! sink, `Captured E` once the VM may run again (the checkpoint is taken) and then exactly one
@@ -12,7 +13,6 @@
 //! for epochs it already gave up on (timeouts), so a late `Acked` can never commit anything.
 
 use super::cycle::Input;
-use super::migrate::{MigrateCheckpointer, MigrateOptions};
 use super::qmp::QmpClient;
 use crate::control::message::TransactionState;
 use crate::epoch::{Epoch, Generation};
@@ -56,61 +56,6 @@ pub trait Checkpointer: Send {
     fn start(&mut self, generation: Generation, epoch: Epoch, states: Vec<TransactionState>);
     /// Gives up on `epoch` (timed out): stop working on it if possible.
     fn cancel(&mut self, _epoch: Epoch) {}
-}
-
-/// A parsed `--checkpointer` argument.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum CheckpointerSpec {
-    Sim { ack_delay: Duration },
-    Exec { command: String },
-    Qmp { socket: PathBuf },
-    Migrate(MigrateOptions),
-}
-
-impl std::str::FromStr for CheckpointerSpec {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (kind, arg) = match s.split_once(':') {
-            Some((k, a)) => (k, Some(a)),
-            None => (s, None),
-        };
-        match (kind, arg) {
-            ("sim", None) => Ok(CheckpointerSpec::Sim {
-                ack_delay: Duration::ZERO,
-            }),
-            ("sim", Some(ms)) => ms
-                .parse::<u64>()
-                .map(|ms| CheckpointerSpec::Sim {
-                    ack_delay: Duration::from_millis(ms),
-                })
-                .map_err(|e| format!("sim:ACK_DELAY_MS: {e}")),
-            ("exec", Some(c)) if !c.trim().is_empty() => Ok(CheckpointerSpec::Exec {
-                command: c.to_string(),
-            }),
-            ("qmp", Some(p)) if !p.is_empty() => Ok(CheckpointerSpec::Qmp { socket: p.into() }),
-            ("migrate", Some(o)) => MigrateOptions::parse(o).map(CheckpointerSpec::Migrate),
-            _ => Err(format!(
-                "bad checkpointer {s:?}: expected sim[:ACK_DELAY_MS], exec:CMD, qmp:QMP_SOCKET \
-                 or migrate:QMP_SOCKET,standby=ADDR[,mode=live|paused]..."
-            )),
-        }
-    }
-}
-
-impl CheckpointerSpec {
-    /// Builds the checkpointer, reporting through `sink`.
-    pub fn build(&self, sink: Sink) -> Box<dyn Checkpointer> {
-        match self {
-            CheckpointerSpec::Sim { ack_delay } => Box::new(SimCheckpointer::new(*ack_delay, sink)),
-            CheckpointerSpec::Exec { command } => {
-                Box::new(ExecCheckpointer::new(command.clone(), sink))
-            }
-            CheckpointerSpec::Qmp { socket } => {
-                Box::new(QmpCheckpointer::new(socket.clone(), sink))
-            }
-            CheckpointerSpec::Migrate(o) => Box::new(MigrateCheckpointer::new(o.clone(), sink)),
-        }
-    }
 }
 
 /// Captures instantly and acknowledges `ack_delay` later (one timer thread, FIFO: the delay is
@@ -378,50 +323,6 @@ impl Checkpointer for QmpCheckpointer {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn specs_parse() {
-        assert_eq!(
-            "sim".parse::<CheckpointerSpec>().unwrap(),
-            CheckpointerSpec::Sim {
-                ack_delay: Duration::ZERO
-            }
-        );
-        assert_eq!(
-            "sim:5".parse::<CheckpointerSpec>().unwrap(),
-            CheckpointerSpec::Sim {
-                ack_delay: Duration::from_millis(5)
-            }
-        );
-        assert_eq!(
-            "exec:true".parse::<CheckpointerSpec>().unwrap(),
-            CheckpointerSpec::Exec {
-                command: "true".into()
-            }
-        );
-        assert!(matches!(
-            "qmp:/run/q.sock".parse::<CheckpointerSpec>().unwrap(),
-            CheckpointerSpec::Qmp { .. }
-        ));
-        assert!(matches!(
-            "migrate:/run/q.sock,standby=unix:/run/s.sock"
-                .parse::<CheckpointerSpec>()
-                .unwrap(),
-            CheckpointerSpec::Migrate(_)
-        ));
-        for bad in [
-            "",
-            "sim:x",
-            "exec:",
-            "exec",
-            "qmp:",
-            "remus:1",
-            "migrate:",
-            "migrate:/q",
-        ] {
-            assert!(bad.parse::<CheckpointerSpec>().is_err(), "{bad}");
-        }
-    }
 
     fn collect() -> (Sink, mpsc::Receiver<Input>) {
         let (tx, rx) = mpsc::channel();

@@ -8,7 +8,8 @@
 //! - [`handle`]: operator requests ([`Op`]) and the [`CoordinatorHandle`] that sends them.
 //! - [`device_link`]: one thread per daemon control connection.
 //! - [`checkpointer`]: `sim`, `exec:CMD`, `qmp:SOCK` and [`migrate`] (`migrate:SOCK,standby=ADDR`:
-//!   real checkpoints to an `ft-standby`) behind one trait; [`qmp`]: QMP client.
+//!   real checkpoints to an `ft-standby`) behind one trait; [`checkpointer_spec`]: the
+//!   `--checkpointer` argument, which builds one of them; [`qmp`]: QMP client.
 //! - [`generation_store`]: the persisted fencing generation.
 //! - [`api`]: the `ftctl` socket; [`metrics`]: Prometheus text over HTTP on loopback;
 //!   [`telemetry`]: latency histograms and counters.
@@ -19,6 +20,7 @@
 
 pub mod api;
 pub mod checkpointer;
+pub mod checkpointer_spec;
 pub mod cycle;
 pub mod device_link;
 pub mod generation_store;
@@ -29,7 +31,8 @@ pub mod qmp;
 pub mod runtime;
 pub mod telemetry;
 
-pub use checkpointer::{Checkpointer, CheckpointerSpec};
+pub use checkpointer::Checkpointer;
+pub use checkpointer_spec::CheckpointerSpec;
 pub use cycle::{CycleConfig, FailurePolicy};
 pub use device_link::LinkConfig;
 pub use handle::{CoordinatorHandle, Op};

@@ -10,7 +10,8 @@
 //! order, so COMMITs reach every daemon in epoch order.
 
 use super::api::ApiServer;
-use super::checkpointer::{Checkpointer, CheckpointerSpec};
+use super::checkpointer::Checkpointer;
+use super::checkpointer_spec::CheckpointerSpec;
 use super::cycle::{Action, Cycle, CycleConfig, Event, Input};
 use super::device_link::{DeviceLink, LinkCmd, LinkConfig, LinkRequester, LinkSink};
 use super::generation_store::GenerationStore;
