@@ -2,8 +2,9 @@
 # SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Idempotent, non-interactive host setup for the ft-vhost test suite (Debian 12).
 #
-# Installs QEMU (TCG guests + qemu-storage-daemon), fio, iperf3, busybox-static and the small
-# tools the guest image builder needs, and builds the QEMU 10 tree (Debian 13, once, cached;
+# Installs QEMU (TCG guests + qemu-storage-daemon), fio, iperf3, busybox-static, etcd (the
+# arbitration tests start their own on loopback), protoc for the etcd client's build and the
+# small tools the guest image builder needs, and builds the QEMU 10 tree (Debian 13, once, cached;
 # scripts/qemu10-root.sh). A second run checks with dpkg-query only: no apt calls,
 # no output. Works as root (CI) or through sudo.
 set -euo pipefail
@@ -21,6 +22,8 @@ PACKAGES=(
     fio iperf3 busybox-static iproute2 strace
     cpio gzip xz-utils zstd kmod # initramfs building, module decompression
     linux-perf                   # kernel-side check that FLUSH/COMMIT reach fdatasync
+    etcd-server etcd-client      # lease arbitration: tests run their own etcd; etcdctl for operators
+    protobuf-compiler libprotobuf-dev # protoc and its well-known types: the etcd-client crate's build
 )
 
 # Other helpers may run apt at the same time on a shared machine: wait for the lock.

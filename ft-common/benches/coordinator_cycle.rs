@@ -62,6 +62,7 @@ fn run(row: &Row, secs: f64) -> serde_json::Value {
         state_file: dir.join("state"),
         api: None,
         metrics: None,
+        claim: None,
     };
     let stop = Arc::new(AtomicBool::new(false));
     let traffic = row.traffic.then(|| {

@@ -15,6 +15,8 @@
 //!   commits in epoch order (binaries `ft-coordinator` and `ftctl`).
 //! - [`replica`]: disk replication to the standby's own image, one acknowledged epoch at a
 //!   time (`vhost-user-blk-ft --replicate-to`, `ft-standby --replica-image`).
+//! - [`arbiter`]: arbitration of the primary role on etcd (a leased key per VM, the commit
+//!   deadline, the generation stored in etcd).
 //! - [`standby`]: the checkpoint store and the standby process that receives checkpoints
 //!   (binary `ft-standby`).
 //!
@@ -22,6 +24,7 @@
 //! than the last committed one reaches the backing file or the tap.
 
 pub mod aiocb;
+pub mod arbiter;
 pub mod control;
 pub mod coordinator;
 pub mod durable;

@@ -7,6 +7,7 @@ use ft_common::control::codec::{
     encode, encode_into, read_message, CodecError, FrameDecoder, HEADER_LEN, MAX_FRAME_LEN,
     PROTOCOL_VERSION,
 };
+use ft_common::control::deadline::MonotonicTime;
 use ft_common::control::message::*;
 use ft_common::epoch::{Epoch, Generation};
 use proptest::prelude::*;
@@ -117,8 +118,16 @@ fn status() -> impl Strategy<Value = DeviceStatus> {
 fn request() -> impl Strategy<Value = Request> {
     prop_oneof![
         (generation(), epoch()).prop_map(|(generation, epoch)| Request::Seal { generation, epoch }),
-        (generation(), epoch())
-            .prop_map(|(generation, epoch)| Request::Commit { generation, epoch }),
+        (
+            generation(),
+            epoch(),
+            proptest::option::of(any::<u64>().prop_map(MonotonicTime))
+        )
+            .prop_map(|(generation, epoch, deadline)| Request::Commit {
+                generation,
+                epoch,
+                deadline
+            }),
         generation().prop_map(|generation| Request::Abort { generation }),
         generation().prop_map(|generation| Request::Announce { generation }),
         (generation(), txstate())

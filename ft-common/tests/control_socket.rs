@@ -162,6 +162,7 @@ fn requests_get_their_replies_and_rules_are_enforced() {
     let commit = |g, e| Request::Commit {
         generation: gen(g),
         epoch: Epoch(e),
+        deadline: None,
     };
 
     assert!(matches!(
@@ -411,6 +412,7 @@ fn a_new_coordinator_fences_an_attached_old_one_and_slots_are_bounded() {
     let commit = Request::Commit {
         generation: gen(1),
         epoch: Epoch(1),
+        deadline: None,
     };
     assert_eq!(code(old.call(&commit).unwrap()), ErrorCode::Fenced);
 
@@ -586,6 +588,7 @@ fn numbers_beyond_the_protocol_bound_are_refused_without_effect() {
         Request::Commit {
             generation: gen(1),
             epoch: Epoch(u64::MAX),
+            deadline: None,
         },
     ] {
         match c.call(&req).unwrap() {
@@ -723,11 +726,13 @@ fn fan_out_and_pipelining_keep_replies_in_order() {
     c1.send(&Request::Commit {
         generation: gen(1),
         epoch: Epoch(5),
+        deadline: None,
     })
     .unwrap();
     c1.send(&Request::Commit {
         generation: gen(1),
         epoch: Epoch(5),
+        deadline: None,
     })
     .unwrap();
     c1.send(&Request::Status).unwrap();
@@ -782,6 +787,7 @@ mod through_the_socket {
                     1 => Request::Commit {
                         generation: Generation(g),
                         epoch: Epoch(e),
+                        deadline: None,
                     },
                     2 => Request::Abort {
                         generation: Generation(g),

@@ -287,6 +287,7 @@ fn ftctl_abort_deposes_and_fences_the_older_coordinator() {
             .call(&Request::Commit {
                 generation: Generation(1),
                 epoch: Epoch(2),
+                deadline: None,
             })
             .unwrap();
         assert!(

@@ -192,7 +192,11 @@ fn round(
         |_| {},
         |r| matches!(r, Reply::Sealed { epoch: e, .. } if *e == epoch),
     )?;
-    let commit = Request::Commit { generation, epoch };
+    let commit = Request::Commit {
+        generation,
+        epoch,
+        deadline: None,
+    };
     let mut released = (0, 0);
     fan_out(
         daemons,

@@ -254,6 +254,7 @@ fn guest_fio_verify_with_output_commit() {
                     .call(&Request::Commit {
                         generation: g,
                         epoch: Epoch(e),
+                        deadline: None,
                     })
                     .expect("commit")
                 {

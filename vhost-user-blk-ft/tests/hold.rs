@@ -87,6 +87,7 @@ fn commit(c: &mut ControlClient, e: u64) -> Reply {
     c.call(&Request::Commit {
         generation: G,
         epoch: Epoch(e),
+        deadline: None,
     })
     .expect("commit")
 }
@@ -828,6 +829,7 @@ fn shutdown_cancels_a_running_commit() {
     c.send(&Request::Commit {
         generation: G,
         epoch: Epoch(1),
+        deadline: None,
     })
     .expect("send commit");
     std::thread::sleep(Duration::from_millis(50));

@@ -89,6 +89,7 @@ fn commit_held(d: &Daemon, n: u64, epoch: u64) {
         .call(&Request::Commit {
             generation: g,
             epoch: Epoch(epoch),
+            deadline: None,
         })
         .expect("commit");
     assert!(matches!(r, Reply::Committed { .. }), "{r:?}");

@@ -168,6 +168,7 @@ fn commit_g(c: &mut ControlClient, g: u64, e: u64) {
         .call(&Request::Commit {
             generation: Generation(g),
             epoch: Epoch(e),
+            deadline: None,
         })
         .expect("commit")
     {

@@ -109,6 +109,7 @@ fn seal_commit(c: &mut ControlClient, e: u64) -> Reply {
         Request::Commit {
             generation: G,
             epoch: Epoch(e),
+            deadline: None,
         },
     )
 }
@@ -119,6 +120,7 @@ fn commit(c: &mut ControlClient, e: u64) -> Reply {
         Request::Commit {
             generation: G,
             epoch: Epoch(e),
+            deadline: None,
         },
     )
 }

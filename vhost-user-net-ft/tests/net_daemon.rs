@@ -285,6 +285,7 @@ fn seal_commit(c: &mut ControlClient, e: u64) -> Reply {
         Request::Commit {
             generation: G,
             epoch: Epoch(e),
+            deadline: None,
         },
     )
 }
@@ -378,6 +379,7 @@ fn hold_gates_tx_until_commit_and_abort_discards() {
             Request::Commit {
                 generation: G,
                 epoch: Epoch(2),
+                deadline: None,
             },
         ) {
             Reply::Error { code, .. } => assert_eq!(code, ErrorCode::Aborted),
@@ -882,6 +884,7 @@ fn a_failed_io_uring_submit_sends_nothing_of_a_later_epoch() {
             Request::Commit {
                 generation: G,
                 epoch: Epoch(2),
+                deadline: None,
             },
         ) {
             Reply::Committed { .. } => {}
@@ -988,6 +991,7 @@ fn a_panic_in_commit_fails_that_command_and_loses_nothing() {
             Request::Commit {
                 generation: G,
                 epoch: Epoch(1),
+                deadline: None,
             },
         ) {
             Reply::Committed { stats, .. } => assert_eq!(stats.requests, 3),
@@ -1157,6 +1161,7 @@ fn restored_vm_carries_on_with_a_new_daemon() {
                 Request::Commit {
                     generation: G,
                     epoch: Epoch(1),
+                    deadline: None,
                 },
             ),
             Reply::Committed { .. }
@@ -1202,6 +1207,7 @@ fn restored_vm_carries_on_with_a_new_daemon() {
                 Request::Commit {
                     generation: G,
                     epoch: Epoch(1),
+                    deadline: None,
                 },
             ),
             Reply::Committed { .. }

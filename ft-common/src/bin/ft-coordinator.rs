@@ -3,12 +3,14 @@
 //! checkpoint, COMMIT) so no output leaves the primary before its checkpoint is acknowledged.
 
 use clap::{Parser, ValueEnum};
+use ft_common::arbiter::{self, ArbiterConfig, Claim};
 use ft_common::coordinator::{
     CheckpointerSpec, Coordinator, CoordinatorConfig, CycleConfig, DeviceSpec, FailurePolicy,
     LinkConfig,
 };
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -62,11 +64,31 @@ struct Args {
     /// Prometheus endpoint, a loopback address such as 127.0.0.1:9464.
     #[arg(long)]
     metrics: Option<SocketAddr>,
+    /// etcd endpoints HOST:PORT[,...]: hold the VM's key under a lease before protecting it,
+    /// send every COMMIT with the lease's deadline, keep the generation in etcd too.
+    #[arg(long, requires = "vm_key")]
+    etcd: Option<String>,
+    /// The protected VM's name: the etcd key /ft-vhost/vm/NAME/primary.
+    #[arg(long, requires = "etcd")]
+    vm_key: Option<String>,
+    /// Lease TTL (whole seconds; etcd may grant more).
+    #[arg(long, default_value = "2s", value_parser = ft_common::arbiter::parse_duration)]
+    lease_ttl: Duration,
+    /// Commit deadline = lease renewal + TTL - margin; the margin must exceed the longest
+    /// commit plus the clock-rate error over one TTL. Default: a quarter of the TTL.
+    #[arg(long, value_parser = ft_common::arbiter::parse_duration)]
+    lease_margin: Option<Duration>,
 }
 
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let a = Args::parse();
+    // The key is acquired before the signals are blocked: while waiting for it, SIGTERM ends
+    // the process (its etcd thread blocks them for itself).
+    let claim = match (&a.etcd, &a.vm_key) {
+        (Some(etcd), Some(vm)) => Some(Arc::new(acquire(etcd, vm, a.lease_ttl, a.lease_margin))),
+        _ => None,
+    };
     // Block SIGINT/SIGTERM before any thread starts so only sigwait below sees them.
     // SAFETY: plain libc signal-mask calls on a zeroed, initialised sigset_t.
     let set = unsafe {
@@ -104,6 +126,7 @@ fn main() {
         state_file: a.state_file,
         api: a.api,
         metrics: a.metrics,
+        claim,
     };
     let c = match Coordinator::start(cfg) {
         Ok(c) => c,
@@ -120,4 +143,22 @@ fn main() {
     unsafe { libc::sigwait(&set, &mut sig) };
     log::info!("signal {sig}: shutting down");
     c.shutdown();
+}
+
+/// Connects to etcd and waits until this coordinator holds the VM's key; exits on bad flags or
+/// an unreachable etcd.
+fn acquire(etcd: &str, vm: &str, ttl: Duration, margin: Option<Duration>) -> Claim {
+    let fail = |e: String| -> ! {
+        eprintln!("ft-coordinator: {e}");
+        std::process::exit(1)
+    };
+    let endpoints = arbiter::parse_endpoints(etcd).unwrap_or_else(|e| fail(e));
+    let mut cfg = ArbiterConfig::new(
+        endpoints,
+        vm.to_string(),
+        arbiter::holder_name("ft-coordinator"),
+    );
+    cfg.ttl = ttl;
+    cfg.margin = margin.unwrap_or(ttl / 4);
+    Claim::acquire(&cfg, None).unwrap_or_else(|e| fail(e.to_string()))
 }

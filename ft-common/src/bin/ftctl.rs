@@ -4,6 +4,7 @@
 //! (on the standby, when the primary is lost).
 
 use clap::{Parser, Subcommand};
+use ft_common::arbiter::{self, ArbiterConfig};
 use ft_common::coordinator::{DeviceSpec, Op};
 use ft_common::takeover::{takeover, TakeoverConfig, VmRecord};
 use std::path::PathBuf;
@@ -69,6 +70,20 @@ enum Cmd {
         /// When the primary was lost, ms since the Unix epoch: the downtime is reported.
         #[arg(long)]
         lost_at_unix_ms: Option<u64>,
+        /// etcd endpoints HOST:PORT[,...]: take over only once the VM's key is acquired (the
+        /// old primary's lease expired or was revoked by `ftctl abort`), with a generation
+        /// above every one written there.
+        #[arg(long, requires = "vm_key")]
+        etcd: Option<String>,
+        /// The VM's name, as given to its coordinator's --vm-key.
+        #[arg(long, requires = "etcd")]
+        vm_key: Option<String>,
+        /// Lease TTL of the takeover's own claim on the key.
+        #[arg(long, default_value = "2s", value_parser = ft_common::arbiter::parse_duration)]
+        lease_ttl: Duration,
+        /// How long to wait for the key, ms.
+        #[arg(long, default_value_t = 30_000)]
+        etcd_wait_ms: u64,
     },
 }
 
@@ -105,6 +120,10 @@ fn main() {
             serial_log,
             timeout_ms,
             lost_at_unix_ms,
+            etcd,
+            vm_key,
+            lease_ttl,
+            etcd_wait_ms,
         } => {
             env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
                 .init();
@@ -118,6 +137,14 @@ fn main() {
                 serial_log,
                 timeout: Duration::from_millis(timeout_ms.max(1)),
                 lost_at: lost_at_unix_ms.map(|ms| UNIX_EPOCH + Duration::from_millis(ms)),
+                arbiter: etcd.zip(vm_key).map(|(e, vm)| {
+                    let eps = arbiter::parse_endpoints(&e).unwrap_or_else(|e| fail("takeover", e));
+                    let mut c = ArbiterConfig::new(eps, vm, arbiter::holder_name("ftctl takeover"));
+                    c.ttl = lease_ttl;
+                    c.margin = lease_ttl / 4;
+                    c
+                }),
+                arbiter_wait: Duration::from_millis(etcd_wait_ms),
             };
             let started = SystemTime::now();
             let out = takeover(&cfg).unwrap_or_else(|e| fail("takeover", e));

@@ -210,7 +210,11 @@ mod tests {
                 let (generation, epoch) = (Generation(g % (1 << 54)), Epoch(e % (1 << 54)));
                 let req = match k {
                     0 => Request::Seal { generation, epoch },
-                    1 => Request::Commit { generation, epoch },
+                    1 => Request::Commit {
+                        generation,
+                        epoch,
+                        deadline: None,
+                    },
                     2 => Request::Abort { generation },
                     _ => Request::Status,
                 };

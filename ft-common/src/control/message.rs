@@ -14,6 +14,7 @@
 //! Invariant served here (ARCHITECTURE.md section 6): every command that can release or cancel
 //! output carries the coordinator's [`Generation`], so a daemon can fence a deposed coordinator.
 
+use super::deadline::MonotonicTime;
 use crate::epoch::{Epoch, Generation};
 use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 
@@ -32,6 +33,11 @@ pub enum Request {
     Commit {
         generation: Generation,
         epoch: Epoch,
+        /// Lease arbitration (`ft-coordinator --etcd`): the commit may start only until this
+        /// point of the host's `CLOCK_MONOTONIC` (microseconds), else `DEADLINE_PASSED`.
+        /// Absent: no limit (coordinators without etcd, and older ones).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        deadline: Option<MonotonicTime>,
     },
     /// This primary is deposed: cancel every held request of uncommitted epochs.
     Abort { generation: Generation },
@@ -183,6 +189,9 @@ pub enum ErrorCode {
     /// A `REPLAY` record does not fit the device (queue out of range, a queue or head listed
     /// twice) or comes too late (a ring already ran).
     ReplayRefused,
+    /// `COMMIT` arrived after its `deadline` (the coordinator's etcd lease may have expired and
+    /// another host may be the primary): nothing was released.
+    DeadlinePassed,
     /// The daemon failed internally (a bug or an unexpected system error).
     Internal,
     /// A code this side does not know (sent by a newer peer).
@@ -427,6 +436,39 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("epoch"), "{e}");
+    }
+
+    #[test]
+    fn commit_deadline_is_optional_on_the_wire() {
+        // An older coordinator's COMMIT (no deadline) still decodes; without a deadline the
+        // field is not sent, so older daemons see the same bytes as before.
+        let old: Request =
+            serde_json::from_str(r#"{"type":"COMMIT","generation":2,"epoch":5}"#).unwrap();
+        let plain = Request::Commit {
+            generation: Generation(2),
+            epoch: Epoch(5),
+            deadline: None,
+        };
+        assert_eq!(old, plain);
+        assert_eq!(
+            serde_json::to_value(&plain).unwrap(),
+            json!({"type": "COMMIT", "generation": 2, "epoch": 5})
+        );
+        let with = Request::Commit {
+            generation: Generation(2),
+            epoch: Epoch(5),
+            deadline: Some(MonotonicTime(1_500_000)),
+        };
+        let v = serde_json::to_value(&with).unwrap();
+        assert_eq!(
+            v,
+            json!({"type": "COMMIT", "generation": 2, "epoch": 5, "deadline": 1_500_000})
+        );
+        assert_eq!(serde_json::from_value::<Request>(v).unwrap(), with);
+        assert_eq!(
+            serde_json::to_value(ErrorCode::DeadlinePassed).unwrap(),
+            "DEADLINE_PASSED"
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! - [`server`]: the daemon's control thread, its handler trait and the queue threads' notifier.
 //! - [`client`]: the coordinator's connection.
 //! - The handler both daemons run on it is the gate, [`crate::gate`].
+//! - [`deadline`]: `COMMIT`'s lease deadline (`CLOCK_MONOTONIC`) and the admission check.
 //! - `fuzzing`: entry points for fuzz targets of the codec and the server.
 //!
 //! Protocol invariants: one reply per request, in order; every fenced command carries a
@@ -15,6 +16,7 @@
 
 pub mod client;
 pub mod codec;
+pub mod deadline;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod message;

@@ -20,8 +20,9 @@
 //!    until the failure clears: under `stop-vm` when the operator resumes, under `continue` as
 //!    soon as every device is connected again. A `COMMIT_FAILED` the daemon reports and survives
 //!    (`--on-commit-error report`) is not a device failure: it is counted and the cycle goes on.
-//! 5. After an abort, or once a device answers `FENCED` (a newer coordinator took over), this
-//!    coordinator is deposed: nothing is sealed or committed again.
+//! 5. After an abort, once a device answers `FENCED` (a newer coordinator took over), or once
+//!    the etcd lease is lost (`LeaseLost`), this coordinator is deposed: nothing is sealed or
+//!    committed again.
 //! 6. `last_committed` / `epochs_committed` count only epochs every device committed.
 
 use crate::control::message::{CommitStats, TransactionState};
@@ -137,6 +138,11 @@ pub enum Input {
         device: DeviceId,
         error: String,
     },
+    /// The etcd lease on the primary's key is lost (`--etcd`): another host may acquire the
+    /// key and take over, so this coordinator is deposed.
+    LeaseLost {
+        error: String,
+    },
     DeviceLost {
         device: DeviceId,
         error: String,
@@ -203,6 +209,10 @@ pub enum Event {
     /// A newer coordinator fenced this one.
     Deposed {
         device: DeviceId,
+        error: String,
+    },
+    /// The etcd lease was lost: deposed.
+    LeaseLost {
         error: String,
     },
     DeviceFailed {
@@ -494,6 +504,7 @@ impl Cycle {
                 }
             }
             Input::Fenced { device, error } => self.fenced(device, error, out),
+            Input::LeaseLost { error } => self.lease_lost(error, out),
             Input::DeviceLost { device, error } => {
                 if let Some(d) = self.devices.get_mut(device) {
                     d.connected = false;
@@ -1028,6 +1039,24 @@ impl Cycle {
         self.halted = Some(format!(
             "deposed: device {device} answered FENCED ({error})"
         ));
+        self.device_halt = false;
+        self.depose(out);
+        if !self.vm_stopped {
+            self.vm_stopped = true;
+            out.push(Action::StopVm);
+        }
+    }
+
+    /// The etcd lease is gone: deposed like a fence, the VM stopped (the standby may take over
+    /// once the lease expires on etcd).
+    fn lease_lost(&mut self, error: String, out: &mut Vec<Action>) {
+        if self.deposed {
+            return;
+        }
+        out.push(Action::Report(Event::LeaseLost {
+            error: error.clone(),
+        }));
+        self.halted = Some(format!("deposed: etcd lease lost ({error})"));
         self.device_halt = false;
         self.depose(out);
         if !self.vm_stopped {

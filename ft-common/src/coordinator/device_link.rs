@@ -13,6 +13,7 @@
 //! - Commands are executed in the order sent, so COMMITs reach the daemon in epoch order.
 
 use super::cycle::{DeviceId, Input};
+use crate::control::deadline::MonotonicTime;
 use crate::control::message::{DeviceStatus, ErrorCode, Notification, Reply, Request};
 use crate::control::{ClientError, ControlClient};
 use crate::epoch::{Epoch, Generation};
@@ -56,7 +57,8 @@ impl Default for LinkConfig {
 #[derive(Debug)]
 pub enum LinkCmd {
     Seal(Generation, Epoch),
-    Commit(Generation, Epoch),
+    /// With the lease deadline of `--etcd` (`None` without).
+    Commit(Generation, Epoch, Option<MonotonicTime>),
     /// Operator requests, answered directly.
     Call(Request, Answer),
     Shutdown,
@@ -408,8 +410,12 @@ impl Worker {
                 };
                 (self.sink)(input);
             }
-            LinkCmd::Commit(generation, epoch) => {
-                let input = match self.call(&Request::Commit { generation, epoch }) {
+            LinkCmd::Commit(generation, epoch, deadline) => {
+                let input = match self.call(&Request::Commit {
+                    generation,
+                    epoch,
+                    deadline,
+                }) {
                     Call::NotConnected => Input::CommitFailed {
                         device,
                         epoch,

@@ -26,7 +26,8 @@ pub enum Op {
     Resume,
     /// Cut an epoch now.
     Checkpoint,
-    /// Depose this primary: ABORT to every device under a new, persisted generation.
+    /// Depose this primary: ABORT to every device under a new, persisted generation (and, with
+    /// --etcd, revoke the lease so the standby can take over at once).
     Abort,
     /// Gratuitous RARP from the net devices (after failover).
     Announce,

@@ -19,6 +19,7 @@ use super::handle::{CoordinatorHandle, Op};
 use super::handle::{Msg, OP_TIMEOUT};
 use super::metrics::{self, MetricsServer};
 use super::telemetry::Telemetry;
+use crate::arbiter::Claim;
 use crate::control::message::{Reply, Request};
 use crate::epoch::Generation;
 use serde_json::{json, Value};
@@ -61,6 +62,10 @@ pub struct CoordinatorConfig {
     pub state_file: PathBuf,
     pub api: Option<PathBuf>,
     pub metrics: Option<SocketAddr>,
+    /// `--etcd`: the primary's key, already held (see [`crate::arbiter`]). Then the generation
+    /// is also taken in etcd, every `COMMIT` carries the lease deadline, a lost lease deposes
+    /// the coordinator, and `ftctl abort` revokes the lease.
+    pub claim: Option<Arc<Claim>>,
 }
 
 /// A running coordinator.
@@ -87,12 +92,27 @@ impl Coordinator {
             metrics::check_loopback(a)?;
         }
         let store = GenerationStore::new(&cfg.state_file);
-        let generation = store.advance()?;
+        let (tx, rx) = mpsc::channel::<Msg>();
+        let generation = match &cfg.claim {
+            Some(claim) => {
+                let lost = Mutex::new(tx.clone());
+                claim.set_lost_hook(Box::new(move |error| {
+                    if let Ok(t) = lost.lock() {
+                        let _ = t.send(Msg::Input(Input::LeaseLost { error }));
+                    }
+                }));
+                // Above every generation ever written for this VM; refused if another host
+                // took it over since this host last held it.
+                claim
+                    .advance_generation(&store, Generation(0), true)
+                    .map_err(|e| io::Error::other(e.to_string()))?
+            }
+            None => store.advance()?,
+        };
         log::info!(
             "coordinator generation {generation} (persisted in {})",
             cfg.state_file.display()
         );
-        let (tx, rx) = mpsc::channel::<Msg>();
         let sink_tx = Mutex::new(tx.clone());
         let sink: LinkSink = Arc::new(move |i| {
             if let Ok(t) = sink_tx.lock() {
@@ -131,6 +151,7 @@ impl Coordinator {
             last_abort: None,
             call_timeout: cfg.link.call_timeout,
             acks,
+            claim: cfg.claim.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("ft-coordinator".into())
@@ -206,6 +227,7 @@ struct Shell {
     call_timeout: Duration,
     /// Whether an acknowledgement means a secondary holds the checkpoint, and why (not).
     acks: (bool, &'static str),
+    claim: Option<Arc<Claim>>,
 }
 
 /// Whether the checkpointer's acknowledgements mean that a secondary holds the checkpoint
@@ -324,8 +346,11 @@ impl Shell {
             } => {
                 // Failover tests freeze the coordinator here: acknowledged, not yet committed.
                 crate::killpoint::reached("before-commit");
+                // Read once per commit: every device gets the same deadline, and the daemons
+                // refuse to start it later (the lease may have passed to another host).
+                let deadline = self.claim.as_ref().map(|c| c.deadline());
                 for d in devices {
-                    self.send(d, LinkCmd::Commit(generation, epoch));
+                    self.send(d, LinkCmd::Commit(generation, epoch, deadline));
                 }
             }
             Action::AbortAll { generation } => self.abort_all(generation),
@@ -378,6 +403,9 @@ impl Shell {
                 name(device)
             ),
             Event::VmControlFailed { error } => log::error!("VM control failed: {error}"),
+            Event::LeaseLost { error } => {
+                log::error!("deposed: the etcd lease is lost, the VM is stopped: {error}")
+            }
         }
     }
 
@@ -446,7 +474,18 @@ impl Shell {
                     .store(g)
                     .map_err(|e| format!("cannot persist generation {g}: {e}"))?;
                 self.feed(Input::Abort { generation: g });
-                Ok(self.last_abort.take().unwrap_or(json!({"generation": g})))
+                let mut answer = self.last_abort.take().unwrap_or(json!({"generation": g}));
+                // Deposed: hand the key over at once instead of after the TTL.
+                if let Some(c) = &self.claim {
+                    answer["lease_revoked"] = match c.revoke() {
+                        Ok(()) => json!(true),
+                        Err(e) => {
+                            log::error!("cannot revoke the etcd lease: {e}");
+                            json!(e.to_string())
+                        }
+                    };
+                }
+                Ok(answer)
             }
             Op::Announce => {
                 let g = self.cycle.generation();
@@ -541,6 +580,7 @@ impl Shell {
                 "seal_to_commit": t.seal_to_commit.summary(),
             },
             "seal_failures": t.seal_failures,
+            "lease": self.claim.as_ref().map(|c| c.status()),
         })
     }
 }

@@ -10,6 +10,7 @@
 //! does not: epoch numbers (the device's transaction queues are their only truth).
 
 use super::{AbortDone, CommitDone, GateError, HeldView, Identity, Recovery};
+use crate::control::deadline::{check_commit_deadline_at, MonotonicTime};
 use crate::control::message::{
     CommitStats, DeviceStatus, ErrorCode, QueueState, Reply, Request, TransactionState,
 };
@@ -46,6 +47,9 @@ pub enum Step {
 /// The gate's own state. See the module docs.
 #[derive(Debug)]
 pub struct GateCore {
+    /// Read once per COMMIT with a lease deadline, at its admission: `CLOCK_MONOTONIC` unless
+    /// a test injects another ([`GateCore::with_clock`]).
+    clock: fn() -> MonotonicTime,
     id: Identity,
     fence: Fence,
     policy: OnCommitError,
@@ -60,6 +64,7 @@ pub struct GateCore {
 impl GateCore {
     pub fn new(id: Identity, fence: Fence, policy: OnCommitError) -> GateCore {
         GateCore {
+            clock: MonotonicTime::now,
             id,
             fence,
             policy,
@@ -69,6 +74,12 @@ impl GateCore {
             last_commit: None,
             last_sealed: None,
         }
+    }
+
+    /// The same core reading `clock` instead of `CLOCK_MONOTONIC` (tests of the deadline).
+    pub fn with_clock(mut self, clock: fn() -> MonotonicTime) -> GateCore {
+        self.clock = clock;
+        self
     }
 
     pub fn identity(&self) -> &Identity {
@@ -88,7 +99,9 @@ impl GateCore {
                 }),
                 _ => Step::Seal(epoch),
             },
-            Request::Commit { epoch, .. } => match self.admit_commit(epoch) {
+            Request::Commit {
+                epoch, deadline, ..
+            } => match self.admit_commit(epoch, deadline) {
                 Ok(()) => Step::Commit(epoch),
                 Err(refused) => Step::Answer(refused),
             },
@@ -116,14 +129,22 @@ impl GateCore {
 
     /// **The single place a COMMIT is admitted** before the device releases anything: the
     /// device's commit runs right after this returns `Ok`, with nothing in between. Every rule
-    /// about whether a commit may start at all (not after a failed commit under
-    /// `--on-commit-error stop`; later: not after the COMMIT's lease deadline) goes here.
-    pub fn admit_commit(&self, epoch: Epoch) -> Result<(), Reply> {
+    /// about whether a commit may start at all goes here: not after a failed commit under
+    /// `--on-commit-error stop`, and not after the COMMIT's lease deadline (`DEADLINE_PASSED`:
+    /// the coordinator's etcd lease may have passed to another host; the clock is read here,
+    /// after the fence, so no wait separates the check from the start).
+    pub fn admit_commit(&self, epoch: Epoch, deadline: Option<MonotonicTime>) -> Result<(), Reply> {
         if self.commit_refused {
             return Err(Reply::error(
                 ErrorCode::CommitRefused,
                 format!("commit {epoch}: an earlier commit failed and --on-commit-error is stop"),
             ));
+        }
+        if deadline.is_some() {
+            check_commit_deadline_at(deadline, (self.clock)()).map_err(|r| {
+                log::warn!("commit {epoch} refused: {r:?}");
+                r
+            })?;
         }
         Ok(())
     }
@@ -335,6 +356,7 @@ mod tests {
         Request::Commit {
             generation: Generation(g),
             epoch: Epoch(e),
+            deadline: None,
         }
     }
 
@@ -482,6 +504,34 @@ mod tests {
             code(&error_reply(GateError::Internal("gone".into()))),
             ErrorCode::Internal
         );
+    }
+
+    #[test]
+    fn a_commit_is_admitted_only_until_its_lease_deadline() {
+        let mut c = core(OnCommitError::Stop).with_clock(|| MonotonicTime(10_000_000));
+        let at = |g, e, d| Request::Commit {
+            generation: Generation(g),
+            epoch: Epoch(e),
+            deadline: Some(MonotonicTime(d)),
+        };
+        assert_eq!(c.step(at(1, 1, 10_000_000)), Step::Commit(Epoch(1)));
+        match c.step(at(1, 2, 9_999_999)) {
+            Step::Answer(r) => assert_eq!(code(&r), ErrorCode::DeadlinePassed),
+            s => panic!("{s:?}"),
+        }
+        // A refusal changes nothing: the next commit in time is admitted, and one without a
+        // deadline (no etcd) is never limited.
+        assert_eq!(c.step(at(1, 2, 20_000_000)), Step::Commit(Epoch(2)));
+        assert_eq!(c.step(commit(1, 3)), Step::Commit(Epoch(3)));
+        // The fence still comes first.
+        match c.step(at(0, 4, 0)) {
+            Step::Answer(r) => assert_eq!(code(&r), ErrorCode::Fenced),
+            s => panic!("{s:?}"),
+        }
+        // The real clock: a deadline one second ago is refused.
+        let mut real = core(OnCommitError::Stop);
+        let past = MonotonicTime::now().minus(Duration::from_secs(1)).0;
+        assert!(matches!(real.step(at(1, 1, past)), Step::Answer(_)));
     }
 
     #[test]

@@ -20,8 +20,9 @@
 //! 1. The fence is checked before anything else; a command of an older generation is refused
 //!    (`FENCED`) and reaches no device.
 //! 2. A COMMIT reaches the device only through [`GateCore::admit_commit`], the single place a
-//!    commit is admitted (after `--on-commit-error stop` refused further commits, nothing is
-//!    released); the device starts committing right after it.
+//!    commit is admitted (after `--on-commit-error stop` refused further commits, or after the
+//!    COMMIT's lease deadline, nothing is released); the device starts committing right after
+//!    it.
 //! 3. A device refusal ([`GateError::Refused`]) means the device changed nothing: a device with
 //!    several queues checks every queue before acting on any ([`TxCounters::check_seal`] and
 //!    [`TxCounters::check_commit`] are the one copy of the epoch rules), so no queue releases

@@ -211,6 +211,7 @@ mod tests {
         Request::Commit {
             generation: G,
             epoch: Epoch(e),
+            deadline: None,
         }
     }
 

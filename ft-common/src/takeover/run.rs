@@ -2,8 +2,11 @@
 //! The takeover itself, step by step (ARCHITECTURE.md section 5):
 //!
 //! 1. read the newest valid checkpoint and `vm.json` from the store (nothing changes yet);
-//! 2. take generation G+1 (above the state file's and the checkpoint's), persist it, and fence
-//!    the store with it (the deposed primary's checkpoints are refused from then on);
+//! 2. with `--etcd`: acquire the VM's primary key (wait until the old primary's lease expired
+//!    or was revoked); take generation G+1 (above the state file's, the checkpoint's and, with
+//!    etcd, every generation ever written there), persist it (and write it to etcd under the
+//!    key), and fence the store with it (the deposed primary's checkpoints are refused from
+//!    then on);
 //! 3. fence the old primary where reachable: `ABORT` with G+1 on every control socket given
 //!    (by default those recorded in `vm.json`); an unreachable daemon is reported, not an error;
 //!    With disk replication (`DIR/replica.json`), also wait until the replica service applies
@@ -16,7 +19,9 @@
 //! 6. `cont`: the guest runs (this instant is the end of the downtime);
 //! 7. `ANNOUNCE` with G+1 on each net daemon (QEMU also sends its own SEND_RARP).
 //!
-//! Invariants: the generation is durable before any command is sent (a crash after step 2 just
+//! Invariants: with etcd, nothing changes anywhere before the key is held (so a partitioned old
+//! primary can no longer start a commit: its lease is gone); the generation is durable before
+//! any command is sent (a crash after step 2 just
 //! makes the next takeover take G+2); the guest never runs before its state is completely
 //! loaded (`-S`, `cont` only after `completed`); the daemons have their replay records before
 //! QEMU connects, so the outstanding requests run before any new one. The daemons keep gating
@@ -28,6 +33,8 @@
 use super::checkpoint::{self, Checkpoint};
 use super::qemu_args::{flag_value, restore_args, without_flag};
 use super::vm_record::{DaemonRecord, VmRecord};
+use crate::arbiter::{ArbiterConfig, Claim};
+use crate::control::deadline::MonotonicTime;
 use crate::control::{ControlClient, DeviceKind, Reply, Request};
 use crate::coordinator::generation_store::GenerationStore;
 use crate::coordinator::qmp::QmpClient;
@@ -62,6 +69,26 @@ pub struct TakeoverConfig {
     pub timeout: Duration,
     /// When the primary was lost, to report the downtime (kill to running).
     pub lost_at: Option<SystemTime>,
+    /// `--etcd`: take over only once the VM's key is acquired, and take the generation above
+    /// every one written to etcd. The key is released (lease revoked) when the takeover ends,
+    /// for the new primary's coordinator to acquire.
+    pub arbiter: Option<ArbiterConfig>,
+    /// How long to wait for the key (the old lease's TTL plus etcd's expiry round suffices).
+    pub arbiter_wait: Duration,
+}
+
+/// What the etcd arbitration did.
+#[derive(Clone, Debug, Serialize)]
+pub struct ArbitrationOutcome {
+    pub key: String,
+    /// Waiting for the key (the old primary's lease to expire or be revoked).
+    pub waited_ms: f64,
+    /// When the key was acquired, `CLOCK_MONOTONIC` microseconds (to compare with the old
+    /// primary's commit deadline on the same host in tests).
+    pub acquired_at_monotonic_us: u64,
+    /// The VM's generation in etcd before this takeover.
+    pub previous_generation: Generation,
+    pub previous_writer: String,
 }
 
 /// Result of fencing one old daemon.
@@ -78,6 +105,8 @@ pub struct Fenced {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct StepTimes {
     pub read_store_ms: f64,
+    /// Waiting for and acquiring the etcd key (with `--etcd`).
+    pub arbitrate_ms: f64,
     pub generation_ms: f64,
     pub fence_ms: f64,
     pub daemons_ms: f64,
@@ -108,6 +137,8 @@ pub struct TakeoverOutcome {
     pub qmp: PathBuf,
     pub serial_log: PathBuf,
     pub announced_packets: u32,
+    /// With `--etcd`.
+    pub arbitration: Option<ArbitrationOutcome>,
     /// Wall clock when `cont` returned, ms since the Unix epoch.
     pub running_at_unix_ms: u128,
     /// From `lost_at` to the guest running, when `lost_at` was given.
@@ -125,6 +156,8 @@ pub enum TakeoverError {
     Start(String),
     #[error("restore: {0}")]
     Restore(String),
+    #[error("etcd: {0}")]
+    Arbiter(String),
 }
 
 fn ms(d: Duration) -> f64 {
@@ -135,7 +168,7 @@ fn ms(d: Duration) -> f64 {
 pub fn takeover(cfg: &TakeoverConfig) -> Result<TakeoverOutcome, TakeoverError> {
     let t0 = Instant::now();
     let mut times = StepTimes::default();
-    let mut ckpt = checkpoint::newest_valid(&cfg.store).map_err(TakeoverError::Store)?;
+    let ckpt = checkpoint::newest_valid(&cfg.store).map_err(TakeoverError::Store)?;
     let record = VmRecord::load(&cfg.store).map_err(|e| TakeoverError::Store(e.to_string()))?;
     times.read_store_ms = ms(t0.elapsed());
     log::info!(
@@ -146,19 +179,79 @@ pub fn takeover(cfg: &TakeoverConfig) -> Result<TakeoverOutcome, TakeoverError> 
     );
 
     let t = Instant::now();
+    let claim = match &cfg.arbiter {
+        Some(a) => {
+            log::info!("waiting for etcd key {}", a.primary_key());
+            let c = Claim::acquire(a, Some(cfg.arbiter_wait))
+                .map_err(|e| TakeoverError::Arbiter(e.to_string()))?;
+            let at = c.acquired_at();
+            log::info!(
+                "etcd: {} acquired after {:.0} ms (acquired_at_us={})",
+                a.primary_key(),
+                ms(t.elapsed()),
+                at.0
+            );
+            Some((c, at))
+        }
+        None => None,
+    };
+    times.arbitrate_ms = ms(t.elapsed());
+    let r = generation_and_rest(cfg, ckpt, &record, claim.as_ref(), t0, times);
+    if let Some((c, _)) = &claim {
+        // Released for the new primary's coordinator (which refuses to start on any other
+        // host now: etcd's generation is above theirs).
+        if let Err(e) = c.revoke() {
+            log::warn!("etcd: revoking the takeover's lease: {e} (it expires by itself)");
+        }
+    }
+    r
+}
+
+/// Steps 2 to 7, under the etcd key when there is one.
+fn generation_and_rest(
+    cfg: &TakeoverConfig,
+    mut ckpt: Checkpoint,
+    record: &VmRecord,
+    claim: Option<&(Claim, MonotonicTime)>,
+    t0: Instant,
+    mut times: StepTimes,
+) -> Result<TakeoverOutcome, TakeoverError> {
+    let t = Instant::now();
     let states = GenerationStore::new(&cfg.state_file);
-    let known = states.load().map_err(TakeoverError::Generation)?;
     let store = CheckpointStore::open(&cfg.store).map_err(TakeoverError::Generation)?;
     let fenced_at = store
         .fenced_generation()
         .map_err(TakeoverError::Generation)?;
-    let newest = known.0.max(ckpt.generation.0).max(fenced_at.0);
-    let generation = Generation(newest.checked_add(1).ok_or_else(|| {
-        TakeoverError::Generation(std::io::Error::other("generation numbers exhausted"))
-    })?);
-    states
-        .store(generation)
-        .map_err(TakeoverError::Generation)?;
+    let floor = Generation(ckpt.generation.0.max(fenced_at.0));
+    let (generation, arbitration) = match claim {
+        Some((c, acquired_at)) => {
+            let (previous_generation, previous_writer, _) = c
+                .read_generation()
+                .map_err(|e| TakeoverError::Arbiter(e.to_string()))?;
+            let generation = c
+                .advance_generation(&states, floor, false)
+                .map_err(|e| TakeoverError::Arbiter(e.to_string()))?;
+            let a = ArbitrationOutcome {
+                key: c.key(),
+                waited_ms: times.arbitrate_ms,
+                acquired_at_monotonic_us: acquired_at.0,
+                previous_generation,
+                previous_writer,
+            };
+            (generation, Some(a))
+        }
+        None => {
+            let known = states.load().map_err(TakeoverError::Generation)?;
+            let newest = known.0.max(floor.0);
+            let generation = Generation(newest.checked_add(1).ok_or_else(|| {
+                TakeoverError::Generation(std::io::Error::other("generation numbers exhausted"))
+            })?);
+            states
+                .store(generation)
+                .map_err(TakeoverError::Generation)?;
+            (generation, None)
+        }
+    };
     // The store refuses the deposed primary's checkpoints from now on.
     store.fence(generation).map_err(TakeoverError::Generation)?;
     // Disk replication: once the fence is written and the replica's apply lock taken, the
@@ -270,6 +363,7 @@ pub fn takeover(cfg: &TakeoverConfig) -> Result<TakeoverOutcome, TakeoverError> 
         qmp: qmp_path,
         serial_log,
         announced_packets,
+        arbitration,
         running_at_unix_ms: running_at
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis())

@@ -62,6 +62,7 @@ pub fn config(dir: &Path, devices: &[(&str, &Path)], ckpt: &str) -> CoordinatorC
         state_file: dir.join("coordinator.state"),
         api: Some(dir.join("api.sock")),
         metrics: None,
+        claim: None,
     }
 }
 
