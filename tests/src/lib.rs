@@ -9,6 +9,8 @@
 //!   and reads its verdict from the serial console.
 //! - [`acknowledger`]: a stand-in coordinator that seals and commits an epoch every interval on
 //!   daemon control sockets (guest net test, `ft-ack` for benchmarks).
+//! - [`etcd`]: a real etcd per test (loopback or a network namespace) and the namespaces of
+//!   the partition test.
 //! - [`netns`]: run a closure in a private network namespace (guest net and end-to-end tests).
 //! - [`proxy`]: a TCP proxy that freezes or cuts a link on command (replication fault tests).
 //! - [`stream`]: a numbered TCP byte stream through an echo server, checked byte for byte
@@ -16,6 +18,7 @@
 
 pub mod acknowledger;
 pub mod blk_client;
+pub mod etcd;
 pub mod frontend;
 pub mod guest;
 pub mod netns;

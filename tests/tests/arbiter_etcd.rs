@@ -1,0 +1,333 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Arbitration on a real etcd (started per test on loopback): one holder of a VM's key at a
+//! time, the next holder only after the previous one's commit deadline, generations above
+//! every one ever written; a block daemon refusing a COMMIT after its deadline over the real
+//! control protocol; and `ft-coordinator --etcd` committing under its lease, `ftctl abort`
+//! handing the key over at once, a stale host refused.
+//!
+//! The partition (a primary cut off from etcd) is tests/tests/partition_etcd.rs.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ft_common::arbiter::claim::ClaimError;
+use ft_common::arbiter::{ArbiterConfig, Claim};
+use ft_common::control::deadline::MonotonicTime;
+use ft_common::control::{ControlClient, ErrorCode, Reply, Request};
+use ft_common::coordinator::generation_store::GenerationStore;
+use ft_common::epoch::{Epoch, Generation};
+use ft_tests::blk_client::BlkClient;
+use ft_tests::etcd::{self, EtcdServer};
+use ft_tests::guest::image::workspace_binary;
+use ft_tests::guest::{Backend, BackendCommand, ScratchDir};
+
+const T: Duration = Duration::from_secs(20);
+
+fn binary(package: &str, name: &str) -> PathBuf {
+    workspace_binary(package, name).unwrap_or_else(|e| panic!("{name} binary: {e}"))
+}
+
+fn need_etcd() {
+    assert!(
+        etcd::available(),
+        "etcd is not installed: run scripts/setup.sh (Debian's etcd-server)"
+    );
+}
+
+fn config(etcd: &EtcdServer, vm: &str, who: &str) -> ArbiterConfig {
+    ArbiterConfig::new(vec![etcd.endpoint().into()], vm.into(), who.into())
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < timeout, "{what}: not within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The key has one holder; the next one gets it only after a revoke or after the previous
+/// holder's commit deadline; every generation is above all written before; a host whose
+/// generation is behind etcd's (another host took over since) is refused.
+#[test]
+fn one_holder_at_a_time_and_the_next_only_after_the_deadline() {
+    need_etcd();
+    let s = ScratchDir::new("arb-key").expect("scratch");
+    let etcd = EtcdServer::start_loopback(&s.join("etcd.log")).expect("etcd");
+
+    let a = Claim::acquire(&config(&etcd, "vm1", "host A"), Some(T)).expect("A acquires");
+    let first = a.deadline();
+    assert!(
+        first <= MonotonicTime::now().plus(Duration::from_millis(1500)),
+        "deadline beyond TTL - margin"
+    );
+    // The keepalive moves the deadline forward.
+    wait_until("a renewed deadline", T, || a.deadline() > first);
+
+    match Claim::acquire(
+        &config(&etcd, "vm1", "host B"),
+        Some(Duration::from_millis(300)),
+    ) {
+        Err(ClaimError::Busy { holder, .. }) => assert!(holder.contains("host A"), "{holder}"),
+        other => panic!("B acquired a held key: {other:?}"),
+    }
+
+    let store_a = GenerationStore::new(s.join("a.gen"));
+    let store_b = GenerationStore::new(s.join("b.gen"));
+    assert_eq!(
+        a.advance_generation(&store_a, Generation(0), true).unwrap(),
+        Generation(1)
+    );
+    let rec = etcd.get("/ft-vhost/vm/vm1/generation").unwrap().unwrap();
+    assert!(rec.contains("\"generation\":1"), "{rec}");
+
+    // A revoke hands the key over at once (no TTL to wait for).
+    let b_cfg = config(&etcd, "vm1", "host B");
+    let waiter = std::thread::spawn(move || {
+        let c = Claim::acquire(&b_cfg, Some(T));
+        (c, Instant::now())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let revoked = Instant::now();
+    a.revoke().expect("revoke");
+    assert_eq!(
+        a.deadline(),
+        MonotonicTime(0),
+        "a revoked claim still commits"
+    );
+    let (b, b_at) = waiter.join().unwrap();
+    let b = b.expect("B acquires after the revoke");
+    eprintln!(
+        "handover after revoke: {:?}",
+        b_at.saturating_duration_since(revoked)
+    );
+    // B's floor: its own store is empty, etcd says 1.
+    assert_eq!(
+        b.advance_generation(&store_b, Generation(0), false)
+            .unwrap(),
+        Generation(2)
+    );
+
+    // Expiry: B stops renewing (its process "dies"); the next holder gets the key only once
+    // B's last deadline has passed.
+    let b_deadline = b.deadline();
+    drop(b);
+    let c = Claim::acquire(&config(&etcd, "vm1", "host A again"), Some(T)).expect("expiry");
+    let acquired = MonotonicTime::now();
+    assert!(
+        acquired > b_deadline,
+        "acquired {acquired} before the previous holder's deadline {b_deadline}"
+    );
+    eprintln!(
+        "acquired {:?} after the previous holder's commit deadline",
+        acquired.since(b_deadline)
+    );
+    // Host A's copy is stale now: etcd's generation 2 is above its 1.
+    match c.advance_generation(&store_a, Generation(0), true) {
+        Err(ClaimError::TakenOver { etcd, local, .. }) => {
+            assert_eq!((etcd, local), (Generation(2), Generation(1)))
+        }
+        other => panic!("a stale host was not refused: {other:?}"),
+    }
+    assert_eq!(
+        store_a.load().unwrap(),
+        Generation(1),
+        "refused but persisted"
+    );
+}
+
+fn blk_daemon(s: &ScratchDir, image: &Path) -> Backend {
+    let args: Vec<OsString> = vec![
+        "--socket".into(),
+        s.join("blk.sock").into(),
+        "--image".into(),
+        image.into(),
+        "--ft".into(),
+        "hold".into(),
+        "--control".into(),
+        s.join("blk.ctl").into(),
+    ];
+    Backend::start(
+        &BackendCommand::new(
+            binary("vhost-user-blk-ft", "vhost-user-blk-ft"),
+            args,
+            s.join("blk.sock"),
+        ),
+        &s.join("blk.log"),
+        T,
+    )
+    .expect("start vhost-user-blk-ft")
+}
+
+fn held(c: &mut ControlClient) -> u64 {
+    match c.call(&Request::Status).expect("status") {
+        Reply::Status(st) => st.held_requests,
+        r => panic!("{r:?}"),
+    }
+}
+
+/// The daemon, not the coordinator, enforces the deadline: a COMMIT whose deadline passed is
+/// `DEADLINE_PASSED` and writes nothing; the same epoch with a later deadline commits.
+#[test]
+fn a_daemon_refuses_a_commit_after_its_deadline() {
+    let s = ScratchDir::new("arb-dl").expect("scratch");
+    let image = s.raw_image("disk.raw", 1 << 20).expect("image");
+    let _daemon = blk_daemon(&s, &image);
+    let mut client =
+        BlkClient::connect(s.join("blk.sock").to_str().unwrap(), 1, 64).expect("client");
+    let buf = client.alloc_buffer(4096).expect("buffer");
+    client.buf_mut(buf).fill(0xa5);
+    client
+        .submit_write(0, 8192, buf.slice(0, 4096), 1)
+        .expect("submit");
+    client.kick(0).expect("kick");
+    let mut ctl = ControlClient::connect(s.join("blk.ctl"), T).expect("control");
+    wait_until("the write held", T, || held(&mut ctl) == 1);
+    let g = Generation(1);
+    assert!(matches!(
+        ctl.call(&Request::Seal {
+            generation: g,
+            epoch: Epoch(1)
+        }),
+        Ok(Reply::Sealed { .. })
+    ));
+    let late = ctl
+        .call(&Request::Commit {
+            generation: g,
+            epoch: Epoch(1),
+            deadline: Some(MonotonicTime::now().minus(Duration::from_millis(1))),
+        })
+        .expect("commit");
+    match late {
+        Reply::Error { code, .. } => assert_eq!(code, ErrorCode::DeadlinePassed),
+        r => panic!("a late COMMIT was answered {r:?}"),
+    }
+    let on_disk = std::fs::read(&image).unwrap();
+    assert!(
+        on_disk[8192..12288].iter().all(|&b| b == 0),
+        "a refused commit wrote"
+    );
+    assert_eq!(held(&mut ctl), 1, "a refused commit released its request");
+    match ctl
+        .call(&Request::Commit {
+            generation: g,
+            epoch: Epoch(1),
+            deadline: Some(MonotonicTime::now().plus(Duration::from_secs(30))),
+        })
+        .expect("commit")
+    {
+        Reply::Committed { stats, .. } => assert_eq!(stats.requests, 1),
+        r => panic!("{r:?}"),
+    }
+    let on_disk = std::fs::read(&image).unwrap();
+    assert!(on_disk[8192..12288].iter().all(|&b| b == 0xa5));
+    let mut done = 0;
+    wait_until("the guest's completion", T, || {
+        client.drain_completions(0, |c| {
+            assert!(c.is_ok());
+            done += 1
+        });
+        done == 1
+    });
+}
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn coordinator(s: &ScratchDir, etcd: &EtcdServer, state: &Path, log: &str) -> Command {
+    let mut c = Command::new(binary("ft-common", "ft-coordinator"));
+    c.arg("--device")
+        .arg(format!("blk={}", s.join("blk.ctl").display()))
+        .args(["--checkpointer", "sim", "--unsafe-no-checkpoint"])
+        .args(["--interval-ms", "20"])
+        .arg("--state-file")
+        .arg(state)
+        .arg("--api")
+        .arg(s.join("api.sock"))
+        .args(["--etcd", etcd.host_port(), "--vm-key", "vm2"])
+        .args(["--lease-ttl", "2s"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(s.join(log)).unwrap());
+    c
+}
+
+fn ftctl(api: &Path, cmd: &str) -> serde_json::Value {
+    let o = Command::new(binary("ft-common", "ftctl"))
+        .arg("--api")
+        .arg(api)
+        .arg(cmd)
+        .output()
+        .expect("ftctl");
+    assert!(
+        o.status.success(),
+        "ftctl {cmd}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).expect("ftctl JSON")
+}
+
+/// `ft-coordinator --etcd`: holds the key, commits (with deadlines the daemon admits), shows
+/// its lease; `ftctl abort` revokes it (the key is free at once); a coordinator on a host
+/// whose generation is behind etcd's does not start.
+#[test]
+fn a_coordinator_commits_under_its_lease_and_abort_hands_the_key_over() {
+    need_etcd();
+    let s = ScratchDir::new("arb-co").expect("scratch");
+    let etcd = EtcdServer::start_loopback(&s.join("etcd.log")).expect("etcd");
+    let image = s.raw_image("disk.raw", 1 << 20).expect("image");
+    let _daemon = blk_daemon(&s, &image);
+    let state = s.join("coord.state");
+    let _co = Proc(
+        coordinator(&s, &etcd, &state, "coord.log")
+            .spawn()
+            .expect("coordinator"),
+    );
+    wait_until("the API socket", T, || s.join("api.sock").exists());
+    let mut client =
+        BlkClient::connect(s.join("blk.sock").to_str().unwrap(), 1, 64).expect("client");
+    // Committed under the lease: the write completes.
+    client
+        .write_at(0, 0, &[0x5a; 4096])
+        .expect("a write committed under the lease");
+    assert!(std::fs::read(&image).unwrap()[..4096]
+        .iter()
+        .all(|&b| b == 0x5a));
+    let st = ftctl(&s.join("api.sock"), "status");
+    let lease = &st["lease"];
+    assert_eq!(lease["held"], true, "{lease}");
+    assert!(lease["deadline_in_ms"].as_i64().unwrap() > 0, "{lease}");
+    assert_eq!(st["generation"], 1);
+    let key = etcd.get("/ft-vhost/vm/vm2/primary").unwrap().expect("key");
+    assert!(key.contains("ft-coordinator"), "{key}");
+
+    let ab = ftctl(&s.join("api.sock"), "abort");
+    assert_eq!(ab["lease_revoked"], true, "{ab}");
+    assert_eq!(
+        etcd.get("/ft-vhost/vm/vm2/primary").unwrap(),
+        None,
+        "the key outlived the revoke"
+    );
+
+    // Another host took the VM over (generation 7 in etcd): this host's coordinator, whose
+    // state file says 2, must not start.
+    etcd.put(
+        "/ft-vhost/vm/vm2/generation",
+        r#"{"generation":7,"holder":"ftctl takeover on B"}"#,
+    )
+    .unwrap();
+    let out = coordinator(&s, &etcd, &state, "coord2.log")
+        .stderr(Stdio::piped())
+        .output()
+        .expect("second coordinator");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a stale host's coordinator started");
+    assert!(err.contains("another host took over"), "{err}");
+}
