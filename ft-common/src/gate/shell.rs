@@ -340,7 +340,7 @@ mod tests {
                         let base = open.0.saturating_sub(1);
                         let epoch = Epoch(base.saturating_add_signed(ed).max(1));
                         let gen = gen_of(gd);
-                        (Request::Commit { generation: Generation(gen), epoch }, Some(gen))
+                        (Request::Commit { generation: Generation(gen), epoch, deadline: None }, Some(gen))
                     }
                     Cmd::Abort(gd) => {
                         let gen = gen_of(gd);
