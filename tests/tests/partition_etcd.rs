@@ -312,7 +312,8 @@ fn a_partitioned_primary_stops_committing_at_its_deadline_and_the_standby_takes_
         let st = ftctl_status(&api).expect("status after the cut");
         let d = st["lease"]["deadline_monotonic_us"].as_u64().unwrap_or(0);
         deadline = deadline.max(MonotonicTime(d));
-        if !st["lease"]["lost"].is_null() {
+        // The loss is recorded, then the cycle told: wait for both.
+        if !st["lease"]["lost"].is_null() && st["cycle"]["deposed"] == true {
             break st;
         }
         assert!(t0.elapsed() < T, "the coordinator never noticed: {st}");

@@ -89,6 +89,7 @@ pub struct LeaseShared {
     lost: Mutex<Option<String>>,
     /// Told once when the lease is lost (set by the coordinator once it runs).
     on_lost: Mutex<Option<LostHook>>,
+    told: AtomicBool,
 }
 
 impl std::fmt::Debug for LeaseShared {
@@ -126,11 +127,19 @@ impl LeaseShared {
     fn lose(&self, reason: String) {
         if self.mark_lost(reason.clone()) {
             log::error!("etcd: lease lost: {reason}");
-            if let Ok(h) = self.on_lost.lock() {
-                if let Some(h) = h.as_ref() {
-                    h(reason);
-                }
-            }
+            self.tell();
+        }
+    }
+
+    /// Calls the hook once the lease is lost and a hook is set, exactly once: both the loss
+    /// and the hook's installation call this, and the lock orders them.
+    fn tell(&self) {
+        let Ok(h) = self.on_lost.lock() else { return };
+        let (Some(hook), Some(reason)) = (h.as_ref(), self.lost()) else {
+            return;
+        };
+        if !self.told.swap(true, Ordering::AcqRel) {
+            hook(reason);
         }
     }
 
@@ -285,13 +294,10 @@ impl Claim {
     /// `hook` is called once when the lease is lost (at once if it already is). A revoke by
     /// this holder does not call it.
     pub fn set_lost_hook(&self, hook: LostHook) {
-        let already = self.shared.lost();
         if let Ok(mut h) = self.shared.on_lost.lock() {
             *h = Some(hook);
-            if let (Some(reason), Some(h)) = (already, h.as_ref()) {
-                h(reason);
-            }
         }
+        self.shared.tell();
     }
 
     /// The commit deadline now (0 once lost).
@@ -307,6 +313,11 @@ impl Claim {
     /// When the request that acquired the key was sent: the key was not ours before.
     pub fn acquired_at(&self) -> MonotonicTime {
         self.acquired_at
+    }
+
+    /// The margin subtracted from the lease for the commit deadline.
+    pub fn margin(&self) -> Duration {
+        self.cfg.margin
     }
 
     /// The primary key this claim is for.
@@ -600,5 +611,35 @@ impl KeepAlive {
             }
             tokio::time::sleep_until(tick).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_deadline_only_moves_forward_and_a_loss_is_final() {
+        let s = LeaseShared::default();
+        let (ttl, margin) = (Duration::from_secs(2), Duration::from_millis(500));
+        s.renew(MonotonicTime(10_000_000), ttl, margin);
+        assert_eq!(s.deadline(), MonotonicTime(11_500_000));
+        // A late answer to an older keepalive does not move the deadline back.
+        s.renew(MonotonicTime(9_000_000), ttl, margin);
+        assert_eq!(s.deadline(), MonotonicTime(11_500_000));
+        s.renew(MonotonicTime(10_400_000), ttl, margin);
+        assert_eq!(s.deadline(), MonotonicTime(11_900_000));
+        let told = Arc::new(AtomicU64::new(0));
+        let t = told.clone();
+        *s.on_lost.lock().unwrap() = Some(Box::new(move |_| {
+            t.fetch_add(1, Ordering::Relaxed);
+        }));
+        s.lose("cut".into());
+        s.lose("again".into());
+        assert_eq!(told.load(Ordering::Relaxed), 1, "the hook is told once");
+        assert_eq!(s.lost().as_deref(), Some("cut"));
+        assert_eq!(s.deadline(), MonotonicTime(0), "a lost lease still commits");
+        s.renew(MonotonicTime(20_000_000), ttl, margin);
+        assert_eq!(s.deadline(), MonotonicTime(0), "a lost lease was renewed");
     }
 }

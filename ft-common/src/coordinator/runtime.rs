@@ -294,7 +294,10 @@ impl Shell {
         self.queue.push_back(input);
         while let Some(i) = self.queue.pop_front() {
             match &i {
-                Input::Committed { device, stats, .. } => self.telemetry.committed(*device, stats),
+                Input::Committed { device, stats, .. } => {
+                    self.telemetry.committed(*device, stats);
+                    self.check_commit_within_margin(*device, stats.total_us);
+                }
                 Input::DeviceLost { device, .. } => self.telemetry.disconnected(*device),
                 _ => {}
             }
@@ -304,6 +307,23 @@ impl Shell {
                 self.execute(a);
             }
             self.out = out;
+        }
+    }
+
+    /// The lease's timing argument assumes every commit ends within the margin; one that did
+    /// not is a configuration error (raise the margin and the TTL), so it is said loudly.
+    fn check_commit_within_margin(&self, device: usize, total_us: u64) {
+        let Some(c) = &self.claim else { return };
+        let margin = c.margin();
+        if Duration::from_micros(total_us) > margin {
+            log::warn!(
+                "device {} took {} ms to commit, more than the lease margin of {} ms: a commit \
+                 started just before the deadline could still run when the lease passes to \
+                 another host; raise --lease-margin (and --lease-ttl)",
+                self.devices.get(device).map_or("?", |d| d.name.as_str()),
+                total_us / 1000,
+                margin.as_millis()
+            );
         }
     }
 
