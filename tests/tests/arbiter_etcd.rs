@@ -310,6 +310,10 @@ fn a_coordinator_commits_under_its_lease_and_abort_hands_the_key_over() {
 
     let ab = ftctl(&s.join("api.sock"), "abort");
     assert_eq!(ab["lease_revoked"], true, "{ab}");
+    // The abort's generation is in etcd too (above the coordinator's 1).
+    assert_eq!(ab["generation"], 2, "{ab}");
+    let gen = etcd.get("/ft-vhost/vm/vm2/generation").unwrap().unwrap();
+    assert!(gen.contains("\"generation\":2"), "{gen}");
     assert_eq!(
         etcd.get("/ft-vhost/vm/vm2/primary").unwrap(),
         None,

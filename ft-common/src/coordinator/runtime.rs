@@ -487,12 +487,26 @@ impl Shell {
                 )
             }
             Op::Abort => {
-                // Newer than anything handed out, persisted before anyone hears of it.
-                let stored = self.store.load().map_err(|e| e.to_string())?;
-                let g = Generation(stored.0.max(self.cycle.generation().0).saturating_add(1));
-                self.store
-                    .store(g)
-                    .map_err(|e| format!("cannot persist generation {g}: {e}"))?;
+                // Newer than anything handed out, persisted before anyone hears of it: with
+                // etcd also written there under the key (above every generation of the VM),
+                // locally only if etcd cannot be reached.
+                let in_etcd = self.claim.as_ref().and_then(|c| {
+                    c.advance_generation(&self.store, self.cycle.generation(), false)
+                        .map_err(|e| log::warn!("abort: generation not written to etcd: {e}"))
+                        .ok()
+                });
+                let g = match in_etcd {
+                    Some(g) => g,
+                    None => {
+                        let stored = self.store.load().map_err(|e| e.to_string())?;
+                        let g =
+                            Generation(stored.0.max(self.cycle.generation().0).saturating_add(1));
+                        self.store
+                            .store(g)
+                            .map_err(|e| format!("cannot persist generation {g}: {e}"))?;
+                        g
+                    }
+                };
                 self.feed(Input::Abort { generation: g });
                 let mut answer = self.last_abort.take().unwrap_or(json!({"generation": g}));
                 // Deposed: hand the key over at once instead of after the TTL.
