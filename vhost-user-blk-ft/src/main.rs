@@ -116,6 +116,15 @@ struct Args {
     /// below the coordinator's call timeout (5 s).
     #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..))]
     replica_timeout_ms: u64,
+    /// The replica's image is not a copy of this one yet (protection starts on a running VM):
+    /// copy the whole image to it, one chunk per commit while the guest runs; it counts as in
+    /// sync (STATUS `replica.in_sync`, and a takeover accepts it) once the last chunk is
+    /// acknowledged.
+    #[arg(long, requires = "replicate_to")]
+    replica_initial_sync: bool,
+    /// Initial sync chunk per commit, MiB (also the most it adds to one commit's latency).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
+    replica_sync_chunk_mib: u64,
 }
 
 /// The device name in SEALED records: the image's file name.
@@ -267,11 +276,25 @@ fn run(args: Args) -> std::io::Result<()> {
             let ctl = match &args.replicate_to {
                 Some(addr) => {
                     log::info!("replicating to {addr}");
-                    ctl.with_replication(Replication::new(ReplicaLink::new(
+                    let mut r = Replication::new(ReplicaLink::new(
                         addr.clone(),
                         image_size,
                         std::time::Duration::from_millis(args.replica_timeout_ms),
-                    )))
+                    ));
+                    if args.replica_initial_sync {
+                        let file = std::fs::File::open(&args.image).map_err(|e| {
+                            std::io::Error::new(
+                                e.kind(),
+                                format!("initial sync: {}: {e}", args.image.display()),
+                            )
+                        })?;
+                        r = r.with_initial_sync(
+                            file,
+                            image_size,
+                            (args.replica_sync_chunk_mib << 20) as usize,
+                        );
+                    }
+                    ctl.with_replication(r)
                 }
                 None => ctl,
             };

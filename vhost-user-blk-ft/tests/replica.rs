@@ -348,3 +348,101 @@ fn a_stalled_replica_gives_backpressure_not_buffering() {
     assert_eq!(done.len(), heads.len());
     assert!(same_images(&r));
 }
+
+/// Initial sync of a running disk: the primary's image is full of data (and a zero region),
+/// the replica's of garbage. With `--replica-initial-sync --replica-sync-chunk-mib 1` each
+/// commit ships the next 1 MiB ahead of its own writes, which land before and after the copy
+/// cursor. Progress grows in STATUS, the replica's record says "not a copy" until the last
+/// chunk is acknowledged, and then both images are byte-equal.
+#[test]
+fn initial_sync_copies_a_running_disk_and_reports_progress() {
+    let replica_dir = tempfile::tempdir().expect("tempdir");
+    let replica_img = replica_dir.path().join("disk.img");
+    std::fs::write(&replica_img, vec![0xeeu8; IMG_SIZE as usize]).expect("replica image");
+    let store = replica_dir.path().join("store");
+    let replica = ReplicaServer::start(ReplicaConfig {
+        listen: "tcp:127.0.0.1:0".parse().unwrap(),
+        image: replica_img.clone(),
+        store: store.clone(),
+        max_epoch_bytes: 64 << 20,
+        io_timeout: Duration::from_secs(5),
+    })
+    .expect("replica service");
+    let (dir, img) = new_image();
+    // 12 MiB of data, then 4 MiB of zeroes.
+    let data: Vec<u8> = (0..12u64 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::os::unix::fs::FileExt::write_all_at(
+        &std::fs::File::options().write(true).open(&img).unwrap(),
+        &data,
+        0,
+    )
+    .unwrap();
+    let to = replica.addr().to_string();
+    let daemon = spawn(dir, img, true, T, |c| {
+        c.args(["--ft", "hold", "--replicate-to", &to]).args([
+            "--replica-initial-sync",
+            "--replica-sync-chunk-mib",
+            "1",
+        ]);
+    });
+    let mut c = ControlClient::connect(&daemon.ctl, T).expect("control");
+    let mut f = session(&daemon);
+    let in_sync_record = || {
+        ft_common::replica::server::replica_image(&store)
+            .unwrap()
+            .expect("replica.json")
+            .in_sync
+    };
+    let st = status(&mut c).replica.expect("replica status");
+    assert!(!st.in_sync, "in sync before any copy: {st:?}");
+    let mut last_percent = 0;
+    let mut e = 0;
+    loop {
+        e += 1;
+        assert!(e < 40, "initial sync never finished");
+        // One write ahead of the copy cursor and one behind it, every epoch.
+        let behind = (e - 1) * 2048 % 32768;
+        // (within the first 12 MiB: the last 4 MiB stay zero and go as WRITE_ZEROES)
+        let ahead = (e * 2048 + 8192) % 24576;
+        write(&mut f, behind, &pattern(e as u8, 4096));
+        write(&mut f, ahead, &pattern(e as u8 ^ 0x55, 8192));
+        f.kick(0);
+        wait_held(&mut c, 2);
+        match seal_commit(&mut c, e) {
+            Reply::Committed { .. } => {}
+            r => panic!("commit {e}: {r:?}"),
+        }
+        assert_eq!(f.wait_used(0, 2, T).len(), 2);
+        let st = status(&mut c).replica.expect("replica status");
+        let p = st.sync.clone().expect("sync progress");
+        assert!(p.percent >= last_percent, "{p:?}");
+        last_percent = p.percent;
+        if st.in_sync {
+            assert_eq!((p.percent, p.copied_bytes), (100, IMG_SIZE));
+            assert!(p.zero_chunks >= 4, "{p:?}");
+            break;
+        }
+        assert!(
+            !in_sync_record(),
+            "replica record in sync at {}%",
+            p.percent
+        );
+    }
+    assert_eq!(e, 16, "one 1 MiB chunk per commit of a 16 MiB image");
+    assert!(in_sync_record());
+    assert!(
+        std::fs::read(&daemon.img).unwrap() == std::fs::read(&replica_img).unwrap(),
+        "replica image differs after the initial sync"
+    );
+    // Replication goes on as usual afterwards.
+    write(&mut f, 100, &pattern(200, 4096));
+    f.kick(0);
+    wait_held(&mut c, 1);
+    assert!(matches!(
+        seal_commit(&mut c, e + 1),
+        Reply::Committed { .. }
+    ));
+    assert!(std::fs::read(&daemon.img).unwrap() == std::fs::read(&replica_img).unwrap());
+}

@@ -34,6 +34,26 @@ pub struct ReplicaStatus {
     pub reconnects: u64,
     /// The newest failure (cleared by the next acknowledgement).
     pub error: Option<String>,
+    /// Whether the replica's image is a copy of the primary's: false while an initial sync
+    /// runs (`--replica-initial-sync`), true once its last chunk was acknowledged.
+    #[serde(default)]
+    pub in_sync: bool,
+    /// Progress of the initial sync, if one was asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync: Option<SyncProgress>,
+}
+
+/// How far the initial sync is.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncProgress {
+    /// Bytes of the image shipped and acknowledged.
+    pub copied_bytes: u64,
+    pub total_bytes: u64,
+    pub percent: u32,
+    /// Since the sync started.
+    pub rate_kib_s: u64,
+    /// Chunks that were all zeroes (shipped as a 24-byte WRITE_ZEROES op).
+    pub zero_chunks: u64,
 }
 
 #[derive(Debug, thiserror::Error)]

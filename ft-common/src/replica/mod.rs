@@ -20,5 +20,5 @@ pub mod client;
 pub mod protocol;
 pub mod server;
 
-pub use client::{ReplicaLink, ReplicaStatus};
+pub use client::{ReplicaLink, ReplicaStatus, SyncProgress};
 pub use server::{ReplicaConfig, ReplicaServer};

@@ -18,8 +18,9 @@
 //! a session (a restarted daemon starts a new one and numbers its epochs again).
 //!
 //! An op is a 24-byte head (kind u8: 1 WRITE, 2 DISCARD, 3 WRITE_ZEROES, 4 WRITE_ZEROES with
-//! unmap, 5 FLUSH; 7 bytes 0; offset u64; length u64), followed by `length` data bytes for
-//! WRITE only. Ops are in guest order (the order the commit takes them).
+//! unmap, 5 FLUSH, 6 SYNC_START, 7 SYNC_DONE; 7 bytes 0; offset u64; length u64), followed by
+//! `length` data bytes for WRITE only. SYNC_START and SYNC_DONE bracket an initial sync: the
+//! replica's image is not a usable copy between them. Ops are in guest order (the order the commit takes them).
 //!
 //! Invariants: a body length is checked against the receiver's bound before anything is
 //! allocated for it; a body whose CRC does not match is never decoded; every op of an epoch is
@@ -213,6 +214,10 @@ pub enum Op<'a> {
     },
     /// A guest FLUSH: a barrier in guest order. The epoch's one `fdatasync` answers it.
     Flush,
+    /// An initial sync starts: the image is not a copy of the primary's until SYNC_DONE.
+    SyncStart,
+    /// The initial sync's last chunk is in this epoch: once applied, the image is a copy.
+    SyncDone,
 }
 
 const OP_WRITE: u8 = 1;
@@ -220,6 +225,8 @@ const OP_DISCARD: u8 = 2;
 const OP_WRITE_ZEROES: u8 = 3;
 const OP_WRITE_ZEROES_UNMAP: u8 = 4;
 const OP_FLUSH: u8 = 5;
+const OP_SYNC_START: u8 = 6;
+const OP_SYNC_DONE: u8 = 7;
 
 /// Builds one `EPOCH` frame (header included) in a reused buffer, op by op: what the primary
 /// keeps until the replica acknowledges it (and re-sends after a reconnect).
@@ -277,6 +284,14 @@ impl EpochFrame {
 
     pub fn flush(&mut self) {
         self.op_head(OP_FLUSH, 0, 0);
+    }
+
+    pub fn sync_start(&mut self) {
+        self.op_head(OP_SYNC_START, 0, 0);
+    }
+
+    pub fn sync_done(&mut self) {
+        self.op_head(OP_SYNC_DONE, 0, 0);
     }
 
     /// Fills in the headers; the frame is then ready to send ([`EpochFrame::bytes`]).
@@ -353,7 +368,7 @@ impl<'a> EpochView<'a> {
             let (offset, len) = match op {
                 Op::Write { offset, data } => (offset, data.len() as u64),
                 Op::Discard { offset, len } | Op::WriteZeroes { offset, len, .. } => (offset, len),
-                Op::Flush => continue,
+                Op::Flush | Op::SyncStart | Op::SyncDone => continue,
             };
             if offset.checked_add(len).is_none_or(|end| end > size) {
                 return Err(ProtoError::OutOfRange {
@@ -408,6 +423,8 @@ impl<'a> Iterator for OpIter<'a> {
                 unmap: kind == OP_WRITE_ZEROES_UNMAP,
             },
             OP_FLUSH => Op::Flush,
+            OP_SYNC_START => Op::SyncStart,
+            OP_SYNC_DONE => Op::SyncDone,
             _ => {
                 self.left = 0;
                 return Some(Err(ProtoError::Malformed("unknown op kind")));

@@ -20,7 +20,7 @@
 //! standby's daemon on it ([`replica_image`]).
 
 use super::apply::ReplicaImage;
-use super::protocol::{self, EpochView, MsgType, ProtoError};
+use super::protocol::{self, EpochView, MsgType, Op, ProtoError};
 use crate::epoch::Epoch;
 use crate::standby::protocol::{Conn, Listener, StandbyAddr};
 use serde::{Deserialize, Serialize};
@@ -37,12 +37,32 @@ pub const LOCK_FILE: &str = "replica.lock";
 pub const RECORD_FILE: &str = "replica.json";
 pub const FENCED_FILE: &str = "replica.fenced";
 
-/// `DIR/replica.json`: which image the replica service feeds.
+/// `DIR/replica.json`: which image the replica service feeds, and whether it is a copy of the
+/// primary's (false from an initial sync's first chunk until its last one is applied and synced;
+/// a takeover refuses an image that is not).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicaRecord {
     pub format: u32,
     pub image: PathBuf,
     pub size: u64,
+    #[serde(default = "yes")]
+    pub in_sync: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Replaces `DIR/replica.json` atomically and durably.
+fn save_record(dir: &Path, record: &ReplicaRecord) -> io::Result<()> {
+    let tmp = dir.join(format!(".{RECORD_FILE}.tmp"));
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec_pretty(record).map_err(io::Error::other)?,
+    )?;
+    File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, dir.join(RECORD_FILE))?;
+    File::open(dir)?.sync_all()
 }
 
 /// The image a replica service in store `dir` feeds, if any.
@@ -131,6 +151,7 @@ pub struct ReplicaStats {
 
 struct Shared {
     cfg: ReplicaConfig,
+    record: Mutex<ReplicaRecord>,
     image: Mutex<ReplicaImage>,
     stats: Mutex<ReplicaStats>,
     /// The newest connection (shut down when a newer one arrives, or on stop).
@@ -157,18 +178,19 @@ impl ReplicaServer {
         let image = ReplicaImage::open(&cfg.image)
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", cfg.image.display())))?;
         std::fs::create_dir_all(&cfg.store)?;
+        let image_path = std::fs::canonicalize(&cfg.image)?;
+        // An image is taken to be a copy of the primary's (the operator made it so, or both
+        // start empty) unless an initial sync into it was interrupted.
+        let in_sync = replica_image(&cfg.store)?
+            .filter(|r| r.image == image_path)
+            .is_none_or(|r| r.in_sync);
         let record = ReplicaRecord {
             format: 1,
-            image: std::fs::canonicalize(&cfg.image)?,
+            image: image_path,
             size: image.size(),
+            in_sync,
         };
-        let tmp = cfg.store.join(format!(".{RECORD_FILE}.tmp"));
-        std::fs::write(
-            &tmp,
-            serde_json::to_vec_pretty(&record).map_err(io::Error::other)?,
-        )?;
-        File::open(&tmp)?.sync_all()?;
-        std::fs::rename(&tmp, cfg.store.join(RECORD_FILE))?;
+        save_record(&cfg.store, &record)?;
         drop(ApplyLock::take(&cfg.store)?);
         let listener = cfg.listen.bind()?;
         let addr = listener.local_addr()?;
@@ -178,6 +200,7 @@ impl ReplicaServer {
             record.size
         );
         let shared = Arc::new(Shared {
+            record: Mutex::new(record),
             cfg,
             image: Mutex::new(image),
             stats: Mutex::new(ReplicaStats::default()),
@@ -345,6 +368,15 @@ fn serve(shared: &Shared, conn: &mut Conn) -> Result<(), ProtoError> {
     }
 }
 
+fn set_in_sync(shared: &Shared, in_sync: bool) -> Result<(), String> {
+    let mut r = lock(&shared.record);
+    if r.in_sync != in_sync {
+        r.in_sync = in_sync;
+        save_record(&shared.cfg.store, &r).map_err(|e| format!("{RECORD_FILE}: {e}"))?;
+    }
+    Ok(())
+}
+
 /// Applies `view` under the lock after checking fence and order; true for a duplicate.
 fn apply(shared: &Shared, view: &EpochView<'_>) -> Result<bool, String> {
     let mut img = lock(&shared.image);
@@ -375,11 +407,24 @@ fn apply(shared: &Shared, view: &EpochView<'_>) -> Result<bool, String> {
             ));
         }
     }
+    let (sync_start, sync_done) = view.ops().flatten().fold((false, false), |(s, d), op| {
+        (s || op == Op::SyncStart, d || op == Op::SyncDone)
+    });
+    // Durably out of sync before the first byte of an initial sync lands.
+    if sync_start {
+        set_in_sync(shared, false)?;
+        log::info!("replica: initial sync starts");
+    }
     let applied = img.apply(view).map_err(|e| {
         let msg = format!("epoch {}: {e}", view.epoch);
         log::error!("replica: {msg}");
         msg
     })?;
+    // In sync only once the last chunk is applied and synced.
+    if sync_done {
+        set_in_sync(shared, true)?;
+        log::info!("replica: initial sync done: the image is a copy of the primary's");
+    }
     let mut st = lock(&shared.stats);
     st.last_applied = Some(this);
     st.epochs_applied += 1;

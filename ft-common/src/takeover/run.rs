@@ -261,6 +261,14 @@ fn generation_and_rest(
     let replica = replica::server::replica_image(&cfg.store).map_err(TakeoverError::Generation)?;
     if replica.is_some() {
         replica::server::fence(&cfg.store).map_err(TakeoverError::Generation)?;
+        // Read again: final now that nothing is applied any more.
+        let r = replica::server::replica_image(&cfg.store).map_err(TakeoverError::Generation)?;
+        if let Some(r) = r.filter(|r| !r.in_sync) {
+            return Err(TakeoverError::Store(format!(
+                "the replica's image {} is not a copy of the primary's (initial sync incomplete)",
+                r.image.display()
+            )));
+        }
         let now = checkpoint::newest_valid(&cfg.store).map_err(TakeoverError::Store)?;
         if now.epoch != ckpt.epoch || now.generation != ckpt.generation {
             log::info!(

@@ -14,18 +14,54 @@
 //!
 //! Bounded memory: one epoch frame and one batch of completions at most; meanwhile new writes
 //! fill the held-request queue and the rings stop (backpressure), never a growing buffer.
+//!
+//! Initial sync (`--replica-initial-sync`, protection starting on a running VM with a replica
+//! whose image is not a copy): every commit's frame starts with the next chunk of the image,
+//! read from the primary's image at that moment, followed by the epoch's own ops. The image
+//! then holds exactly what all earlier frames did (every write goes through a commit, and
+//! commits run one at a time on this thread), and the replica applies the frames in the same
+//! order, so a block written during the copy needs no dirty bitmap and no second pass: a write
+//! before its chunk is read is in the chunk, a write after it follows the chunk in the stream.
+//! The first chunk carries SYNC_START and the last SYNC_DONE; the replica records whether its
+//! image is a copy (a takeover refuses one that is not), and STATUS reports `in_sync` only once
+//! the last chunk was acknowledged. A commit happens at least every cut interval, so the copy
+//! proceeds at up to one chunk per commit while the guest runs (the chunk also delays that
+//! commit's completions: `--replica-sync-chunk-mib` trades sync rate against commit latency).
 
 use crate::gate::hold::HeldReq;
 use crate::image::SECTOR_SHIFT;
 use crate::request::RequestKind;
 use ft_common::aiocb::Aiocb;
 use ft_common::epoch::Epoch;
-use ft_common::replica::{ReplicaLink, ReplicaStatus};
+use ft_common::replica::{ReplicaLink, ReplicaStatus, SyncProgress};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::time::Instant;
 
 pub struct Replication {
     link: ReplicaLink,
     /// Completions of the shipped epoch that the replica has not acknowledged yet.
     unacked: Option<Vec<(HeldReq, u8)>>,
+    sync: Option<InitialSync>,
+}
+
+/// The initial copy of the image (see the module doc).
+struct InitialSync {
+    /// A buffered descriptor of the primary's image (the daemon's own may be O_DIRECT).
+    image: File,
+    size: u64,
+    chunk: usize,
+    /// Next offset to ship; `size` once the last chunk is in a frame.
+    next: u64,
+    /// Shipped in frames that were acknowledged.
+    acked: u64,
+    /// Shipped in the unacknowledged frame.
+    in_frame: u64,
+    started: Option<Instant>,
+    /// How long the copy took, once done.
+    took: Option<std::time::Duration>,
+    zero_chunks: u64,
+    buf: Vec<u8>,
 }
 
 impl Replication {
@@ -34,7 +70,26 @@ impl Replication {
         Replication {
             link,
             unacked: None,
+            sync: None,
         }
+    }
+
+    /// Copies the whole image (read through `image`, `size` bytes) to the replica, one chunk of
+    /// `chunk` bytes per commit, before the replica counts as in sync.
+    pub fn with_initial_sync(mut self, image: File, size: u64, chunk: usize) -> Replication {
+        self.sync = Some(InitialSync {
+            image,
+            size,
+            chunk: chunk.max(4096),
+            next: 0,
+            acked: 0,
+            in_frame: 0,
+            started: None,
+            took: None,
+            zero_chunks: 0,
+            buf: Vec::new(),
+        });
+        self
     }
 
     /// Whether an earlier epoch still waits for its acknowledgement.
@@ -44,10 +99,14 @@ impl Replication {
 
     /// Ships `batch` (guest order) as `epoch`. Nothing is shipped for a batch without output.
     pub fn ship(&mut self, epoch: Epoch, batch: &[Aiocb<HeldReq>]) {
-        if batch.is_empty() {
+        let syncing = self.sync.as_ref().is_some_and(|s| s.next < s.size);
+        if batch.is_empty() && !syncing {
             return;
         }
         let frame = self.link.begin(epoch);
+        if let Some(s) = self.sync.as_mut().filter(|_| syncing) {
+            s.add_chunk(frame);
+        }
         for a in batch {
             let req = &a.payload().req;
             let offset = req.offset();
@@ -79,7 +138,20 @@ impl Replication {
     /// completions may go to the guest. `Err`: they are kept (see the module doc).
     pub fn confirm(&mut self, done: Vec<(HeldReq, u8)>) -> Result<Vec<(HeldReq, u8)>, String> {
         match self.link.wait_ack() {
-            Ok(_) => Ok(done),
+            Ok(_) => {
+                if let Some(s) = &mut self.sync {
+                    s.acked += std::mem::take(&mut s.in_frame);
+                    if let (true, Some(t)) = (s.acked == s.size, s.started.take()) {
+                        let took = t.elapsed();
+                        log::info!(
+                            "replica: initial sync done ({} bytes in {took:?}): in sync",
+                            s.size
+                        );
+                        s.took = Some(took);
+                    }
+                }
+                Ok(done)
+            }
             Err(e) => {
                 self.unacked = Some(done);
                 Err(e.to_string())
@@ -98,6 +170,10 @@ impl Replication {
     /// ABORT: the kept epoch is dropped; its requests are forgotten, never completed.
     pub fn forget(&mut self) -> Vec<HeldReq> {
         self.link.forget();
+        if let Some(s) = &mut self.sync {
+            // The chunk in the dropped frame was never applied: copy it again.
+            s.next -= std::mem::take(&mut s.in_frame);
+        }
         self.unacked
             .take()
             .map(|v| v.into_iter().map(|(h, _)| h).collect())
@@ -105,6 +181,62 @@ impl Replication {
     }
 
     pub fn status(&self) -> ReplicaStatus {
-        self.link.status()
+        let mut st = self.link.status();
+        st.in_sync = self.sync.as_ref().is_none_or(|s| s.acked == s.size);
+        st.sync = self.sync.as_ref().map(|s| {
+            let secs = s
+                .took
+                .or(s.started.map(|t| t.elapsed()))
+                .map_or(0.0, |d| d.as_secs_f64());
+            SyncProgress {
+                copied_bytes: s.acked,
+                total_bytes: s.size,
+                percent: (s.acked.saturating_mul(100) / s.size.max(1)) as u32,
+                rate_kib_s: if secs > 0.0 {
+                    (s.acked as f64 / 1024.0 / secs) as u64
+                } else {
+                    0
+                },
+                zero_chunks: s.zero_chunks,
+            }
+        });
+        st
+    }
+}
+
+impl InitialSync {
+    /// The next chunk into `frame`: WRITE of its bytes, or WRITE_ZEROES (unmap) if all zero.
+    fn add_chunk(&mut self, frame: &mut ft_common::replica::protocol::EpochFrame) {
+        if self.next == 0 {
+            frame.sync_start();
+            self.started = Some(Instant::now());
+            log::info!("replica: initial sync of {} bytes starts", self.size);
+        }
+        let len = (self.size - self.next).min(self.chunk as u64) as usize;
+        self.buf.resize(len, 0);
+        let ok = match self.image.read_exact_at(&mut self.buf, self.next) {
+            Ok(()) => true,
+            Err(e) => {
+                // Not shipped: the replica stays out of sync and the chunk is tried again.
+                log::error!(
+                    "replica: initial sync: reading the image at {}: {e}",
+                    self.next
+                );
+                false
+            }
+        };
+        if ok {
+            if self.buf.iter().all(|&b| b == 0) {
+                frame.write_zeroes(self.next, len as u64, true);
+                self.zero_chunks += 1;
+            } else {
+                frame.write(self.next, [&self.buf[..]].into_iter());
+            }
+            self.next += len as u64;
+            self.in_frame = len as u64;
+            if self.next == self.size {
+                frame.sync_done();
+            }
+        }
     }
 }
