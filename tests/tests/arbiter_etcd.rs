@@ -305,6 +305,15 @@ fn a_coordinator_commits_under_its_lease_and_abort_hands_the_key_over() {
     assert_eq!(lease["held"], true, "{lease}");
     assert!(lease["deadline_in_ms"].as_i64().unwrap() > 0, "{lease}");
     assert_eq!(st["generation"], 1);
+    let o = Command::new(binary("ft-common", "ftctl"))
+        .arg("--api")
+        .arg(s.join("api.sock"))
+        .arg("metrics")
+        .output()
+        .expect("ftctl metrics");
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("\nft_lease_held 1\n"), "{text}");
+    assert!(text.contains("ft_lease_deadline_seconds "), "{text}");
     let key = etcd.get("/ft-vhost/vm/vm2/primary").unwrap().expect("key");
     assert!(key.contains("ft-coordinator"), "{key}");
 

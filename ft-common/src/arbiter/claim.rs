@@ -482,6 +482,52 @@ impl Claim {
     }
 }
 
+impl Claim {
+    /// The lease as Prometheus text (appended to the coordinator's metrics).
+    pub fn render_metrics(&self, out: &mut String) {
+        use crate::coordinator::metrics::scalar;
+        let s = &self.shared;
+        let now = MonotonicTime::now();
+        let deadline = s.deadline();
+        let left = if deadline > now {
+            deadline.since(now).as_secs_f64()
+        } else {
+            -now.since(deadline).as_secs_f64()
+        };
+        let held = s.held.load(Ordering::Acquire) && s.lost().is_none();
+        scalar(
+            out,
+            "ft_lease_held",
+            "gauge",
+            "1 while this coordinator holds the VM's etcd key under a live lease.",
+            &[(String::new(), if held { 1.0 } else { 0.0 })],
+        );
+        scalar(
+            out,
+            "ft_lease_deadline_seconds",
+            "gauge",
+            "Time left until the commit deadline (negative: passed).",
+            &[(String::new(), left)],
+        );
+        scalar(
+            out,
+            "ft_lease_keepalives_total",
+            "counter",
+            "Keepalives answered (ok) and failed or unanswered in their round (failed).",
+            &[
+                (
+                    "result=\"ok\"".into(),
+                    s.keepalives_ok.load(Ordering::Relaxed) as f64,
+                ),
+                (
+                    "result=\"failed\"".into(),
+                    s.keepalives_failed.load(Ordering::Relaxed) as f64,
+                ),
+            ],
+        );
+    }
+}
+
 impl Drop for Claim {
     fn drop(&mut self) {
         // The lease is not revoked: it expires by itself within its TTL (a clean shutdown of

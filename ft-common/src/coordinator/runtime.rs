@@ -466,6 +466,9 @@ impl Shell {
                 let mut text =
                     metrics::render(&self.cycle.status(), &self.telemetry, &self.link_view());
                 self.checkpointer.render_metrics(&mut text);
+                if let Some(c) = &self.claim {
+                    c.render_metrics(&mut text);
+                }
                 Ok(Value::String(text))
             }
             Op::Pause => {
