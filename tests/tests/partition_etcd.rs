@@ -400,3 +400,55 @@ fn a_partitioned_primary_stops_committing_at_its_deadline_and_the_standby_takes_
         after_deadline,
     );
 }
+
+/// A takeover that cannot get the key (the primary's lease lives) changes nothing: no
+/// generation persisted, the store not fenced, no daemon started; the error names the holder.
+#[test]
+fn a_takeover_without_the_key_changes_nothing() {
+    assert!(
+        etcd::available(),
+        "etcd is not installed: run scripts/setup.sh (Debian's etcd-server)"
+    );
+    let s = ScratchDir::new("tk-nokey").expect("scratch");
+    let etcd = EtcdServer::start_loopback(&s.join("etcd.log")).expect("etcd");
+    let primary = ft_common::arbiter::Claim::acquire(
+        &ft_common::arbiter::ArbiterConfig::new(
+            vec![etcd.endpoint().into()],
+            "kvm".into(),
+            "the live primary".into(),
+        ),
+        Some(T),
+    )
+    .expect("the primary holds the key");
+    let store = standby_store(&s, &s.raw_image("standby.raw", 1 << 20).expect("image"));
+    let state = s.join("b.state");
+    let out = Command::new(binary("ft-common", "ftctl"))
+        .arg("takeover")
+        .arg("--store")
+        .arg(&store)
+        .arg("--state-file")
+        .arg(&state)
+        .arg("--run-dir")
+        .arg(s.join("run"))
+        .args(["--etcd", etcd.host_port(), "--vm-key", "kvm"])
+        .args(["--etcd-wait-ms", "700"])
+        .output()
+        .expect("ftctl takeover");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "took over a held key");
+    assert!(err.contains("the live primary"), "{err}");
+    assert!(!state.exists(), "a generation was persisted");
+    assert_eq!(
+        CheckpointStore::open(&store)
+            .unwrap()
+            .fenced_generation()
+            .unwrap(),
+        Generation(0),
+        "the store was fenced"
+    );
+    assert!(!s.join("new.ctl").exists(), "a daemon was started");
+    assert!(
+        primary.deadline() > MonotonicTime::now(),
+        "the primary lost its lease"
+    );
+}
