@@ -714,6 +714,18 @@ fn run_chain(name: &str, points: &[KillPoint], rounds: u32, replicate: bool) -> 
             rig.wait_commits(&protection, 3, point.name());
             wait_stream(&stream, 16 << 10, &format!("before kill {}", point.name()));
             let status = rig.status(&protection);
+            if let (0, true) = (i, rig.replica.is_some()) {
+                // `ftctl status` shows the block daemon's replication: acknowledged, in sync.
+                let blk = status["devices"]
+                    .as_array()
+                    .and_then(|d| d.iter().find(|d| d["name"] == "blk"))
+                    .unwrap_or_else(|| panic!("no blk device in {status:#}"));
+                let r = &blk["replica"];
+                assert!(
+                    r["last_acked"].as_u64().is_some() && r["in_sync"] == true,
+                    "replication in ftctl status: {r:#}"
+                );
+            }
             rig.reach(point, &protection, primary.blk);
             std::thread::sleep(Duration::from_millis(500));
             let frozen = rig.output();

@@ -594,6 +594,8 @@ impl Shell {
                     "commits_failed": cd.map_or(0, |c| c.commits_failed),
                     "disconnects": dt.disconnects,
                     "fdatasync": dt.fdatasync.summary(),
+                    // Disk replication as the daemon last reported it (block, --replicate-to).
+                    "replica": v.status.as_ref().and_then(|s| s.replica.clone()),
                 })
             })
             .collect();
