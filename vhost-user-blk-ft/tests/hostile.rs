@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use ft_common::control::{ControlClient, Reply, Request};
 use ft_common::epoch::{Epoch, Generation};
-use ft_tests::frontend::TestFrontend;
+use ft_tests::frontend::{TestFrontend, MEM_GPA, MEM_SIZE};
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::VhostBackend;
 use virtio_bindings::virtio_blk::*;
@@ -233,4 +233,33 @@ fn truncated_guest_memory_costs_the_connection_ft_off() {
 #[test]
 fn truncated_guest_memory_costs_the_connection_ft_hold() {
     truncated_guest_memory(true);
+}
+
+/// Only the data page of a write is truncated away (header, status and rings stay): the
+/// daemon never touches it itself, the kernel's copy fails (EFAULT), the guest gets
+/// VIRTIO_BLK_S_IOERR and nothing reaches the image; the connection goes on.
+#[test]
+fn write_from_a_truncated_data_page_fails_with_ioerr_ft_off() {
+    let d = start(false);
+    let mut f = TestFrontend::connect(&d.sock, 1, T);
+    f.handshake();
+    f.set_mem_table();
+    f.init_queue(0, 256);
+    f.setup_vring(0, 0);
+    f.fe.set_vring_enable(0, true).expect("enable");
+    // The last page of guest memory (the test allocator never gets there).
+    let buf = MEM_GPA + MEM_SIZE - 0x1000;
+    f.write(buf, &[0x5a; 4096]);
+    let (head, status) = blk_req_on(&mut f, 0, VIRTIO_BLK_T_OUT, 8, Some((buf, 4096)));
+    f.truncate_guest_memory(MEM_SIZE - 0x1000);
+    f.kick(0);
+    assert_eq!(f.wait_used(0, 1, T).first().map(|u| u.0), Some(head));
+    assert_eq!(f.read(status, 1)[0], VIRTIO_BLK_S_IOERR as u8);
+    assert_eq!(file_bytes(&d.img, 8 * 512, 4096), vec![0u8; 4096]);
+    // Same connection, a sane write.
+    let data: Vec<u8> = (0..4096u32).map(|i| (i * 5 + 2) as u8).collect();
+    let (head, status) = write(&mut f, 16, &data);
+    assert_eq!(f.wait_used(0, 1, T).first().map(|u| u.0), Some(head));
+    assert_eq!(f.read(status, 1)[0], VIRTIO_BLK_S_OK as u8);
+    assert_eq!(file_bytes(&d.img, 16 * 512, 4096), data);
 }
