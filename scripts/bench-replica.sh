@@ -11,7 +11,8 @@
 # Then the initial sync (--replica-initial-sync, 16 MiB chunks, a commit every 5 ms, no guest
 # I/O) of a SYNC_MIB image of random data, against `dd bs=16M conv=fdatasync` of the same file.
 #
-# Usage: scripts/bench-replica.sh [--rounds N] [--runtime SECS] [--sync-mib N] [--no-doc]
+# Usage: scripts/bench-replica.sh [--rounds N] [--runtime SECS] [--sync-mib N] [--sync-only] [--no-doc]
+# (--sync-only: only the initial sync line, printed; docs/benchmarks.md is left alone)
 # Writes its table into docs/benchmarks.md between the bench-replica markers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,11 +27,13 @@ MODES="hold-5 hold-5+replica event event+replica"
 WORKLOADS="randwrite4k-qd1,randwrite4k-qd32,seqwrite128k-qd8"
 PORT=27210
 SYNC_MIB=1024
+SYNC_ONLY=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --rounds) ROUNDS=$2; shift 2 ;;
         --runtime) RUNTIME=$2; shift 2 ;;
         --sync-mib) SYNC_MIB=$2; shift 2 ;;
+        --sync-only) SYNC_ONLY=1; WRITE_DOC=0; shift ;;
         --no-doc) WRITE_DOC=0; shift ;;
         -h | --help) sed -n '2,15p' "$0"; exit 0 ;;
         *) echo "bench-replica: unknown argument $1" >&2; exit 2 ;;
@@ -93,6 +96,7 @@ run() {
 }
 
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+[ "$SYNC_ONLY" = 1 ] && ROUNDS=0
 for round in $(seq "$ROUNDS"); do
     for mode in $MODES; do
         log "round $round: $mode"
@@ -129,6 +133,7 @@ sync_bench() {
     PIDS+=("$coord")
     for _ in $(seq 6000); do
         grep -q "initial sync done" "$DIR/sync.daemon.log" && break
+        kill -0 "$daemon" 2>/dev/null || break
         sleep 0.1
     done
     SYNC_LINE=$(grep -o "initial sync done.*" "$DIR/sync.daemon.log" || echo "not done in 600 s")
@@ -141,7 +146,8 @@ log "initial sync of $SYNC_MIB MiB"
 sync_bench
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 
-TABLE=$("$PY" - "$DIR" "$ROUNDS" "$MODES" <<'PYEOF'
+TABLE=
+[ "$SYNC_ONLY" = 0 ] && TABLE=$("$PY" - "$DIR" "$ROUNDS" "$MODES" <<'PYEOF'
 import json, statistics, sys, os
 d, rounds, modes = sys.argv[1], int(sys.argv[2]), sys.argv[3].split()
 res = {}

@@ -225,3 +225,98 @@ fn bad_input_is_a_clear_error_and_changes_nothing() {
     );
     assert!(!store.join("vm.json").exists());
 }
+
+/// A store with a replica service (`ft-standby --replica-image`): `replica.json` as the service
+/// writes it, for an image of `size` bytes in `standby-host/`.
+fn replica_on(
+    s: &ScratchDir,
+    store: &Path,
+    size: u64,
+) -> (ft_common::replica::ReplicaServer, PathBuf) {
+    std::fs::create_dir_all(s.join("standby-host")).expect("dir");
+    let img = s
+        .raw_image("standby-host/disk.raw", size)
+        .expect("replica image");
+    let server = ft_common::replica::ReplicaServer::start(ft_common::replica::ReplicaConfig {
+        listen: "tcp:127.0.0.1:0".parse().unwrap(),
+        image: img.clone(),
+        store: store.to_path_buf(),
+        max_epoch_bytes: 1 << 20,
+        io_timeout: Duration::from_secs(5),
+    })
+    .expect("replica service");
+    (server, img)
+}
+
+fn takeover_args(s: &ScratchDir, store: &Path) -> Output {
+    ftctl(&[
+        "takeover".as_ref(),
+        "--store".as_ref(),
+        store.as_os_str(),
+        "--state-file".as_ref(),
+        s.join("standby.state").as_os_str(),
+        "--run-dir".as_ref(),
+        s.join("run").as_os_str(),
+        "--timeout-ms".as_ref(),
+        "10000".as_ref(),
+    ])
+}
+
+/// Shared-nothing takeover: the block daemon starts on the replica's image without
+/// `--replicate-to`, and the replica service is fenced for good; a replica whose initial sync
+/// did not finish is refused before anything starts.
+#[test]
+fn a_takeover_runs_on_the_replica_image_and_refuses_one_not_in_sync() {
+    // In sync: the daemon runs on the replica's image.
+    let s = ScratchDir::new("tk-replica").expect("scratch");
+    let image = s.raw_image("disk.raw", 1 << 20).expect("image");
+    let dir = store(&s, 4, "/bin/false", &image);
+    let (server, replica_img) = replica_on(&s, &dir, 1 << 20);
+    let out = takeover_args(&s, &dir);
+    let pid = peer_pid(&s.join("new.ctl")).ok();
+    let argv = pid
+        .map(|p| ft_common::takeover::vm_record::cmdline(p).expect("cmdline"))
+        .unwrap_or_default();
+    if let Some(pid) = pid {
+        // SAFETY: kill(2) on the daemon this test made ftctl start.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+    assert!(!out.status.success(), "QEMU /bin/false cannot restore");
+    let i = argv
+        .iter()
+        .position(|a| a == "--image")
+        .unwrap_or_else(|| panic!("no daemon started, or no --image: {argv:?}"));
+    assert_eq!(
+        PathBuf::from(&argv[i + 1]),
+        std::fs::canonicalize(&replica_img).unwrap(),
+        "the daemon does not run on the replica's image: {argv:?}"
+    );
+    assert!(!argv.iter().any(|a| a.contains("replicate-to")), "{argv:?}");
+    assert!(dir.join(ft_common::replica::server::FENCED_FILE).exists());
+    drop(server);
+
+    // Not in sync (an initial sync started and did not finish): refused, nothing started.
+    let s = ScratchDir::new("tk-replica-sync").expect("scratch");
+    let image = s.raw_image("disk.raw", 1 << 20).expect("image");
+    let dir = store(&s, 4, "/bin/false", &image);
+    let (server, _img) = replica_on(&s, &dir, 1 << 20);
+    let mut link = ft_common::replica::ReplicaLink::new(
+        server.addr().clone(),
+        1 << 20,
+        Duration::from_secs(5),
+    );
+    let f = link.begin(Epoch(1));
+    f.sync_start();
+    f.write(0, [&[1u8; 4096][..]].into_iter());
+    f.finish();
+    link.send();
+    link.wait_ack().expect("ack");
+    let out = takeover_args(&s, &dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("initial sync incomplete"), "{stderr}");
+    assert!(
+        peer_pid(&s.join("new.ctl")).is_err(),
+        "a daemon was started on a half-copied image"
+    );
+}

@@ -418,10 +418,15 @@ fn initial_sync_copies_a_running_disk_and_reports_progress() {
         let st = status(&mut c).replica.expect("replica status");
         let p = st.sync.clone().expect("sync progress");
         assert!(p.percent >= last_percent, "{p:?}");
+        assert!(
+            p.percent == 0 || p.rate_kib_s > 0,
+            "no rate during the copy: {p:?}"
+        );
         last_percent = p.percent;
         if st.in_sync {
             assert_eq!((p.percent, p.copied_bytes), (100, IMG_SIZE));
             assert!(p.zero_chunks >= 4, "{p:?}");
+            assert!(p.rate_kib_s > 0, "no rate once done: {p:?}");
             break;
         }
         assert!(

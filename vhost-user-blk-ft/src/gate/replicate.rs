@@ -141,7 +141,9 @@ impl Replication {
             Ok(_) => {
                 if let Some(s) = &mut self.sync {
                     s.acked += std::mem::take(&mut s.in_frame);
-                    if let (true, Some(t)) = (s.acked == s.size, s.started.take()) {
+                    // (`started` is taken only once the copy is complete.)
+                    if let Some(t) = s.started.filter(|_| s.acked == s.size) {
+                        s.started = None;
                         let took = t.elapsed();
                         log::info!(
                             "replica: initial sync done ({} bytes in {took:?}): in sync",
