@@ -241,8 +241,8 @@ impl GateDevice for BlkGate {
                 .map_err(|e| GateError::Held(format!("replication: {e}")))?;
             if let Some(e) = kept {
                 log::info!("replica acknowledged epoch {e} at last; completing it");
+                self.deliver(done);
             }
-            self.deliver(done);
         }
         let (batch, previous) = {
             let mut txq = self.hold.lock();
