@@ -2,7 +2,8 @@
 //! ft-common: the parts both ft-vhost daemons share.
 //!
 //! - [`durable`]: small state files replaced atomically and durably.
-//! - [`epoch`]: epoch and generation numbers, and the generation fence.
+//! - [`epoch`]: epoch and generation numbers.
+//! - [`fence`]: the generation fence and the persisted generation (`GenerationStore`).
 //! - [`aiocb`]: AIOCB handles (queued, in flight, completed or cancelled) with real cancel.
 //! - [`txqueue`]: the per-device transaction queue holding output by epoch until commit.
 //! - [`control`]: the coordinator <-> daemon control protocol (messages, framing, socket ends).
@@ -29,6 +30,7 @@ pub mod control;
 pub mod coordinator;
 pub mod durable;
 pub mod epoch;
+pub mod fence;
 pub mod gate;
 pub mod killpoint;
 pub mod ratelimit;

@@ -5,7 +5,8 @@
 use ft_common::control::codec::{encode, read_message, MAX_FRAME_LEN, PROTOCOL_VERSION};
 use ft_common::control::message::*;
 use ft_common::control::{ClientError, ControlClient, ControlServer, Notifier};
-use ft_common::epoch::{Epoch, Fence, Generation};
+use ft_common::epoch::{Epoch, Generation};
+use ft_common::fence::Fence;
 use std::io::Write;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};

@@ -11,9 +11,9 @@ use common::fake_device::{FakeDevice, Hooks, TestDevice};
 use common::*;
 use ft_common::control::message::{DeviceKind, ErrorCode, Reply, Request};
 use ft_common::control::ControlClient;
-use ft_common::coordinator::generation_store::GenerationStore;
 use ft_common::coordinator::{Coordinator, FailurePolicy, Op};
 use ft_common::epoch::{Epoch, Generation};
+use ft_common::fence::GenerationStore;
 use std::time::Duration;
 
 #[test]

@@ -11,8 +11,8 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use ft_common::control::{ControlClient, DeviceKind, Reply, Request};
-use ft_common::coordinator::generation_store::GenerationStore;
 use ft_common::epoch::{Epoch, Generation};
+use ft_common::fence::GenerationStore;
 use ft_common::standby::store::{CheckpointStore, PublishInfo};
 use ft_common::takeover::vm_record::{peer_pid, DaemonRecord, VmRecord, FORMAT};
 use ft_tests::guest::image::workspace_binary;

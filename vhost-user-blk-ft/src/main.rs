@@ -328,10 +328,10 @@ fn run(args: Args) -> std::io::Result<()> {
 }
 
 /// The fence of `--state-dir`, or an in-memory one (with a warning) without it.
-fn fence(state_dir: Option<&std::path::Path>) -> std::io::Result<ft_common::epoch::Fence> {
+fn fence(state_dir: Option<&std::path::Path>) -> std::io::Result<ft_common::fence::Fence> {
     match state_dir {
         Some(dir) => {
-            let f = ft_common::epoch::Fence::from_state_dir(dir).map_err(|e| {
+            let f = ft_common::fence::Fence::from_state_dir(dir).map_err(|e| {
                 std::io::Error::new(e.kind(), format!("--state-dir {}: {e}", dir.display()))
             })?;
             log::info!(
@@ -346,7 +346,7 @@ fn fence(state_dir: Option<&std::path::Path>) -> std::io::Result<ft_common::epoc
                 "no --state-dir: the fence is kept in memory only, so after a restart a \
                  deposed coordinator is admitted again"
             );
-            Ok(ft_common::epoch::Fence::default())
+            Ok(ft_common::fence::Fence::default())
         }
     }
 }

@@ -31,7 +31,8 @@ use crate::device::{FtMode, GateOp, NetMsg, NetReply, NetWorker};
 use crate::mac::MacAddr;
 use crate::tx_hold::Released;
 use ft_common::control::{DeviceKind, ErrorCode, QueueState, Reply, Request};
-use ft_common::epoch::{Epoch, Fence};
+use ft_common::epoch::Epoch;
+use ft_common::fence::Fence;
 use ft_common::gate::{
     AbortDone, CommitDone, CommitFailure, Gate, GateDevice, GateError, HeldView, Identity,
     OnCommitError, QueueMerge, Recovery,

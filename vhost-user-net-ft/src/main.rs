@@ -4,7 +4,7 @@
 
 use clap::{Parser, ValueEnum};
 use ft_common::control::{ControlServer, Notifier};
-use ft_common::epoch::Fence;
+use ft_common::fence::Fence;
 use ft_common::vhost_user::server::VhostUserServer;
 use log::{error, info};
 use std::path::PathBuf;

@@ -16,8 +16,8 @@
 use super::etcd::{Etcd, EtcdError};
 use super::ArbiterConfig;
 use crate::control::deadline::MonotonicTime;
-use crate::coordinator::generation_store::GenerationStore;
 use crate::epoch::Generation;
+use crate::fence::GenerationStore;
 use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};

@@ -17,7 +17,8 @@ use super::codec::{encode, read_message, FrameDecoder, HEADER_LEN, MAX_FRAME_LEN
 use super::message::{DaemonMessage, DeviceKind, QueueState, Reply, Request, MAX_REQUEST_NUMBER};
 use super::server::{ControlServer, ControlServerHandle};
 use super::ControlClient;
-use crate::epoch::{Epoch, Fence};
+use crate::epoch::Epoch;
+use crate::fence::Fence;
 use crate::gate::{
     AbortDone, CommitDone, Gate, GateDevice, GateError, HeldView, Identity, OnCommitError,
     QueueMerge,

@@ -10,7 +10,6 @@
 //! - [`checkpointer`]: `sim`, `exec:CMD`, `qmp:SOCK` and [`migrate`] (`migrate:SOCK,standby=ADDR`:
 //!   real checkpoints to an `ft-standby`) behind one trait; [`checkpointer_spec`]: the
 //!   `--checkpointer` argument, which builds one of them; [`qmp`]: QMP client.
-//! - [`generation_store`]: the persisted fencing generation.
 //! - [`api`]: the `ftctl` socket; [`metrics`]: Prometheus text over HTTP on loopback;
 //!   [`telemetry`]: latency histograms and counters.
 //!
@@ -23,7 +22,6 @@ pub mod checkpointer;
 pub mod checkpointer_spec;
 pub mod cycle;
 pub mod device_link;
-pub mod generation_store;
 pub mod handle;
 pub mod metrics;
 pub mod migrate;

@@ -14,7 +14,8 @@ use crate::control::deadline::{check_commit_deadline_at, MonotonicTime};
 use crate::control::message::{
     CommitStats, DeviceStatus, ErrorCode, QueueState, Reply, Request, TransactionState,
 };
-use crate::epoch::{AdmitError, Epoch, Fence};
+use crate::epoch::Epoch;
+use crate::fence::{AdmitError, Fence};
 use crate::txqueue::TxError;
 use std::time::Duration;
 

@@ -11,7 +11,7 @@
 use super::core::{GateCore, OnCommitError, Op, Step};
 use super::GateDevice;
 use crate::control::{ControlHandler, Reply, Request};
-use crate::epoch::Fence;
+use crate::fence::Fence;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 

@@ -7,7 +7,8 @@
 
 use ft_common::control::message::*;
 use ft_common::control::{ControlServer, ControlServerHandle, Notifier};
-use ft_common::epoch::{Epoch, Fence, Generation};
+use ft_common::epoch::{Epoch, Generation};
+use ft_common::fence::Fence;
 use ft_common::txqueue::{Limits, TxQueue};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};

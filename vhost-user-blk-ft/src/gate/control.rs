@@ -37,7 +37,8 @@ use crate::gate::replicate::Replication;
 use crate::queue::BlkQueue;
 use crate::request::STATUS_IOERR;
 use ft_common::control::{DeviceKind, ErrorCode, QueueState, Reply, Request, TransactionState};
-use ft_common::epoch::{Epoch, Fence};
+use ft_common::epoch::Epoch;
+use ft_common::fence::Fence;
 use ft_common::gate::{
     AbortDone, CommitDone, CommitFailure, Gate, GateDevice, GateError, HeldView, Identity,
     QueueMerge, Recovery,
