@@ -9,9 +9,9 @@
 //!
 //! Invariant: a daemon *starts* a commit only while `now <= deadline`; a `COMMIT` that arrives
 //! (or is dequeued) later is answered `ERROR DEADLINE_PASSED` and releases nothing. A `COMMIT`
-//! without a deadline (a coordinator without `--etcd`, or an older one) is not limited.
+//! without a deadline (a coordinator without `--etcd`, or an older one) is not limited. The
+//! check is the gate core's (`GateCore::admit_commit`), the one place a COMMIT is admitted.
 
-use super::message::{ErrorCode, Reply};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::time::Duration;
@@ -71,31 +71,6 @@ impl fmt::Display for MonotonicTime {
     }
 }
 
-/// The commit admission check: `Ok` when a commit may start now under `deadline`, else the
-/// `DEADLINE_PASSED` reply to send (nothing may be released then). Call it last before the
-/// commit starts, so that no wait (a lock, an earlier commit) separates check and start.
-pub fn check_commit_deadline(deadline: Option<MonotonicTime>) -> Result<(), Reply> {
-    check_commit_deadline_at(deadline, MonotonicTime::now())
-}
-
-/// [`check_commit_deadline`] at a given `now` (tests).
-pub fn check_commit_deadline_at(
-    deadline: Option<MonotonicTime>,
-    now: MonotonicTime,
-) -> Result<(), Reply> {
-    match deadline {
-        Some(d) if now > d => Err(Reply::error(
-            ErrorCode::DeadlinePassed,
-            format!(
-                "commit deadline passed {} us ago (the coordinator's etcd lease may have \
-                 expired): nothing released",
-                now.0 - d.0
-            ),
-        )),
-        _ => Ok(()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,24 +86,5 @@ mod tests {
             a.plus(Duration::from_secs(1)).minus(Duration::from_secs(1)),
             a
         );
-    }
-
-    #[test]
-    fn a_commit_starts_only_until_its_deadline() {
-        let d = MonotonicTime(5_000_000);
-        assert!(check_commit_deadline_at(None, MonotonicTime(u64::MAX)).is_ok());
-        assert!(check_commit_deadline_at(Some(d), MonotonicTime(4_999_999)).is_ok());
-        assert!(check_commit_deadline_at(Some(d), d).is_ok());
-        match check_commit_deadline_at(Some(d), MonotonicTime(5_000_250)) {
-            Err(Reply::Error { code, message }) => {
-                assert_eq!(code, ErrorCode::DeadlinePassed);
-                assert!(message.contains("250 us"), "{message}");
-            }
-            r => panic!("{r:?}"),
-        }
-        // A deadline in the past of the real clock refuses, one in the future admits.
-        let now = MonotonicTime::now();
-        assert!(check_commit_deadline(Some(now.minus(Duration::from_millis(1)))).is_err());
-        assert!(check_commit_deadline(Some(now.plus(Duration::from_secs(60)))).is_ok());
     }
 }

@@ -10,7 +10,7 @@
 //! does not: epoch numbers (the device's transaction queues are their only truth).
 
 use super::{AbortDone, CommitDone, GateError, HeldView, Identity, Recovery};
-use crate::control::deadline::{check_commit_deadline_at, MonotonicTime};
+use crate::control::deadline::MonotonicTime;
 use crate::control::message::{
     CommitStats, DeviceStatus, ErrorCode, QueueState, Reply, Request, TransactionState,
 };
@@ -141,11 +141,20 @@ impl GateCore {
                 format!("commit {epoch}: an earlier commit failed and --on-commit-error is stop"),
             ));
         }
-        if deadline.is_some() {
-            check_commit_deadline_at(deadline, (self.clock)()).map_err(|r| {
+        if let Some(d) = deadline {
+            let now = (self.clock)();
+            if now > d {
+                let r = Reply::error(
+                    ErrorCode::DeadlinePassed,
+                    format!(
+                        "commit deadline passed {} us ago (the coordinator's etcd lease may \
+                         have expired): nothing released",
+                        now.0 - d.0
+                    ),
+                );
                 log::warn!("commit {epoch} refused: {r:?}");
-                r
-            })?;
+                return Err(r);
+            }
         }
         Ok(())
     }
