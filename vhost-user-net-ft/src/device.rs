@@ -356,7 +356,15 @@ impl NetWorker {
             None => self
                 .tx
                 .process(ring, &mut TapSink(&self.tap), &self.counters),
-            Some(hold) => self.tx.process(ring, &mut HoldSink(hold), &self.counters),
+            Some(hold) => {
+                // One handle per pass (not per frame): frames are held only from intact memory.
+                let mem = Arc::clone(ring.memory());
+                let mut sink = HoldSink {
+                    hold,
+                    mem: Some(&mem),
+                };
+                self.tx.process(ring, &mut sink, &self.counters)
+            }
         };
         ring.signal_used();
         if let Some(hold) = self.hold.as_mut() {

@@ -21,6 +21,7 @@ use crate::tx::{copy_from_iov, Push, TxSink};
 use ft_common::aiocb::Aiocb;
 use ft_common::epoch::Epoch;
 use ft_common::txqueue::{Limits, SealSummary, TxError, TxQueue};
+use ft_common::vhost_user::GuestMem;
 use std::io;
 
 /// Where a held frame lives in the arena.
@@ -122,6 +123,20 @@ impl TxHold {
 
     /// Copies a frame of `len` bytes gathered over `iov` into the open epoch.
     pub fn push(&mut self, iov: &[libc::iovec], len: usize) -> Push {
+        self.push_checked(iov, len, || true)
+    }
+
+    /// [`push`](Self::push) from guest memory that may break under the copy: the frame is
+    /// copied into free arena space first and queued only if `intact()` still holds after the
+    /// copy. A frontend that truncates its memory file makes the daemon's reads of the lost
+    /// pages fault; the SIGBUS handler maps zeros there (`ft_common::vhost_user::sigbus`), so a
+    /// frame copied over such a page would be zeros, and must never be held, let alone sent.
+    pub fn push_checked(
+        &mut self,
+        iov: &[libc::iovec],
+        len: usize,
+        intact: impl FnOnce() -> bool,
+    ) -> Push {
         if len > self.arena.len() {
             // Could never fit; the CLI keeps the arena above the largest frame, so this is a
             // configuration error, reported as a drop rather than a permanent stall.
@@ -133,13 +148,22 @@ impl TxHold {
         let Some(off) = self.alloc(len) else {
             return Push::Full;
         };
+        if !self.q.has_room(len as u64) {
+            return Push::Full;
+        }
+        // Free space until the frame is queued below: nothing else owns it meanwhile.
+        let copied = copy_from_iov(iov, &mut self.arena[off..off + len]);
+        debug_assert_eq!(copied, len);
+        if !intact() {
+            return Push::Failed(io::Error::other(
+                "guest memory under the frame is gone (the frontend truncated it)",
+            ));
+        }
         let was_empty = self.is_empty();
         let pushed = match self.q.push(Slot { off, len }, len as u64) {
             Ok(p) => p,
             Err(_full) => return Push::Full,
         };
-        let copied = copy_from_iov(iov, &mut self.arena[off..off + len]);
-        debug_assert_eq!(copied, len);
         if was_empty {
             self.head = off;
         }
@@ -216,12 +240,19 @@ impl TxHold {
     }
 }
 
-/// `--ft hold`: a [`TxSink`] that copies frames into the hold buffer's open epoch.
-pub struct HoldSink<'a>(pub &'a mut TxHold);
+/// `--ft hold`: a [`TxSink`] that copies frames into the hold buffer's open epoch. `mem` is the
+/// guest memory the frames come from: a frame is held only if it was intact after the copy
+/// ([`TxHold::push_checked`]).
+pub struct HoldSink<'a> {
+    pub hold: &'a mut TxHold,
+    pub mem: Option<&'a GuestMem>,
+}
 
 impl TxSink for HoldSink<'_> {
     fn push(&mut self, iov: &[libc::iovec], len: usize) -> Push {
-        self.0.push(iov, len)
+        let mem = self.mem;
+        self.hold
+            .push_checked(iov, len, || mem.is_none_or(|m| !m.is_broken()))
     }
 }
 

@@ -161,3 +161,85 @@ fn tx_avail_idx_far_ahead_breaks_the_ring_ft_off() {
 fn tx_avail_idx_far_ahead_breaks_the_ring_ft_hold() {
     tx_avail_far_ahead(true, "fthvhold0");
 }
+
+/// A frontend that truncates its guest memory file under a TX frame in hold mode: the daemon's
+/// copy faults, the SIGBUS handler maps zeros there, and the connection is dropped. The zeroed
+/// copy must not be held: a COMMIT afterwards sends nothing to the tap, and the daemon lives.
+#[test]
+fn tx_frame_over_truncated_memory_is_never_sent_ft_hold() {
+    use ft_common::control::{ControlClient, Reply, Request};
+    use ft_common::epoch::{Epoch, Generation};
+    in_netns(|| {
+        let tap = "fthvtrunc0";
+        let mut d = start("trunc", tap, true);
+        let ctl = std::env::temp_dir().join(format!("ft-nethv-trunc-{}.ctl", std::process::id()));
+        let mut f = TestFrontend::connect(&d.sock, 2, T);
+        f.handshake();
+        f.set_mem_table();
+        rings(&mut f);
+        // Every ethertype: a zeroed copy would carry ethertype 0.
+        let pkt = PacketSocket::bind_proto(tap, libc::ETH_P_ALL as u16).expect("packet socket");
+        let frame = eth_frame([0x02, 0, 0, 0, 0, 1], [0x52, 0x54, 0, 1, 2, 3], &[0x5a; 64]);
+        let mut data = vec![0u8; VNET_HDR_LEN];
+        data.extend_from_slice(&frame);
+        // Data buffers live 2 MiB into the memfd, above the rings, which stay readable.
+        let gpa = f.alloc(data.len() as u64);
+        f.write(gpa, &data);
+        f.add_chain(
+            TXQ,
+            &[Buf {
+                gpa,
+                len: data.len() as u32,
+                writable: false,
+            }],
+        );
+        f.truncate_guest_memory(0x20_0000);
+        f.kick(TXQ);
+        // The daemon notices the fault and closes the connection.
+        let t0 = Instant::now();
+        loop {
+            let mut b = [0u8; 1];
+            // SAFETY: reading one byte from our own socket fd.
+            let n = unsafe {
+                libc::recv(
+                    f.raw().as_raw_fd(),
+                    b.as_mut_ptr().cast(),
+                    1,
+                    libc::MSG_DONTWAIT | libc::MSG_PEEK,
+                )
+            };
+            if n == 0 {
+                break;
+            }
+            assert!(t0.elapsed() < T, "connection not closed after the fault");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(d.child.try_wait().expect("wait").is_none(), "daemon died");
+        let mut c = ControlClient::connect(&ctl, T).expect("control connect");
+        let g = Generation(1);
+        match c
+            .call(&Request::Seal {
+                generation: g,
+                epoch: Epoch(1),
+            })
+            .expect("seal")
+        {
+            Reply::Sealed { .. } => {}
+            r => panic!("seal: {r:?}"),
+        }
+        let r = c
+            .call(&Request::Commit {
+                generation: g,
+                epoch: Epoch(1),
+                deadline: None,
+            })
+            .expect("commit");
+        assert!(matches!(r, Reply::Committed { .. }), "commit: {r:?}");
+        let sent = pkt.collect(Duration::from_millis(300), Duration::from_secs(2));
+        let zeros = vec![0u8; frame.len()];
+        assert!(
+            !sent.iter().any(|p| *p == zeros || *p == frame),
+            "a frame read over truncated memory reached the tap: {sent:?}"
+        );
+    });
+}
