@@ -28,11 +28,14 @@ pub enum DropReason {
     BadDescriptor,
     /// The tap refused the frame.
     TapError,
+    /// The hold buffer could not take the frame (larger than the whole buffer), or the guest
+    /// memory under it was truncated by the frontend while it was copied.
+    HoldRefused,
     /// An RX frame was waiting for buffers when its ring was stopped or the device reset.
     Reset,
 }
 
-const KINDS: usize = 7;
+const KINDS: usize = 8;
 
 impl DropReason {
     fn index(self) -> usize {
@@ -47,6 +50,7 @@ impl DropReason {
             DropReason::Runt => "frame shorter than an Ethernet header",
             DropReason::BadDescriptor => "bad descriptor",
             DropReason::TapError => "tap write failed",
+            DropReason::HoldRefused => "hold buffer refused the frame",
             DropReason::Reset => "ring stopped while the frame waited for buffers",
         }
     }

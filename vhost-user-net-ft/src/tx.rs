@@ -45,8 +45,8 @@ pub enum Push {
     Done,
     /// No room now: put the chain back and stop taking from the ring.
     Full,
-    /// Refused: drop it.
-    Failed(io::Error),
+    /// Refused: drop it (counted under the reason).
+    Failed(DropReason, io::Error),
 }
 
 /// Where TX frames go.
@@ -81,8 +81,11 @@ fn write_now(tap: &Tap, iov: &[libc::iovec], len: usize) -> Push {
     // while the chain is outstanding (it is completed only after this returns).
     match unsafe { tap.writev(iov) } {
         Ok(n) if n == len => Push::Done,
-        Ok(n) => Push::Failed(io::Error::other(format!("short write {n}/{len}"))),
-        Err(e) => Push::Failed(e),
+        Ok(n) => Push::Failed(
+            DropReason::TapError,
+            io::Error::other(format!("short write {n}/{len}")),
+        ),
+        Err(e) => Push::Failed(DropReason::TapError, e),
     }
 }
 
@@ -171,8 +174,8 @@ impl TxPath {
                             pass.blocked = true;
                             false
                         }
-                        Push::Failed(e) => {
-                            counters.drop_tx(DropReason::TapError, format_args!("{e}"));
+                        Push::Failed(why, e) => {
+                            counters.drop_tx(why, format_args!("{e}"));
                             true
                         }
                     },
@@ -230,9 +233,7 @@ impl TxPath {
                                 counters.tx.count_frame(len - self.hdr_len);
                                 pass.frames += 1;
                             }
-                            Push::Failed(e) => {
-                                counters.drop_tx(DropReason::TapError, format_args!("{e}"))
-                            }
+                            Push::Failed(why, e) => counters.drop_tx(why, format_args!("{e}")),
                             Push::Full => unreachable!("write_now never reports Full"),
                         }
                         if q.add_used(head, 0) {

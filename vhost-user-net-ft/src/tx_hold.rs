@@ -17,6 +17,7 @@
 //! - A frame leaves only through [`TxHold::commit`] (in guest order, epochs <= E, E sealed) or
 //!   [`TxHold::abort`]; nothing of an epoch later than the committed one is ever handed out.
 
+use crate::stats::DropReason;
 use crate::tx::{copy_from_iov, Push, TxSink};
 use ft_common::aiocb::Aiocb;
 use ft_common::epoch::Epoch;
@@ -140,10 +141,13 @@ impl TxHold {
         if len > self.arena.len() {
             // Could never fit; the CLI keeps the arena above the largest frame, so this is a
             // configuration error, reported as a drop rather than a permanent stall.
-            return Push::Failed(io::Error::other(format!(
-                "{len}-byte frame larger than the {}-byte hold buffer",
-                self.arena.len()
-            )));
+            return Push::Failed(
+                DropReason::HoldRefused,
+                io::Error::other(format!(
+                    "{len}-byte frame larger than the {}-byte hold buffer",
+                    self.arena.len()
+                )),
+            );
         }
         let Some(off) = self.alloc(len) else {
             return Push::Full;
@@ -155,9 +159,12 @@ impl TxHold {
         let copied = copy_from_iov(iov, &mut self.arena[off..off + len]);
         debug_assert_eq!(copied, len);
         if !intact() {
-            return Push::Failed(io::Error::other(
-                "guest memory under the frame is gone (the frontend truncated it)",
-            ));
+            return Push::Failed(
+                DropReason::HoldRefused,
+                io::Error::other(
+                    "guest memory under the frame is gone (the frontend truncated it)",
+                ),
+            );
         }
         let was_empty = self.is_empty();
         let pushed = match self.q.push(Slot { off, len }, len as u64) {
@@ -273,7 +280,7 @@ mod tests {
         match h.push(&iov(b), b.len()) {
             Push::Done => true,
             Push::Full => false,
-            Push::Failed(e) => panic!("{e}"),
+            Push::Failed(_, e) => panic!("{e}"),
         }
     }
 
@@ -330,7 +337,10 @@ mod tests {
         h.seal(Epoch(1)).unwrap();
         assert_eq!(commit(&mut h, 1).unwrap().len(), 3);
         assert!(push(&mut h, b"0123456789"));
-        assert!(matches!(h.push(&iov(&[0; 11]), 11), Push::Failed(_)));
+        assert!(matches!(
+            h.push(&iov(&[0; 11]), 11),
+            Push::Failed(DropReason::HoldRefused, _)
+        ));
     }
 
     #[test]
