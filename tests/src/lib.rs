@@ -24,3 +24,4 @@ pub mod guest;
 pub mod netns;
 pub mod proxy;
 pub mod stream;
+pub mod takeover_store;

@@ -19,7 +19,6 @@
 //! fails at starting QEMU, as in tests/tests/takeover_cli.rs); the full takeover with QEMU is
 //! tests/tests/e2e_failover.rs (without etcd).
 
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,24 +26,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ft_common::control::deadline::MonotonicTime;
-use ft_common::control::{ControlClient, DeviceKind, Reply, Request};
-use ft_common::epoch::{Epoch, Generation};
-use ft_common::standby::store::{CheckpointStore, PublishInfo};
-use ft_common::takeover::vm_record::{peer_pid, DaemonRecord, VmRecord, FORMAT};
+use ft_common::control::{ControlClient, Reply, Request};
+use ft_common::epoch::Generation;
+use ft_common::standby::store::CheckpointStore;
+use ft_common::takeover::vm_record::peer_pid;
 use ft_tests::blk_client::{BlkClient, ClientError};
 use ft_tests::etcd::{self, veth, EtcdServer, Netns};
-use ft_tests::guest::image::workspace_binary;
 use ft_tests::guest::{Backend, BackendCommand, ScratchDir};
+use ft_tests::takeover_store::{binary, blk_args, store_with_checkpoint};
 
 const T: Duration = Duration::from_secs(30);
 const MAGIC: u64 = 0x4654_5041_5254_4954; // "FTPARTIT"
 const BLOCK: usize = 4096;
 /// Most writes the client submits (one buffer each, never reused).
 const MAX_WRITES: usize = 1024;
-
-fn binary(package: &str, name: &str) -> PathBuf {
-    workspace_binary(package, name).unwrap_or_else(|e| panic!("{name} binary: {e}"))
-}
 
 struct Proc(Child);
 impl Drop for Proc {
@@ -54,62 +49,11 @@ impl Drop for Proc {
     }
 }
 
-fn blk_args(s: &ScratchDir, image: &Path, tag: &str) -> Vec<OsString> {
-    vec![
-        "--socket".into(),
-        s.join(&format!("{tag}.sock")).into(),
-        "--image".into(),
-        image.into(),
-        "--ft".into(),
-        "hold".into(),
-        "--control".into(),
-        s.join(&format!("{tag}.ctl")).into(),
-    ]
-}
-
 /// The standby's store: a stand-in checkpoint of generation 1 and a vm.json whose daemon runs
 /// on `new.*` sockets and whose QEMU is /bin/false (the takeover fails there, after the
 /// arbitration and the generation, which are what this test is about).
 fn standby_store(s: &ScratchDir, image: &Path) -> PathBuf {
-    let dir = s.join("store");
-    let st = CheckpointStore::create(&dir).expect("store");
-    let mut inc = st.begin(Generation(1)).expect("begin");
-    inc.write(b"QEVM-not-a-real-stream").expect("write");
-    inc.publish(PublishInfo {
-        generation: Generation(1),
-        epoch: Epoch(1),
-        devices: vec![serde_json::json!({
-            "device": "disk.raw", "kind": "blk",
-            "queues": [{"queue": 0, "next_avail": 0, "outstanding": [], "held_heads": []}]
-        })],
-        mode: Some("paused".into()),
-        vm_paused_us: None,
-        meta: None,
-        fsync_delay: Duration::ZERO,
-    })
-    .expect("publish");
-    let mut argv = vec![binary("vhost-user-blk-ft", "vhost-user-blk-ft")
-        .to_string_lossy()
-        .into_owned()];
-    argv.extend(
-        blk_args(s, image, "new")
-            .into_iter()
-            .map(|a| a.to_string_lossy().into_owned()),
-    );
-    VmRecord {
-        format: FORMAT,
-        qemu: vec!["/bin/false".into()],
-        daemons: vec![DaemonRecord {
-            name: "blk".into(),
-            device: "disk.raw".into(),
-            kind: DeviceKind::Blk,
-            control: s.join("new.ctl"),
-            argv,
-        }],
-    }
-    .save(&dir)
-    .expect("vm.json");
-    dir
+    store_with_checkpoint(s, 1, 1, vec!["/bin/false".into()], image)
 }
 
 fn ftctl_status(api: &Path) -> Option<serde_json::Value> {

@@ -5,22 +5,17 @@
 //!
 //! The end-to-end takeover with QEMU is tests/tests/e2e_failover.rs.
 
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use ft_common::control::{ControlClient, DeviceKind, Reply, Request};
+use ft_common::control::{ControlClient, Reply, Request};
 use ft_common::epoch::{Epoch, Generation};
 use ft_common::fence::GenerationStore;
-use ft_common::standby::store::{CheckpointStore, PublishInfo};
-use ft_common::takeover::vm_record::{peer_pid, DaemonRecord, VmRecord, FORMAT};
-use ft_tests::guest::image::workspace_binary;
+use ft_common::standby::store::CheckpointStore;
+use ft_common::takeover::vm_record::peer_pid;
 use ft_tests::guest::{Backend, BackendCommand, ScratchDir};
-
-fn binary(package: &str, name: &str) -> PathBuf {
-    workspace_binary(package, name).unwrap_or_else(|e| panic!("{name} binary: {e}"))
-}
+use ft_tests::takeover_store::{binary, blk_args, store_with_checkpoint};
 
 fn ftctl(args: &[&std::ffi::OsStr]) -> Output {
     Command::new(binary("ft-common", "ftctl"))
@@ -29,61 +24,9 @@ fn ftctl(args: &[&std::ffi::OsStr]) -> Output {
         .expect("run ftctl")
 }
 
-fn blk_args(s: &ScratchDir, image: &Path, tag: &str) -> Vec<OsString> {
-    vec![
-        "--socket".into(),
-        s.join(&format!("{tag}.sock")).into(),
-        "--image".into(),
-        image.into(),
-        "--ft".into(),
-        "hold".into(),
-        "--control".into(),
-        s.join(&format!("{tag}.ctl")).into(),
-    ]
-}
-
-/// A store with one published checkpoint of generation `g` (a block device, nothing
-/// outstanding) and a vm.json whose QEMU is `qemu` and whose daemon runs on `new.*` sockets.
-fn store(s: &ScratchDir, g: u64, qemu: &str, image: &Path) -> PathBuf {
-    let dir = s.join("store");
-    let st = CheckpointStore::create(&dir).expect("store");
-    let mut inc = st.begin(Generation(g)).expect("begin");
-    inc.write(b"QEVM-not-a-real-stream").expect("write");
-    inc.publish(PublishInfo {
-        generation: Generation(g),
-        epoch: Epoch(9),
-        devices: vec![serde_json::json!({
-            "device": "disk.raw", "kind": "blk",
-            "queues": [{"queue": 0, "next_avail": 0, "outstanding": [], "held_heads": []}]
-        })],
-        mode: Some("paused".into()),
-        vm_paused_us: None,
-        meta: None,
-        fsync_delay: Duration::ZERO,
-    })
-    .expect("publish");
-    let mut argv = vec![binary("vhost-user-blk-ft", "vhost-user-blk-ft")
-        .to_string_lossy()
-        .into_owned()];
-    argv.extend(
-        blk_args(s, image, "new")
-            .into_iter()
-            .map(|a| a.to_string_lossy().into_owned()),
-    );
-    VmRecord {
-        format: FORMAT,
-        qemu: vec![qemu.into(), "-m".into(), "320M".into()],
-        daemons: vec![DaemonRecord {
-            name: "blk".into(),
-            device: "disk.raw".into(),
-            kind: DeviceKind::Blk,
-            control: s.join("new.ctl"),
-            argv,
-        }],
-    }
-    .save(&dir)
-    .expect("vm.json");
-    dir
+/// The VM record's QEMU command: `qemu` with the guest's memory size.
+fn qemu(qemu: &str) -> Vec<String> {
+    vec![qemu.into(), "-m".into(), "320M".into()]
 }
 
 /// The takeover persists G+1 and fences the store and the reachable old daemon before it
@@ -103,7 +46,7 @@ fn generation_and_fences_come_first_and_a_failed_start_is_reported() {
         Duration::from_secs(10),
     )
     .expect("start the old daemon");
-    let store = store(&s, 4, "/bin/false", &image);
+    let store = store_with_checkpoint(&s, 4, 9, qemu("/bin/false"), &image);
     let state = s.join("standby.state");
     GenerationStore::new(&state)
         .store(Generation(2))
@@ -190,7 +133,7 @@ fn bad_input_is_a_clear_error_and_changes_nothing() {
         String::from_utf8_lossy(&out.stderr)
     );
     let image = s.raw_image("disk.raw", 1 << 20).expect("image");
-    let store = store(&s, 1, "/bin/false", &image);
+    let store = store_with_checkpoint(&s, 1, 9, qemu("/bin/false"), &image);
     std::fs::remove_file(store.join("vm.json")).unwrap();
     let out = run(&store);
     assert!(!out.status.success());
@@ -270,7 +213,7 @@ fn a_takeover_runs_on_the_replica_image_and_refuses_one_not_in_sync() {
     // In sync: the daemon runs on the replica's image.
     let s = ScratchDir::new("tk-replica").expect("scratch");
     let image = s.raw_image("disk.raw", 1 << 20).expect("image");
-    let dir = store(&s, 4, "/bin/false", &image);
+    let dir = store_with_checkpoint(&s, 4, 9, qemu("/bin/false"), &image);
     let (server, replica_img) = replica_on(&s, &dir, 1 << 20);
     let out = takeover_args(&s, &dir);
     let pid = peer_pid(&s.join("new.ctl")).ok();
@@ -298,7 +241,7 @@ fn a_takeover_runs_on_the_replica_image_and_refuses_one_not_in_sync() {
     // Not in sync (an initial sync started and did not finish): refused, nothing started.
     let s = ScratchDir::new("tk-replica-sync").expect("scratch");
     let image = s.raw_image("disk.raw", 1 << 20).expect("image");
-    let dir = store(&s, 4, "/bin/false", &image);
+    let dir = store_with_checkpoint(&s, 4, 9, qemu("/bin/false"), &image);
     let (server, _img) = replica_on(&s, &dir, 1 << 20);
     let mut link = ft_common::replica::ReplicaLink::new(
         server.addr().clone(),
