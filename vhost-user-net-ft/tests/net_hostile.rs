@@ -87,6 +87,25 @@ fn rings(f: &mut TestFrontend) {
     }
 }
 
+/// Places one test frame (virtio-net header + Ethernet frame) on the TX ring (no kick);
+/// returns the Ethernet frame the tap should see.
+fn add_tx_frame(f: &mut TestFrontend) -> Vec<u8> {
+    let frame = eth_frame([0x02, 0, 0, 0, 0, 1], [0x52, 0x54, 0, 1, 2, 3], &[0x5a; 64]);
+    let mut data = vec![0u8; VNET_HDR_LEN];
+    data.extend_from_slice(&frame);
+    let gpa = f.alloc(data.len() as u64);
+    f.write(gpa, &data);
+    f.add_chain(
+        TXQ,
+        &[Buf {
+            gpa,
+            len: data.len() as u32,
+            writable: false,
+        }],
+    );
+    frame
+}
+
 fn tx_avail_far_ahead(gated: bool, tap: &'static str) {
     in_netns(move || {
         let mut d = start(tap, tap, gated);
@@ -114,19 +133,7 @@ fn tx_avail_far_ahead(gated: bool, tap: &'static str) {
         rings(&mut f);
         if !gated {
             let pkt = PacketSocket::bind(tap).expect("packet socket");
-            let frame = eth_frame([0x02, 0, 0, 0, 0, 1], [0x52, 0x54, 0, 1, 2, 3], &[0x5a; 64]);
-            let mut data = vec![0u8; VNET_HDR_LEN];
-            data.extend_from_slice(&frame);
-            let gpa = f.alloc(data.len() as u64);
-            f.write(gpa, &data);
-            f.add_chain(
-                TXQ,
-                &[Buf {
-                    gpa,
-                    len: data.len() as u32,
-                    writable: false,
-                }],
-            );
+            let frame = add_tx_frame(&mut f);
             f.kick(TXQ);
             assert_eq!(f.wait_used(TXQ, 1, T).len(), 1);
             let t0 = Instant::now();
@@ -179,20 +186,8 @@ fn tx_frame_over_truncated_memory_is_never_sent_ft_hold() {
         rings(&mut f);
         // Every ethertype: a zeroed copy would carry ethertype 0.
         let pkt = PacketSocket::bind_proto(tap, libc::ETH_P_ALL as u16).expect("packet socket");
-        let frame = eth_frame([0x02, 0, 0, 0, 0, 1], [0x52, 0x54, 0, 1, 2, 3], &[0x5a; 64]);
-        let mut data = vec![0u8; VNET_HDR_LEN];
-        data.extend_from_slice(&frame);
         // Data buffers live 2 MiB into the memfd, above the rings, which stay readable.
-        let gpa = f.alloc(data.len() as u64);
-        f.write(gpa, &data);
-        f.add_chain(
-            TXQ,
-            &[Buf {
-                gpa,
-                len: data.len() as u32,
-                writable: false,
-            }],
-        );
+        let frame = add_tx_frame(&mut f);
         f.truncate_guest_memory(0x20_0000);
         f.kick(TXQ);
         // The daemon notices the fault and closes the connection.
