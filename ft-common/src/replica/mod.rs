@@ -9,6 +9,8 @@
 //! - [`server`]: the replica service run by `ft-standby --replica-image --replica-listen`, with
 //!   its fence against a takeover.
 //! - [`client`]: the primary's end: one epoch in flight, re-sent after a reconnect.
+//! - [`dirty`]: the persistent dirty-block log (bitmap + activity log) that lets a failback
+//!   copy only the blocks that differ.
 //!
 //! The invariant served: **a held request completes towards the guest only after the replica
 //! acknowledged its epoch** (applied and synced). So when checkpoint `E` is acknowledged, every
@@ -17,6 +19,7 @@
 
 pub mod apply;
 pub mod client;
+pub mod dirty;
 pub mod protocol;
 pub mod server;
 
