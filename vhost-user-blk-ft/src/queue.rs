@@ -15,6 +15,9 @@
 //!   no request of an old connection is leaked or completed twice.
 //! - Data is read into guest memory by the kernel, so the written ranges are marked dirty
 //!   before the request is completed.
+//! - A request parsed from broken guest memory (`BlkRequest::memory_broken`: the parse or an
+//!   earlier access of this connection faulted on a truncated page, which now reads as zeros)
+//!   is neither held nor submitted; see `gate::commit` for the window that remains.
 //!
 //! With `--ft hold` output requests go into the device's transaction queue instead of the
 //! engine (`BlkQueue::dispatch` is the seam); what the worker keeps for that (owed heads, a
@@ -317,6 +320,14 @@ impl BlkQueue {
         in_order: bool,
     ) {
         req.hold_memory(vring.memory().clone());
+        if req.memory_broken() {
+            // Parsing it (or another access of this connection) faulted on memory the
+            // frontend truncated: its sector or data may now read as zeros. Never held,
+            // never written; the completion is refused like every other on broken memory,
+            // and the connection is being closed.
+            finish(vring, req.head(), req.status_addr(), STATUS_IOERR, 1);
+            return;
+        }
         if let Some(h) = self.hold.as_mut() {
             if req.kind().is_output() {
                 h.hold(vring, req);

@@ -23,6 +23,7 @@
 use crate::image::{SECTOR_SHIFT, SECTOR_SIZE};
 use crate::limits::{MAX_DATA_SEGS, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGS};
 use crate::segments::SegTable;
+use ft_common::vhost_user::GuestMem;
 use std::any::Any;
 use std::ops::Deref;
 use std::sync::Arc;
@@ -129,6 +130,17 @@ impl BlkRequest {
     /// Pins the guest memory the request's iovecs point into (the `Arc` its chain came from).
     pub fn hold_memory(&mut self, mem: Arc<dyn Any + Send + Sync>) {
         self.mem = Some(mem);
+    }
+
+    /// Whether the guest memory the request's iovecs point into is broken: the frontend shrank
+    /// a file under it and a page the daemon touched now reads as zeros (see
+    /// `ft_common::vhost_user::sigbus`). Such a request must not be written: its data may be
+    /// those zeros. One atomic load while no fault ever happened in the process.
+    pub fn memory_broken(&self) -> bool {
+        self.mem
+            .as_deref()
+            .and_then(|m| m.downcast_ref::<GuestMem>())
+            .is_some_and(GuestMem::is_broken)
     }
 
     pub fn head(&self) -> u16 {

@@ -263,3 +263,76 @@ fn write_from_a_truncated_data_page_fails_with_ioerr_ft_off() {
     assert_eq!(f.read(status, 1)[0], VIRTIO_BLK_S_OK as u8);
     assert_eq!(file_bytes(&d.img, 16 * 512, 4096), data);
 }
+
+/// A write whose header straddles into a page the frontend truncated away: its type is on
+/// intact memory, its sector and data are on the lost page. Parsing it faults, the SIGBUS
+/// handler maps a zero page over the lost one, and the request now reads as a write of
+/// zeros to sector 0. It must never be written (the connection's memory is broken), the
+/// guest gets no completion and the connection is closed. Before the check in `dispatch`
+/// the daemon wrote those zeros over sector 0.
+#[test]
+fn write_parsed_from_a_truncated_page_is_never_written_ft_off() {
+    let d = start(false);
+    let old: Vec<u8> = (0..8192u32).map(|i| (i * 7 + 3) as u8 | 1).collect();
+    std::os::unix::fs::FileExt::write_all_at(
+        &std::fs::OpenOptions::new()
+            .write(true)
+            .open(&d.img)
+            .expect("image"),
+        &old,
+        0,
+    )
+    .expect("pattern");
+    let mut f = TestFrontend::connect(&d.sock, 1, T);
+    f.handshake();
+    f.set_mem_table();
+    f.init_queue(0, 256);
+    f.setup_vring(0, 0);
+    f.fe.set_vring_enable(0, true).expect("enable");
+    let lost = MEM_GPA + MEM_SIZE - 0x1000;
+    // type and reserved on the last intact page, sector on the lost one.
+    let hdr = lost - 8;
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
+    h[8..16].copy_from_slice(&8u64.to_le_bytes());
+    f.write(hdr, &h);
+    let data = lost + 0x200;
+    f.write(data, &[0x5a; 512]);
+    let status = f.alloc(1);
+    f.write(status, &[0xff]);
+    let used = f.used_idx(0);
+    f.add_chain(
+        0,
+        &[
+            ft_tests::frontend::Buf {
+                gpa: hdr,
+                len: 16,
+                writable: false,
+            },
+            ft_tests::frontend::Buf {
+                gpa: data,
+                len: 512,
+                writable: false,
+            },
+            ft_tests::frontend::Buf {
+                gpa: status,
+                len: 1,
+                writable: true,
+            },
+        ],
+    );
+    f.truncate_guest_memory(MEM_SIZE - 0x1000);
+    f.kick(0);
+    assert!(wait_closed(&mut f), "connection not closed");
+    assert_eq!(f.used_idx(0), used, "a request over lost memory completed");
+    // (Not assert_eq: a failure would print 8 KiB.)
+    assert!(
+        file_bytes(&d.img, 0, 8192) == old,
+        "a write from a zero page reached the image"
+    );
+    assert_ne!(
+        f.read(status, 1)[0],
+        VIRTIO_BLK_S_OK as u8,
+        "reported written"
+    );
+}

@@ -451,3 +451,59 @@ fn initial_sync_copies_a_running_disk_and_reports_progress() {
     ));
     assert!(std::fs::read(&daemon.img).unwrap() == std::fs::read(&replica_img).unwrap());
 }
+
+/// A held write whose data page the frontend truncates after SEAL: shipping the epoch copies
+/// the data, faults, and the SIGBUS handler maps a zero page over the lost one. Those zeros
+/// must reach neither the replica (the op is dropped from the frame) nor the local image (the
+/// commit never submits a request whose memory is broken); the guest gets no completion.
+/// Before the checks both images got the zeros.
+#[test]
+fn a_write_from_truncated_memory_reaches_neither_image() {
+    let r = rig();
+    let mut c = ControlClient::connect(&r.daemon.ctl, T).expect("control");
+    let mut f = session(&r.daemon);
+    let old = pattern(7, 4096);
+    let head = write(&mut f, 8, &old);
+    f.kick(0);
+    wait_held(&mut c, 1);
+    assert!(matches!(seal_commit(&mut c, 1), Reply::Committed { .. }));
+    assert_eq!(f.wait_used(0, 1, T).first().map(|u| u.0), Some(head));
+    assert!(same_images(&r), "epoch 1 not replicated");
+
+    let lost = ft_tests::frontend::MEM_GPA + ft_tests::frontend::MEM_SIZE - 0x1000;
+    f.write(lost, &[0x5a; 4096]);
+    let (head, _) = blk_req_on(&mut f, 0, VIRTIO_BLK_T_OUT, 8, Some((lost, 4096)));
+    let used = f.used_idx(0);
+    f.kick(0);
+    wait_held(&mut c, 1);
+    match call(
+        &mut c,
+        Request::Seal {
+            generation: G,
+            epoch: Epoch(2),
+        },
+    ) {
+        Reply::Sealed { .. } => {}
+        r => panic!("seal 2: {r:?}"),
+    }
+    f.truncate_guest_memory(ft_tests::frontend::MEM_SIZE - 0x1000);
+    // The write fails (EFAULT, as when the kernel's own copy faults): COMMIT_FAILED.
+    let reply = commit(&mut c, 2);
+    assert!(matches!(reply, Reply::CommitFailed { .. }), "{reply:?}");
+    let img = std::fs::read(&r.daemon.img).unwrap();
+    assert!(
+        img[8 * 512..8 * 512 + 4096] == old[..],
+        "zeros on the local image"
+    );
+    let rep = std::fs::read(&r.replica_img).unwrap();
+    assert!(
+        rep[8 * 512..8 * 512 + 4096] == old[..],
+        "zeros on the replica"
+    );
+    std::thread::sleep(QUIET);
+    assert_eq!(
+        f.used_idx(0),
+        used,
+        "head {head} over lost memory completed"
+    );
+}

@@ -228,6 +228,14 @@ const OP_FLUSH: u8 = 5;
 const OP_SYNC_START: u8 = 6;
 const OP_SYNC_DONE: u8 = 7;
 
+/// A position in an [`EpochFrame`] ([`EpochFrame::mark`]).
+#[derive(Clone, Copy, Debug)]
+pub struct FrameMark {
+    len: usize,
+    nops: u32,
+    data_bytes: u64,
+}
+
 /// Builds one `EPOCH` frame (header included) in a reused buffer, op by op: what the primary
 /// keeps until the replica acknowledges it (and re-sends after a reconnect).
 #[derive(Debug, Default)]
@@ -257,6 +265,24 @@ impl EpochFrame {
         h[16..24].copy_from_slice(&len.to_le_bytes());
         self.buf.extend_from_slice(&h);
         self.nops += 1;
+    }
+
+    /// Where the frame ends now, for [`EpochFrame::truncate`].
+    pub fn mark(&self) -> FrameMark {
+        FrameMark {
+            len: self.buf.len(),
+            nops: self.nops,
+            data_bytes: self.data_bytes,
+        }
+    }
+
+    /// Drops every op added since `mark` (an op whose data turned out to be unusable).
+    pub fn truncate(&mut self, mark: FrameMark) {
+        if mark.len <= self.buf.len() && mark.nops <= self.nops {
+            self.buf.truncate(mark.len);
+            self.nops = mark.nops;
+            self.data_bytes = mark.data_bytes;
+        }
     }
 
     /// A write of the concatenation of `segments` at `offset`.

@@ -202,6 +202,24 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
     let (code, addr) = unsafe { ((*info).si_code, (*info).si_addr() as usize) };
     if code == libc::BUS_ADRERR {
         if let Some(conn) = lookup(addr) {
+            // The connection is recorded broken *before* the zero page goes in: a thread that
+            // reads the zero page and then checks `is_broken` (the commit path does, after its
+            // copy) must see the flag. The mmap below is a syscall, a full barrier in practice;
+            // the fence states the order for the compiler. One entry per connection (its
+            // first fault): a frontend faulting on many pages must not push other connections
+            // out of the log.
+            if !FAULTS
+                .iter()
+                .any(|(c, _)| c.load(Ordering::Acquire) == conn)
+            {
+                // The index is reserved first, so two threads faulting at once use two
+                // entries.
+                let n = FAULT_COUNT.fetch_add(1, Ordering::AcqRel);
+                let (c, a) = &FAULTS[(n % FAULT_LOG as u64) as usize];
+                a.store(addr, Ordering::Relaxed);
+                c.store(conn, Ordering::Release);
+            }
+            std::sync::atomic::fence(Ordering::SeqCst);
             let page = PAGE_SIZE.load(Ordering::Relaxed);
             let base = addr & !(page - 1);
             // SAFETY: replaces one page of a registered shared mapping (ours, still mapped:
@@ -217,19 +235,6 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
                 )
             };
             if p != libc::MAP_FAILED {
-                // One entry per connection (its first fault): a frontend faulting on many pages
-                // must not push other connections out of the log.
-                if !FAULTS
-                    .iter()
-                    .any(|(c, _)| c.load(Ordering::Acquire) == conn)
-                {
-                    // The index is reserved first, so two threads faulting at once use two
-                    // entries.
-                    let n = FAULT_COUNT.fetch_add(1, Ordering::AcqRel);
-                    let (c, a) = &FAULTS[(n % FAULT_LOG as u64) as usize];
-                    a.store(addr, Ordering::Relaxed);
-                    c.store(conn, Ordering::Release);
-                }
                 let fd = WAKE_FD.load(Ordering::Relaxed);
                 if fd >= 0 {
                     let one: u64 = 1;

@@ -24,6 +24,21 @@
 //! in flight and waits for those the kernel cannot cancel; it skips the `fdatasync` and fails
 //! every request of the batch (nothing is reported durable that is not).
 //!
+//! Broken guest memory: a request whose connection's memory faulted (the frontend truncated a
+//! file under it, see `ft_common::vhost_user::sigbus`) is never submitted; it fails with
+//! EFAULT like a write the kernel could not copy, and its completion is refused anyway. The
+//! check is made per request just before it is queued, after everything the daemon itself
+//! reads of the batch (replication's copy into the epoch frame, which checks after its copy
+//! too). The fault handler records the connection broken before it maps the zero page, so a
+//! fault this thread caused, or one that happened before the check, is always seen.
+//! *What remains*: a fault by another thread (a queue worker parsing a header that shares the
+//! page) between the check and the kernel's copy of the data; the kernel then copies the zero
+//! page. Those zeros land only in the range of a request that is never completed towards the
+//! guest (so the range has no defined contents for it), and the request is still outstanding
+//! in its checkpoint and the inflight region, from which it is resubmitted with the guest's
+//! data. Never submitting after a fault was seen is what the check guarantees, not that a
+//! concurrent fault cannot race the kernel's copy.
+//!
 //! Cost per commit of N writes with no overlaps: one `io_uring_enter` to submit (plus waits for
 //! completions) and one `fdatasync`, no allocation once the buffers have grown.
 
@@ -300,6 +315,21 @@ impl CommitEngine {
                 if self.cancel.is_cancelled() {
                     // Shutdown: never submitted, never written.
                     self.never_submitted.push(a.cancel());
+                    continue;
+                }
+                if a.payload().req.memory_broken() {
+                    // Its guest memory faulted (a truncated memfd): the data may be a zero
+                    // page. Never submitted; failed (its completion is refused anyway).
+                    let tag = a.id().get();
+                    collect(
+                        Completion {
+                            req: a.submit(),
+                            tag,
+                            result: -libc::EFAULT,
+                        },
+                        &mut first_failed,
+                        &mut out.error,
+                    );
                     continue;
                 }
                 let tag = a.id().get();

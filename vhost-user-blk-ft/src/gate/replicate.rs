@@ -12,6 +12,10 @@
 //! commit answers `COMMIT_FAILED`, and the next commit first retries the kept epoch
 //! ([`Replication::retry`]) and takes nothing new until it is acknowledged.
 //!
+//! Broken guest memory: a write whose memory faulted during (or before) its copy into the frame
+//! is dropped from the frame after the copy, so zeros from a fault's zero page never reach the
+//! replica; the commit fails the same request without writing it (`gate::commit`).
+//!
 //! Bounded memory: one epoch frame and one batch of completions at most; meanwhile new writes
 //! fill the held-request queue and the rings stop (backpressure), never a growing buffer.
 //!
@@ -118,7 +122,15 @@ impl Replication {
                     let segs = req.iovecs().iter().map(|v| unsafe {
                         std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len)
                     });
+                    let mark = frame.mark();
                     frame.write(offset, segs);
+                    // Checked after the copy: a fault during it (ours, or another thread's
+                    // on the same page) is recorded before its zero page is mapped, so data
+                    // read from a zero page is never shipped. The commit fails the request
+                    // for the same reason and never writes it locally either.
+                    if req.memory_broken() {
+                        frame.truncate(mark);
+                    }
                 }
                 RequestKind::Discard { sectors, .. } => {
                     frame.discard(offset, u64::from(sectors) << SECTOR_SHIFT)
