@@ -39,6 +39,7 @@ fn start(img: &Path, store: &Path) -> ReplicaServer {
         store: store.to_path_buf(),
         max_epoch_bytes: 16 << 20,
         io_timeout: Duration::from_secs(5),
+        dirty_log: None,
     })
     .unwrap()
 }
@@ -66,7 +67,7 @@ fn at(img: &Path, off: u64, len: usize) -> Vec<u8> {
 /// or the refusal.
 fn raw_epochs(hp: &str, session: u64, epochs: &[(u64, u8)]) -> Result<Vec<bool>, String> {
     let mut c = std::net::TcpStream::connect(hp).unwrap();
-    protocol::write_frame(&mut c, MsgType::Hello, &protocol::hello(session, SIZE)).unwrap();
+    protocol::write_frame(&mut c, MsgType::Hello, &protocol::hello(session, SIZE, 0)).unwrap();
     let mut body = Vec::new();
     let h = protocol::read_header(&mut c).unwrap();
     protocol::read_body(&mut c, &h, 1 << 16, &mut body).unwrap();
@@ -168,6 +169,7 @@ fn a_takeover_fence_stops_the_old_primary_for_good() {
         store: f.store.clone(),
         max_epoch_bytes: 1 << 20,
         io_timeout: Duration::from_secs(1),
+        dirty_log: None,
     })
     .err()
     .expect("a replica started on a taken-over store");
@@ -202,6 +204,7 @@ fn the_replica_down_then_back_gets_the_unacknowledged_epoch_again() {
         store: f.store.clone(),
         max_epoch_bytes: 16 << 20,
         io_timeout: Duration::from_secs(5),
+        dirty_log: None,
     })
     .unwrap();
     assert_eq!(l.wait_ack().unwrap(), Epoch(2));
@@ -267,12 +270,12 @@ fn garbage_and_oversized_frames_are_refused() {
     assert_eq!(h.kind, MsgType::Refused);
     // A wrong image size.
     let mut c = std::net::TcpStream::connect(&hp).unwrap();
-    protocol::write_frame(&mut c, MsgType::Hello, &protocol::hello(7, SIZE + 512)).unwrap();
+    protocol::write_frame(&mut c, MsgType::Hello, &protocol::hello(7, SIZE + 512, 0)).unwrap();
     let h = protocol::read_header(&mut c).unwrap();
     assert_eq!(h.kind, MsgType::Refused);
     // An epoch beyond the bound: refused before its body is read.
     let mut c = std::net::TcpStream::connect(&hp).unwrap();
-    protocol::write_frame(&mut c, MsgType::Hello, &protocol::hello(7, SIZE)).unwrap();
+    protocol::write_frame(&mut c, MsgType::Hello, &protocol::hello(7, SIZE, 0)).unwrap();
     let h = protocol::read_header(&mut c).unwrap();
     assert_eq!(h.kind, MsgType::Welcome);
     let mut body = Vec::new();

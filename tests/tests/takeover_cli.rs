@@ -186,6 +186,7 @@ fn replica_on(
         store: store.to_path_buf(),
         max_epoch_bytes: 1 << 20,
         io_timeout: Duration::from_secs(5),
+        dirty_log: None,
     })
     .expect("replica service");
     (server, img)

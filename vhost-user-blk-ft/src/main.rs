@@ -9,6 +9,7 @@
 use clap::{Parser, ValueEnum};
 use ft_common::control::ControlServer;
 use ft_common::control::{DeviceKind, TransactionState};
+use ft_common::replica::dirty::{DirtyLog, Geometry};
 use ft_common::replica::ReplicaLink;
 use ft_common::txqueue::Limits;
 use ft_common::vhost_user::VhostUserServer;
@@ -30,6 +31,15 @@ enum FtMode {
     /// Output commit: writes, flushes, discards and write-zeroes wait for COMMIT of their
     /// epoch (needs --control).
     Hold,
+}
+
+/// `--replica-resync`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum ResyncMode {
+    /// Copy the whole image.
+    Full,
+    /// Copy only the dirty blocks of both sides (failback).
+    Dirty,
 }
 
 /// `--on-commit-error`.
@@ -122,6 +132,33 @@ struct Args {
     /// acknowledged.
     #[arg(long, requires = "replicate_to")]
     replica_initial_sync: bool,
+    /// Resync the replica before it counts as in sync: `full` copies the whole image (as
+    /// --replica-initial-sync); `dirty` (failback to the old primary after a takeover) copies
+    /// only the blocks that may differ: this daemon's --dirty-log (every block written since the
+    /// split, which must have been tracked from the takeover on) united with the replica's own
+    /// dirty set (`ft-standby --replica-dirty-log`: what the old primary wrote that this side
+    /// may never have received). STATUS reports blocks copied against the image's blocks.
+    #[arg(
+        long,
+        value_enum,
+        requires = "replicate_to",
+        conflicts_with = "replica_initial_sync"
+    )]
+    replica_resync: Option<ResyncMode>,
+    /// Track every block a commit changes in this dirty log (created if missing), on stable
+    /// storage before the write (a bitmap plus an activity log of hot extents, synced only when
+    /// a commit touches an extent not in it): the blocks that may differ from the peer's image,
+    /// which a later failback (--replica-resync dirty) copies. Needs --ft hold. Give it from the
+    /// first start after a takeover, and on the primary too (its unacknowledged epochs).
+    #[arg(long, value_name = "PATH")]
+    dirty_log: Option<PathBuf>,
+    /// Activity-log extent of a new dirty log, KiB: after a crash every block of a recently
+    /// written extent counts as dirty (bigger: fewer log syncs, more copied after a crash).
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(4..=1048576))]
+    dirty_log_extent_kib: u32,
+    /// Extents the activity log of a new dirty log holds (at most 1020).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=1020))]
+    dirty_log_al_extents: u32,
     /// Initial sync chunk per commit, MiB (also the most it adds to one commit's latency).
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
     replica_sync_chunk_mib: u64,
@@ -194,6 +231,17 @@ fn run(args: Args) -> std::io::Result<()> {
             ));
         }
     };
+    if args.dirty_log.is_some() && ft != FtMode::Hold {
+        return Err(std::io::Error::other(
+            "--dirty-log needs --ft hold (blocks are tracked in the commit path)",
+        ));
+    }
+    if args.replica_resync == Some(ResyncMode::Dirty) && args.dirty_log.is_none() {
+        return Err(std::io::Error::other(
+            "--replica-resync dirty needs --dirty-log (the blocks written since the split); \
+             without it use --replica-resync full",
+        ));
+    }
     if args.replicate_to.is_some() && ft != FtMode::Hold {
         return Err(std::io::Error::other(
             "--replicate-to needs --ft hold (the replica is fed from the commit path)",
@@ -273,15 +321,44 @@ fn run(args: Args) -> std::io::Result<()> {
             let ctl = BlkControl::new(h, server.worker_handles(), name, policy, engine)
                 .with_fence(fence(args.state_dir.as_deref())?)
                 .with_replay(server.replay_store());
+            let dirty = match &args.dirty_log {
+                Some(p) => Some(open_dirty_log(&args, p, image_size)?),
+                None => None,
+            };
+            let own_dirty = dirty.as_ref().map(DirtyLog::bitmap);
+            let ctl = match dirty {
+                Some(d) => ctl.with_dirty_log(d),
+                None => ctl,
+            };
             let ctl = match &args.replicate_to {
                 Some(addr) => {
                     log::info!("replicating to {addr}");
-                    let mut r = Replication::new(ReplicaLink::new(
+                    let mut link = ReplicaLink::new(
                         addr.clone(),
                         image_size,
                         std::time::Duration::from_millis(args.replica_timeout_ms),
-                    ));
-                    if args.replica_initial_sync {
+                    );
+                    let dirty_resync = args.replica_resync == Some(ResyncMode::Dirty);
+                    if dirty_resync {
+                        link.want_dirty_set();
+                    }
+                    let mut r = Replication::new(link);
+                    if dirty_resync {
+                        let file = std::fs::File::open(&args.image).map_err(|e| {
+                            std::io::Error::new(
+                                e.kind(),
+                                format!("resync: {}: {e}", args.image.display()),
+                            )
+                        })?;
+                        r = r.with_dirty_resync(
+                            file,
+                            image_size,
+                            (args.replica_sync_chunk_mib << 20) as usize,
+                            own_dirty.unwrap_or_default(),
+                        );
+                    } else if args.replica_initial_sync
+                        || args.replica_resync == Some(ResyncMode::Full)
+                    {
                         let file = std::fs::File::open(&args.image).map_err(|e| {
                             std::io::Error::new(
                                 e.kind(),
@@ -325,6 +402,31 @@ fn run(args: Args) -> std::io::Result<()> {
         );
     }
     Ok(())
+}
+
+/// `--dirty-log`: an existing log must match the image; a dirty resync needs one that exists.
+fn open_dirty_log(args: &Args, path: &Path, image_size: u64) -> std::io::Result<DirtyLog> {
+    let log = if args.replica_resync == Some(ResyncMode::Dirty) {
+        DirtyLog::open_existing(path, image_size)
+    } else {
+        DirtyLog::open(
+            path,
+            image_size,
+            Geometry {
+                extent_blocks: (args.dirty_log_extent_kib / 4).max(1),
+                al_slots: args.dirty_log_al_extents,
+            },
+        )
+    }
+    .map_err(std::io::Error::other)?;
+    log::info!(
+        "dirty log {}: {} of {} blocks dirty (activity-log extent {} KiB)",
+        path.display(),
+        log.dirty_blocks(),
+        log.image_blocks(),
+        log.extent_blocks() * 4
+    );
+    Ok(log)
 }
 
 /// The fence of `--state-dir`, or an in-memory one (with a warning) without it.

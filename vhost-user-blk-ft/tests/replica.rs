@@ -56,6 +56,7 @@ fn rig_with(extra: &[&str]) -> Rig {
         store: store.clone(),
         max_epoch_bytes: 64 << 20,
         io_timeout: Duration::from_secs(5),
+        dirty_log: None,
     })
     .expect("replica service");
     let StandbyAddr::Tcp(hp) = replica.addr().clone() else {
@@ -366,6 +367,7 @@ fn initial_sync_copies_a_running_disk_and_reports_progress() {
         store: store.clone(),
         max_epoch_bytes: 64 << 20,
         io_timeout: Duration::from_secs(5),
+        dirty_log: None,
     })
     .expect("replica service");
     let (dir, img) = new_image();

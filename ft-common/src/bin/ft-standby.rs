@@ -37,6 +37,13 @@ struct Args {
     /// per request is enough).
     #[arg(long, default_value_t = 256 << 20)]
     replica_max_epoch_bytes: u64,
+    /// This image's dirty log (failback): the log this host's block daemon kept with
+    /// `--dirty-log` while it was the primary. The image then counts as not in sync until a
+    /// resync completes; a primary started with `--replica-resync dirty` gets the log's dirty
+    /// blocks and copies them besides its own, and the log is emptied once the resync is done.
+    /// A missing log is created (a takeover's block daemon tracks into it) but not sent.
+    #[arg(long, requires = "replica_image", value_name = "PATH")]
+    replica_dirty_log: Option<PathBuf>,
 }
 
 fn main() {
@@ -72,6 +79,7 @@ fn main() {
             store: store.clone(),
             max_epoch_bytes: a.replica_max_epoch_bytes,
             io_timeout: Duration::from_millis(a.stream_timeout_ms.max(1)),
+            dirty_log: a.replica_dirty_log,
         }) {
             Ok(s) => Some(s),
             Err(e) => {

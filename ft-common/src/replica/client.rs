@@ -54,6 +54,25 @@ pub struct SyncProgress {
     pub rate_kib_s: u64,
     /// Chunks that were all zeroes (shipped as a 24-byte WRITE_ZEROES op).
     pub zero_chunks: u64,
+    /// `full` (initial sync: the whole image) or `dirty` (failback: the dirty blocks only).
+    #[serde(default)]
+    pub mode: String,
+    #[serde(default)]
+    pub image_bytes: u64,
+    /// 4 KiB blocks copied and acknowledged, of `blocks_total` to copy (`dirty`: known once
+    /// the replica's dirty set arrived), of `image_blocks` in the image.
+    #[serde(default)]
+    pub blocks_copied: u64,
+    #[serde(default)]
+    pub blocks_total: u64,
+    #[serde(default)]
+    pub image_blocks: u64,
+    /// The last chunk was acknowledged: the replica is in sync.
+    #[serde(default)]
+    pub done: bool,
+    /// Milliseconds since the copy started (until it finished).
+    #[serde(default)]
+    pub elapsed_ms: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +111,9 @@ pub struct ReplicaLink {
     sent_at: Option<Instant>,
     status: ReplicaStatus,
     body: Vec<u8>,
+    /// Ask the replica for its dirty set at the next connection (until one arrived).
+    want_dirty: bool,
+    dirty_set: Option<Vec<(u64, u64)>>,
 }
 
 impl ReplicaLink {
@@ -111,7 +133,20 @@ impl ReplicaLink {
             session: new_session(),
             sent_at: None,
             body: Vec::new(),
+            want_dirty: false,
+            dirty_set: None,
         }
+    }
+
+    /// Asks the replica for its dirty set (failback, `--replica-resync dirty`) when connecting;
+    /// [`ReplicaLink::take_dirty_set`] hands it out once it arrived.
+    pub fn want_dirty_set(&mut self) {
+        self.want_dirty = true;
+    }
+
+    /// The replica's dirty runs (first block, blocks), once, after they arrived.
+    pub fn take_dirty_set(&mut self) -> Option<Vec<(u64, u64)>> {
+        self.dirty_set.take()
     }
 
     /// Connects now (at startup, to report a wrong address early); errors are in the status.
@@ -179,7 +214,12 @@ impl ReplicaLink {
             .addr
             .connect(left)
             .map_err(|e| format!("connect: {e}"))?;
-        let hello = protocol::hello(self.session, self.image_size);
+        let flags = if self.want_dirty {
+            protocol::HELLO_WANT_DIRTY
+        } else {
+            0
+        };
+        let hello = protocol::hello(self.session, self.image_size, flags);
         let talk = |c: &mut Conn, body: &mut Vec<u8>| -> Result<(u64, Option<Epoch>), String> {
             protocol::write_frame(c, MsgType::Hello, &hello).map_err(|e| format!("HELLO: {e}"))?;
             let h = protocol::read_header(c).map_err(|e| format!("WELCOME: {e}"))?;
@@ -196,6 +236,28 @@ impl ReplicaLink {
                 "replica image is {size} bytes, this image {}",
                 self.image_size
             ));
+        }
+        if self.want_dirty {
+            let h = protocol::read_header(&mut c).map_err(|e| format!("DIRTY: {e}"))?;
+            let max = protocol::max_dirty_body(self.image_size);
+            protocol::read_body(&mut c, &h, max, &mut self.body)
+                .map_err(|e| format!("DIRTY: {e}"))?;
+            let runs = match h.kind {
+                MsgType::Dirty => protocol::parse_dirty_set(&self.body, self.image_size)
+                    .map_err(|e| format!("DIRTY: {e}"))?,
+                MsgType::Refused => {
+                    return Err(format!("refused: {}", String::from_utf8_lossy(&self.body)))
+                }
+                k => return Err(format!("expected DIRTY, got {k:?}")),
+            };
+            log::info!(
+                "replica {}: its dirty set: {} blocks in {} runs",
+                self.status.target,
+                runs.iter().map(|r| r.1).sum::<u64>(),
+                runs.len()
+            );
+            self.dirty_set = Some(runs);
+            self.want_dirty = false;
         }
         log::info!(
             "replica {}: connected (replica's last applied epoch {last:?})",

@@ -77,6 +77,11 @@ pub enum DirtyLogError {
         log_size: u64,
         image_size: u64,
     },
+    #[error(
+        "dirty log {path} does not exist: which blocks of the image differ from the peer's is \
+         unknown (a full resync is needed: --replica-resync full)"
+    )]
+    Missing { path: PathBuf },
     #[error("dirty log {path} is in use by another process")]
     Locked { path: PathBuf },
 }
@@ -286,6 +291,17 @@ impl DirtyLog {
             log.load()?;
         }
         Ok(log)
+    }
+
+    /// Opens an existing log (see [`DirtyLog::open`]); a missing one is an error, because then
+    /// nothing says which blocks differ.
+    pub fn open_existing(path: &Path, image_size: u64) -> Result<Self, DirtyLogError> {
+        if !path.exists() {
+            return Err(DirtyLogError::Missing {
+                path: path.to_path_buf(),
+            });
+        }
+        DirtyLog::open(path, image_size, Geometry::default())
     }
 
     /// Reads the bitmap and the newest valid AL slot; AL extents count as wholly dirty.

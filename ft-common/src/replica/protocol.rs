@@ -8,11 +8,16 @@
 //!
 //! | type | sender | body |
 //! |---|---|---|
-//! | `HELLO` | primary | session u64, image size u64 |
+//! | `HELLO` | primary | session u64, image size u64, flags u64 (optional; bit 0: send `DIRTY`) |
 //! | `WELCOME` | replica | image size u64, last applied epoch u64 (`u64::MAX`: none) |
 //! | `EPOCH` | primary | session u64, epoch u64, op count u32, 0 u32, then the ops |
 //! | `ACK` | replica | epoch u64, duplicate u8 (1: already applied, not applied again) |
 //! | `REFUSED` | replica | the reason, UTF-8; the replica closes the connection after it |
+//! | `DIRTY` | replica | block size u64, image size u64, run count u64, runs (first block u64, blocks u64) |
+//!
+//! `DIRTY` follows `WELCOME` when the `HELLO` asked for it (a failback with `--replica-resync
+//! dirty`): the blocks of the replica's image that its own dirty log says may differ from the
+//! primary's ([`super::dirty`]); the primary copies them besides its own dirty blocks.
 //!
 //! The session is a random number the primary's daemon draws at start: epochs are ordered within
 //! a session (a restarted daemon starts a new one and numbers its epochs again).
@@ -45,6 +50,7 @@ pub enum MsgType {
     Epoch = 3,
     Ack = 4,
     Refused = 5,
+    Dirty = 6,
 }
 
 impl MsgType {
@@ -55,6 +61,7 @@ impl MsgType {
             3 => MsgType::Epoch,
             4 => MsgType::Ack,
             5 => MsgType::Refused,
+            6 => MsgType::Dirty,
             _ => return None,
         })
     }
@@ -158,16 +165,71 @@ fn u64_at(b: &[u8], at: usize) -> Result<u64, ProtoError> {
         .ok_or(ProtoError::Malformed("short body"))
 }
 
+/// `HELLO` flag: answer `WELCOME` with a `DIRTY` frame.
+pub const HELLO_WANT_DIRTY: u64 = 1;
+
 /// `HELLO` body.
-pub fn hello(session: u64, image_size: u64) -> [u8; 16] {
-    let mut b = [0u8; 16];
+pub fn hello(session: u64, image_size: u64, flags: u64) -> [u8; 24] {
+    let mut b = [0u8; 24];
     b[..8].copy_from_slice(&session.to_le_bytes());
-    b[8..].copy_from_slice(&image_size.to_le_bytes());
+    b[8..16].copy_from_slice(&image_size.to_le_bytes());
+    b[16..].copy_from_slice(&flags.to_le_bytes());
     b
 }
 
-pub fn parse_hello(b: &[u8]) -> Result<(u64, u64), ProtoError> {
-    Ok((u64_at(b, 0)?, u64_at(b, 8)?))
+/// (session, image size, flags); a 16-byte `HELLO` (no flags) is accepted.
+pub fn parse_hello(b: &[u8]) -> Result<(u64, u64, u64), ProtoError> {
+    let flags = if b.len() >= 24 { u64_at(b, 16)? } else { 0 };
+    Ok((u64_at(b, 0)?, u64_at(b, 8)?, flags))
+}
+
+/// The largest `DIRTY` body for an image of `image_size` bytes (every other block dirty).
+pub fn max_dirty_body(image_size: u64) -> u64 {
+    24 + 16 * (image_size.div_ceil(super::dirty::BLOCK_SIZE) / 2 + 1)
+}
+
+/// `DIRTY` body: the dirty runs (first block, blocks) of an image of `image_size` bytes.
+pub fn dirty_set(image_size: u64, runs: &[(u64, u64)]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(24 + runs.len() * 16);
+    b.extend_from_slice(&super::dirty::BLOCK_SIZE.to_le_bytes());
+    b.extend_from_slice(&image_size.to_le_bytes());
+    b.extend_from_slice(&(runs.len() as u64).to_le_bytes());
+    for (s, n) in runs {
+        b.extend_from_slice(&s.to_le_bytes());
+        b.extend_from_slice(&n.to_le_bytes());
+    }
+    b
+}
+
+/// Parses a `DIRTY` body for an image of `image_size` bytes: its runs, each checked to lie in
+/// the image.
+pub fn parse_dirty_set(b: &[u8], image_size: u64) -> Result<Vec<(u64, u64)>, ProtoError> {
+    let bs = u64_at(b, 0)?;
+    if bs != super::dirty::BLOCK_SIZE {
+        return Err(ProtoError::Malformed("DIRTY block size"));
+    }
+    if u64_at(b, 8)? != image_size {
+        return Err(ProtoError::Malformed("DIRTY for another image size"));
+    }
+    let n = u64_at(b, 16)?;
+    if b.len() as u64 != 24 + n.saturating_mul(16) {
+        return Err(ProtoError::Malformed("DIRTY length"));
+    }
+    let nblocks = image_size.div_ceil(bs);
+    (0..n as usize)
+        .map(|i| {
+            let (s, len) = (u64_at(b, 24 + i * 16)?, u64_at(b, 32 + i * 16)?);
+            if s.checked_add(len).is_none_or(|e| e > nblocks) {
+                return Err(ProtoError::OutOfRange {
+                    index: i as u32,
+                    offset: s.saturating_mul(bs),
+                    len: len.saturating_mul(bs),
+                    size: image_size,
+                });
+            }
+            Ok((s, len))
+        })
+        .collect()
 }
 
 /// `WELCOME` body.
@@ -550,7 +612,15 @@ mod tests {
 
     #[test]
     fn small_messages_round_trip() {
-        assert_eq!(parse_hello(&hello(2, 99)).unwrap(), (2, 99));
+        assert_eq!(parse_hello(&hello(2, 99, 1)).unwrap(), (2, 99, 1));
+        assert_eq!(parse_hello(&hello(2, 99, 1)[..16]).unwrap(), (2, 99, 0));
+        let runs = [(0, 3), (10, 1)];
+        assert_eq!(
+            parse_dirty_set(&dirty_set(1 << 20, &runs), 1 << 20).unwrap(),
+            runs.to_vec()
+        );
+        assert!(parse_dirty_set(&dirty_set(1 << 20, &[(255, 2)]), 1 << 20).is_err());
+        assert!(parse_dirty_set(&dirty_set(1 << 20, &runs), 2 << 20).is_err());
         assert_eq!(parse_welcome(&welcome(5, None)).unwrap(), (5, None));
         assert_eq!(
             parse_welcome(&welcome(5, Some(Epoch(4)))).unwrap(),

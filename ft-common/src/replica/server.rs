@@ -18,8 +18,17 @@
 //! will be on this store (a service started on it later refuses to run): the new primary's
 //! daemon owns the image. `DIR/replica.json` names the image, so the takeover starts the
 //! standby's daemon on it ([`replica_image`]).
+//!
+//! Failback target (`--replica-dirty-log PATH`, the log this host's block daemon kept while it
+//! was the primary, [`super::dirty`]): the service counts the image as not in sync from its start
+//! (it is stale by the new primary's writes, and by this host's own unacknowledged ones), sends
+//! the log's dirty blocks to a primary that asks (`HELLO` flag, `DIRTY` frame), and once the
+//! resync's SYNC_DONE epoch is applied and synced it empties the log, *then* records the image
+//! in sync. A log that did not exist when the service started is created (this host's daemon
+//! tracks into it after a takeover) but not sent: it says nothing about the past.
 
 use super::apply::ReplicaImage;
+use super::dirty::DirtyLog;
 use super::protocol::{self, EpochView, MsgType, Op, ProtoError};
 use crate::epoch::Epoch;
 use crate::standby::protocol::{Conn, Listener, StandbyAddr};
@@ -47,6 +56,10 @@ pub struct ReplicaRecord {
     pub size: u64,
     #[serde(default = "yes")]
     pub in_sync: bool,
+    /// The dirty log of this image (`--replica-dirty-log`): a takeover's block daemon tracks its
+    /// writes there (`--dirty-log`), so that a later failback copies only those.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dirty_log: Option<PathBuf>,
 }
 
 fn yes() -> bool {
@@ -134,6 +147,8 @@ pub struct ReplicaConfig {
     pub max_epoch_bytes: u64,
     /// Bound on a silent peer mid-frame (an idle connection waits forever).
     pub io_timeout: Duration,
+    /// This image's dirty log (failback target; see the module doc).
+    pub dirty_log: Option<PathBuf>,
 }
 
 /// What the replica has applied; [`ReplicaServer::stats`].
@@ -157,6 +172,8 @@ struct Shared {
     /// The newest connection (shut down when a newer one arrives, or on stop).
     current: Mutex<Option<Conn>>,
     stop: AtomicBool,
+    /// The dirty log and whether it existed at start (only then is its set sent).
+    dirty: Mutex<Option<(DirtyLog, bool)>>,
 }
 
 pub struct ReplicaServer {
@@ -179,16 +196,39 @@ impl ReplicaServer {
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", cfg.image.display())))?;
         std::fs::create_dir_all(&cfg.store)?;
         let image_path = std::fs::canonicalize(&cfg.image)?;
+        let dirty = match &cfg.dirty_log {
+            Some(p) => {
+                let existed = p.exists();
+                let log = DirtyLog::open(p, image.size(), Default::default())
+                    .map_err(io::Error::other)?;
+                log::info!(
+                    "replica: dirty log {} {}: {} of {} blocks dirty",
+                    p.display(),
+                    if existed { "read" } else { "created" },
+                    log.dirty_blocks(),
+                    log.image_blocks()
+                );
+                Some((log, existed))
+            }
+            None => None,
+        };
         // An image is taken to be a copy of the primary's (the operator made it so, or both
-        // start empty) unless an initial sync into it was interrupted.
-        let in_sync = replica_image(&cfg.store)?
-            .filter(|r| r.image == image_path)
-            .is_none_or(|r| r.in_sync);
+        // start empty) unless an initial sync into it was interrupted, or it is a failback
+        // target (it has a dirty log from its time as the primary).
+        let in_sync = dirty.as_ref().is_none_or(|(_, existed)| !existed)
+            && replica_image(&cfg.store)?
+                .filter(|r| r.image == image_path)
+                .is_none_or(|r| r.in_sync);
+        let dirty_log = match &cfg.dirty_log {
+            Some(p) => Some(std::fs::canonicalize(p)?),
+            None => None,
+        };
         let record = ReplicaRecord {
             format: 1,
             image: image_path,
             size: image.size(),
             in_sync,
+            dirty_log,
         };
         save_record(&cfg.store, &record)?;
         drop(ApplyLock::take(&cfg.store)?);
@@ -206,6 +246,7 @@ impl ReplicaServer {
             stats: Mutex::new(ReplicaStats::default()),
             current: Mutex::new(None),
             stop: AtomicBool::new(false),
+            dirty: Mutex::new(dirty),
         });
         let s = shared.clone();
         let thread = std::thread::Builder::new()
@@ -318,7 +359,7 @@ fn serve(shared: &Shared, conn: &mut Conn) -> Result<(), ProtoError> {
         return Ok(());
     }
     protocol::read_body(conn, &h, 64, &mut body)?;
-    let (session, size) = protocol::parse_hello(&body)?;
+    let (session, size, flags) = protocol::parse_hello(&body)?;
     let (my_size, last) = {
         let img = lock(&shared.image);
         let st = lock(&shared.stats);
@@ -336,7 +377,40 @@ fn serve(shared: &Shared, conn: &mut Conn) -> Result<(), ProtoError> {
         )?;
         return Ok(());
     }
+    let dirty_set = if flags & protocol::HELLO_WANT_DIRTY != 0 {
+        match &*lock(&shared.dirty) {
+            Some((log, true)) => Some(log.runs()),
+            Some((log, false)) => {
+                let why = format!(
+                    "a dirty resync needs this host's dirty log, and {} did not exist when the \
+                     replica service started: which blocks differ is unknown (use \
+                     --replica-resync full)",
+                    log.path().display()
+                );
+                refuse(conn, shared, why)?;
+                return Ok(());
+            }
+            None => {
+                refuse(
+                    conn,
+                    shared,
+                    "a dirty resync needs the replica's dirty log (ft-standby \
+                     --replica-dirty-log): without it which blocks differ is unknown (use \
+                     --replica-resync full)"
+                        .into(),
+                )?;
+                return Ok(());
+            }
+        }
+    } else {
+        None
+    };
     protocol::write_frame(conn, MsgType::Welcome, &protocol::welcome(my_size, last))?;
+    if let Some(runs) = dirty_set {
+        let blocks: u64 = runs.iter().map(|r| r.1).sum();
+        log::info!("replica: sending this image's dirty set ({blocks} blocks) for a failback");
+        protocol::write_frame(conn, MsgType::Dirty, &protocol::dirty_set(my_size, &runs))?;
+    }
     log::info!("replica: primary (session {session:016x}) connected");
     loop {
         // Idle between epochs: no timeout (the primary commits only when it has writes).
@@ -420,8 +494,15 @@ fn apply(shared: &Shared, view: &EpochView<'_>) -> Result<bool, String> {
         log::error!("replica: {msg}");
         msg
     })?;
-    // In sync only once the last chunk is applied and synced.
+    // In sync only once the last chunk is applied and synced; this image's own dirty blocks are
+    // then all overwritten, so its log is emptied first (a crash in between: empty log, not in
+    // sync, and the next resync copies the primary's dirty set again).
     if sync_done {
+        if let Some((log, existed)) = &mut *lock(&shared.dirty) {
+            log.reset()
+                .map_err(|e| format!("epoch {}: {e}", view.epoch))?;
+            *existed = true;
+        }
         set_in_sync(shared, true)?;
         log::info!("replica: initial sync done: the image is a copy of the primary's");
     }

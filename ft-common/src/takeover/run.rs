@@ -299,8 +299,7 @@ fn generation_and_rest(
     let t = Instant::now();
     let mut daemon_pids = BTreeMap::new();
     for d in &record.daemons {
-        let image = replica.as_ref().map(|r| r.image.as_path());
-        let pid = start_daemon(d, &ckpt, image, &cfg.run_dir, cfg.timeout)?;
+        let pid = start_daemon(d, &ckpt, replica.as_ref(), &cfg.run_dir, cfg.timeout)?;
         daemon_pids.insert(d.name.clone(), pid);
     }
     times.daemons_ms = ms(t.elapsed());
@@ -413,21 +412,31 @@ fn fence(name: &str, control: &Path, generation: Generation, timeout: Duration) 
 
 /// Starts one of the standby's daemons with its recorded arguments (plus the replay record for
 /// a block device) and waits for its vhost-user and control sockets. With a replica
-/// (`replica_image`), a block daemon runs on the replica's image and replicates to nobody (until
-/// protection of the new primary is set up again).
+/// (`replica`), a block daemon runs on the replica's image and replicates to nobody (until
+/// protection of the new primary is set up again); it tracks its writes in the replica's dirty
+/// log if the replica service has one (for a later failback), never in the old primary's.
 fn start_daemon(
     d: &DaemonRecord,
     ckpt: &Checkpoint,
-    replica_image: Option<&Path>,
+    replica: Option<&replica::server::ReplicaRecord>,
     run_dir: &Path,
     timeout: Duration,
 ) -> Result<u32, TakeoverError> {
     let mut argv = without_flag(&d.argv, "replay");
-    if let (DeviceKind::Blk, Some(image)) = (d.kind, replica_image) {
+    if let (DeviceKind::Blk, Some(r)) = (d.kind, replica) {
         argv = without_flag(&without_flag(&argv, "replicate-to"), "image");
+        for f in ["dirty-log", "replica-resync"] {
+            argv = without_flag(&argv, f);
+        }
+        // (A flag without a value.)
+        argv.retain(|w| w != "--replica-initial-sync");
         argv.push("--image".into());
-        argv.push(image.to_string_lossy().into_owned());
-        log::info!("{}: on the replica's image {}", d.name, image.display());
+        argv.push(r.image.to_string_lossy().into_owned());
+        if let Some(log) = &r.dirty_log {
+            argv.push("--dirty-log".into());
+            argv.push(log.to_string_lossy().into_owned());
+        }
+        log::info!("{}: on the replica's image {}", d.name, r.image.display());
     }
     if d.kind == DeviceKind::Blk {
         let rec = ckpt

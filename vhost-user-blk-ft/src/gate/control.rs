@@ -30,10 +30,15 @@
 //!   [`GateError::Held`] (`COMMIT_FAILED`, no IOERR, not a failure `--on-commit-error stop`
 //!   acts on: the local commit succeeded and retrying loses nothing): the completions stay
 //!   kept, and the next `COMMIT` retries that epoch before it takes anything new.
+//! - With `--dirty-log`, a commit marks every block its batch changes in the dirty log and makes
+//!   that durable ([`DirtyLog::persist`]: no I/O while the blocks' extents are in the log's
+//!   activity log) before anything of the batch is shipped or written; the replica's
+//!   acknowledgement clears the epoch's blocks again. A log that cannot be written fails the
+//!   batch towards the guest (IOERR) before any of it is shipped or written.
 
 use crate::gate::commit::CommitEngine;
 use crate::gate::hold::{held_bytes, GateAck, GateMsg, GateReply, HeldReq, Hold};
-use crate::gate::replicate::Replication;
+use crate::gate::replicate::{changed_range, Replication};
 use crate::queue::BlkQueue;
 use crate::request::STATUS_IOERR;
 use ft_common::control::{DeviceKind, ErrorCode, QueueState, Reply, Request, TransactionState};
@@ -43,6 +48,7 @@ use ft_common::gate::{
     AbortDone, CommitDone, CommitFailure, Gate, GateDevice, GateError, HeldView, Identity,
     QueueMerge, Recovery,
 };
+use ft_common::replica::dirty::DirtyLog;
 use ft_common::vhost_user::{ReplayStore, WorkerHandle};
 use std::sync::Arc;
 use std::time::Instant;
@@ -63,6 +69,8 @@ pub struct BlkGate {
     replay: Option<ReplayStore>,
     /// Disk replication to the standby (`--replicate-to`).
     replication: Option<Replication>,
+    /// Blocks that may differ from the peer's image (`--dirty-log`), for a failback.
+    dirty: Option<DirtyLog>,
 }
 
 /// The block daemon's control handler.
@@ -92,6 +100,7 @@ impl BlkControl {
                 committing: None,
                 replay: None,
                 replication: None,
+                dirty: None,
             },
             policy,
             fence: Fence::default(),
@@ -115,6 +124,12 @@ impl BlkControl {
     /// replica acknowledged it.
     pub fn with_replication(mut self, r: Replication) -> BlkControl {
         self.dev.replication = Some(r);
+        self
+    }
+
+    /// Tracks the blocks every commit changes in `log` before they are written.
+    pub fn with_dirty_log(mut self, log: DirtyLog) -> BlkControl {
+        self.dev.dirty = Some(log);
         self
     }
 
@@ -238,7 +253,7 @@ impl GateDevice for BlkGate {
             // An earlier epoch still waits for the replica: nothing new before it.
             let kept = r.blocked();
             let done = r
-                .retry()
+                .retry(self.dirty.as_mut())
                 .map_err(|e| GateError::Held(format!("replication: {e}")))?;
             if let Some(e) = kept {
                 log::info!("replica acknowledged epoch {e} at last; completing it");
@@ -251,12 +266,42 @@ impl GateDevice for BlkGate {
             (txq.take_committable(epoch)?, prev)
         };
         self.committing = Some(epoch);
+        if let Some(d) = &mut self.dirty {
+            // Blocks are cleared by the replica's acknowledgement of their epoch; without a
+            // replica nothing clears them (they are what a failback copies).
+            let tag = self.replication.is_some().then_some(epoch);
+            for a in &batch {
+                if let Some((offset, len)) = changed_range(&a.payload().req) {
+                    d.mark(tag, offset, len);
+                }
+            }
+            if let Err(e) = d.persist() {
+                // Not tracked durably, so nothing of the batch may be shipped or written.
+                log::error!("commit {epoch}: {e}: the batch fails");
+                let requests = batch.len() as u64;
+                let bytes = batch.iter().map(|a| held_bytes(&a.payload().req)).sum();
+                let failed = batch.into_iter().map(|a| (a.cancel(), STATUS_IOERR));
+                self.deliver(failed.collect());
+                self.committing = None;
+                return Ok(CommitDone {
+                    previous,
+                    requests,
+                    bytes,
+                    submit_to_drain: Default::default(),
+                    fdatasync: Default::default(),
+                    failure: Some(CommitFailure {
+                        error: e.to_string(),
+                        errno: None,
+                    }),
+                });
+            }
+        }
         if let Some(r) = &mut self.replication {
             r.ship(epoch, &batch);
         }
         let mut out = self.engine.run(batch);
         if let Some(r) = &mut self.replication {
-            match r.confirm(std::mem::take(&mut out.done)) {
+            match r.confirm(std::mem::take(&mut out.done), self.dirty.as_mut()) {
                 Ok(done) => out.done = done,
                 Err(e) => {
                     // Output stays held (nothing completed); the next COMMIT retries.
@@ -293,7 +338,7 @@ impl GateDevice for BlkGate {
         };
         if let Some(r) = &mut self.replication {
             // Deposed: the epoch waiting for the replica is dropped like the held ones.
-            cancelled.extend(r.forget());
+            cancelled.extend(r.forget(self.dirty.as_mut()));
         }
         let requests = cancelled.len() as u64;
         let bytes = cancelled.iter().map(|h| held_bytes(&h.req)).sum();

@@ -31,12 +31,21 @@
 //! the last chunk was acknowledged. A commit happens at least every cut interval, so the copy
 //! proceeds at up to one chunk per commit while the guest runs (the chunk also delays that
 //! commit's completions: `--replica-sync-chunk-mib` trades sync rate against commit latency).
+//!
+//! Failback resync (`--replica-resync dirty`): the same stream and the same argument, but the
+//! walk visits only the dirty blocks: this daemon's dirty log at start (every block written
+//! since the split, [`ft_common::replica::dirty`]) united with the replica's own dirty set,
+//! which it sends when the connection starts (the blocks its daemon wrote while it was the
+//! primary that may not have reached this side). A run of dirty blocks (up to one chunk) goes
+//! per commit; its blocks are cleared from the log when its frame is acknowledged. The status
+//! reports blocks copied against the dirty total and the image size.
 
 use crate::gate::hold::HeldReq;
 use crate::image::SECTOR_SHIFT;
 use crate::request::RequestKind;
 use ft_common::aiocb::Aiocb;
 use ft_common::epoch::Epoch;
+use ft_common::replica::dirty::{next_set, DirtyLog, BLOCK_SIZE};
 use ft_common::replica::{ReplicaLink, ReplicaStatus, SyncProgress};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -49,23 +58,61 @@ pub struct Replication {
     sync: Option<InitialSync>,
 }
 
-/// The initial copy of the image (see the module doc).
+/// What a resync walks.
+enum Walk {
+    /// The whole image (initial sync): the next offset to ship.
+    Full { next: u64 },
+    /// The dirty blocks (failback): this log's set at start, united with the replica's once it
+    /// arrived (`set` is None until then); `cursor` is the next block to look at.
+    Dirty {
+        own: Vec<u64>,
+        set: Option<Vec<u64>>,
+        cursor: u64,
+    },
+}
+
+/// The initial copy of the image, or of its dirty blocks (see the module doc).
 struct InitialSync {
     /// A buffered descriptor of the primary's image (the daemon's own may be O_DIRECT).
     image: File,
     size: u64,
     chunk: usize,
-    /// Next offset to ship; `size` once the last chunk is in a frame.
-    next: u64,
+    walk: Walk,
+    /// Bytes to copy in all (the image size, or the dirty blocks' bytes once known).
+    total: u64,
     /// Shipped in frames that were acknowledged.
     acked: u64,
-    /// Shipped in the unacknowledged frame.
+    blocks_copied: u64,
+    /// Shipped in the unacknowledged frame (bytes, and the blocks for the dirty walk).
     in_frame: u64,
+    in_frame_blocks: Option<(u64, u64)>,
+    /// SYNC_START went out (in an acknowledged frame: `start_acked`).
+    start_sent: bool,
+    start_acked: bool,
+    /// SYNC_DONE is in the unacknowledged frame; `done` once it was acknowledged.
+    done_in_frame: bool,
+    done: bool,
     started: Option<Instant>,
     /// How long the copy took, once done.
     took: Option<std::time::Duration>,
     zero_chunks: u64,
     buf: Vec<u8>,
+}
+
+/// The bytes blocks `[b, b+n)` cover in an image of `size` bytes.
+fn block_bytes(b: u64, n: u64, size: u64) -> u64 {
+    ((b + n) * BLOCK_SIZE).min(size) - (b * BLOCK_SIZE).min(size)
+}
+
+/// The byte range a request changes on the image (none for FLUSH and reads).
+pub fn changed_range(req: &crate::request::BlkRequest) -> Option<(u64, u64)> {
+    match req.kind() {
+        RequestKind::Write { .. } => Some((req.offset(), u64::from(req.data_len()))),
+        RequestKind::Discard { sectors, .. } | RequestKind::WriteZeroes { sectors, .. } => {
+            Some((req.offset(), u64::from(sectors) << SECTOR_SHIFT))
+        }
+        _ => None,
+    }
 }
 
 impl Replication {
@@ -78,21 +125,55 @@ impl Replication {
         }
     }
 
-    /// Copies the whole image (read through `image`, `size` bytes) to the replica, one chunk of
-    /// `chunk` bytes per commit, before the replica counts as in sync.
-    pub fn with_initial_sync(mut self, image: File, size: u64, chunk: usize) -> Replication {
-        self.sync = Some(InitialSync {
+    fn new_sync(image: File, size: u64, chunk: usize, walk: Walk) -> InitialSync {
+        InitialSync {
             image,
             size,
-            chunk: chunk.max(4096),
-            next: 0,
+            chunk: chunk.max(BLOCK_SIZE as usize),
+            total: if matches!(walk, Walk::Full { .. }) {
+                size
+            } else {
+                0
+            },
+            walk,
             acked: 0,
+            blocks_copied: 0,
             in_frame: 0,
+            in_frame_blocks: None,
+            start_sent: false,
+            start_acked: false,
+            done_in_frame: false,
+            done: false,
             started: None,
             took: None,
             zero_chunks: 0,
             buf: Vec::new(),
-        });
+        }
+    }
+
+    /// Copies the whole image (read through `image`, `size` bytes) to the replica, one chunk of
+    /// `chunk` bytes per commit, before the replica counts as in sync.
+    pub fn with_initial_sync(mut self, image: File, size: u64, chunk: usize) -> Replication {
+        self.sync = Some(Self::new_sync(image, size, chunk, Walk::Full { next: 0 }));
+        self
+    }
+
+    /// Failback: copies only the dirty blocks, those of `own` (this daemon's dirty log at start,
+    /// one bit per block) and those the replica reports (the link must have been told to ask
+    /// for them, [`ReplicaLink::want_dirty_set`], before [`Replication::new`]).
+    pub fn with_dirty_resync(
+        mut self,
+        image: File,
+        size: u64,
+        chunk: usize,
+        own: Vec<u64>,
+    ) -> Replication {
+        let walk = Walk::Dirty {
+            own,
+            set: None,
+            cursor: 0,
+        };
+        self.sync = Some(Self::new_sync(image, size, chunk, walk));
         self
     }
 
@@ -103,7 +184,12 @@ impl Replication {
 
     /// Ships `batch` (guest order) as `epoch`. Nothing is shipped for a batch without output.
     pub fn ship(&mut self, epoch: Epoch, batch: &[Aiocb<HeldReq>]) {
-        let syncing = self.sync.as_ref().is_some_and(|s| s.next < s.size);
+        if let Some(s) = &mut self.sync {
+            if let Some(runs) = self.link.take_dirty_set() {
+                s.unite(runs);
+            }
+        }
+        let syncing = self.sync.as_ref().is_some_and(InitialSync::wants_chunk);
         if batch.is_empty() && !syncing {
             return;
         }
@@ -147,21 +233,29 @@ impl Replication {
     }
 
     /// After the local commit: waits for the shipped epoch's acknowledgement. `Ok(done)`: the
-    /// completions may go to the guest. `Err`: they are kept (see the module doc).
-    pub fn confirm(&mut self, done: Vec<(HeldReq, u8)>) -> Result<Vec<(HeldReq, u8)>, String> {
+    /// completions may go to the guest. `Err`: they are kept (see the module doc). The
+    /// acknowledged epoch's blocks are clean again in `log`.
+    pub fn confirm(
+        &mut self,
+        done: Vec<(HeldReq, u8)>,
+        mut log: Option<&mut DirtyLog>,
+    ) -> Result<Vec<(HeldReq, u8)>, String> {
         match self.link.wait_ack() {
-            Ok(_) => {
+            Ok(epoch) => {
+                if let Some(l) = log.as_deref_mut() {
+                    l.ack(epoch);
+                }
                 if let Some(s) = &mut self.sync {
                     s.acked += std::mem::take(&mut s.in_frame);
-                    // (`started` is taken only once the copy is complete.)
-                    if let Some(t) = s.started.filter(|_| s.acked == s.size) {
-                        s.started = None;
-                        let took = t.elapsed();
-                        log::info!(
-                            "replica: initial sync done ({} bytes in {took:?}): in sync",
-                            s.size
-                        );
-                        s.took = Some(took);
+                    s.start_acked |= s.start_sent;
+                    if let Some((b, n)) = s.in_frame_blocks.take() {
+                        s.blocks_copied += n;
+                        if let Some(l) = log.as_deref_mut() {
+                            l.clear(b, n);
+                        }
+                    }
+                    if std::mem::take(&mut s.done_in_frame) {
+                        s.finished(log);
                     }
                 }
                 Ok(done)
@@ -174,19 +268,35 @@ impl Replication {
     }
 
     /// Retries the kept epoch: its completions once acknowledged (empty if none was kept).
-    pub fn retry(&mut self) -> Result<Vec<(HeldReq, u8)>, String> {
+    pub fn retry(&mut self, log: Option<&mut DirtyLog>) -> Result<Vec<(HeldReq, u8)>, String> {
         let Some(done) = self.unacked.take() else {
             return Ok(Vec::new());
         };
-        self.confirm(done)
+        self.confirm(done, log)
     }
 
-    /// ABORT: the kept epoch is dropped; its requests are forgotten, never completed.
-    pub fn forget(&mut self) -> Vec<HeldReq> {
+    /// ABORT: the kept epoch is dropped; its requests are forgotten, never completed (and its
+    /// blocks stay dirty in `log`: they may have reached this image and not the replica's).
+    pub fn forget(&mut self, log: Option<&mut DirtyLog>) -> Vec<HeldReq> {
         self.link.forget();
+        if let Some(l) = log {
+            l.forget_pending();
+        }
         if let Some(s) = &mut self.sync {
             // The chunk in the dropped frame was never applied: copy it again.
-            s.next -= std::mem::take(&mut s.in_frame);
+            let bytes = std::mem::take(&mut s.in_frame);
+            match &mut s.walk {
+                Walk::Full { next } => *next -= bytes,
+                Walk::Dirty { cursor, .. } => {
+                    if let Some((b, _)) = s.in_frame_blocks.take() {
+                        *cursor = b;
+                    }
+                }
+            }
+            s.done_in_frame = false;
+            if !s.start_acked {
+                s.start_sent = false;
+            }
         }
         self.unacked
             .take()
@@ -196,22 +306,38 @@ impl Replication {
 
     pub fn status(&self) -> ReplicaStatus {
         let mut st = self.link.status();
-        st.in_sync = self.sync.as_ref().is_none_or(|s| s.acked == s.size);
+        st.in_sync = self.sync.as_ref().is_none_or(|s| s.done);
         st.sync = self.sync.as_ref().map(|s| {
             let secs = s
                 .took
                 .or(s.started.map(|t| t.elapsed()))
                 .map_or(0.0, |d| d.as_secs_f64());
+            let dirty = matches!(s.walk, Walk::Dirty { .. });
             SyncProgress {
                 copied_bytes: s.acked,
-                total_bytes: s.size,
-                percent: (s.acked.saturating_mul(100) / s.size.max(1)) as u32,
+                total_bytes: s.total,
+                percent: if s.done {
+                    100
+                } else {
+                    (s.acked.saturating_mul(100) / s.total.max(1)) as u32
+                },
                 rate_kib_s: if secs > 0.0 {
                     (s.acked as f64 / 1024.0 / secs) as u64
                 } else {
                     0
                 },
                 zero_chunks: s.zero_chunks,
+                mode: if dirty { "dirty" } else { "full" }.into(),
+                image_bytes: s.size,
+                blocks_copied: if dirty {
+                    s.blocks_copied
+                } else {
+                    s.acked.div_ceil(BLOCK_SIZE)
+                },
+                blocks_total: s.total_blocks(),
+                image_blocks: s.size.div_ceil(BLOCK_SIZE),
+                done: s.done,
+                elapsed_ms: (secs * 1000.0) as u64,
             }
         });
         st
@@ -219,38 +345,168 @@ impl Replication {
 }
 
 impl InitialSync {
-    /// The next chunk into `frame`: WRITE of its bytes, or WRITE_ZEROES (unmap) if all zero.
-    fn add_chunk(&mut self, frame: &mut ft_common::replica::protocol::EpochFrame) {
-        if self.next == 0 {
-            frame.sync_start();
-            self.started = Some(Instant::now());
-            log::info!("replica: initial sync of {} bytes starts", self.size);
+    fn total_blocks(&self) -> u64 {
+        match &self.walk {
+            Walk::Full { .. } => self.size.div_ceil(BLOCK_SIZE),
+            Walk::Dirty { set, .. } => set
+                .as_ref()
+                .map_or(0, |s| s.iter().map(|w| u64::from(w.count_ones())).sum()),
         }
-        let len = (self.size - self.next).min(self.chunk as u64) as usize;
-        self.buf.resize(len, 0);
-        let ok = match self.image.read_exact_at(&mut self.buf, self.next) {
-            Ok(()) => true,
-            Err(e) => {
-                // Not shipped: the replica stays out of sync and the chunk is tried again.
-                log::error!(
-                    "replica: initial sync: reading the image at {}: {e}",
-                    self.next
-                );
-                false
+    }
+
+    /// The replica's dirty runs arrived: the set to copy is ours united with them.
+    fn unite(&mut self, runs: Vec<(u64, u64)>) {
+        let size = self.size;
+        let Walk::Dirty { own, set, .. } = &mut self.walk else {
+            return;
+        };
+        if set.is_some() {
+            return;
+        }
+        let mut bits = std::mem::take(own);
+        for (s, n) in runs {
+            for b in s..s + n {
+                bits[(b / 64) as usize] |= 1 << (b % 64);
+            }
+        }
+        let nblocks = size.div_ceil(BLOCK_SIZE);
+        let mut total = 0;
+        let mut b = 0;
+        while let Some(x) = next_set(&bits, nblocks, b) {
+            total += block_bytes(x, 1, size);
+            b = x + 1;
+        }
+        self.total = total;
+        *set = Some(bits);
+        log::info!(
+            "replica: failback resync of {} blocks ({total} bytes) of {nblocks} ({size} bytes)",
+            self.total_blocks()
+        );
+    }
+
+    /// Whether the next frame should carry a chunk (or the closing SYNC_DONE).
+    fn wants_chunk(&self) -> bool {
+        let ready = match &self.walk {
+            Walk::Full { .. } => true,
+            Walk::Dirty { set, .. } => set.is_some(),
+        };
+        ready && !self.done && !self.done_in_frame
+    }
+
+    /// The copy is complete and acknowledged.
+    fn finished(&mut self, log: Option<&mut DirtyLog>) {
+        self.done = true;
+        let took = self.started.take().map(|t| t.elapsed()).unwrap_or_default();
+        self.took = Some(took);
+        let full = matches!(self.walk, Walk::Full { .. });
+        if full {
+            log::info!(
+                "replica: initial sync done ({} bytes in {took:?}): in sync",
+                self.size
+            );
+        } else {
+            log::info!(
+                "replica: failback resync done: {} blocks ({} bytes) copied of {} in the image \
+                 ({} bytes) in {took:?}: in sync",
+                self.blocks_copied,
+                self.acked,
+                self.size.div_ceil(BLOCK_SIZE),
+                self.size
+            );
+        }
+        if let Some(l) = log {
+            // Full: everything is equal now. Dirty: the copied blocks were cleared as their
+            // frames were acknowledged; write the exact set down.
+            let r = if full { l.reset() } else { l.flush() };
+            if let Err(e) = r {
+                log::error!("replica: after the resync: {e}");
+            }
+        }
+    }
+
+    /// The next chunk into `frame`: WRITE of its bytes, or WRITE_ZEROES (unmap) if all zero;
+    /// SYNC_START before the first, SYNC_DONE after the last.
+    fn add_chunk(&mut self, frame: &mut ft_common::replica::protocol::EpochFrame) {
+        if !self.start_sent {
+            frame.sync_start();
+            self.start_sent = true;
+            if self.started.is_none() {
+                self.started = Some(Instant::now());
+                log::info!("replica: {} of {} bytes starts", self.what(), self.total);
+            }
+        }
+        let nblocks = self.size.div_ceil(BLOCK_SIZE);
+        let chunk_blocks = self.chunk as u64 / BLOCK_SIZE;
+        // (offset, len) of the chunk, and its blocks for the dirty walk.
+        let (offset, len, blocks) = match &self.walk {
+            Walk::Full { next } => {
+                if *next >= self.size {
+                    frame.sync_done();
+                    self.done_in_frame = true;
+                    return;
+                }
+                let len = (self.size - next).min(self.chunk as u64);
+                (*next, len, None)
+            }
+            Walk::Dirty { set, cursor, .. } => {
+                let set = set.as_ref().expect("wants_chunk checked");
+                let Some(s) = next_set(set, nblocks, *cursor) else {
+                    frame.sync_done();
+                    self.done_in_frame = true;
+                    return;
+                };
+                let mut e = s + 1;
+                while e < nblocks
+                    && e - s < chunk_blocks
+                    && set[(e / 64) as usize] & (1 << (e % 64)) != 0
+                {
+                    e += 1;
+                }
+                (
+                    s * BLOCK_SIZE,
+                    block_bytes(s, e - s, self.size),
+                    Some((s, e - s)),
+                )
             }
         };
-        if ok {
-            if self.buf.iter().all(|&b| b == 0) {
-                frame.write_zeroes(self.next, len as u64, true);
-                self.zero_chunks += 1;
-            } else {
-                frame.write(self.next, [&self.buf[..]].into_iter());
+        self.buf.resize(len as usize, 0);
+        if let Err(e) = self.image.read_exact_at(&mut self.buf, offset) {
+            // Not shipped: the replica stays out of sync and the chunk is tried again.
+            log::error!(
+                "replica: {}: reading the image at {offset}: {e}",
+                self.what()
+            );
+            return;
+        }
+        if self.buf.iter().all(|&b| b == 0) {
+            frame.write_zeroes(offset, len, true);
+            self.zero_chunks += 1;
+        } else {
+            frame.write(offset, [&self.buf[..]].into_iter());
+        }
+        self.in_frame = len;
+        self.in_frame_blocks = blocks;
+        let last = match &mut self.walk {
+            Walk::Full { next } => {
+                *next += len;
+                *next >= self.size
             }
-            self.next += len as u64;
-            self.in_frame = len as u64;
-            if self.next == self.size {
-                frame.sync_done();
+            Walk::Dirty { set, cursor, .. } => {
+                let (s, n) = blocks.expect("dirty walk");
+                *cursor = s + n;
+                next_set(set.as_ref().expect("set"), nblocks, *cursor).is_none()
             }
+        };
+        if last {
+            frame.sync_done();
+            self.done_in_frame = true;
+        }
+    }
+
+    fn what(&self) -> &'static str {
+        match self.walk {
+            Walk::Full { .. } => "initial sync",
+            Walk::Dirty { .. } => "failback resync",
         }
     }
 }
