@@ -81,9 +81,9 @@ struct Args {
     /// poll-max-ns; 32768 is QEMU's default there): after a batch the thread spins on its ring
     /// and io_uring instead of sleeping, so the next request costs no wakeup. The window grows
     /// while polling finds requests in time and drops to 0 when they come further apart, and
-    /// polling pauses while the host has no idle CPU (its CPU pressure, or the thread's own
-    /// wait for a CPU; see docs/benchmarks.md), so the default needs no tuning. 0 disables
-    /// polling.
+    /// polling pauses while the host has no idle CPU (tasks wait for a CPU while none stands
+    /// idle, or the thread itself waits; see docs/benchmarks.md), so the default needs no
+    /// tuning. 0 disables polling.
     #[arg(long, default_value_t = 32_768, value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
     poll_max_ns: u64,
     /// Keep polling even while the host has no idle CPU (for CPUs reserved for the daemon).
