@@ -6,8 +6,12 @@
 //!   are used in place, so they stay alive (at a stable address) until the completion is reaped.
 //! - SQEs are only queued by [`Engine::push`]; the kernel sees them at the next
 //!   [`Engine::submit`], so a whole kick's worth of requests costs one `io_uring_enter`.
-//! - Every completion is reaped from the whole CQ on each [`Engine::drain`] (the eventfd counter
-//!   may be lower than the number of CQEs).
+//! - Every completion is reaped from the whole CQ on each [`Engine::drain`]. The thread waits
+//!   for completions on the ring's own fd ([`Engine::poll_fd`]: readable while the CQ is not
+//!   empty), not on a registered eventfd: an eventfd is signalled by every CQE, also by those
+//!   that complete inside the submitting `io_uring_enter` (page-cache hits) and are reaped at
+//!   once, so it had to be read (one syscall per batch) before every sleep. The ring fd is
+//!   not readable once the CQ is reaped, whoever posted to it.
 //! - Every slot that was filled is handed back exactly once, through the completion callback,
 //!   whether the operation succeeded, failed or was cancelled; [`Engine::wait_idle`] returns only
 //!   when no slot is busy, so nothing is ever leaked across a disconnect.
@@ -26,7 +30,6 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::Arc;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// What an engine slot holds: anything that owns a [`BlkRequest`] at a stable place. Today a
 /// plain `BlkRequest`; with output commit, ft-common's `InFlight<BlkRequest>` AIOCB (which owns
@@ -113,7 +116,6 @@ pub struct Engine<R: SlotRequest = BlkRequest> {
     image: Arc<Image>,
     slots: Box<[Slot<R>]>,
     free: Vec<u32>,
-    eventfd: EventFd,
     in_flight: u32,
     /// The filesystem rejected ZERO_RANGE once: use PUNCH_HOLE for WRITE_ZEROES from now on.
     no_zero_range: bool,
@@ -154,10 +156,6 @@ impl<R: SlotRequest> Engine<R> {
             .setup_cqsize(entries * 2)
             .build(entries)
             .map_err(|e| setup_error(&format!("creating a ring of {entries} entries"), e))?;
-        let eventfd = EventFd::new(EFD_NONBLOCK)?;
-        ring.submitter()
-            .register_eventfd(eventfd.as_raw_fd())
-            .map_err(|e| setup_error("registering its eventfd", e))?;
         let slots = (0..depth)
             .map(|_| Slot {
                 req: None,
@@ -172,7 +170,6 @@ impl<R: SlotRequest> Engine<R> {
             image,
             slots,
             free: (0..depth).rev().collect(),
-            eventfd,
             in_flight: 0,
             no_zero_range: false,
             inline_writes: false,
@@ -188,7 +185,7 @@ impl<R: SlotRequest> Engine<R> {
     /// Why: a filesystem that cannot do a buffered write without blocking (ext4, tmpfs: they
     /// refuse `RWF_NOWAIT` writes) makes io_uring punt every such write to an io-wq worker
     /// thread, and writes to one file run one at a time there anyway. The worker then costs a
-    /// thread wakeup per batch and an eventfd signal per completion on top of the copy, and on a
+    /// thread wakeup per batch and a wakeup of this thread per completion on top of the copy, and on a
     /// small host it competes with this thread and the frontend for the CPU. Done here, the copy
     /// into the page cache is the whole cost (see docs/benchmarks.md). O_DIRECT writes and
     /// write-through (`dsync`) writes, which wait for the device, stay on the ring, so reads
@@ -203,7 +200,7 @@ impl<R: SlotRequest> Engine<R> {
     ///
     /// Why: through the ring, an fsync always goes to an io-wq worker (it blocks), so a lone
     /// FLUSH costs two thread wakeups on top of the sync itself (the worker's, then this
-    /// thread's through the eventfd); at queue depth 1 that is most of what separates the
+    /// thread's through the ring fd); at queue depth 1 that is most of what separates the
     /// guest's FLUSH from the kernel's fdatasync (docs/benchmarks.md). With other requests in
     /// flight the FLUSH stays on the ring, so their completions are not held up behind the
     /// sync; requests that arrive while it runs wait for it.
@@ -216,9 +213,13 @@ impl<R: SlotRequest> Engine<R> {
         self.inline_writes
     }
 
-    /// The eventfd signalled when completions arrive; register it in the thread's epoll loop.
-    pub fn eventfd(&self) -> RawFd {
-        self.eventfd.as_raw_fd()
+    /// The fd to wait on for completions (level-triggered `POLLIN`): the ring's own, readable
+    /// while its CQ holds completions. Register it in the thread's epoll loop. Completions done
+    /// without the ring ([`Engine::set_inline_writes`], [`Engine::set_sync_flush_when_idle`])
+    /// do not make it readable: they are finished inside [`Engine::push`], so the caller
+    /// checks [`Engine::has_completions`] after pushing.
+    pub fn poll_fd(&self) -> RawFd {
+        self.ring.as_raw_fd()
     }
 
     /// Calls `f` with every request the engine holds (submitted or finished, not yet handed
@@ -445,16 +446,8 @@ impl<R: SlotRequest> Engine<R> {
     }
 
     /// Reaps every available completion, calling `f` for each finished request. Returns how
-    /// many requests finished. Also clears the eventfd.
-    pub fn drain(&mut self, f: impl FnMut(Completion<R>)) -> usize {
-        // Reset the level-triggered eventfd first, so a CQE posted after this read re-arms it.
-        let _ = self.eventfd.read();
-        self.drain_cq(f)
-    }
-
-    /// [`Engine::drain`] without clearing the eventfd (one syscall less): for a thread that
-    /// is busy-polling the CQ and not waiting on the eventfd.
-    pub fn drain_cq(&mut self, mut f: impl FnMut(Completion<R>)) -> usize {
+    /// many requests finished. No syscall unless a fallback is resubmitted.
+    pub fn drain(&mut self, mut f: impl FnMut(Completion<R>)) -> usize {
         let mut n = 0;
         while let Some((idx, result)) = self.ready.pop_front() {
             f(self.finish_slot(idx, result));
@@ -926,7 +919,7 @@ mod tests {
     }
 
     #[test]
-    fn drain_reaps_everything_after_one_eventfd_wakeup() {
+    fn drain_reaps_everything_after_one_poll_fd_wakeup() {
         let fx = fixture();
         let mut e = Engine::new(fx.image.clone(), 16).unwrap();
         for i in 0..16u64 {
@@ -944,18 +937,18 @@ mod tests {
             .unwrap();
         }
         e.submit().unwrap();
-        // Wait for the eventfd like the epoll loop would, then drain once per wakeup.
+        // Wait for the ring fd like the epoll loop would, then drain once per wakeup.
         let mut done = 0;
         while done < 16 {
             let mut pfd = libc::pollfd {
-                fd: e.eventfd(),
+                fd: e.poll_fd(),
                 events: libc::POLLIN,
                 revents: 0,
             };
             assert_eq!(
                 unsafe { libc::poll(&mut pfd, 1, 5000) },
                 1,
-                "eventfd never fired"
+                "ring fd never became readable"
             );
             done += e.drain(|c| assert_eq!(c.status(), STATUS_OK));
         }

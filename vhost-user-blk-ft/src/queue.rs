@@ -38,7 +38,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
 
-/// Token of the engine's eventfd in the worker's epoll set.
+/// Token of the engine's ring fd in the worker's epoll set.
 const ENGINE_TOKEN: u64 = 1;
 
 /// Requests taken off the ring per `io_uring_enter` and guest notification. Measured with
@@ -177,7 +177,6 @@ impl BlkQueue {
             h.retry_parked();
         }
         let (mut popped, mut rejected) = (0u64, 0u64);
-        let mut inline = false;
         while let Some(vring) = ctx.queue(self.queue) {
             let more = self.take_chunk(vring, dsync, polling, &mut popped, &mut rejected);
             if let Err(e) = self.engine.submit() {
@@ -187,10 +186,9 @@ impl BlkQueue {
                 h.deliver_deferred(vring);
             }
             // Page-cache hits have completed inside that submit: answer them now instead of
-            // one epoll round trip (eventfd wakeup) later.
+            // one epoll round trip later. Reaped, they leave nothing that wakes the thread.
             if self.engine.has_completions() {
-                self.drain_engine(ctx, false);
-                inline = true;
+                self.drain_engine(ctx);
             }
             if let Some(vring) = ctx.queue(self.queue) {
                 vring.signal_used();
@@ -199,20 +197,12 @@ impl BlkQueue {
                 break;
             }
         }
-        // Inline completions signalled the eventfd: reset it once per batch, not per chunk
-        // (and drain what completed since), so it does not wake the thread for nothing.
-        if inline && !polling {
-            self.drain_engine(ctx, true);
-            if let Some(vring) = ctx.queue(self.queue) {
-                vring.signal_used();
-            }
-        }
         self.counters.requests.fetch_add(popped, Ordering::Relaxed);
         self.counters
             .rejected
             .fetch_add(rejected, Ordering::Relaxed);
-        // The drain above may have consumed the eventfd: if it freed slots of a stalled ring,
-        // no later wakeup would resume it, so resume now.
+        // The drains above may have emptied the CQ: if they freed slots of a stalled ring, no
+        // later wakeup would resume it, so resume now.
         if self.stalled && self.engine.in_flight() < self.engine.capacity() {
             self.process_ring(ctx);
         }
@@ -359,25 +349,17 @@ impl BlkQueue {
         }
     }
 
-    /// Completes everything in the engine's CQ (no signal). `clear_eventfd` also resets the
-    /// engine's eventfd first (one `read`): needed before the thread sleeps on it, wasted while
-    /// it polls the CQ or drains again soon (chunks of one batch).
-    fn drain_engine(&mut self, ctx: &mut WorkerCtx, clear_eventfd: bool) {
+    /// Completes everything in the engine's CQ (no signal, no syscall).
+    fn drain_engine(&mut self, ctx: &mut WorkerCtx) {
         let queue = self.queue;
-        let done = |c: Completion| complete(ctx, queue, c);
-        if clear_eventfd {
-            self.engine.drain(done);
-        } else {
-            self.engine.drain_cq(done);
-        }
+        self.engine.drain(|c: Completion| complete(ctx, queue, c));
         self.publish();
     }
 
     /// Completes everything the engine has finished.
     fn reap(&mut self, ctx: &mut WorkerCtx) {
         let queue = self.queue;
-        let polling = ctx.polling();
-        self.drain_engine(ctx, !polling);
+        self.drain_engine(ctx);
         if let Some(v) = ctx.queue(queue) {
             v.signal_used();
         }
@@ -421,7 +403,7 @@ impl QueueWorker for BlkQueue {
     type Reply = GateReply;
 
     fn fds(&self) -> Vec<(RawFd, u64)> {
-        vec![(self.engine.eventfd(), ENGINE_TOKEN)]
+        vec![(self.engine.poll_fd(), ENGINE_TOKEN)]
     }
 
     fn handle_kick(&mut self, ctx: &mut WorkerCtx, queue: u16) {

@@ -15,6 +15,12 @@
 //! it skips `epoll_wait` (kicks and completions are what it polls), but still takes commands
 //! at once and looks at the epoll set at least every `EPOLL_EVERY` (100 µs).
 //!
+//! Kick eventfds are registered edge-triggered and never read: every write of the frontend
+//! wakes `epoll_wait` once (an eventfd write is a new edge even while its counter is not
+//! zero), and the ring itself says how much work there is, so resetting the counter (one
+//! `read` per kick) bought nothing. The counter only grows (2^64 - 2 kicks before a write
+//! would block the frontend). Everything else is level-triggered.
+//!
 //! Epoll data encoding: bits 56..64 are the kind (device fd, kick, control), bits 0..56 the
 //! device's token or the queue index. Device tokens must therefore be below 2^56.
 
@@ -476,12 +482,12 @@ impl<W: QueueWorker> Worker<W> {
     }
 
     fn kick(&mut self, q: u16) {
-        if let Some(k) = self.ctx.kicks.get(&q) {
-            // Drain first: a kick arriving during processing must wake us again.
-            let _ = k.read();
-            if self.stopping.iter().all(|s| s.queue != q) && self.ctx.rings.contains_key(&q) {
-                self.dev.handle_kick(&mut self.ctx, q);
-            }
+        // Edge-triggered, so not read: a kick arriving during processing wakes us again.
+        if self.ctx.kicks.contains_key(&q)
+            && self.stopping.iter().all(|s| s.queue != q)
+            && self.ctx.rings.contains_key(&q)
+        {
+            self.dev.handle_kick(&mut self.ctx, q);
         }
     }
 
@@ -498,8 +504,9 @@ impl<W: QueueWorker> Worker<W> {
                             .ctl(
                                 ControlOperation::Add,
                                 kick.as_raw_fd(),
+                                // Edge-triggered: see the module docs.
                                 EpollEvent::new(
-                                    EventSet::IN,
+                                    EventSet::IN | EventSet::EDGE_TRIGGERED,
                                     (KIND_KICK << KIND_SHIFT) | u64::from(q),
                                 ),
                             )

@@ -138,7 +138,7 @@ fn wait_all(
         }
         let mut fds = [
             libc::pollfd {
-                fd: engine.eventfd(),
+                fd: engine.poll_fd(),
                 events: libc::POLLIN,
                 revents: 0,
             },
