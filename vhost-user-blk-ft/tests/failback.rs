@@ -452,3 +452,105 @@ fn a_dirty_resync_without_logs_is_refused_with_the_reason() {
     assert!(!st.in_sync);
     assert!(st.error.is_some_and(|e| e.contains("dirty")));
 }
+
+/// The re-protect chain: A primary -> takeover to B -> failback protects B with A's image ->
+/// B writes an epoch A never acknowledges and dies -> takeover back to A -> failback protects A
+/// with B's image. Each resync copies exactly the expected blocks and ends byte-equal. The
+/// takeovers run while the fenced replica service is still up (it must not hold the log).
+#[test]
+fn reprotect_chain_takes_over_back_and_fails_back_again() {
+    let a = host(0);
+    let b = host(0);
+    // B's log with small extents too, made before its replica service (the header wins).
+    DirtyLog::open(
+        &b.log,
+        IMG_SIZE,
+        ft_common::replica::dirty::Geometry {
+            extent_blocks: EXTENT_BLOCKS as u32,
+            al_slots: 256,
+        },
+    )
+    .unwrap()
+    .close()
+    .unwrap();
+
+    // A primary, B replica; everything acknowledged; A dies.
+    let replica_b = replica_on(&b, "store");
+    let da = daemon_on(&a, &["--replicate-to", &replica_b.addr().to_string()]);
+    let mut ga = Guest::new(&da);
+    ga.write(40, 2, 1);
+    ga.committed();
+    assert!(same(&a, &b));
+    drop(ga);
+    drop(da);
+
+    // Takeover to B (its fenced replica service still running), writes, clean stop.
+    assert!(ft_common::replica::server::fence(&b.store("store")).unwrap());
+    let db = daemon_on(&b, &[]);
+    let mut gb = Guest::new(&db);
+    gb.write(600, 1, 2);
+    gb.committed();
+    drop(gb);
+    stop(db);
+    drop(replica_b);
+
+    // Failback to A through a proxy.
+    let replica_a = replica_on(&a, "store");
+    let proxy = FaultyProxy::start("127.0.0.1:0", tcp(&replica_a)).expect("proxy");
+    let to_a = format!("tcp:{}", proxy.addr());
+    let db = daemon_on(&b, &["--replicate-to", &to_a, "--replica-resync", "dirty"]);
+    let mut gb = Guest::new(&db);
+    let p = resync(&mut gb, 600, 1500);
+    // A crashed with extent 2 (blocks 40, 41) in its AL; B wrote block 600 since the split.
+    assert_eq!(
+        (p.blocks_total, p.blocks_copied),
+        (EXTENT_BLOCKS + 1, EXTENT_BLOCKS + 1)
+    );
+    assert!(same(&a, &b));
+    gb.write(77, 1, 3);
+    gb.committed();
+    // B's last epoch never reaches A; B dies.
+    proxy.freeze();
+    gb.write(2500, 1, 4);
+    assert!(matches!(gb.commit(), Reply::CommitFailed { .. }));
+    assert!(!same(&a, &b));
+    drop(gb);
+    drop(db);
+    drop(proxy);
+
+    // Takeover back to A (replica service still running), writes, clean stop.
+    assert!(ft_common::replica::server::fence(&a.store("store")).unwrap());
+    let da = daemon_on(&a, &[]);
+    let mut ga = Guest::new(&da);
+    ga.write(10, 1, 5);
+    ga.write(3600, 1, 6);
+    ga.committed();
+    drop(ga);
+    stop(da);
+    drop(replica_a);
+
+    // Failback to B: A's blocks since the second split, and B's activity-log extents: those of
+    // blocks 77 and 2500, written after B's resync ended (its end writes the log down exactly
+    // and empties the activity log; blocks 600 and 1500 were acknowledged before).
+    let replica_b = replica_on(&b, "store2");
+    let da = daemon_on(
+        &a,
+        &[
+            "--replicate-to",
+            &replica_b.addr().to_string(),
+            "--replica-resync",
+            "dirty",
+        ],
+    );
+    let mut ga = Guest::new(&da);
+    let p = resync(&mut ga, 3600, 200);
+    let b_set = extents_of(&[77, 2500], EXTENT_BLOCKS);
+    let expected = union(&b_set, &[10, 3600]);
+    assert_eq!((p.blocks_total, p.blocks_copied), (expected, expected));
+    assert!(same(&a, &b), "images differ after the second failback");
+    drop(ga);
+    stop(da);
+    drop(replica_b);
+    assert_eq!(dirty_blocks_in(&a.log), 0);
+    assert_eq!(dirty_blocks_in(&b.log), 0);
+}

@@ -25,7 +25,9 @@
 //! the log's dirty blocks to a primary that asks (`HELLO` flag, `DIRTY` frame), and once the
 //! resync's SYNC_DONE epoch is applied and synced it empties the log, *then* records the image
 //! in sync. A log that did not exist when the service started is created (this host's daemon
-//! tracks into it after a takeover) but not sent: it says nothing about the past.
+//! tracks into it after a takeover) but not sent: it says nothing about the past. The log is
+//! read at start and opened again only to empty it, never kept open: after a takeover the new
+//! primary's daemon tracks into it while this (fenced) service may still run.
 
 use super::apply::ReplicaImage;
 use super::dirty::DirtyLog;
@@ -172,8 +174,17 @@ struct Shared {
     /// The newest connection (shut down when a newer one arrives, or on stop).
     current: Mutex<Option<Conn>>,
     stop: AtomicBool,
-    /// The dirty log and whether it existed at start (only then is its set sent).
-    dirty: Mutex<Option<(DirtyLog, bool)>>,
+    /// The dirty log (failback target), read at start.
+    dirty: Mutex<Option<DirtySource>>,
+}
+
+/// This image's dirty set as read at start. The log itself is not kept open (and locked): after
+/// a takeover the new primary's daemon tracks into it while this service may still run, fenced.
+struct DirtySource {
+    path: PathBuf,
+    runs: Vec<(u64, u64)>,
+    /// Whether the log existed at start (only then is its set sent), or was reset by a resync.
+    valid: bool,
 }
 
 pub struct ReplicaServer {
@@ -208,14 +219,20 @@ impl ReplicaServer {
                     log.dirty_blocks(),
                     log.image_blocks()
                 );
-                Some((log, existed))
+                let runs = log.runs();
+                log.close().map_err(io::Error::other)?;
+                Some(DirtySource {
+                    path: p.clone(),
+                    runs,
+                    valid: existed,
+                })
             }
             None => None,
         };
         // An image is taken to be a copy of the primary's (the operator made it so, or both
         // start empty) unless an initial sync into it was interrupted, or it is a failback
         // target (it has a dirty log from its time as the primary).
-        let in_sync = dirty.as_ref().is_none_or(|(_, existed)| !existed)
+        let in_sync = dirty.as_ref().is_none_or(|d| !d.valid)
             && replica_image(&cfg.store)?
                 .filter(|r| r.image == image_path)
                 .is_none_or(|r| r.in_sync);
@@ -379,13 +396,13 @@ fn serve(shared: &Shared, conn: &mut Conn) -> Result<(), ProtoError> {
     }
     let dirty_set = if flags & protocol::HELLO_WANT_DIRTY != 0 {
         match &*lock(&shared.dirty) {
-            Some((log, true)) => Some(log.runs()),
-            Some((log, false)) => {
+            Some(d) if d.valid => Some(d.runs.clone()),
+            Some(d) => {
                 let why = format!(
                     "a dirty resync needs this host's dirty log, and {} did not exist when the \
                      replica service started: which blocks differ is unknown (use \
                      --replica-resync full)",
-                    log.path().display()
+                    d.path.display()
                 );
                 refuse(conn, shared, why)?;
                 return Ok(());
@@ -498,10 +515,15 @@ fn apply(shared: &Shared, view: &EpochView<'_>) -> Result<bool, String> {
     // then all overwritten, so its log is emptied first (a crash in between: empty log, not in
     // sync, and the next resync copies the primary's dirty set again).
     if sync_done {
-        if let Some((log, existed)) = &mut *lock(&shared.dirty) {
-            log.reset()
+        if let Some(d) = &mut *lock(&shared.dirty) {
+            DirtyLog::open(&d.path, img.size(), Default::default())
+                .and_then(|mut log| {
+                    log.reset()?;
+                    log.close()
+                })
                 .map_err(|e| format!("epoch {}: {e}", view.epoch))?;
-            *existed = true;
+            d.runs.clear();
+            d.valid = true;
         }
         set_in_sync(shared, true)?;
         log::info!("replica: initial sync done: the image is a copy of the primary's");
