@@ -2,7 +2,8 @@
 //! A real etcd for the arbitration tests (Debian's `etcd-server`, installed by
 //! scripts/setup.sh), one per test, and the network namespaces of the partition test.
 //!
-//! Each etcd is a single-member cluster with its own temporary data directory (always removed,
+//! Each etcd is a single-member cluster ([`EtcdServer`]) or a cluster of a few members on
+//! loopback ([`EtcdCluster`]); every member has its own temporary data directory (always removed,
 //! also after a failed test: etcd preallocates 64 MiB of WAL) and ports from the range reserved
 //! for these tests (27300-27399). Network namespaces and veth devices carry `etcd` in their
 //! names and are deleted on drop.
@@ -17,20 +18,92 @@ use std::time::{Duration, Instant};
 const PORT_BASE: u16 = 27300;
 const PORT_COUNT: u16 = 100;
 
-/// Two ports (client, peer) of the range not bound on loopback right now.
-fn two_ports() -> io::Result<(u16, u16)> {
+/// `n` ports of the range not bound on loopback right now.
+fn free_ports(n: usize) -> io::Result<Vec<u16>> {
     static NEXT: AtomicU16 = AtomicU16::new(0);
-    let mut free = Vec::with_capacity(2);
+    let mut free = Vec::with_capacity(n);
     for _ in 0..PORT_COUNT {
         let p = PORT_BASE + NEXT.fetch_add(1, Ordering::Relaxed) % PORT_COUNT;
         if TcpListener::bind(("127.0.0.1", p)).is_ok() {
             free.push(p);
-            if free.len() == 2 {
-                return Ok((free[0], free[1]));
+            if free.len() == n {
+                return Ok(free);
             }
         }
     }
-    Err(io::Error::other("no free port in 27300-27399"))
+    Err(io::Error::other("not enough free ports in 27300-27399"))
+}
+
+/// Two ports (client, peer) of the range not bound on loopback right now.
+fn two_ports() -> io::Result<(u16, u16)> {
+    let p = free_ports(2)?;
+    Ok((p[0], p[1]))
+}
+
+/// A fresh data directory for the member whose client port is `client`.
+fn data_dir(client: u16) -> io::Result<PathBuf> {
+    let data = std::env::temp_dir().join(format!("ft-etcd-data-{}-{client}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    std::fs::create_dir_all(&data)?;
+    Ok(data)
+}
+
+/// The flags of one member, without `--initial-cluster`. A member restarted on its data
+/// directory rejoins its cluster (etcd then ignores the initial-cluster flags).
+fn member_args(
+    name: &str,
+    data: &Path,
+    listen: &str,
+    advertise: &str,
+    peer_url: &str,
+) -> Vec<String> {
+    [
+        "--name",
+        name,
+        "--data-dir",
+        &data.display().to_string(),
+        "--listen-client-urls",
+        listen,
+        "--advertise-client-urls",
+        advertise,
+        "--listen-peer-urls",
+        peer_url,
+        "--initial-advertise-peer-urls",
+        peer_url,
+        "--initial-cluster-state",
+        "new",
+        "--log-level",
+        "warn",
+        "--logger",
+        "zap",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// Starts `etcd ARGS` (in `netns`), its output to `log` (appended: a restarted member keeps
+/// its earlier log).
+fn spawn(netns: Option<&str>, args: &[String], log: &Path) -> io::Result<Child> {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    let err = out.try_clone()?;
+    let mut cmd = in_netns(netns, "etcd");
+    cmd.args(args).stdout(out).stderr(err).stdin(Stdio::null());
+    cmd.spawn()
+}
+
+/// `etcdctl --endpoints EPS` with short timeouts (API v3).
+fn etcdctl(netns: Option<&str>, endpoints: &str, args: &[&str]) -> Command {
+    let mut c = in_netns(netns, "etcdctl");
+    c.env("ETCDCTL_API", "3")
+        .arg("--endpoints")
+        .arg(endpoints)
+        .arg("--dial-timeout=2s")
+        .arg("--command-timeout=3s")
+        .args(args);
+    c
 }
 
 /// Whether the etcd binaries are installed (scripts/setup.sh installs them).
@@ -72,10 +145,7 @@ impl EtcdServer {
         peer: u16,
         log: &Path,
     ) -> io::Result<EtcdServer> {
-        let data =
-            std::env::temp_dir().join(format!("ft-etcd-data-{}-{client}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&data);
-        std::fs::create_dir_all(&data)?;
+        let data = data_dir(client)?;
         let endpoint = format!("http://{ip}:{client}");
         let listen = if netns.is_some() {
             format!("http://0.0.0.0:{client}")
@@ -83,33 +153,9 @@ impl EtcdServer {
             endpoint.clone()
         };
         let peer_url = format!("http://127.0.0.1:{peer}");
-        let args: Vec<String> = vec![
-            "--name".into(),
-            "ft".into(),
-            "--data-dir".into(),
-            data.display().to_string(),
-            "--listen-client-urls".into(),
-            listen,
-            "--advertise-client-urls".into(),
-            endpoint.clone(),
-            "--listen-peer-urls".into(),
-            peer_url.clone(),
-            "--initial-advertise-peer-urls".into(),
-            peer_url.clone(),
-            "--initial-cluster".into(),
-            format!("ft={peer_url}"),
-            "--initial-cluster-state".into(),
-            "new".into(),
-            "--log-level".into(),
-            "warn".into(),
-            "--logger".into(),
-            "zap".into(),
-        ];
-        let out = std::fs::File::create(log)?;
-        let err = out.try_clone()?;
-        let mut cmd = in_netns(netns, "etcd");
-        cmd.args(&args).stdout(out).stderr(err).stdin(Stdio::null());
-        let child = cmd.spawn()?;
+        let mut args = member_args("ft", &data, &listen, &endpoint, &peer_url);
+        args.extend(["--initial-cluster".into(), format!("ft={peer_url}")]);
+        let child = spawn(netns, &args, log)?;
         let mut s = EtcdServer {
             child,
             data,
@@ -158,14 +204,7 @@ impl EtcdServer {
 
     /// An `etcdctl` command against this server (run in its namespace).
     pub fn etcdctl(&self, args: &[&str]) -> Command {
-        let mut c = in_netns(self.netns.as_deref(), "etcdctl");
-        c.env("ETCDCTL_API", "3")
-            .arg("--endpoints")
-            .arg(&self.endpoint)
-            .arg("--dial-timeout=2s")
-            .arg("--command-timeout=3s")
-            .args(args);
-        c
+        etcdctl(self.netns.as_deref(), &self.endpoint, args)
     }
 
     /// The value of `key` (`None`: absent).
@@ -197,6 +236,178 @@ impl Drop for EtcdServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.data);
+    }
+}
+
+/// One member of an [`EtcdCluster`].
+struct Member {
+    name: String,
+    client: String,
+    data: PathBuf,
+    log: PathBuf,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+/// A cluster of etcd members on loopback (a few seconds to start), each with its own data
+/// directory and log; members can be killed (SIGKILL) and restarted on their data.
+pub struct EtcdCluster {
+    members: Vec<Member>,
+}
+
+impl EtcdCluster {
+    /// `n` members on 127.0.0.1, logs `DIR/etcd-mI.log`. Raft timing: a heartbeat every
+    /// `heartbeat_ms`, elections after `election_ms` (etcd: at least 5 heartbeats; its
+    /// defaults are 100 and 1000).
+    pub fn start_loopback(
+        n: usize,
+        dir: &Path,
+        heartbeat_ms: u32,
+        election_ms: u32,
+    ) -> io::Result<EtcdCluster> {
+        let ports = free_ports(2 * n)?;
+        let peer_url = |i: usize| format!("http://127.0.0.1:{}", ports[2 * i + 1]);
+        let initial = (0..n)
+            .map(|i| format!("m{i}={}", peer_url(i)))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut members = Vec::with_capacity(n);
+        for i in 0..n {
+            let client = format!("http://127.0.0.1:{}", ports[2 * i]);
+            let name = format!("m{i}");
+            let data = data_dir(ports[2 * i])?;
+            let mut args = member_args(&name, &data, &client, &client, &peer_url(i));
+            args.extend([
+                "--initial-cluster".into(),
+                initial.clone(),
+                "--heartbeat-interval".into(),
+                heartbeat_ms.to_string(),
+                "--election-timeout".into(),
+                election_ms.to_string(),
+            ]);
+            members.push(Member {
+                log: dir.join(format!("etcd-{name}.log")),
+                name,
+                client,
+                data,
+                args,
+                child: None,
+            });
+        }
+        let mut c = EtcdCluster { members };
+        for i in 0..n {
+            c.restart(i)?;
+        }
+        c.wait_healthy(&(0..n).collect::<Vec<_>>(), Duration::from_secs(30))?;
+        Ok(c)
+    }
+
+    /// Every member's client endpoint, in member order (`http://IP:PORT`).
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(|m| m.client.clone()).collect()
+    }
+
+    /// `IP:PORT,IP:PORT,...` (the form of `--etcd`).
+    pub fn host_ports(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| m.client.trim_start_matches("http://"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Member `i`'s name (`mI`).
+    pub fn name(&self, i: usize) -> &str {
+        &self.members[i].name
+    }
+
+    /// SIGKILL of member `i` (its data stays for a restart).
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts member `i` (again) on its data directory; it rejoins the cluster. Does not wait.
+    pub fn restart(&mut self, i: usize) -> io::Result<()> {
+        self.kill(i);
+        let m = &mut self.members[i];
+        m.child = Some(spawn(None, &m.args, &m.log)?);
+        Ok(())
+    }
+
+    /// `etcdctl` against the running members `on`.
+    pub fn etcdctl(&self, on: &[usize], args: &[&str]) -> Command {
+        let eps: Vec<&str> = on
+            .iter()
+            .map(|&i| self.members[i].client.as_str())
+            .collect();
+        etcdctl(None, &eps.join(","), args)
+    }
+
+    /// Waits until each of the members `on` answers `endpoint health` (which needs a quorum).
+    pub fn wait_healthy(&mut self, on: &[usize], timeout: Duration) -> io::Result<()> {
+        let t0 = Instant::now();
+        for &i in on {
+            loop {
+                let m = &mut self.members[i];
+                if let Some(Ok(Some(st))) = m.child.as_mut().map(Child::try_wait) {
+                    return Err(io::Error::other(format!(
+                        "etcd {} exited ({st}): {}",
+                        m.name,
+                        std::fs::read_to_string(&m.log).unwrap_or_default()
+                    )));
+                }
+                let ok = self
+                    .etcdctl(&[i], &["endpoint", "health"])
+                    .output()
+                    .is_ok_and(|o| o.status.success());
+                if ok {
+                    break;
+                }
+                if t0.elapsed() > timeout {
+                    return Err(io::Error::other(format!(
+                        "etcd {} not healthy within {timeout:?}",
+                        self.members[i].name
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    }
+
+    /// The member that is the raft leader, as seen by the running members `on` (`None`: none
+    /// of them knows one, or they disagree).
+    pub fn leader(&self, on: &[usize]) -> Option<usize> {
+        let o = self
+            .etcdctl(on, &["endpoint", "status", "--write-out", "json"])
+            .output()
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+        let mut leader = None;
+        for st in v.as_array()? {
+            let ep = st["Endpoint"].as_str()?;
+            let me = st["Status"]["header"]["member_id"].as_u64()?;
+            let l = st["Status"]["leader"].as_u64()?;
+            if me == l {
+                let i = self.members.iter().position(|m| m.client == ep)?;
+                if leader.replace(i).is_some_and(|old| old != i) {
+                    return None;
+                }
+            }
+        }
+        leader
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+            let _ = std::fs::remove_dir_all(&self.members[i].data);
+        }
     }
 }
 

@@ -13,6 +13,8 @@
 //!   the partition test.
 //! - [`netns`]: run a closure in a private network namespace (guest net and end-to-end tests).
 //! - [`proxy`]: a TCP proxy that freezes or cuts a link on command (replication fault tests).
+//! - [`stamped`]: a VM-less writer of blocks stamped with their submit time (arbitration tests:
+//!   nothing submitted after a commit deadline reaches the image).
 //! - [`stream`]: a numbered TCP byte stream through an echo server, checked byte for byte
 //!   (failover tests: the guest's connections survive a takeover).
 
@@ -23,5 +25,6 @@ pub mod frontend;
 pub mod guest;
 pub mod netns;
 pub mod proxy;
+pub mod stamped;
 pub mod stream;
 pub mod takeover_store;

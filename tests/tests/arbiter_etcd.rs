@@ -3,13 +3,17 @@
 //! time, the next holder only after the previous one's commit deadline, generations above
 //! every one ever written; a block daemon refusing a COMMIT after its deadline over the real
 //! control protocol; and `ft-coordinator --etcd` committing under its lease, `ftctl abort`
-//! handing the key over at once, a stale host refused.
+//! handing the key over at once, a stale host refused; and a three-member cluster: the holder
+//! keeps its key through the loss of any one member (the leader too) and loses it, committing
+//! nothing after its deadline, without a majority.
 //!
 //! The partition (a primary cut off from etcd) is tests/tests/partition_etcd.rs.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ft_common::arbiter::claim::ClaimError;
@@ -19,9 +23,10 @@ use ft_common::control::{ControlClient, ErrorCode, Reply, Request};
 use ft_common::epoch::{Epoch, Generation};
 use ft_common::fence::GenerationStore;
 use ft_tests::blk_client::BlkClient;
-use ft_tests::etcd::{self, EtcdServer};
+use ft_tests::etcd::{self, EtcdCluster, EtcdServer};
 use ft_tests::guest::image::workspace_binary;
 use ft_tests::guest::{Backend, BackendCommand, ScratchDir};
+use ft_tests::stamped::{blocks_in_image, writer, BLOCK, MAX_WRITES};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -241,7 +246,8 @@ impl Drop for Proc {
     }
 }
 
-fn coordinator(s: &ScratchDir, etcd: &EtcdServer, state: &Path, log: &str) -> Command {
+/// `ft-coordinator --etcd ETCD --vm-key VM` over the block daemon of `s`, a cut every 20 ms.
+fn coordinator(s: &ScratchDir, etcd: &str, vm: &str, state: &Path, log: &str) -> Command {
     let mut c = Command::new(binary("ft-common", "ft-coordinator"));
     c.arg("--device")
         .arg(format!("blk={}", s.join("blk.ctl").display()))
@@ -251,7 +257,7 @@ fn coordinator(s: &ScratchDir, etcd: &EtcdServer, state: &Path, log: &str) -> Co
         .arg(state)
         .arg("--api")
         .arg(s.join("api.sock"))
-        .args(["--etcd", etcd.host_port(), "--vm-key", "vm2"])
+        .args(["--etcd", etcd, "--vm-key", vm])
         .args(["--lease-ttl", "2s"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -286,7 +292,7 @@ fn a_coordinator_commits_under_its_lease_and_abort_hands_the_key_over() {
     let _daemon = blk_daemon(&s, &image);
     let state = s.join("coord.state");
     let _co = Proc(
-        coordinator(&s, &etcd, &state, "coord.log")
+        coordinator(&s, etcd.host_port(), "vm2", &state, "coord.log")
             .spawn()
             .expect("coordinator"),
     );
@@ -336,11 +342,228 @@ fn a_coordinator_commits_under_its_lease_and_abort_hands_the_key_over() {
         r#"{"generation":7,"holder":"ftctl takeover on B"}"#,
     )
     .unwrap();
-    let out = coordinator(&s, &etcd, &state, "coord2.log")
+    let out = coordinator(&s, etcd.host_port(), "vm2", &state, "coord2.log")
         .stderr(Stdio::piped())
         .output()
         .expect("second coordinator");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "a stale host's coordinator started");
     assert!(err.contains("another host took over"), "{err}");
+}
+
+/// `ftctl status` of the coordinator at `api`, once it answers.
+fn status(api: &Path) -> Option<serde_json::Value> {
+    let o = Command::new(binary("ft-common", "ftctl"))
+        .arg("--api")
+        .arg(api)
+        .arg("status")
+        .output()
+        .ok()?;
+    o.status
+        .success()
+        .then(|| serde_json::from_slice(&o.stdout).ok())
+        .flatten()
+}
+
+fn commits(st: &serde_json::Value) -> u64 {
+    st["devices"][0]["commits_ok"].as_u64().unwrap_or(0)
+}
+
+/// Lease TTL of the coordinator in the cluster test (its default).
+const TTL: Duration = Duration::from_secs(2);
+/// And its margin (a quarter of the TTL).
+const MARGIN: Duration = Duration::from_millis(500);
+
+/// Kills member `victim` and checks that the coordinator keeps its key: its lease is renewed
+/// by a keepalive sent after the kill, it is never lost or deposed meanwhile, and commits go on.
+/// Returns how long the survivors took to agree on a leader and the renewal after the kill.
+fn survives_the_loss_of(
+    cluster: &mut EtcdCluster,
+    victim: usize,
+    survivors: &[usize],
+    api: &Path,
+) -> (Duration, Duration) {
+    let before = commits(&status(api).expect("status"));
+    let killed = MonotonicTime::now();
+    cluster.kill(victim);
+    let t0 = Instant::now();
+    let mut leader_after = None;
+    loop {
+        if leader_after.is_none() && cluster.leader(survivors).is_some() {
+            leader_after = Some(t0.elapsed());
+        }
+        let st = status(api).expect("status");
+        let lease = &st["lease"];
+        assert!(
+            lease["lost"].is_null() && lease["held"] == true && st["cycle"]["deposed"] != true,
+            "the holder lost its key when {} of 3 members died: {st:#}",
+            cluster.name(victim)
+        );
+        // Renewed by a keepalive sent after the kill, and committing since.
+        let d = MonotonicTime(lease["deadline_monotonic_us"].as_u64().unwrap_or(0));
+        if d > killed.plus(TTL - MARGIN) && commits(&st) > before + 5 && leader_after.is_some() {
+            return (
+                leader_after.unwrap_or_default(),
+                d.since(killed) - (TTL - MARGIN),
+            );
+        }
+        assert!(
+            t0.elapsed() < T,
+            "no renewal or commits after {} died: {st:#}",
+            cluster.name(victim)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A three-member etcd cluster on loopback (the coordinator given all three endpoints): the
+/// holder keeps its key while one member is down, a follower and then the leader; with two of
+/// three down its deadline passes, it deposes itself and nothing the guest wrote after the
+/// deadline reaches the image; once the majority is back a standby acquires the key, after
+/// that deadline, with a generation above the holder's.
+#[test]
+fn three_members_keep_the_holder_through_one_failure_and_depose_it_without_a_majority() {
+    need_etcd();
+    let s = ScratchDir::new("arb-3m").expect("scratch");
+    // Elections after 400 ms (etcd's default 1 s, randomised up to 2 s, would let the
+    // holder's 1.5 s deadline pass while a new leader is elected: see docs/operations.md).
+    let mut cluster = EtcdCluster::start_loopback(3, s.path(), 50, 400).expect("etcd cluster");
+    let image = s
+        .raw_image("disk.raw", (MAX_WRITES * BLOCK) as u64)
+        .expect("image");
+    let _daemon = blk_daemon(&s, &image);
+    let api = s.join("api.sock");
+    let _co = Proc(
+        coordinator(
+            &s,
+            &cluster.host_ports(),
+            "vm3",
+            &s.join("a.state"),
+            "coord.log",
+        )
+        .spawn()
+        .expect("coordinator"),
+    );
+    wait_until("the coordinator holding the key", T, || {
+        status(&api).is_some_and(|st| st["lease"]["held"] == true)
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = {
+        let (sock, stop) = (s.join("blk.sock"), stop.clone());
+        std::thread::spawn(move || writer(sock, stop, Duration::from_millis(10)))
+    };
+    wait_until("commits under the lease", T, || {
+        status(&api).is_some_and(|st| commits(&st) >= 10)
+    });
+
+    // One member down: first a follower, then (with the follower back) the leader.
+    let all = [0, 1, 2];
+    let leader = cluster.leader(&all).expect("a leader");
+    let follower = (leader + 1) % 3;
+    let rest: Vec<usize> = all.into_iter().filter(|&i| i != follower).collect();
+    let (_, renewed) = survives_the_loss_of(&mut cluster, follower, &rest, &api);
+    eprintln!(
+        "follower {} killed: renewed {renewed:?} after the kill",
+        cluster.name(follower)
+    );
+    cluster.restart(follower).expect("restart the follower");
+    cluster.wait_healthy(&all, T).expect("three members again");
+    let leader = cluster.leader(&all).expect("a leader");
+    let rest: Vec<usize> = all.into_iter().filter(|&i| i != leader).collect();
+    let (elected, renewed) = survives_the_loss_of(&mut cluster, leader, &rest, &api);
+    eprintln!(
+        "leader {} killed: new leader after {elected:?}, renewed {renewed:?} after the kill",
+        cluster.name(leader)
+    );
+    match Claim::acquire(
+        &ArbiterConfig::new(cluster.endpoints(), "vm3".into(), "standby".into()),
+        Some(Duration::from_millis(500)),
+    ) {
+        Err(ClaimError::Busy { holder, .. }) => {
+            assert!(holder.contains("ft-coordinator"), "{holder}")
+        }
+        other => panic!("a standby acquired a held key with 2 of 3 members up: {other:?}"),
+    }
+
+    // Two of three down: no quorum, no renewal. The holder's deadline passes; it deposes itself.
+    // The second one killed is the new leader: a leader left alone would go on renewing leases
+    // until it notices it has no majority (an election timeout later), the lone follower
+    // renews nothing.
+    let second = cluster.leader(&rest).expect("a new leader");
+    let cut = MonotonicTime::now();
+    cluster.kill(second);
+    let mut deadline = MonotonicTime(0);
+    let t0 = Instant::now();
+    loop {
+        let st = status(&api).expect("status without a majority");
+        let d = st["lease"]["deadline_monotonic_us"].as_u64().unwrap_or(0);
+        deadline = deadline.max(MonotonicTime(d));
+        if !st["lease"]["lost"].is_null() && st["cycle"]["deposed"] == true {
+            break;
+        }
+        assert!(t0.elapsed() < T, "the holder never noticed: {st:#}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let lost_seen = MonotonicTime::now();
+    assert!(
+        deadline <= cut.plus(TTL - MARGIN),
+        "deadline {deadline} later than the second kill {cut} + TTL - margin"
+    );
+    // The guest writes on past the deadline; those writes stay held.
+    std::thread::sleep(Duration::from_millis(300));
+    match ControlClient::connect(s.join("blk.ctl"), T)
+        .expect("control")
+        .call(&Request::Status)
+        .expect("status")
+    {
+        Reply::Status(st) => assert!(st.held_requests > 0, "nothing held after the deadline"),
+        r => panic!("{r:?}"),
+    }
+    stop.store(true, Ordering::Release);
+    let written = w.join().expect("writer");
+    let found = blocks_in_image(&image);
+    let after_deadline = written.submitted.iter().filter(|&&t| t > deadline).count();
+    assert!(after_deadline > 0, "nothing written after the deadline");
+    let late: Vec<_> = found.iter().filter(|(_, t)| *t > deadline).collect();
+    assert!(
+        late.is_empty(),
+        "{} writes submitted after the deadline reached the image: {late:?}",
+        late.len()
+    );
+
+    // The majority back: a standby acquires the key (once the old lease expired on the new
+    // leader), after the old holder's deadline, and takes a generation above the holder's 1.
+    let back = MonotonicTime::now();
+    cluster.restart(leader).expect("restart");
+    cluster.restart(second).expect("restart");
+    cluster.wait_healthy(&all, T).expect("majority back");
+    let standby = Claim::acquire(
+        &ArbiterConfig::new(cluster.endpoints(), "vm3".into(), "standby".into()),
+        Some(T),
+    )
+    .expect("the standby acquires the key once the majority is back");
+    let acquired = standby.acquired_at();
+    assert!(acquired > deadline, "acquired before the old deadline");
+    assert_eq!(
+        standby
+            .advance_generation(
+                &GenerationStore::new(s.join("b.state")),
+                Generation(0),
+                false
+            )
+            .expect("generation"),
+        Generation(2)
+    );
+    eprintln!(
+        "two of three down: deadline {} ms after the second kill, loss seen {} ms after it; \
+         {} of {} writes committed, {after_deadline} submitted after the deadline, none on \
+         disk; majority restarted {} ms after the second kill, standby acquired the key {} ms \
+         after that",
+        deadline.since(cut).as_millis(),
+        lost_seen.since(cut).as_millis(),
+        found.len(),
+        written.submitted.len(),
+        back.since(cut).as_millis(),
+        acquired.since(back).as_millis(),
+    );
 }

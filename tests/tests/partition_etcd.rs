@@ -30,16 +30,12 @@ use ft_common::control::{ControlClient, Reply, Request};
 use ft_common::epoch::Generation;
 use ft_common::standby::store::CheckpointStore;
 use ft_common::takeover::vm_record::peer_pid;
-use ft_tests::blk_client::{BlkClient, ClientError};
 use ft_tests::etcd::{self, veth, EtcdServer, Netns};
 use ft_tests::guest::{Backend, BackendCommand, ScratchDir};
+use ft_tests::stamped::{blocks_in_image, writer, BLOCK, MAX_WRITES};
 use ft_tests::takeover_store::{binary, blk_args, store_with_checkpoint};
 
 const T: Duration = Duration::from_secs(30);
-const MAGIC: u64 = 0x4654_5041_5254_4954; // "FTPARTIT"
-const BLOCK: usize = 4096;
-/// Most writes the client submits (one buffer each, never reused).
-const MAX_WRITES: usize = 1024;
 
 struct Proc(Child);
 impl Drop for Proc {
@@ -67,67 +63,6 @@ fn ftctl_status(api: &Path) -> Option<serde_json::Value> {
         .success()
         .then(|| serde_json::from_slice(&o.stdout).ok())
         .flatten()
-}
-
-/// What the client wrote: sequence number -> submit time.
-struct Written {
-    submitted: Vec<MonotonicTime>,
-    completed_ok: usize,
-}
-
-/// Writes block `i` (sequence number and submit time in its first bytes) every `pace` until
-/// `stop`, keeping as many in flight as the ring allows.
-fn writer(sock: PathBuf, stop: Arc<AtomicBool>, pace: Duration) -> Written {
-    let mut c = BlkClient::connect(sock.to_str().unwrap(), 1, 256).expect("client");
-    let buf = c.alloc_buffer(MAX_WRITES * BLOCK).expect("buffer");
-    let mut w = Written {
-        submitted: Vec::with_capacity(MAX_WRITES),
-        completed_ok: 0,
-    };
-    let mut next = Instant::now();
-    while !stop.load(Ordering::Acquire) && w.submitted.len() < MAX_WRITES {
-        c.drain_completions(0, |done| {
-            if done.is_ok() {
-                w.completed_ok += 1;
-            }
-        });
-        if Instant::now() < next {
-            std::thread::sleep(Duration::from_millis(1));
-            continue;
-        }
-        next += pace;
-        let i = w.submitted.len();
-        let at = MonotonicTime::now();
-        let b = &mut c.buf_mut(buf)[i * BLOCK..(i + 1) * BLOCK];
-        b.fill(0x77);
-        b[0..8].copy_from_slice(&MAGIC.to_le_bytes());
-        b[8..16].copy_from_slice(&(i as u64).to_le_bytes());
-        b[16..24].copy_from_slice(&at.0.to_le_bytes());
-        match c.submit_write(0, (i * BLOCK) as u64, buf.slice(i * BLOCK, BLOCK), i as u64) {
-            Ok(()) => {
-                w.submitted.push(at);
-                c.kick(0).expect("kick");
-            }
-            // The ring is full of held writes: wait for completions (or the end).
-            Err(ClientError::QueueFull { .. }) => {}
-            Err(e) => panic!("submit: {e}"),
-        }
-    }
-    w
-}
-
-/// The blocks of the image: (sequence number, submit time) of each written one.
-fn blocks_in_image(image: &Path) -> Vec<(u64, MonotonicTime)> {
-    let data = std::fs::read(image).expect("read image");
-    data.chunks(BLOCK)
-        .filter(|b| u64::from_le_bytes(b[0..8].try_into().unwrap()) == MAGIC)
-        .map(|b| {
-            (
-                u64::from_le_bytes(b[8..16].try_into().unwrap()),
-                MonotonicTime(u64::from_le_bytes(b[16..24].try_into().unwrap())),
-            )
-        })
-        .collect()
 }
 
 fn ms(d: Duration) -> u128 {

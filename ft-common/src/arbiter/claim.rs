@@ -9,6 +9,11 @@
 //! that. Keepalive answers are matched to the earliest request still unanswered, which can only
 //! make a deadline earlier (safe) than the true one.
 //!
+//! Every etcd operation here may be repeated by [`Etcd::call`] when its member was unreachable
+//! (an etcd cluster with a member down), so each one is safe to repeat: acquiring finds the key
+//! under its own lease, the generation's compare-and-swap fails and is read again, a revoked
+//! lease is gone either way, and a repeated grant only leaves a lease nobody keeps alive.
+//!
 //! Invariants: the deadline only moves forward while the lease is held and drops to 0 (every
 //! commit refused) the moment the lease is known or suspected lost; "lost" is final, reported
 //! once through the loss hook.
@@ -241,28 +246,35 @@ impl Claim {
             }
             let (k, v, lease) = (key.clone(), value.clone(), self.lease);
             let sent = MonotonicTime::now();
-            let (won, holder) = self.etcd.call("acquire", move |mut c: Client| async move {
-                let txn = Txn::new()
-                    .when([Compare::create_revision(k.clone(), CompareOp::Equal, 0)])
-                    .and_then([TxnOp::put(
-                        k.clone(),
-                        v,
-                        Some(PutOptions::new().with_lease(lease)),
-                    )])
-                    .or_else([TxnOp::get(k, None)]);
-                let r = c.txn(txn).await?;
-                let holder = r
-                    .op_responses()
-                    .into_iter()
-                    .find_map(|op| match op {
-                        TxnOpResponse::Get(g) => g
-                            .kvs()
-                            .first()
-                            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()),
-                        _ => None,
-                    })
-                    .unwrap_or_default();
-                Ok((r.succeeded(), holder))
+            // Repeatable (an attempt whose answer was lost may have created the key): a key
+            // found under our own lease is ours.
+            let (won, holder) = self.etcd.call("acquire", move |mut c: Client| {
+                let (k, v) = (k.clone(), v.clone());
+                async move {
+                    let txn = Txn::new()
+                        .when([Compare::create_revision(k.clone(), CompareOp::Equal, 0)])
+                        .and_then([TxnOp::put(
+                            k.clone(),
+                            v,
+                            Some(PutOptions::new().with_lease(lease)),
+                        )])
+                        .or_else([TxnOp::get(k, None)]);
+                    let r = c.txn(txn).await?;
+                    let (holder, ours) = r
+                        .op_responses()
+                        .into_iter()
+                        .find_map(|op| match op {
+                            TxnOpResponse::Get(g) => g.kvs().first().map(|kv| {
+                                (
+                                    String::from_utf8_lossy(kv.value()).into_owned(),
+                                    kv.lease() == lease,
+                                )
+                            }),
+                            _ => None,
+                        })
+                        .unwrap_or_default();
+                    Ok((r.succeeded() || ours, holder))
+                }
             })?;
             if won {
                 self.shared.held.store(true, Ordering::Release);
@@ -335,14 +347,15 @@ impl Claim {
     pub fn read_generation(&self) -> Result<(Generation, String, i64), ClaimError> {
         let key = self.cfg.generation_key();
         let k = key.clone();
-        let kv = self
-            .etcd
-            .call("read generation", move |mut c: Client| async move {
+        let kv = self.etcd.call("read generation", move |mut c: Client| {
+            let k = k.clone();
+            async move {
                 let r = c.get(k, None).await?;
                 Ok(r.kvs()
                     .first()
                     .map(|kv| (kv.value().to_vec(), kv.mod_revision())))
-            })?;
+            }
+        })?;
         match kv {
             None => Ok((Generation(0), String::new(), 0)),
             Some((v, rev)) => {
@@ -370,26 +383,30 @@ impl Claim {
             holder: self.cfg.holder.clone(),
         })
         .map_err(|e| ClaimError::Config(e.to_string()))?;
-        let (ok, still_ours) =
-            self.etcd
-                .call("write generation", move |mut c: Client| async move {
-                    let txn = Txn::new()
-                        .when([
-                            Compare::lease(pk.clone(), CompareOp::Equal, lease),
-                            Compare::mod_revision(gk.clone(), CompareOp::Equal, mod_revision),
-                        ])
-                        .and_then([TxnOp::put(gk, value, None)])
-                        .or_else([TxnOp::get(pk, None)]);
-                    let r = c.txn(txn).await?;
-                    let ours = r.succeeded()
-                        || r.op_responses().into_iter().any(|op| match op {
-                            TxnOpResponse::Get(g) => {
-                                g.kvs().first().is_some_and(|kv| kv.lease() == lease)
-                            }
-                            _ => false,
-                        });
-                    Ok((r.succeeded(), ours))
-                })?;
+        // Repeatable: an attempt whose answer was lost may have written `g`; the repeat then
+        // finds the revision moved and answers false, and the caller takes the next
+        // generation (generations may skip numbers, never go back).
+        let (ok, still_ours) = self.etcd.call("write generation", move |mut c: Client| {
+            let (pk, gk, value) = (pk.clone(), gk.clone(), value.clone());
+            async move {
+                let txn = Txn::new()
+                    .when([
+                        Compare::lease(pk.clone(), CompareOp::Equal, lease),
+                        Compare::mod_revision(gk.clone(), CompareOp::Equal, mod_revision),
+                    ])
+                    .and_then([TxnOp::put(gk, value, None)])
+                    .or_else([TxnOp::get(pk, None)]);
+                let r = c.txn(txn).await?;
+                let ours = r.succeeded()
+                    || r.op_responses().into_iter().any(|op| match op {
+                        TxnOpResponse::Get(g) => {
+                            g.kvs().first().is_some_and(|kv| kv.lease() == lease)
+                        }
+                        _ => false,
+                    });
+                Ok((r.succeeded(), ours))
+            }
+        })?;
         if !still_ours {
             return Err(ClaimError::Lost(format!(
                 "{} is no longer under lease {lease:x}",
@@ -452,7 +469,13 @@ impl Claim {
         let lease = self.lease;
         self.etcd
             .call("lease revoke", move |mut c: Client| async move {
-                c.lease_revoke(lease).await.map(|_| ())
+                match c.lease_revoke(lease).await {
+                    // Repeated after a lost answer, or expired meanwhile: gone either way.
+                    Err(etcd_client::Error::GRpcStatus(s)) if s.code() == tonic::Code::NotFound => {
+                        Ok(())
+                    }
+                    r => r.map(|_| ()),
+                }
             })?;
         log::warn!(
             "etcd: lease {lease:x} revoked, {} released",

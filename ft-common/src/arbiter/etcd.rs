@@ -3,6 +3,9 @@
 //! tokio runtime with the client; callers hand it jobs (closures returning futures) and wait for
 //! their results with a timeout, or leave them running in the background (the keepalive).
 //!
+//! With several endpoints (an etcd cluster) the client balances requests over them; a request
+//! that lands on a member that is down or without a leader is repeated within its timeout.
+//!
 //! Invariants: no caller ever blocks longer than its timeout (a partitioned etcd costs a
 //! timeout, never a hang); dropping the façade stops the runtime and every background job.
 
@@ -123,17 +126,37 @@ impl Etcd {
     }
 
     /// Runs `f` on the client thread and waits for its result, at most the call timeout.
+    ///
+    /// An attempt that finds its etcd member unreachable (a member down, or one without a
+    /// leader: gRPC `UNAVAILABLE`) is repeated every [`RETRY`] within the timeout: the client
+    /// balances over every endpoint and may pick a dead one, and the next attempt may pick a
+    /// live one. Such an attempt may still have been applied (its answer lost), so `f` must be
+    /// safe to repeat: the callers' operations are (see [`super::claim`]).
     pub fn call<T, F, Fut>(&self, what: &str, f: F) -> Result<T, EtcdError>
     where
         T: Send + 'static,
-        F: FnOnce(Client) -> Fut + Send + 'static,
+        F: Fn(Client) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
     {
         let (tx, rx) = mpsc::channel();
         let timeout = self.timeout;
+        let label = what.to_string();
         let job: Job = Box::new(move |client| {
             Box::pin(async move {
-                let r = tokio::time::timeout(timeout, f(client)).await;
+                let deadline = tokio::time::Instant::now() + timeout;
+                let r = loop {
+                    let attempt = f(client.clone());
+                    match tokio::time::timeout_at(deadline, attempt).await {
+                        Ok(Err(e))
+                            if unreachable(&e)
+                                && tokio::time::Instant::now() + RETRY < deadline =>
+                        {
+                            log::debug!("etcd {label}: {e}; trying again");
+                            tokio::time::sleep(RETRY).await;
+                        }
+                        r => break r,
+                    }
+                };
                 let _ = tx.send(r);
             })
         });
@@ -182,6 +205,19 @@ impl Etcd {
 impl Drop for Etcd {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Pause between attempts of a call whose etcd member was unreachable.
+pub const RETRY: Duration = Duration::from_millis(50);
+
+/// Whether `e` says the member the attempt went to could not serve it (down, unreachable, or
+/// without a leader), so that another attempt may succeed.
+fn unreachable(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => s.code() == tonic::Code::Unavailable,
+        _ => false,
     }
 }
 
