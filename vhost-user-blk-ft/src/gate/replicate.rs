@@ -85,7 +85,7 @@ struct InitialSync {
     blocks_copied: u64,
     /// Shipped in the unacknowledged frame (bytes, and the blocks for the dirty walk).
     in_frame: u64,
-    in_frame_blocks: Option<(u64, u64)>,
+    in_frame_blocks: Vec<(u64, u64)>,
     /// SYNC_START went out (in an acknowledged frame: `start_acked`).
     start_sent: bool,
     start_acked: bool,
@@ -139,7 +139,7 @@ impl Replication {
             acked: 0,
             blocks_copied: 0,
             in_frame: 0,
-            in_frame_blocks: None,
+            in_frame_blocks: Vec::new(),
             start_sent: false,
             start_acked: false,
             done_in_frame: false,
@@ -248,7 +248,7 @@ impl Replication {
                 if let Some(s) = &mut self.sync {
                     s.acked += std::mem::take(&mut s.in_frame);
                     s.start_acked |= s.start_sent;
-                    if let Some((b, n)) = s.in_frame_blocks.take() {
+                    for (b, n) in s.in_frame_blocks.drain(..) {
                         s.blocks_copied += n;
                         if let Some(l) = log.as_deref_mut() {
                             l.clear(b, n);
@@ -288,9 +288,10 @@ impl Replication {
             match &mut s.walk {
                 Walk::Full { next } => *next -= bytes,
                 Walk::Dirty { cursor, .. } => {
-                    if let Some((b, _)) = s.in_frame_blocks.take() {
+                    if let Some(&(b, _)) = s.in_frame_blocks.first() {
                         *cursor = b;
                     }
+                    s.in_frame_blocks.clear();
                 }
             }
             s.done_in_frame = false;
@@ -425,7 +426,8 @@ impl InitialSync {
     }
 
     /// The next chunk into `frame`: WRITE of its bytes, or WRITE_ZEROES (unmap) if all zero;
-    /// SYNC_START before the first, SYNC_DONE after the last.
+    /// for the dirty walk, runs of dirty blocks up to a chunk's worth, one op each. SYNC_START
+    /// before the first, SYNC_DONE after the last.
     fn add_chunk(&mut self, frame: &mut ft_common::replica::protocol::EpochFrame) {
         if !self.start_sent {
             frame.sync_start();
@@ -436,64 +438,65 @@ impl InitialSync {
             }
         }
         let nblocks = self.size.div_ceil(BLOCK_SIZE);
-        let chunk_blocks = self.chunk as u64 / BLOCK_SIZE;
-        // (offset, len) of the chunk, and its blocks for the dirty walk.
-        let (offset, len, blocks) = match &self.walk {
-            Walk::Full { next } => {
-                if *next >= self.size {
-                    frame.sync_done();
-                    self.done_in_frame = true;
-                    return;
+        let mut budget = self.chunk as u64 / BLOCK_SIZE;
+        loop {
+            // The next piece: (offset, len) and, for the dirty walk, its blocks.
+            let (offset, len, run) = match &self.walk {
+                Walk::Full { next } => {
+                    if *next >= self.size || budget == 0 {
+                        break;
+                    }
+                    let len = (self.size - next).min(self.chunk as u64);
+                    (*next, len, None)
                 }
-                let len = (self.size - next).min(self.chunk as u64);
-                (*next, len, None)
-            }
-            Walk::Dirty { set, cursor, .. } => {
-                let set = set.as_ref().expect("wants_chunk checked");
-                let Some(s) = next_set(set, nblocks, *cursor) else {
-                    frame.sync_done();
-                    self.done_in_frame = true;
-                    return;
-                };
-                let mut e = s + 1;
-                while e < nblocks
-                    && e - s < chunk_blocks
-                    && set[(e / 64) as usize] & (1 << (e % 64)) != 0
-                {
-                    e += 1;
+                Walk::Dirty { set, cursor, .. } => {
+                    let set = set.as_ref().expect("wants_chunk checked");
+                    let Some(s) = next_set(set, nblocks, *cursor).filter(|_| budget > 0) else {
+                        break;
+                    };
+                    let mut e = s + 1;
+                    while e < nblocks
+                        && e - s < budget
+                        && set[(e / 64) as usize] & (1 << (e % 64)) != 0
+                    {
+                        e += 1;
+                    }
+                    let len = block_bytes(s, e - s, self.size);
+                    (s * BLOCK_SIZE, len, Some((s, e - s)))
                 }
-                (
-                    s * BLOCK_SIZE,
-                    block_bytes(s, e - s, self.size),
-                    Some((s, e - s)),
-                )
+            };
+            self.buf.resize(len as usize, 0);
+            if let Err(e) = self.image.read_exact_at(&mut self.buf, offset) {
+                // Not shipped: the replica stays out of sync and this piece is tried again.
+                log::error!(
+                    "replica: {}: reading the image at {offset}: {e}",
+                    self.what()
+                );
+                return;
             }
-        };
-        self.buf.resize(len as usize, 0);
-        if let Err(e) = self.image.read_exact_at(&mut self.buf, offset) {
-            // Not shipped: the replica stays out of sync and the chunk is tried again.
-            log::error!(
-                "replica: {}: reading the image at {offset}: {e}",
-                self.what()
-            );
-            return;
-        }
-        if self.buf.iter().all(|&b| b == 0) {
-            frame.write_zeroes(offset, len, true);
-            self.zero_chunks += 1;
-        } else {
-            frame.write(offset, [&self.buf[..]].into_iter());
-        }
-        self.in_frame = len;
-        self.in_frame_blocks = blocks;
-        let last = match &mut self.walk {
-            Walk::Full { next } => {
-                *next += len;
-                *next >= self.size
+            if self.buf.iter().all(|&b| b == 0) {
+                frame.write_zeroes(offset, len, true);
+                self.zero_chunks += 1;
+            } else {
+                frame.write(offset, [&self.buf[..]].into_iter());
             }
+            self.in_frame += len;
+            match (&mut self.walk, run) {
+                (Walk::Full { next }, _) => {
+                    *next += len;
+                    budget = 0;
+                }
+                (Walk::Dirty { cursor, .. }, Some((s, n))) => {
+                    *cursor = s + n;
+                    budget -= n;
+                    self.in_frame_blocks.push((s, n));
+                }
+                (Walk::Dirty { .. }, None) => unreachable!("a dirty piece has its blocks"),
+            }
+        }
+        let last = match &self.walk {
+            Walk::Full { next } => *next >= self.size,
             Walk::Dirty { set, cursor, .. } => {
-                let (s, n) = blocks.expect("dirty walk");
-                *cursor = s + n;
                 next_set(set.as_ref().expect("set"), nblocks, *cursor).is_none()
             }
         };
