@@ -6,7 +6,10 @@
 //! - [`protocol`]: a sequence of vhost-user messages (raw ones, with fds of several kinds, and
 //!   well-formed setup steps with fuzzed parameters) against a real [`VhostUserServer`] with a
 //!   small device whose workers pop and complete chains from fuzzed guest memory. The server
-//!   lives across inputs, as it lives across frontends.
+//!   and its workers live across inputs, as they live across frontends, on their own threads:
+//!   an input's messages are written while the server reads them and its replies are read
+//!   while it writes them (written all first, a large input filled the socket buffer and the
+//!   target waited on itself; replies left unread made the server wait out its reply timeout).
 //! - [`inflight_recovery`]: a fuzzed INFLIGHT_SHMFD region recovered and then driven.
 
 use std::fs::File;
@@ -14,6 +17,7 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use vmm_sys_util::eventfd::EventFd;
@@ -191,14 +195,63 @@ impl QueueWorker for FuzzWorker {
     }
 }
 
-fn server() -> &'static Mutex<VhostUserServer<FuzzDevice>> {
-    static SERVER: OnceLock<Mutex<VhostUserServer<FuzzDevice>>> = OnceLock::new();
+/// The server thread of the protocol target: one per process, serving one input's stream
+/// after another (as the daemon serves one frontend after another). It serves while the
+/// input's messages are still being written, so neither side waits for the other's socket
+/// buffer.
+struct ServerThread {
+    streams: Sender<UnixStream>,
+    done: Receiver<()>,
+}
+
+fn server_thread() -> &'static Mutex<ServerThread> {
+    static SERVER: OnceLock<Mutex<ServerThread>> = OnceLock::new();
     SERVER.get_or_init(|| {
         let path = std::env::temp_dir().join(format!("ft-vhost-fuzz-{}.sock", std::process::id()));
-        let server = VhostUserServer::new(Arc::new(FuzzDevice), &path).expect("fuzz server");
+        let mut server = VhostUserServer::new(Arc::new(FuzzDevice), &path).expect("fuzz server");
         let _ = std::fs::remove_file(&path);
-        Mutex::new(server)
+        let (streams, rx) = channel::<UnixStream>();
+        let (tx, done) = channel();
+        std::thread::Builder::new()
+            .name("fuzz-server".into())
+            .spawn(move || {
+                for s in rx {
+                    let _ = server.serve_stream(s);
+                    if tx.send(()).is_err() {
+                        break;
+                    }
+                }
+            })
+            .expect("fuzz server thread");
+        Mutex::new(ServerThread { streams, done })
     })
+}
+
+/// Waits until `sock` is writable or readable.
+fn wait_io(sock: &UnixStream) {
+    let mut pfd = libc::pollfd {
+        fd: sock.as_raw_fd(),
+        events: libc::POLLOUT | libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd; no timeout (the server always reads or closes).
+    unsafe { libc::poll(&mut pfd, 1, -1) };
+}
+
+/// Reads and drops what the server replied (replies and the fds they carry): all there is on
+/// a non-blocking socket, everything up to the server's close on a blocking one. False once
+/// the server closed its end.
+fn drain_replies(sock: &mut UnixStream) -> bool {
+    let mut junk = [0u8; 4096];
+    loop {
+        match sock.read(&mut junk) {
+            Ok(0) => return false,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+            Err(_) => return false,
+        }
+    }
 }
 
 const HDR: usize = 12;
@@ -407,19 +460,37 @@ pub fn protocol(data: &[u8]) {
     let Ok((mut ours, theirs)) = UnixStream::pair() else {
         return;
     };
-    for (m, fd) in &b.msgs {
+    if ours.set_nonblocking(true).is_err() {
+        return;
+    }
+    let srv = server_thread().lock().unwrap_or_else(|e| e.into_inner());
+    if srv.streams.send(theirs).is_err() {
+        return;
+    }
+    // Written while the server reads; replies are read meanwhile so its writes never wait.
+    'msgs: for (m, fd) in &b.msgs {
         let fds: Vec<RawFd> = fd.iter().copied().collect();
-        if ours.send_with_fds(&[&m[..]], &fds).is_err() {
-            break;
+        let mut sent = 0;
+        while sent < m.len() {
+            let fds = if sent == 0 { &fds[..] } else { &[][..] };
+            match ours.send_with_fds(&[&m[sent..]], fds) {
+                Ok(n) => sent += n,
+                Err(e) if e.errno() == libc::EAGAIN || e.errno() == libc::EINTR => {
+                    if !drain_replies(&mut ours) {
+                        break 'msgs;
+                    }
+                    wait_io(&ours);
+                }
+                // The server closed the connection (it may, on a bad message).
+                Err(_) => break 'msgs,
+            }
         }
     }
-    let _ = ours.flush();
     let _ = ours.shutdown(std::net::Shutdown::Write);
-    let mut srv = server().lock().unwrap_or_else(|e| e.into_inner());
-    let _ = srv.serve_stream(theirs);
+    // Until the server is done with the input (it closes its end): its files stay open.
+    let _ = ours.set_nonblocking(false);
+    drain_replies(&mut ours);
+    let _ = srv.done.recv();
     drop(srv);
-    // Replies (and fds the server sent back) are read and dropped.
-    let _ = ours.set_nonblocking(true);
-    let mut junk = [0u8; 4096];
-    while matches!(ours.read(&mut junk), Ok(n) if n > 0) {}
+    drop(b);
 }
