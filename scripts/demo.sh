@@ -26,8 +26,11 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 
 # scripts/demo.sh --failover: the same guest protected by real checkpoints (ft-coordinator
-# --checkpointer migrate: into ft-standby's store), the primary SIGKILLed, `ftctl takeover` on
-# the standby side; prints a summary (checkpoints, VM pause p50/p99, takeover time, requests
+# --checkpointer migrate: into ft-standby's store), arbitrated by etcd (Debian's etcd-server,
+# started on the loopback of the demo's network namespace: the coordinator holds the VM's key
+# with --etcd, every COMMIT carries the lease's deadline), the primary SIGKILLed, and
+# `ftctl takeover --etcd` on the standby side once the killed primary's lease expired; prints
+# a summary (checkpoints, VM pause p50/p99, the wait for the etcd key, takeover time, requests
 # replayed, TCP stream bytes checked, fio verify). A few minutes under TCG (273 s measured on
 # the 2-core test machine with another failover run beside it). It runs in a network
 # namespace of its own through the failover test harness (tests/tests/e2e_failover.rs).
@@ -39,7 +42,7 @@ if [ "${1:-}" = "--failover" ]; then
     cargo build --release -q -p vhost-user-blk-ft -p vhost-user-net-ft -p ft-common
     mkdir -p "$ROOT/.work"
     log=$ROOT/.work/demo-failover.log
-    echo "demo: primary, checkpoints, kill, takeover (log: $log)" >&2
+    echo "demo: etcd, primary, checkpoints, kill, takeover (log: $log)" >&2
     status=0
     cargo test --release -q -p ft-tests --test e2e_failover demo_failover \
         -- --ignored --nocapture --test-threads=1 >"$log" 2>&1 || status=$?

@@ -17,6 +17,13 @@
 //! replica service in `ft-standby`). At the kill the replica's image must equal the primary's;
 //! the primary's image is then moved away, and the takeover runs on the replica's image.
 //!
+//! Under etcd (`every_kill_point_once_in_a_chain_of_takeovers` and the demo, issue
+//! "Shared-nothing", arbitration): an etcd on the namespace's loopback; every coordinator holds
+//! the VM's key under a lease (`--etcd`, each COMMIT with the lease's deadline) and every
+//! takeover is `ftctl takeover --etcd`: it restores the guest only once it acquired the key
+//! (the killed primary's lease expired), after that primary's deadlines, with the generation
+//! above the killed coordinator's; the next coordinator then acquires the key in turn.
+//!
 //! One network namespace per test; the tap is persistent (`ip tuntap add ... vnet_hdr`), so it
 //! survives the primary's net daemon and the standby's daemon attaches to the same one.
 
@@ -30,7 +37,9 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use ft_common::control::deadline::MonotonicTime;
 use ft_common::control::{ControlClient, Reply, Request};
+use ft_tests::etcd::{self, EtcdServer};
 use ft_tests::guest::image::workspace_binary;
 use ft_tests::guest::serial_file::guest_errors;
 use ft_tests::guest::{
@@ -48,6 +57,8 @@ const STOP_PORT: u16 = 7001;
 const GUEST_MEM_MB: u32 = 320;
 /// The replica service's address (inside the test's own network namespace).
 const REPLICA_ADDR: &str = "tcp:127.0.0.1:27201";
+/// The protected VM's name in etcd (`--vm-key`).
+const VM_KEY: &str = "fo-guest";
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -117,8 +128,21 @@ struct Primary {
     serial: Option<SerialFile>,
 }
 
+/// How a chain is set up.
+#[derive(Clone, Copy, Debug, Default)]
+struct Setup {
+    /// The primary's block daemon replicates to a replica image of its own (the first
+    /// protection's standby runs the replica service).
+    replicate: bool,
+    /// Arbitration: an etcd on the namespace's loopback, coordinators with `--etcd`,
+    /// takeovers with `ftctl takeover --etcd`.
+    etcd: bool,
+}
+
 struct Rig {
     scratch: ScratchDir,
+    /// The etcd every coordinator and takeover talks to (with [`Setup::etcd`]).
+    etcd: Option<EtcdServer>,
     disk: PathBuf,
     /// The standby's own image, fed by replication (None: shared storage).
     replica: Option<PathBuf>,
@@ -129,11 +153,11 @@ struct Rig {
 }
 
 impl Rig {
-    /// `rounds`: most fio rounds the guest runs (0: network only).
-    /// `replicate`: the primary's block daemon replicates to a replica image of its own (the
-    /// first protection's standby runs the replica service).
-    fn start(name: &str, image: &GuestImage, rounds: u32, replicate: bool) -> (Rig, Primary) {
+    /// `rounds`: most fio rounds the guest runs (0: network only). Runs in the test's network
+    /// namespace (etcd listens on its loopback).
+    fn start(name: &str, image: &GuestImage, rounds: u32, setup: Setup) -> (Rig, Primary) {
         let scratch = ScratchDir::new(name).expect("scratch dir");
+        let replicate = setup.replicate;
         let disk = scratch.raw_image("disk.raw", DISK_SIZE).expect("image");
         // Same file name: the device name in SEALED records is the image's file name.
         let replica = replicate.then(|| {
@@ -146,6 +170,14 @@ impl Rig {
             "ip link set lo up && ip tuntap add dev {TAP} mode tap vnet_hdr && \
              ip addr add {HOST_IP}/24 dev {TAP} && ip link set {TAP} up"
         ));
+        // On the loopback just brought up.
+        let etcd = setup.etcd.then(|| {
+            assert!(
+                etcd::available(),
+                "etcd is not installed: run scripts/setup.sh (Debian's etcd-server)"
+            );
+            EtcdServer::start_loopback(&scratch.join("etcd.log")).expect("start etcd")
+        });
         let s = |n: &str| scratch.join(n);
         let mut blk_cmd = BackendCommand::new(
             binary("vhost-user-blk-ft", "vhost-user-blk-ft"),
@@ -221,6 +253,7 @@ impl Rig {
         };
         let rig = Rig {
             scratch,
+            etcd,
             disk,
             replica,
             detached: Detached::default(),
@@ -309,20 +342,27 @@ impl Rig {
             .expect("clock")
             .as_millis()
             .to_string();
-        let report = self.ftctl_env(
-            &blk_stop_env(&self.scratch),
-            &[
-                "takeover".as_ref(),
-                "--store".as_ref(),
-                store.as_os_str(),
-                "--state-file".as_ref(),
-                self.scratch.join("standby.state").as_os_str(),
-                "--run-dir".as_ref(),
-                run.as_os_str(),
-                "--lost-at-unix-ms".as_ref(),
-                lost_ms.as_ref(),
-            ],
-        );
+        let state = self.scratch.join("standby.state");
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            "takeover".as_ref(),
+            "--store".as_ref(),
+            store.as_os_str(),
+            "--state-file".as_ref(),
+            state.as_os_str(),
+            "--run-dir".as_ref(),
+            run.as_os_str(),
+            "--lost-at-unix-ms".as_ref(),
+            lost_ms.as_ref(),
+        ];
+        if let Some(e) = &self.etcd {
+            args.extend::<[&std::ffi::OsStr; 4]>([
+                "--etcd".as_ref(),
+                e.host_port().as_ref(),
+                "--vm-key".as_ref(),
+                VM_KEY.as_ref(),
+            ]);
+        }
+        let report = self.ftctl_env(&blk_stop_env(&self.scratch), &args);
         let pid = |v: &serde_json::Value| v.as_u64().expect("pid in report") as u32;
         let p = Primary {
             qemu: pid(&report["qemu_pid"]),
@@ -515,6 +555,16 @@ impl Rig {
             ],
             &api,
         );
+        if let Some(e) = &self.etcd {
+            // Holds the VM's key before it talks to the daemons (the takeover that made this
+            // primary released it).
+            cmd.args.extend([
+                "--etcd".into(),
+                e.host_port().into(),
+                "--vm-key".into(),
+                VM_KEY.into(),
+            ]);
+        }
         cmd.program = wrap_env(
             &mut cmd.args,
             &cmd.program,
@@ -679,6 +729,10 @@ struct Row {
     stream_bytes: u64,
     stream_gap_s: f64,
     fio: &'static str,
+    /// Waiting for and acquiring the etcd key in the takeover (0 without etcd).
+    arbitrate_ms: f64,
+    /// The takeover's generation.
+    generation: u64,
     /// `ftctl status` of the killed primary's coordinator, just before the kill.
     status: serde_json::Value,
 }
@@ -686,13 +740,13 @@ struct Row {
 /// Runs the chain: primary 0, then for each kill point: reach it, check nothing leaves while
 /// frozen, SIGKILL the primary, `ftctl takeover`, protect the new primary, check the stream and
 /// a fio round go on. Ends with the guest's verdict. Returns the table.
-fn run_chain(name: &str, points: &[KillPoint], rounds: u32, replicate: bool) -> Vec<Row> {
+fn run_chain(name: &str, points: &[KillPoint], rounds: u32, setup: Setup) -> Vec<Row> {
     let image = guest_image();
     let points = points.to_vec();
     let name = name.to_owned();
     in_netns(move || {
         let started = Instant::now();
-        let (mut rig, mut primary) = Rig::start(&name, &image, rounds, replicate);
+        let (mut rig, mut primary) = Rig::start(&name, &image, rounds, setup);
         let mut guest = rig.first_guest.take();
         let mut protection = rig.protect(0, &primary.qmp);
         rig.record_vm(&protection.store, &primary);
@@ -777,6 +831,9 @@ fn run_chain(name: &str, points: &[KillPoint], rounds: u32, replicate: bool) -> 
             let serial = primary.serial.clone().expect("serial");
             protection = rig.protect(i + 1, &primary.qmp);
             rig.record_vm(&protection.store, &primary);
+            if rig.etcd.is_some() {
+                check_arbitration(point, &status, &report, &rig.status(&protection));
+            }
             let after = wait_stream(&stream, 16 << 10, &format!("after kill {}", point.name()));
             // A fio round finishing on the new primary verified every block it wrote, across
             // the takeover.
@@ -800,6 +857,8 @@ fn run_chain(name: &str, points: &[KillPoint], rounds: u32, replicate: bool) -> 
                 stream_bytes: after.verified,
                 stream_gap_s: after.longest_gap.as_secs_f64(),
                 fio,
+                arbitrate_ms: report["times"]["arbitrate_ms"].as_f64().unwrap_or(0.0),
+                generation: report["generation"].as_u64().unwrap_or(0),
                 status,
             });
             print_table(&rows);
@@ -834,18 +893,71 @@ fn run_chain(name: &str, points: &[KillPoint], rounds: u32, replicate: bool) -> 
     })
 }
 
+/// Under etcd: the takeover acquired the key only after every deadline the killed coordinator
+/// was seen to have, took its generation above the killed coordinator's, and the new
+/// coordinator holds the key with the generation above the takeover's.
+fn check_arbitration(
+    point: KillPoint,
+    killed: &serde_json::Value,
+    report: &serde_json::Value,
+    next: &serde_json::Value,
+) {
+    let a = &report["arbitration"];
+    let what = point.name();
+    let old_generation = killed["generation"].as_u64().expect("generation");
+    assert_eq!(
+        a["previous_generation"].as_u64(),
+        Some(old_generation),
+        "{what}: etcd's generation before the takeover is not the killed coordinator's: {a:#}"
+    );
+    let old_deadline = MonotonicTime(
+        killed["lease"]["deadline_monotonic_us"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{what}: no lease in {killed:#}")),
+    );
+    let acquired = MonotonicTime(
+        a["acquired_at_monotonic_us"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{what}: no arbitration in {report:#}")),
+    );
+    assert!(
+        acquired > old_deadline,
+        "{what}: the takeover acquired the key at {acquired}, before the killed primary's \
+         deadline {old_deadline}"
+    );
+    let taken = report["generation"].as_u64().expect("generation");
+    assert!(taken > old_generation, "{what}: generation {taken}");
+    assert_eq!(
+        next["lease"]["held"], true,
+        "{what}: the new coordinator does not hold the key: {next:#}"
+    );
+    assert!(
+        next["generation"].as_u64().is_some_and(|g| g > taken),
+        "{what}: the new coordinator's generation is not above the takeover's {taken}: {next:#}"
+    );
+}
+
 fn print_table(rows: &[Row]) {
     println!(
-        "{:<3} {:<20} {:>12} {:>12} {:>9} {:>12} {:>8} {:>5}",
-        "#", "kill point", "downtime ms", "restore ms", "replayed", "TCP bytes", "gap s", "fio"
+        "{:<3} {:<20} {:>12} {:>12} {:>9} {:>9} {:>12} {:>8} {:>5}",
+        "#",
+        "kill point",
+        "downtime ms",
+        "restore ms",
+        "etcd ms",
+        "replayed",
+        "TCP bytes",
+        "gap s",
+        "fio"
     );
     for (i, r) in rows.iter().enumerate() {
         println!(
-            "{:<3} {:<20} {:>12.0} {:>12.0} {:>9} {:>12} {:>8.1} {:>5}",
+            "{:<3} {:<20} {:>12.0} {:>12.0} {:>9.0} {:>9} {:>12} {:>8.1} {:>5}",
             i + 1,
             r.point.name(),
             r.downtime_ms,
             r.to_running_ms,
+            r.arbitrate_ms,
             r.replayed,
             r.stream_bytes,
             r.stream_gap_s,
@@ -859,16 +971,23 @@ fn print_table(rows: &[Row]) {
 #[test]
 fn takeover_keeps_the_guests_tcp_stream() {
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let rows = run_chain("fo-net", &[KillPoint::Idle], 0, false);
+    let rows = run_chain("fo-net", &[KillPoint::Idle], 0, Setup::default());
     assert_eq!(rows[0].replayed, 0);
 }
 
-/// Each kill point once, chained across four takeovers of the same guest (issue "Takeover").
+/// Each kill point once, chained across four takeovers of the same guest (issue "Takeover"),
+/// arbitrated by etcd: every coordinator holds the VM's key, every takeover waits for the
+/// killed primary's lease to expire (`ftctl takeover --etcd`).
 #[test]
 fn every_kill_point_once_in_a_chain_of_takeovers() {
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let rows = run_chain("fo-chain", &KillPoint::ALL, 1000, false);
+    let setup = Setup {
+        etcd: true,
+        ..Setup::default()
+    };
+    let rows = run_chain("fo-chain", &KillPoint::ALL, 1000, setup);
     assert_eq!(rows.len(), 4);
+    assert!(rows.iter().all(|r| r.arbitrate_ms > 0.0));
 }
 
 /// Shared-nothing: the standby's image is fed only by disk replication; the primary is killed
@@ -883,7 +1002,10 @@ fn two_kill_points_on_local_images() {
         "fo-replica",
         &[KillPoint::MidCommit, KillPoint::BeforeCommit],
         1000,
-        true,
+        Setup {
+            replicate: true,
+            ..Setup::default()
+        },
     );
     assert_eq!(rows.len(), 2);
     assert!(rows.iter().all(|r| r.fio == "PASS"));
@@ -902,7 +1024,7 @@ fn soak_random_kill_points() {
     let points: Vec<KillPoint> = (0..n)
         .map(|_| KillPoint::ALL[fastrand::usize(..KillPoint::ALL.len())])
         .collect();
-    let rows = run_chain("fo-soak", &points, 1000, false);
+    let rows = run_chain("fo-soak", &points, 1000, Setup::default());
     println!("SOAK TABLE");
     print_table(&rows);
 }
@@ -914,7 +1036,11 @@ fn soak_random_kill_points() {
 fn demo_failover() {
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let started = Instant::now();
-    let rows = run_chain("fo-demo", &[KillPoint::BeforeCommit], 1000, false);
+    let setup = Setup {
+        etcd: true,
+        ..Setup::default()
+    };
+    let rows = run_chain("fo-demo", &[KillPoint::BeforeCommit], 1000, setup);
     let r = &rows[0];
     let cycle = &r.status["cycle"];
     let capture = &r.status["checkpointer"]["capture"];
@@ -940,6 +1066,11 @@ fn demo_failover() {
     println!(
         "takeover: guest running {:.0} ms after the kill ({:.0} ms in ftctl takeover)",
         r.downtime_ms, r.to_running_ms
+    );
+    println!(
+        "etcd: the takeover acquired the VM's key {:.0} ms after it started (the killed \
+         primary's lease expired), generation {} -> {}",
+        r.arbitrate_ms, r.status["generation"], r.generation
     );
     println!("requests replayed: {}", r.replayed);
     println!(
