@@ -131,6 +131,11 @@ fn held_output_released_only_after_ack_in_epoch_order_on_both_devices() {
     let s = status(&c);
     assert!(s["cycle"]["epochs_committed"].as_u64().unwrap() >= 3);
     assert!(s["latency"]["seal_to_commit"]["p50_us"].as_u64().unwrap() >= 40_000);
+    // The cycle's breakdown: cut to cut, the daemon's whole commit and its writes.
+    assert!(s["latency"]["cut_to_cut"]["count"].as_u64().unwrap() >= 2);
+    assert!(s["latency"]["cut_to_cut"]["p50_us"].as_u64().unwrap() >= 15_000);
+    assert!(s["devices"][0]["commit_total"]["count"].as_u64().unwrap() >= 3);
+    assert!(s["devices"][0]["writes"]["count"].as_u64().is_some());
     assert_eq!(s["devices"][0]["commits_failed"], 0);
     c.shutdown();
 }

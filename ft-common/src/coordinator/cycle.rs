@@ -175,6 +175,8 @@ pub enum Sample {
     Commit(Duration),
     /// `SEAL` sent -> every device committed.
     SealToCommit(Duration),
+    /// One cut to the next (the whole cycle; with periodic cuts, the interval).
+    CutToCut(Duration),
 }
 
 /// Something worth logging and counting.
@@ -638,6 +640,11 @@ impl Cycle {
             return;
         }
         self.cut_requested = false;
+        if let Some(last) = self.last_cut {
+            out.push(Action::Record(Sample::CutToCut(
+                now.saturating_duration_since(last),
+            )));
+        }
         self.last_cut = Some(now);
         self.phase = Phase::Pausing {
             epoch,

@@ -591,9 +591,12 @@ impl Shell {
                     "held_epochs": epochs,
                     "daemon_last_committed": v.status.as_ref().and_then(|s| s.last_committed),
                     "commits_ok": dt.commits_ok,
+                    "requests_committed": dt.requests_committed,
                     "commits_failed": cd.map_or(0, |c| c.commits_failed),
                     "disconnects": dt.disconnects,
                     "fdatasync": dt.fdatasync.summary(),
+                    "writes": dt.writes.summary(),
+                    "commit_total": dt.commit_total.summary(),
                     // Disk replication as the daemon last reported it (block, --replicate-to).
                     "replica": v.status.as_ref().and_then(|s| s.replica.clone()),
                 })
@@ -617,6 +620,7 @@ impl Shell {
                 "checkpoint": t.checkpoint.summary(),
                 "commit": t.commit.summary(),
                 "seal_to_commit": t.seal_to_commit.summary(),
+                "cut_to_cut": t.cut_to_cut.summary(),
             },
             "seal_failures": t.seal_failures,
             "lease": self.claim.as_ref().map(|c| c.status()),

@@ -73,6 +73,9 @@ impl Latency {
 #[derive(Clone, Debug, Default)]
 pub struct DeviceTelemetry {
     pub fdatasync: Latency,
+    /// The commit's writes, submit of the first to drain of the last (non-empty commits).
+    pub writes: Latency,
+    /// The daemon's whole commit (admission to reply), all commits.
     pub commit_total: Latency,
     pub commits_ok: u64,
     pub requests_committed: u64,
@@ -87,6 +90,8 @@ pub struct Telemetry {
     pub checkpoint: Latency,
     pub commit: Latency,
     pub seal_to_commit: Latency,
+    /// Cut to next cut (the whole epoch cycle).
+    pub cut_to_cut: Latency,
     pub seal_failures: u64,
     pub checkpoint_failures: u64,
     pub devices: Vec<DeviceTelemetry>,
@@ -106,6 +111,7 @@ impl Telemetry {
             Sample::Checkpoint(d) => self.checkpoint.record(d),
             Sample::Commit(d) => self.commit.record(d),
             Sample::SealToCommit(d) => self.seal_to_commit.record(d),
+            Sample::CutToCut(d) => self.cut_to_cut.record(d),
         }
     }
 
@@ -117,6 +123,7 @@ impl Telemetry {
             // A commit that released nothing did no fdatasync worth measuring.
             if stats.requests > 0 {
                 d.fdatasync.record_us(stats.fdatasync_us);
+                d.writes.record_us(stats.submit_to_drain_us);
             }
             d.commit_total.record_us(stats.total_us);
         }

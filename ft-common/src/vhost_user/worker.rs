@@ -184,6 +184,35 @@ impl<W: QueueWorker> WorkerHandle<W> {
         self.wake.write(1).map_err(|_| WorkerGone)?;
         rrx.recv().map_err(|_| WorkerGone)
     }
+
+    /// Queue `msg` for [`QueueWorker::handle_message`] on the worker thread without waiting:
+    /// its reply is dropped. Messages (posted or called) are handled in the order sent, so a
+    /// later [`WorkerHandle::call`] returns only after every earlier post was handled:
+    /// ```
+    /// # use ft_common::vhost_user::{QueueWorker, StopStatus, WorkerCtx, WorkerHandle};
+    /// # struct Counter(u32);
+    /// # impl QueueWorker for Counter {
+    /// #     type Msg = u32;
+    /// #     type Reply = u32;
+    /// #     fn handle_kick(&mut self, _: &mut WorkerCtx, _: u16) {}
+    /// #     fn stop_queue(&mut self, _: &mut WorkerCtx, _: u16) -> StopStatus {
+    /// #         StopStatus::Done
+    /// #     }
+    /// #     fn handle_message(&mut self, _: &mut WorkerCtx, add: u32) -> u32 {
+    /// #         self.0 += add;
+    /// #         self.0
+    /// #     }
+    /// # }
+    /// fn add_then_read(h: &WorkerHandle<Counter>) -> Option<u32> {
+    ///     h.post(2).ok()?;
+    ///     h.call(0).ok() // includes the 2
+    /// }
+    /// ```
+    pub fn post(&self, msg: W::Msg) -> Result<(), WorkerGone> {
+        let (rtx, _) = channel();
+        self.tx.send((msg, rtx)).map_err(|_| WorkerGone)?;
+        self.wake.write(1).map_err(|_| WorkerGone)
+    }
 }
 
 /// Where a ring stands (see [`WorkerCtx::ring_position`]).

@@ -6,14 +6,17 @@
 //! Runs on the control thread (one request at a time). SEAL and ABORT work on the shared
 //! transaction queue under its lock; COMMIT takes the committable batch under the lock, then
 //! executes it on the [`CommitEngine`] without the lock (workers keep holding new requests of
-//! the open epoch meanwhile), and finally hands each queue worker its completed requests with
-//! [`WorkerHandle::call`], so every guest completion happens on the thread owning the ring,
-//! which notifies its queue once.
+//! the open epoch meanwhile), and finally posts each queue worker its completed requests with
+//! [`WorkerHandle::post`], so every guest completion happens on the thread owning the ring,
+//! which notifies its queue once, while this thread already answers.
 //!
 //! Decisions:
-//! - Order of a commit: writes drained, `fdatasync` returned, guest completions handed to the
-//!   workers (each notifies its queue once), then the `COMMITTED` reply. So a guest never sees a
-//!   completion for data that is not durable, and `COMMITTED` also means "answered".
+//! - Order of a commit: writes drained, `fdatasync` returned, guest completions posted to the
+//!   workers (each notifies its queue once), then the `COMMITTED` reply, without waiting for the
+//!   workers (one thread hand-off less per commit). So a guest never sees a completion for data
+//!   that is not durable; the completions are queued before `COMMITTED` goes out, and any later
+//!   command that involves a worker (SEAL's record, ABORT) reaches it after them (messages to a
+//!   worker are handled in order).
 //! - Requests already taken by a commit are not cancelled by a disconnect or reset of their
 //!   connection: their epoch is acknowledged, so they may land; their completions are dropped
 //!   (the frontend resubmits from its inflight region). Shutdown does cancel them
@@ -176,7 +179,11 @@ impl BlkGate {
         }
     }
 
-    /// Hands every worker its part of `done` (every worker, so stalled ones resume).
+    /// Hands every worker its part of `done` (every worker, so stalled ones resume) without
+    /// waiting for them: each completes its part and notifies its queue once, while this
+    /// thread answers `COMMITTED`. Returns what was handed over (`completed`) and what was
+    /// dropped because its worker is gone; a worker drops completions of a connection that is
+    /// gone itself (the frontend resubmits them).
     fn deliver(&self, done: Vec<(HeldReq, u8)>) -> GateAck {
         let mut per_queue: Vec<Vec<(HeldReq, u8)>> =
             (0..self.workers.len()).map(|_| Vec::new()).collect();
@@ -189,16 +196,8 @@ impl BlkGate {
         }
         for (w, list) in self.workers.iter().zip(per_queue) {
             let n = list.len();
-            match w.call(GateMsg::Complete(list)) {
-                Ok(GateReply::Ack(a)) => {
-                    total.completed += a.completed;
-                    total.deferred += a.deferred;
-                    total.dropped += a.dropped;
-                }
-                Ok(r) => {
-                    log::error!("commit: {r:?} to Complete");
-                    total.dropped += n;
-                }
+            match w.post(GateMsg::Complete(list)) {
+                Ok(()) => total.completed += n,
                 Err(e) => {
                     log::error!("commit: {e}");
                     total.dropped += n;
