@@ -6,7 +6,8 @@
 # (with BASE_BIN) the same hold run with another build, order rotating per round. One workload
 # (default randwrite4k-qd32), VM-less (ft-blk-bench, the virtio-driver client), a fresh 1 GiB
 # sparse raw image per run. Then host fio on a fresh image of the same kind: psync 4k random
-# writes with `--fdatasync=32` (the floor of a 32-write epoch: 32 writes, one fdatasync).
+# writes with `--fdatasync=32` (the floor of a 32-write epoch: 32 writes, one fdatasync), and
+# io_uring at QD32 with `--fdatasync=32`.
 #
 # Prints per round the IOPS and the ratio hold/off of that round, then min/median of the ratios,
 # the coordinator's per-phase p50s (SEAL round trip, checkpoint, COMMIT round trip, fdatasync,
@@ -28,7 +29,7 @@ while [ $# -gt 0 ]; do
         --runtime) RUNTIME=$2; shift 2 ;;
         --workload) WORKLOAD=$2; shift 2 ;;
         --no-fio) FIO=0; shift ;;
-        -h | --help) sed -n '2,19p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,20p' "$0"; exit 0 ;;
         *) echo "bench-hold-ratio: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -45,6 +46,11 @@ cleanup() {
     rm -rf "$DIR"
 }
 trap cleanup EXIT
+# A fresh sparse image (every write of a run allocates its block, as in the other benchmarks).
+fresh_image() {
+    truncate -s 0 "$DIR/img" && truncate -s 1G "$DIR/img"
+    sync "$DIR/img"
+}
 wait_for() { for _ in $(seq 200); do [ -S "$1" ] && return 0; sleep 0.05; done; log "no socket $1"; return 1; }
 
 # run MODE ROUND: MODE is off, hold (this build) or base (BASE_BIN's hold)
@@ -52,8 +58,7 @@ run() {
     local mode=$1 round=$2 out=$DIR/$1.$2 bin=$BIN
     [ "$mode" = base ] && bin=$BASE_BIN
     rm -f "$DIR"/*.sock "$DIR/api" "$DIR/state"
-    truncate -s 0 "$DIR/img" && truncate -s 1G "$DIR/img"
-    sync "$DIR/img"
+    fresh_image
     local args=(--socket "$DIR/blk.sock" --image "$DIR/img")
     [ "$mode" != off ] && args+=(--ft hold --control "$DIR/ctl.sock")
     "$bin/vhost-user-blk-ft" "${args[@]}" 2>"$out.daemon.log" &
@@ -96,10 +101,14 @@ for round in $(seq "$ROUNDS"); do
     done
 done
 if [ "$FIO" = 1 ] && command -v fio >/dev/null; then
-    truncate -s 0 "$DIR/img" && truncate -s 1G "$DIR/img" && sync "$DIR/img"
+    fresh_image
     fio --name=floor --filename="$DIR/img" --size=256M --rw=randwrite --bs=4k --ioengine=psync \
         --fdatasync=32 --runtime="$RUNTIME" --time_based --invalidate=0 --output-format=json \
         >"$DIR/fio.json" 2>/dev/null || log "fio failed"
+    fresh_image
+    fio --name=floor --filename="$DIR/img" --size=256M --rw=randwrite --bs=4k --ioengine=io_uring \
+        --iodepth=32 --fdatasync=32 --runtime="$RUNTIME" --time_based --invalidate=0 \
+        --output-format=json >"$DIR/fio-uring.json" 2>/dev/null || log "fio failed"
 fi
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 
@@ -143,14 +152,16 @@ for m in modes[1:]:
           f"requests per commit {med(ph['req/commit']):.1f}")
 off = [res("off", r)["iops"] for r in range(1, rounds + 1)]
 print(f"off IOPS median {med(off)/1000:.1f}k (min {min(off)/1000:.1f}k)")
-f = f"{d}/fio.json"
-if os.path.exists(f) and os.path.getsize(f) > 0:
+for name, what in (("fio", "psync"), ("fio-uring", "io_uring QD32")):
+    f = f"{d}/{name}.json"
+    if not (os.path.exists(f) and os.path.getsize(f) > 0):
+        continue
     j = json.load(open(f))["jobs"][0]
     w = j["write"]
     sy = j.get("sync", {}).get("lat_ns", {})
     pct = sy.get("percentile", {})
     p50 = pct.get("50.000000", 0) / 1000
-    print(f"host fio psync 4k randwrite --fdatasync=32: {w['iops']/1000:.1f}k IOPS, fdatasync p50 {p50:.0f} us "
-          f"(one 32-write epoch per {32e6/max(w['iops'],1):.0f} us)")
+    print(f"host fio {what} 4k randwrite --fdatasync=32: {w['iops']/1000:.1f}k IOPS, fdatasync p50 {p50:.0f} us "
+          f"(one 32-write epoch per {32e6/max(w['iops'],1):.0f} us); x off median {w['iops']/med(off):.2f}")
 EOF
 echo "load average before/after: $LOAD_BEFORE / $LOAD_AFTER; $(git rev-parse --short HEAD)"
