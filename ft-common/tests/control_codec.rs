@@ -112,6 +112,7 @@ fn status() -> impl Strategy<Value = DeviceStatus> {
                 commit_refused,
                 last_commit,
                 replica: None,
+                dirty_log: None,
             },
         )
 }

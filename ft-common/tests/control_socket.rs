@@ -127,6 +127,7 @@ impl Toy {
                 commit_refused: false,
                 last_commit: None,
                 replica: None,
+                dirty_log: None,
             })),
         }
     }

@@ -337,6 +337,11 @@ fn failback_copies_only_the_dirty_blocks_and_repairs_the_unacknowledged_epoch() 
     gb.committed();
     let mut b_blocks: Vec<u64> = [5, 500, 501, 3500, 4000, 4001, 4002, 4003].to_vec();
     b_blocks.extend(1024..1536);
+    let dl = status(&mut gb.c).dirty_log.expect("dirty log status");
+    assert_eq!(
+        (dl.dirty_blocks, dl.image_blocks),
+        (b_blocks.len() as u64, IMAGE_BLOCKS)
+    );
     drop(gb);
     stop(db);
     assert_eq!(

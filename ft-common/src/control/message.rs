@@ -319,6 +319,9 @@ pub struct DeviceStatus {
     /// Disk replication to the standby (`--replicate-to`), if configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replica: Option<crate::replica::ReplicaStatus>,
+    /// The dirty-block log for failback (`--dirty-log`), if configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dirty_log: Option<crate::replica::dirty::DirtyLogStatus>,
 }
 
 /// Anything a daemon sends: a reply or a notification. The `"type"` tags of the two sets are

@@ -599,6 +599,8 @@ impl Shell {
                     "commit_total": dt.commit_total.summary(),
                     // Disk replication as the daemon last reported it (block, --replicate-to).
                     "replica": v.status.as_ref().and_then(|s| s.replica.clone()),
+                    // The failback dirty-block log (block, --dirty-log).
+                    "dirty_log": v.status.as_ref().and_then(|s| s.dirty_log.clone()),
                 })
             })
             .collect();

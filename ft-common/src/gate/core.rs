@@ -267,6 +267,7 @@ impl GateCore {
             commit_refused: self.commit_refused,
             last_commit: self.last_commit.clone(),
             replica: v.replica,
+            dirty_log: v.dirty_log,
         }))
     }
 

@@ -124,6 +124,8 @@ pub struct HeldView {
     pub fdatasyncs: u64,
     /// Disk replication, if the device replicates.
     pub replica: Option<crate::replica::ReplicaStatus>,
+    /// The dirty-block log, if the device keeps one.
+    pub dirty_log: Option<crate::replica::dirty::DirtyLogStatus>,
 }
 
 impl Default for HeldView {
@@ -138,6 +140,7 @@ impl Default for HeldView {
             epochs: Vec::new(),
             fdatasyncs: 0,
             replica: None,
+            dirty_log: None,
         }
     }
 }
@@ -224,6 +227,7 @@ impl QueueMerge {
                     epochs: Vec::new(),
                     fdatasyncs: 0,
                     replica: None,
+                    dirty_log: None,
                 })
             }
             Some(v) => {

@@ -104,6 +104,23 @@ impl Default for Geometry {
     }
 }
 
+/// The log as STATUS reports it (`dirty_log` of a block device with `--dirty-log`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DirtyLogStatus {
+    pub path: String,
+    /// Blocks (4 KiB) that may differ from the peer's image: what a failback would copy from
+    /// this side.
+    pub dirty_blocks: u64,
+    pub image_blocks: u64,
+    pub extent_blocks: u64,
+    /// Extents in the on-disk activity log (after a crash these count as wholly dirty).
+    pub al_extents: u64,
+    pub al_writes: u64,
+    pub fdatasyncs: u64,
+    /// Commits that needed no I/O for the log.
+    pub persist_free: u64,
+}
+
 /// What the log cost so far.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DirtyStats {
@@ -385,6 +402,19 @@ impl DirtyLog {
 
     pub fn stats(&self) -> DirtyStats {
         self.stats
+    }
+
+    pub fn status(&self) -> DirtyLogStatus {
+        DirtyLogStatus {
+            path: self.path.display().to_string(),
+            dirty_blocks: self.dirty_blocks(),
+            image_blocks: self.nblocks,
+            extent_blocks: self.extent_blocks,
+            al_extents: self.al.len() as u64,
+            al_writes: self.stats.al_writes,
+            fdatasyncs: self.stats.fdatasyncs,
+            persist_free: self.stats.persist_free,
+        }
     }
 
     /// Whether block `b` is dirty.

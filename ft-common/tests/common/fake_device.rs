@@ -254,6 +254,7 @@ fn handle(st: &Mutex<FakeState>, dev: &str, kind: DeviceKind, req: Request) -> R
                 commit_refused: s.commit_refused,
                 last_commit: None,
                 replica: None,
+                dirty_log: None,
             }))
         }
     }

@@ -370,6 +370,7 @@ impl GateDevice for BlkGate {
         let mut v = m.into_view();
         v.fdatasyncs = self.engine.fdatasyncs();
         v.replica = self.replication.as_ref().map(Replication::status);
+        v.dirty_log = self.dirty.as_ref().map(DirtyLog::status);
         Ok(v)
     }
 
