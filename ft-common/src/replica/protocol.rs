@@ -526,6 +526,22 @@ impl<'a> Iterator for OpIter<'a> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn truncate_drops_exactly_the_ops_after_the_mark() {
+        let mut f = EpochFrame::default();
+        f.begin(3, Epoch(7));
+        f.write(4096, [&b"abc"[..], &b"de"[..]].into_iter());
+        f.discard(8192, 512);
+        let mark = f.mark();
+        f.write(0, [&[0u8; 4096][..]].into_iter());
+        f.truncate(mark);
+        f.flush();
+        f.write_zeroes(0, 1024, true);
+        f.finish();
+        assert_eq!(f.bytes(), frame().bytes());
+        assert_eq!((f.ops(), f.data_bytes()), (4, 5));
+    }
+
     fn frame() -> EpochFrame {
         let mut f = EpochFrame::default();
         f.begin(3, Epoch(7));
