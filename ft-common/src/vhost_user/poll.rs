@@ -32,7 +32,9 @@
 //!   CPU sets smaller than the host);
 //! - the host's CPU pressure (`/proc/pressure/cpu`, `some total`: time during which at least
 //!   one runnable task waited for a CPU), above [`HOST_PRESSURE_SHARE`] of the wall time,
-//! - together with the host's idle time (`/proc/uptime`, all CPUs), below [`IDLE_CPUS_MIN`].
+//! - together with the spare CPU time below [`SPARE_CPUS_MIN`]: the host's idle time
+//!   (`/proc/uptime`, all CPUs) plus this thread's own run time (what it spins would be idle
+//!   if it slept), per wall time.
 //!
 //! Pressure alone is the wrong answer on a small host: a wakeup the scheduler puts on the
 //! waker's CPU waits until the waker sleeps, and the frontend and this worker wake each other
@@ -60,13 +62,16 @@ const CHECK_EVERY: Duration = Duration::from_millis(50);
 /// The worker thread's run delay per wall time above which it counts as contended.
 const CONTENDED_SHARE: f64 = 0.05;
 /// Host CPU pressure (`some`) per wall time above which the host may have no idle CPU (it
-/// has none if, besides, less than [`IDLE_CPUS_MIN`] stood idle). Short waits of the host's
+/// has none if, besides, less than [`SPARE_CPUS_MIN`] was spare). Short waits of the host's
 /// own background tasks stay well below it on an idle host.
 const HOST_PRESSURE_SHARE: f64 = 0.10;
-/// Idle CPU time per wall time (in CPUs) below which the waiting that the pressure counts is
-/// taken as a host without a CPU to spare. Polling spins a whole CPU, so half of one idle on
-/// average means a core was mostly free.
-const IDLE_CPUS_MIN: f64 = 0.5;
+/// Spare CPU time (idle, or this thread's own) per wall time, in CPUs, below which the
+/// waiting that the pressure counts is taken as a host without a CPU to spare. A poller spins
+/// a whole CPU: it needs about one that is idle or already its own. Counting its own time
+/// keeps a poller that has a core to itself (idle time about 0.5 CPU beside a frontend on the
+/// other core of 2) from mistaking itself for contention; on a host that is saturated, the
+/// thread gets at most a share of a CPU and nothing is idle.
+const SPARE_CPUS_MIN: f64 = 0.9;
 /// First and longest pause of polling under CPU contention.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
@@ -82,6 +87,8 @@ pub(crate) struct AdaptivePoll {
 /// One reading of the guard's counters; None where a counter cannot be read.
 #[derive(Debug, Default, Clone, Copy)]
 struct Sample {
+    /// The worker thread's time on a CPU so far, ns.
+    run_ns: Option<u64>,
     /// The worker thread's run delay so far, ns.
     run_delay_ns: Option<u64>,
     /// The host's CPU pressure `some total`, µs.
@@ -97,8 +104,9 @@ pub(crate) struct Load {
     pub own_delay: Option<f64>,
     /// The host's CPU pressure (`some`) per wall time.
     pub host_pressure: Option<f64>,
-    /// Idle time of all CPUs per wall time: how many CPUs were idle on average.
-    pub idle_cpus: Option<f64>,
+    /// Idle time of all CPUs plus the worker thread's run time, per wall time: how many CPUs
+    /// were idle or this thread's on average.
+    pub spare_cpus: Option<f64>,
 }
 
 impl Load {
@@ -112,7 +120,8 @@ impl Load {
         Load {
             own_delay: share(cur.run_delay_ns, prev.run_delay_ns, 1.0),
             host_pressure: share(cur.host_some_us, prev.host_some_us, 1e3),
-            idle_cpus: share(cur.host_idle_cs, prev.host_idle_cs, 1e7),
+            spare_cpus: share(cur.host_idle_cs, prev.host_idle_cs, 1e7)
+                .map(|idle| idle + share(cur.run_ns, prev.run_ns, 1.0).unwrap_or(0.0)),
         }
     }
 
@@ -120,18 +129,19 @@ impl Load {
     ///
     /// - The worker itself waited for a CPU (above [`CONTENDED_SHARE`]): yes.
     /// - Some task waited (host pressure above [`HOST_PRESSURE_SHARE`]) while less than
-    ///   [`IDLE_CPUS_MIN`] of a CPU stood idle: yes, the host has no CPU to spare.
+    ///   [`SPARE_CPUS_MIN`] of a CPU was idle or this thread's: yes, the host has no CPU to
+    ///   spare.
     /// - Tasks waited although CPUs stood idle: no. These are the short waits of wakeups that
     ///   the scheduler places on a busy CPU (the worker waking the frontend on its own CPU
     ///   and going on for a few µs): the frontend and this daemon alone keep an otherwise idle
     ///   2-CPU host at 9-10% pressure without polling. Counted, they would forbid polling
     ///   exactly where it pays.
-    /// - Without the pressure counter, idle CPUs alone decide; with neither, never.
+    /// - Without the pressure counter, spare CPU time alone decides; with neither, never.
     pub(crate) fn contended(&self) -> bool {
         if self.own_delay.is_some_and(|d| d > CONTENDED_SHARE) {
             return true;
         }
-        let no_idle_cpu = self.idle_cpus.map(|i| i < IDLE_CPUS_MIN);
+        let no_idle_cpu = self.spare_cpus.map(|i| i < SPARE_CPUS_MIN);
         match (self.host_pressure, no_idle_cpu) {
             (Some(p), Some(no_idle)) => p > HOST_PRESSURE_SHARE && no_idle,
             (Some(p), None) => p > HOST_PRESSURE_SHARE,
@@ -185,15 +195,14 @@ impl CpuGuard {
 
     /// Reads the counters (opening the files on first use, on the calling thread).
     fn sample(&mut self) -> Sample {
+        let own = Self::read_field(&mut self.schedstat, "/proc/thread-self/schedstat", |t| {
+            // "<on-cpu ns> <run delay ns> <timeslices>"
+            let mut f = t.split_whitespace().map(|v| v.parse::<u64>().ok());
+            Some((f.next()??, f.next()??))
+        });
         Sample {
-            run_delay_ns: Self::read_field(
-                &mut self.schedstat,
-                "/proc/thread-self/schedstat",
-                |t| {
-                    // "<on-cpu ns> <run delay ns> <timeslices>"
-                    t.split_whitespace().nth(1)?.parse().ok()
-                },
-            ),
+            run_ns: own.map(|o| o.0),
+            run_delay_ns: own.map(|o| o.1),
             host_some_us: Self::read_field(&mut self.pressure, "/proc/pressure/cpu", |t| {
                 // "some avg10=0.00 avg60=0.00 avg300=0.00 total=12345\nfull ..."
                 t.lines()
@@ -208,11 +217,11 @@ impl CpuGuard {
         }
     }
 
-    fn read_field(
+    fn read_field<T>(
         file: &mut Option<Option<File>>,
         path: &str,
-        parse: impl FnOnce(&str) -> Option<u64>,
-    ) -> Option<u64> {
+        parse: impl FnOnce(&str) -> Option<T>,
+    ) -> Option<T> {
         let file = file.get_or_insert_with(|| File::open(path).ok()).as_ref()?;
         let mut buf = [0u8; 160];
         let n = file.read_at(&mut buf, 0).ok()?;
@@ -256,6 +265,7 @@ impl CpuGuard {
             self.allowed += u64::from(self.paused_until.is_none_or(|p| now >= p));
             self.last_at = Some(now);
             self.last = Sample {
+                run_ns: cur.run_ns.or(self.last.run_ns),
                 run_delay_ns: cur.run_delay_ns.or(self.last.run_delay_ns),
                 host_some_us: cur.host_some_us.or(self.last.host_some_us),
                 host_idle_cs: cur.host_idle_cs.or(self.last.host_idle_cs),
@@ -436,7 +446,7 @@ mod tests {
     }
 
     /// As [`feed`], with the host's CPU pressure growing by `pressure` of the wall time and
-    /// `idle_cpus` CPUs idle on average, the thread's own run delay unknown.
+    /// `idle_cpus` CPUs idle on average, the thread's own run time and delay unknown.
     fn feed_host(
         g: &mut CpuGuard,
         t: &mut Instant,
@@ -452,9 +462,9 @@ mod tests {
                 h.idle_cs += (CHECK_EVERY.as_millis() as f64 / 10.0 * idle_cpus).round() as u64;
                 let (s, i) = (h.some_us, h.idle_cs);
                 g.allows(*t, |_| Sample {
-                    run_delay_ns: None,
                     host_some_us: Some(s),
                     host_idle_cs: Some(i),
+                    ..Sample::default()
                 })
             })
             .collect()
@@ -463,20 +473,24 @@ mod tests {
     /// The decision alone, over the shares the guard derives from its counters.
     #[test]
     fn contended_means_some_task_would_want_the_cpu() {
-        let load = |own: Option<f64>, pressure: Option<f64>, idle: Option<f64>| Load {
+        let load = |own: Option<f64>, pressure: Option<f64>, spare: Option<f64>| Load {
             own_delay: own,
             host_pressure: pressure,
-            idle_cpus: idle,
+            spare_cpus: spare,
         };
         // An idle 2-CPU host running only the benchmark's client and this daemon, polling
-        // off: wakeups placed on a busy CPU make 9-12% pressure while 1.4 CPUs stand idle.
-        assert!(!load(Some(0.01), Some(0.12), Some(1.4)).contended());
-        // The same while this thread spins: less idle, little waiting.
-        assert!(!load(Some(0.0), Some(0.03), Some(0.45)).contended());
+        // off: wakeups placed on a busy CPU make 9-12% pressure while 1.4 CPUs stand idle
+        // (and this thread runs 0.3 of one).
+        assert!(!load(Some(0.01), Some(0.12), Some(1.7)).contended());
+        // The same while this thread spins a CPU (half of the other one idle), even if
+        // tasks waited meanwhile.
+        assert!(!load(Some(0.0), Some(0.15), Some(1.5)).contended());
         // A host whose CPUs are all busy, nobody waiting (a vCPU spinning beside us): free.
         assert!(!load(Some(0.0), Some(0.02), Some(0.0)).contended());
-        // Saturated (`stress-ng --cpu 2` on 2 CPUs), polling or not: no idle CPU, waiting.
-        assert!(load(Some(0.0), Some(0.95), Some(0.0)).contended());
+        // Saturated (`stress-ng --cpu 2` on 2 CPUs), polling or not: no idle CPU, waiting, and
+        // this thread gets a share of a CPU at most.
+        assert!(load(Some(0.0), Some(0.95), Some(0.3)).contended());
+        assert!(load(None, Some(0.95), Some(0.8)).contended());
         assert!(load(None, Some(0.6), Some(0.2)).contended());
         // The thread itself waits for a CPU: contended whatever the host says.
         assert!(load(Some(0.3), Some(0.0), Some(1.5)).contended());
@@ -485,7 +499,7 @@ mod tests {
         assert!(load(None, Some(0.2), None).contended());
         assert!(!load(None, Some(0.05), None).contended());
         assert!(load(None, None, Some(0.1)).contended());
-        assert!(!load(None, None, Some(1.0)).contended());
+        assert!(!load(None, None, Some(1.2)).contended());
         // Blind: never contended.
         assert!(!Load::default().contended());
     }
@@ -493,11 +507,13 @@ mod tests {
     #[test]
     fn load_is_the_counters_growth_per_wall_time() {
         let prev = Sample {
+            run_ns: Some(2_000_000),
             run_delay_ns: Some(1_000_000),
             host_some_us: Some(5_000),
             host_idle_cs: Some(700),
         };
         let cur = Sample {
+            run_ns: Some(32_000_000),
             run_delay_ns: Some(6_000_000),
             host_some_us: Some(25_000),
             host_idle_cs: Some(714),
@@ -505,7 +521,21 @@ mod tests {
         let l = Load::between(&prev, &cur, Duration::from_millis(100));
         assert_eq!(l.own_delay, Some(0.05));
         assert_eq!(l.host_pressure, Some(0.2));
-        assert!((l.idle_cpus.unwrap() - 1.4).abs() < 1e-9, "{l:?}");
+        // 1.4 CPUs idle plus 0.3 of one run by this thread.
+        assert!((l.spare_cpus.unwrap() - 1.7).abs() < 1e-9, "{l:?}");
+        // Without the thread's run time, the idle time alone.
+        let no_run = Sample {
+            run_ns: None,
+            ..cur
+        };
+        assert!(
+            (Load::between(&prev, &no_run, Duration::from_millis(100))
+                .spare_cpus
+                .unwrap()
+                - 1.4)
+                .abs()
+                < 1e-9
+        );
         let blind = Load::between(&Sample::default(), &cur, Duration::from_millis(100));
         assert_eq!(blind, Load::default());
     }
@@ -607,6 +637,7 @@ mod tests {
             assert!(g.allows(t0 + i * 10 * US, |_| {
                 reads += 1;
                 Sample {
+                    run_ns: Some(0),
                     run_delay_ns: Some(0),
                     host_some_us: Some(0),
                     host_idle_cs: Some(0),
@@ -639,6 +670,7 @@ mod tests {
         let s = CpuGuard::new().sample();
         let has = |p: &str| std::fs::read_to_string(p).is_ok();
         assert_eq!(s.run_delay_ns.is_some(), has("/proc/thread-self/schedstat"));
+        assert_eq!(s.run_ns.is_some(), s.run_delay_ns.is_some());
         assert_eq!(s.host_some_us.is_some(), has("/proc/pressure/cpu"));
         assert_eq!(s.host_idle_cs.is_some(), has("/proc/uptime"));
     }
