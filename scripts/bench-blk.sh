@@ -7,15 +7,17 @@
 #
 # Usage: scripts/bench-blk.sh [--rounds N] [--runtime S] [--warmup S] [--size 1G]
 #                             [--cache page|direct|both] [--queues N] [--workloads LIST]
-#                             [--no-fio] [--no-doc] [--keep] [--saturate]
+#                             [--no-fio] [--no-doc] [--keep] [--saturate] [--busy N]
 # Env:   BENCH_DIR   parent of the scratch directory (default /var/tmp; must not be tmpfs)
 #        OURS_BIN    vhost-user-blk-ft binary to use instead of building target/release's
 #        OURS_DESC   free text about that binary (e.g. its source commit) for the report
 #        OURS_ARGS   extra flags for vhost-user-blk-ft (e.g. "--poll-max-ns 32768"), reported
-# --saturate runs a busy loop pinned to the last CPU during the measurements (the "saturated
-# host" regime of adaptive polling: no idle core).
 #        BASE_BIN    a second vhost-user-blk-ft binary (e.g. built from an older commit), run
 #                    as backend "base" in the same rounds; BASE_ARGS, BASE_DESC as for ours
+#        RUST_LOG    for our daemons (default warn; info logs the polling guard at exit, see --keep)
+# --saturate runs a busy loop pinned to the last CPU during the measurements (the "saturated
+# host" regime of adaptive polling: no idle core). --busy N runs N unpinned busy loops instead
+# (N = the CPU count: every CPU is wanted by a task of the same priority, like stress-ng --cpu).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -33,9 +35,10 @@ WRITE_DOC=1
 KEEP=0
 FIO=1
 SATURATE=0
+BUSY=0
 DOC="$ROOT/docs/benchmarks.md"
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -50,6 +53,7 @@ while [ $# -gt 0 ]; do
         --no-fio) FIO=0; shift ;;
         --keep) KEEP=1; shift ;;
         --saturate) SATURATE=1; shift ;;
+        --busy) BUSY=$2; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) echo "unknown argument: $1" >&2; usage >&2; exit 2 ;;
     esac
@@ -110,9 +114,11 @@ fi
 WORK=$(mktemp -d "$PARENT/ft-bench-blk.XXXXXX")
 BACKEND_PID=""
 BUSY_PID=""
+BUSY_PIDS=()
 cleanup() {
     if [ -n "$BACKEND_PID" ]; then kill "$BACKEND_PID" 2>/dev/null || true; wait "$BACKEND_PID" 2>/dev/null || true; fi
     if [ -n "$BUSY_PID" ]; then kill "$BUSY_PID" 2>/dev/null || true; wait "$BUSY_PID" 2>/dev/null || true; fi
+    for p in "${BUSY_PIDS[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
     if [ "$KEEP" = 1 ]; then log "kept $WORK"; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
@@ -137,7 +143,7 @@ start_backend() {
             [ "$mode" = direct ] && extra+=(--direct)
             # shellcheck disable=SC2206 # the ARGS are lists of flags
             extra+=($args)
-            RUST_LOG=warn "$bin" --socket "$sock" --image "$img" --queues "$QUEUES" "${extra[@]}" \
+            RUST_LOG=${RUST_LOG:-warn} "$bin" --socket "$sock" --image "$img" --queues "$QUEUES" "${extra[@]}" \
                 >"$WORK/logs/$name.log" 2>&1 &
             ;;
     esac
@@ -222,6 +228,11 @@ if [ "$SATURATE" = 1 ]; then
     BUSY_PID=$!
     log "saturating: busy loop pid $BUSY_PID pinned to CPU $(($(nproc) - 1))"
 fi
+for _ in $(seq 1 "$BUSY"); do
+    sh -c 'while :; do :; done' &
+    BUSY_PIDS+=($!)
+done
+[ "$BUSY" -gt 0 ] && log "busy: $BUSY unpinned busy loops (${BUSY_PIDS[*]})"
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 for mode in $MODES; do
     for b in $BACKENDS; do
@@ -264,12 +275,14 @@ for mode in $MODES; do
 done
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 if [ -n "$BUSY_PID" ]; then kill "$BUSY_PID"; wait "$BUSY_PID" 2>/dev/null || true; BUSY_PID=""; fi
+for p in "${BUSY_PIDS[@]}"; do kill "$p"; wait "$p" 2>/dev/null || true; done
+BUSY_PIDS=()
 PSI_AFTER=$(psi_us)
 HOST_PRESSURE=""
 if [ -n "$PSI_BEFORE" ] && [ -n "$PSI_AFTER" ]; then
     HOST_PRESSURE=$(( (PSI_AFTER - PSI_BEFORE) * 100000 / ($(date +%s%N) - T_BEFORE) ))
 fi
-export HOST_PRESSURE SATURATE
+export HOST_PRESSURE SATURATE BUSY
 
 # --- report -----------------------------------------------------------------------------------
 TABLE="$WORK/table.md"
@@ -318,6 +331,8 @@ out.append(f"- Machine: {os.environ['MACHINE_NPROC']} CPUs ({os.environ['MACHINE
            + (f"; host CPU pressure (PSI some) over the run: {os.environ['HOST_PRESSURE']}%" if os.environ.get("HOST_PRESSURE") else ""))
 if os.environ.get("SATURATE") == "1":
     out.append("- Saturated host (`--saturate`): a busy loop pinned to the last CPU during every measurement")
+if os.environ.get("BUSY", "0") != "0":
+    out.append(f"- Saturated host (`--busy {os.environ['BUSY']}`): {os.environ['BUSY']} unpinned busy loops during every measurement")
 out.append(f"- {os.environ['QSD_VERSION']}")
 if os.environ.get("OURS_VERSION"):
     out.append(f"- {os.environ['OURS_VERSION']}")
