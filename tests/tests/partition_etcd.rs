@@ -17,7 +17,8 @@
 //!
 //! What is not run here: the standby restoring a VM (the takeover has no real checkpoint and
 //! fails at starting QEMU, as in tests/tests/takeover_cli.rs); the full takeover with QEMU is
-//! tests/tests/e2e_failover.rs (without etcd).
+//! tests/tests/e2e_failover.rs (its chain of kill points runs under etcd, with `ftctl takeover
+//! --etcd` restoring the guest).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
