@@ -13,8 +13,11 @@
 #  3. Failback: ft-standby on A's image with A's log; B's daemon restarted with --replicate-to
 #     A --replica-resync dirty; timed until "failback resync done"; images compared.
 #  4. The same image copied by a full sync (--replica-resync full) to a third image, timed.
+# Then the log's cost on the hot path: hold mode with event-driven cuts (the commit is the
+# critical path), randwrite4k at QD1 and QD32 over 256 MiB, without and with --dirty-log,
+# interleaved, COST_ROUNDS (default 2) rounds, medians.
 #
-# Usage: scripts/bench-failback.sh [--size-mib N] [--secs "2 10"] [--a-mib N] [--no-doc]
+# Usage: scripts/bench-failback.sh [--size-mib N] [--secs "2 10"] [--a-mib N] [--cost-rounds N] [--no-doc]
 # Writes its table into docs/benchmarks.md between the bench-failback markers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +28,7 @@ source "$ROOT/scripts/lib/doc-section.sh"
 SIZE_MIB=1024
 SECS="2 10"
 A_MIB=64
+COST_ROUNDS=2
 WRITE_DOC=1
 PORT=47110
 while [ $# -gt 0 ]; do
@@ -32,8 +36,9 @@ while [ $# -gt 0 ]; do
         --size-mib) SIZE_MIB=$2; shift 2 ;;
         --secs) SECS=$2; shift 2 ;;
         --a-mib) A_MIB=$2; shift 2 ;;
+        --cost-rounds) COST_ROUNDS=$2; shift 2 ;;
         --no-doc) WRITE_DOC=0; shift ;;
-        -h | --help) sed -n '2,18p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
         *) echo "bench-failback: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -143,6 +148,53 @@ for N in $SECS; do
     ROWS+=("| $SIZE_MIB MiB ($IMG_BLOCKS) | $N | $B_DIRTY | $A_DIRTY | $COPIED ($("$PY" -c "print(f'{100*$COPIED/$IMG_BLOCKS:.1f}')") %) | $RESYNC | $FULL | $CMP |")
     log "${ROWS[-1]}"
 done
+
+# The log's cost: event-driven cuts, with and without --dirty-log.
+for round in $(seq "$COST_ROUNDS"); do
+    for mode in nolog log; do
+        log "cost round $round: $mode"
+        rm -f "$DIR"/*.img "$DIR"/*.dlog
+        truncate -s 1G "$DIR/cost.img"
+        extra=()
+        [ "$mode" = log ] && extra=(--dirty-log "$DIR/cost.dlog")
+        rm -f "$DIR/blk.sock" "$DIR/ctl.sock" "$DIR/api" "$DIR/state"
+        "$BIN/vhost-user-blk-ft" --socket "$DIR/blk.sock" --image "$DIR/cost.img" --ft hold \
+            --control "$DIR/ctl.sock" "${extra[@]}" 2>"$DIR/cost.daemon.log" &
+        D=$!
+        PIDS+=("$D")
+        wait_for "$DIR/blk.sock"
+        "$BIN/ft-coordinator" --device "blk=$DIR/ctl.sock" --checkpointer sim:0 --unsafe-no-checkpoint \
+            --interval-ms 0 --min-interval-ms 0 --state-file "$DIR/state" --api "$DIR/api" 2>"$DIR/cost.coord.log" &
+        C=$!
+        PIDS+=("$C")
+        wait_for "$DIR/api"
+        "$BIN/ft-blk-bench" --socket "$DIR/blk.sock" --workloads randwrite4k-qd1,randwrite4k-qd32 \
+            --runtime 3 --warmup 0.5 --size 256M --json --label "$mode" >"$DIR/cost.$mode.$round.json"
+        kill "$C" "$D"; wait "$C" "$D" 2>/dev/null || true
+    done
+done
+rm -f "$DIR/cost.img"
+COST=$("$PY" - "$DIR" "$COST_ROUNDS" <<'PYEOF'
+import json, statistics, sys
+d, rounds = sys.argv[1], int(sys.argv[2])
+res = {}
+for m in ("nolog", "log"):
+    for r in range(1, rounds + 1):
+        for w in json.load(open(f"{d}/cost.{m}.{r}.json"))["results"]:
+            res.setdefault((m, w["name"]), []).append(w)
+med = statistics.median
+print("| workload | --dirty-log | IOPS | vs without | p50 ms | p99 ms |")
+print("|---|---|---|---|---|---|")
+for w in ("randwrite4k-qd1", "randwrite4k-qd32"):
+    base = med(x["iops"] for x in res[("nolog", w)])
+    for m in ("nolog", "log"):
+        iops = med(x["iops"] for x in res[(m, w)])
+        p50 = med(x["lat_us"]["p50"] for x in res[(m, w)]) / 1000
+        p99 = med(x["lat_us"]["p99"] for x in res[(m, w)]) / 1000
+        rel = "" if m == "nolog" else f"{iops / base:.2f}x"
+        print(f"| `{w}` | {'yes' if m == 'log' else 'no'} | {iops:.0f} | {rel} | {p50:.2f} | {p99:.2f} |")
+PYEOF
+)
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 
 HEADER="Generated $(date -u '+%Y-%m-%d %H:%M UTC') at commit $(git rev-parse --short HEAD) by \`scripts/bench-failback.sh --size-mib $SIZE_MIB --secs \"$SECS\" --a-mib $A_MIB\`.
@@ -153,7 +205,11 @@ HEADER="Generated $(date -u '+%Y-%m-%d %H:%M UTC') at commit $(git rev-parse --s
 
 TABLE="| image (4 KiB blocks) | N s of writes on B | blocks B wrote | A's dirty set (crash: its AL extents) | blocks copied by failback | failback resync | full sync | A = B after |
 |---|---|---|---|---|---|---|---|
-$(printf '%s\n' "${ROWS[@]}")"
+$(printf '%s\n' "${ROWS[@]}")
+
+The log's cost on the hot path (hold mode, event-driven cuts: every commit is on the critical path; 256 MiB region, so its 64 extents stay in the activity log; medians of $COST_ROUNDS interleaved rounds of 3 s):
+
+$COST"
 echo "$HEADER"; echo; echo "$TABLE"
 
 if [ "$WRITE_DOC" = 1 ]; then
