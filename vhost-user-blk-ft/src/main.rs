@@ -326,6 +326,7 @@ fn run(args: Args) -> std::io::Result<()> {
                 None => None,
             };
             let own_dirty = dirty.as_ref().map(DirtyLog::bitmap);
+            let lineage = dirty.as_ref().map_or(0, DirtyLog::lineage);
             let ctl = match dirty {
                 Some(d) => ctl.with_dirty_log(d),
                 None => ctl,
@@ -340,7 +341,7 @@ fn run(args: Args) -> std::io::Result<()> {
                     );
                     let dirty_resync = args.replica_resync == Some(ResyncMode::Dirty);
                     if dirty_resync {
-                        link.want_dirty_set();
+                        link.want_dirty_set(lineage);
                     }
                     let mut r = Replication::new(link);
                     if dirty_resync {

@@ -401,6 +401,13 @@ fn failback_copies_only_the_dirty_blocks_and_repairs_the_unacknowledged_epoch() 
         0,
         "B's log is clean once all is acknowledged"
     );
+    let lineage = |h: &Host| DirtyLog::open_existing(&h.log, IMG_SIZE).unwrap().lineage();
+    assert_ne!(lineage(&a), 0, "the resync's lineage was not recorded");
+    assert_eq!(
+        lineage(&a),
+        lineage(&b),
+        "both logs descend from the resync"
+    );
 }
 
 /// A dirty resync is refused with the reason when the replica has no log of its past, and
@@ -466,6 +473,27 @@ fn a_dirty_resync_without_logs_is_refused_with_the_reason() {
     let st = status(&mut gb.c).replica.expect("replica status");
     assert!(!st.in_sync);
     assert!(st.error.is_some_and(|e| e.contains("dirty")));
+    drop(gb);
+    drop(db);
+    drop(replica_a);
+
+    // A replica whose log descends from another sync (another lineage): refused too.
+    let c = host(0);
+    let mut log = DirtyLog::open(&c.log, IMG_SIZE, Default::default()).unwrap();
+    log.set_lineage(7).unwrap();
+    log.close().unwrap();
+    let replica_c = replica_on(&c, "store");
+    let to_c = replica_c.addr().to_string();
+    let db = daemon_on(&b, &["--replicate-to", &to_c, "--replica-resync", "dirty"]);
+    let mut gb = Guest::new(&db);
+    gb.write(0, 1, 1);
+    match gb.commit() {
+        Reply::CommitFailed { error, .. } => {
+            assert!(error.contains("lineage"), "{error}");
+            assert!(error.contains("--replica-resync full"), "{error}");
+        }
+        r => panic!("{r:?}"),
+    }
 }
 
 /// The re-protect chain: A primary -> takeover to B -> failback protects B with A's image ->

@@ -104,7 +104,7 @@ impl ReplicaImage {
                 // guest sees none of them complete before the acknowledgement.
                 Op::Flush => {}
                 // The server records these around the apply (see `server::apply`).
-                Op::SyncStart | Op::SyncDone => {}
+                Op::SyncStart | Op::SyncDone { .. } => {}
             }
         }
         out.apply = t0.elapsed();

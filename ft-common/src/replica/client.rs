@@ -113,6 +113,8 @@ pub struct ReplicaLink {
     body: Vec<u8>,
     /// Ask the replica for its dirty set at the next connection (until one arrived).
     want_dirty: bool,
+    /// The lineage of this side's dirty log: the replica's must be the same.
+    lineage: u64,
     dirty_set: Option<Vec<(u64, u64)>>,
 }
 
@@ -134,14 +136,17 @@ impl ReplicaLink {
             sent_at: None,
             body: Vec::new(),
             want_dirty: false,
+            lineage: 0,
             dirty_set: None,
         }
     }
 
     /// Asks the replica for its dirty set (failback, `--replica-resync dirty`) when connecting;
-    /// [`ReplicaLink::take_dirty_set`] hands it out once it arrived.
-    pub fn want_dirty_set(&mut self) {
+    /// [`ReplicaLink::take_dirty_set`] hands it out once it arrived. The replica's log must be
+    /// of `lineage` (this side's: both descend from the same sync), or the connection is refused.
+    pub fn want_dirty_set(&mut self, lineage: u64) {
         self.want_dirty = true;
+        self.lineage = lineage;
     }
 
     /// The replica's dirty runs (first block, blocks), once, after they arrived.
@@ -242,7 +247,7 @@ impl ReplicaLink {
             let max = protocol::max_dirty_body(self.image_size);
             protocol::read_body(&mut c, &h, max, &mut self.body)
                 .map_err(|e| format!("DIRTY: {e}"))?;
-            let runs = match h.kind {
+            let (lineage, runs) = match h.kind {
                 MsgType::Dirty => protocol::parse_dirty_set(&self.body, self.image_size)
                     .map_err(|e| format!("DIRTY: {e}"))?,
                 MsgType::Refused => {
@@ -250,6 +255,14 @@ impl ReplicaLink {
                 }
                 k => return Err(format!("expected DIRTY, got {k:?}")),
             };
+            if lineage != self.lineage {
+                return Err(format!(
+                    "refused: the replica's dirty log is of lineage {lineage:016x}, this side's \
+                     {:016x}: the images do not descend from the same sync, so the dirty sets \
+                     do not cover their differences (use --replica-resync full)",
+                    self.lineage
+                ));
+            }
             log::info!(
                 "replica {}: its dirty set: {} blocks in {} runs",
                 self.status.target,

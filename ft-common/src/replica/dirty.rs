@@ -33,8 +33,11 @@
 //! make the rest of the block equal. A daemon that does not replicate (the new primary after a
 //! takeover) marks without an epoch: its bits accumulate until a failback copies them.
 //!
+//! Lineage: both sides' logs record the number the primary drew when their last sync completed
+//! ([`DirtyLog::lineage`]); a failback refuses a peer log of another lineage.
+//!
 //! File layout (little-endian): a 4 KiB header (magic `FTDL`, version, block size, extent
-//! blocks, AL slots, image size, CRC-32C), two 4 KiB AL slots (sequence u64, count u32, CRC-32C
+//! blocks, AL slots, image size, lineage, CRC-32C), two 4 KiB AL slots (sequence u64, count u32, CRC-32C
 //! u32 of the rest, extents u32...), then the bitmap, one bit per 4 KiB block. The file is held
 //! under an exclusive `flock` so that two processes never track into one log.
 
@@ -53,7 +56,7 @@ pub const DEFAULT_EXTENT_BLOCKS: u32 = 1024;
 pub const DEFAULT_AL_SLOTS: u32 = 256;
 
 const MAGIC: [u8; 4] = *b"FTDL";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 const PAGE: u64 = 4096;
 const AL_OFF: [u64; 2] = [PAGE, 2 * PAGE];
 const BITMAP_OFF: u64 = 3 * PAGE;
@@ -119,6 +122,9 @@ pub struct DirtyLogStatus {
     pub fdatasyncs: u64,
     /// Commits that needed no I/O for the log.
     pub persist_free: u64,
+    /// See [`DirtyLog::lineage`].
+    #[serde(default)]
+    pub lineage: u64,
 }
 
 /// What the log cost so far.
@@ -139,6 +145,8 @@ pub struct DirtyLog {
     nblocks: u64,
     extent_blocks: u64,
     al_slots: usize,
+    /// The last sync this image took part in (see [`DirtyLog::lineage`]).
+    lineage: u64,
     bits: Vec<u64>,
     /// The on-disk AL (as last synced), and membership per extent.
     al: Vec<u32>,
@@ -167,7 +175,7 @@ fn io_err(path: &Path) -> impl Fn(io::Error) -> DirtyLogError + '_ {
     }
 }
 
-fn header_bytes(image_size: u64, g: Geometry) -> [u8; PAGE as usize] {
+fn header_bytes(image_size: u64, g: Geometry, lineage: u64) -> [u8; PAGE as usize] {
     let mut h = [0u8; PAGE as usize];
     h[..4].copy_from_slice(&MAGIC);
     h[4..8].copy_from_slice(&VERSION.to_le_bytes());
@@ -175,8 +183,9 @@ fn header_bytes(image_size: u64, g: Geometry) -> [u8; PAGE as usize] {
     h[12..16].copy_from_slice(&g.extent_blocks.to_le_bytes());
     h[16..20].copy_from_slice(&g.al_slots.to_le_bytes());
     h[24..32].copy_from_slice(&image_size.to_le_bytes());
-    let crc = crc32c::crc32c(&h[..32]);
-    h[32..36].copy_from_slice(&crc.to_le_bytes());
+    h[32..40].copy_from_slice(&lineage.to_le_bytes());
+    let crc = crc32c::crc32c(&h[..40]);
+    h[40..44].copy_from_slice(&crc.to_le_bytes());
     h
 }
 
@@ -222,7 +231,7 @@ impl DirtyLog {
         let nblocks = image_size.div_ceil(BLOCK_SIZE);
         let len = file.metadata().map_err(&e)?.len();
         let fresh = len == 0;
-        let g = if fresh {
+        let (g, lineage) = if fresh {
             let g = Geometry {
                 extent_blocks: geometry.extent_blocks.max(1),
                 al_slots: geometry.al_slots.clamp(1, MAX_AL_SLOTS),
@@ -230,13 +239,13 @@ impl DirtyLog {
             // Bitmap and AL slots are zero (empty); the header goes last and is synced.
             file.set_len(BITMAP_OFF + nblocks.div_ceil(64) * 8)
                 .map_err(&e)?;
-            file.write_all_at(&header_bytes(image_size, g), 0)
+            file.write_all_at(&header_bytes(image_size, g, 0), 0)
                 .map_err(&e)?;
             file.sync_all().map_err(&e)?;
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 File::open(dir).and_then(|d| d.sync_all()).map_err(&e)?;
             }
-            g
+            (g, 0)
         } else {
             let mut h = [0u8; PAGE as usize];
             file.read_exact_at(&mut h, 0)
@@ -251,7 +260,7 @@ impl DirtyLog {
             if h[..4] != MAGIC {
                 return Err(bad("magic"));
             }
-            if u32_at(&h, 32) != crc32c::crc32c(&h[..32]) {
+            if u32_at(&h, 40) != crc32c::crc32c(&h[..40]) {
                 return Err(bad("header CRC"));
             }
             if u32_at(&h, 4) != VERSION {
@@ -278,7 +287,7 @@ impl DirtyLog {
             if len < BITMAP_OFF + nblocks.div_ceil(64) * 8 {
                 return Err(bad("short bitmap"));
             }
-            g
+            (g, u64_at(&h, 32))
         };
         let extent_blocks = u64::from(g.extent_blocks);
         let nextents = nblocks.div_ceil(extent_blocks) as usize;
@@ -290,6 +299,7 @@ impl DirtyLog {
             nblocks,
             extent_blocks,
             al_slots: g.al_slots as usize,
+            lineage,
             bits: vec![0; nblocks.div_ceil(64) as usize],
             al: Vec::new(),
             in_al: vec![false; nextents],
@@ -404,6 +414,30 @@ impl DirtyLog {
         self.stats
     }
 
+    /// The lineage: a number drawn by the primary when a sync (full or dirty resync) completes
+    /// and recorded in both sides' logs (0 for a new log). Two logs count against each other only
+    /// if their lineages agree: otherwise the images do not descend from the same synced state
+    /// and their dirty sets say nothing about each other (DRBD's generation identifiers, reduced
+    /// to the one check a failback needs).
+    pub fn lineage(&self) -> u64 {
+        self.lineage
+    }
+
+    /// Records a new lineage durably (header written and synced).
+    pub fn set_lineage(&mut self, lineage: u64) -> Result<(), DirtyLogError> {
+        let g = Geometry {
+            extent_blocks: self.extent_blocks as u32,
+            al_slots: self.al_slots as u32,
+        };
+        let e = io_err(&self.path);
+        self.file
+            .write_all_at(&header_bytes(self.image_size, g, lineage), 0)
+            .map_err(&e)?;
+        fdatasync(&self.file).map_err(&e)?;
+        self.lineage = lineage;
+        Ok(())
+    }
+
     pub fn status(&self) -> DirtyLogStatus {
         DirtyLogStatus {
             path: self.path.display().to_string(),
@@ -414,6 +448,7 @@ impl DirtyLog {
             al_writes: self.stats.al_writes,
             fdatasyncs: self.stats.fdatasyncs,
             persist_free: self.stats.persist_free,
+            lineage: self.lineage,
         }
     }
 
@@ -853,6 +888,19 @@ mod tests {
         std::fs::write(&p, b"garbage").unwrap();
         let e = DirtyLog::open(&p, 4 * MIB, SMALL).err().unwrap();
         assert!(matches!(e, DirtyLogError::BadHeader { .. }), "{e}");
+    }
+
+    #[test]
+    fn the_lineage_survives_a_reopen() {
+        let (_d, p) = tmp();
+        let mut l = DirtyLog::open(&p, 4 * MIB, SMALL).unwrap();
+        assert_eq!(l.lineage(), 0);
+        l.mark(None, 0, 4096);
+        l.persist().unwrap();
+        l.set_lineage(0xfeed).unwrap();
+        l.abandon();
+        let l = DirtyLog::open(&p, 4 * MIB, SMALL).unwrap();
+        assert_eq!((l.lineage(), l.dirty_blocks()), (0xfeed, 16));
     }
 
     #[test]

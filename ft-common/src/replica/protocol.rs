@@ -13,7 +13,7 @@
 //! | `EPOCH` | primary | session u64, epoch u64, op count u32, 0 u32, then the ops |
 //! | `ACK` | replica | epoch u64, duplicate u8 (1: already applied, not applied again) |
 //! | `REFUSED` | replica | the reason, UTF-8; the replica closes the connection after it |
-//! | `DIRTY` | replica | block size u64, image size u64, run count u64, runs (first block u64, blocks u64) |
+//! | `DIRTY` | replica | block size u64, image size u64, lineage u64, run count u64, runs (first block u64, blocks u64) |
 //!
 //! `DIRTY` follows `WELCOME` when the `HELLO` asked for it (a failback with `--replica-resync
 //! dirty`): the blocks of the replica's image that its own dirty log says may differ from the
@@ -23,7 +23,8 @@
 //! a session (a restarted daemon starts a new one and numbers its epochs again).
 //!
 //! An op is a 24-byte head (kind u8: 1 WRITE, 2 DISCARD, 3 WRITE_ZEROES, 4 WRITE_ZEROES with
-//! unmap, 5 FLUSH, 6 SYNC_START, 7 SYNC_DONE; 7 bytes 0; offset u64; length u64), followed by
+//! unmap, 5 FLUSH, 6 SYNC_START, 7 SYNC_DONE (its offset: the new lineage); 7 bytes 0; offset u64;
+//! length u64), followed by
 //! `length` data bytes for WRITE only. SYNC_START and SYNC_DONE bracket an initial sync: the
 //! replica's image is not a usable copy between them. Ops are in guest order (the order the commit takes them).
 //!
@@ -185,14 +186,16 @@ pub fn parse_hello(b: &[u8]) -> Result<(u64, u64, u64), ProtoError> {
 
 /// The largest `DIRTY` body for an image of `image_size` bytes (every other block dirty).
 pub fn max_dirty_body(image_size: u64) -> u64 {
-    24 + 16 * (image_size.div_ceil(super::dirty::BLOCK_SIZE) / 2 + 1)
+    32 + 16 * (image_size.div_ceil(super::dirty::BLOCK_SIZE) / 2 + 1)
 }
 
-/// `DIRTY` body: the dirty runs (first block, blocks) of an image of `image_size` bytes.
-pub fn dirty_set(image_size: u64, runs: &[(u64, u64)]) -> Vec<u8> {
-    let mut b = Vec::with_capacity(24 + runs.len() * 16);
+/// `DIRTY` body: the dirty runs (first block, blocks) of an image of `image_size` bytes whose log
+/// has `lineage` ([`super::dirty::DirtyLog::lineage`]).
+pub fn dirty_set(image_size: u64, lineage: u64, runs: &[(u64, u64)]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(32 + runs.len() * 16);
     b.extend_from_slice(&super::dirty::BLOCK_SIZE.to_le_bytes());
     b.extend_from_slice(&image_size.to_le_bytes());
+    b.extend_from_slice(&lineage.to_le_bytes());
     b.extend_from_slice(&(runs.len() as u64).to_le_bytes());
     for (s, n) in runs {
         b.extend_from_slice(&s.to_le_bytes());
@@ -201,9 +204,9 @@ pub fn dirty_set(image_size: u64, runs: &[(u64, u64)]) -> Vec<u8> {
     b
 }
 
-/// Parses a `DIRTY` body for an image of `image_size` bytes: its runs, each checked to lie in
-/// the image.
-pub fn parse_dirty_set(b: &[u8], image_size: u64) -> Result<Vec<(u64, u64)>, ProtoError> {
+/// Parses a `DIRTY` body for an image of `image_size` bytes: its lineage and its runs, each
+/// checked to lie in the image.
+pub fn parse_dirty_set(b: &[u8], image_size: u64) -> Result<(u64, Vec<(u64, u64)>), ProtoError> {
     let bs = u64_at(b, 0)?;
     if bs != super::dirty::BLOCK_SIZE {
         return Err(ProtoError::Malformed("DIRTY block size"));
@@ -211,14 +214,15 @@ pub fn parse_dirty_set(b: &[u8], image_size: u64) -> Result<Vec<(u64, u64)>, Pro
     if u64_at(b, 8)? != image_size {
         return Err(ProtoError::Malformed("DIRTY for another image size"));
     }
-    let n = u64_at(b, 16)?;
-    if b.len() as u64 != 24 + n.saturating_mul(16) {
+    let lineage = u64_at(b, 16)?;
+    let n = u64_at(b, 24)?;
+    if b.len() as u64 != 32 + n.saturating_mul(16) {
         return Err(ProtoError::Malformed("DIRTY length"));
     }
     let nblocks = image_size.div_ceil(bs);
-    (0..n as usize)
+    let runs = (0..n as usize)
         .map(|i| {
-            let (s, len) = (u64_at(b, 24 + i * 16)?, u64_at(b, 32 + i * 16)?);
+            let (s, len) = (u64_at(b, 32 + i * 16)?, u64_at(b, 40 + i * 16)?);
             if s.checked_add(len).is_none_or(|e| e > nblocks) {
                 return Err(ProtoError::OutOfRange {
                     index: i as u32,
@@ -229,7 +233,8 @@ pub fn parse_dirty_set(b: &[u8], image_size: u64) -> Result<Vec<(u64, u64)>, Pro
             }
             Ok((s, len))
         })
-        .collect()
+        .collect::<Result<_, _>>()?;
+    Ok((lineage, runs))
 }
 
 /// `WELCOME` body.
@@ -278,8 +283,11 @@ pub enum Op<'a> {
     Flush,
     /// An initial sync starts: the image is not a copy of the primary's until SYNC_DONE.
     SyncStart,
-    /// The initial sync's last chunk is in this epoch: once applied, the image is a copy.
-    SyncDone,
+    /// The initial sync's last chunk is in this epoch: once applied, the image is a copy. The
+    /// lineage both sides' dirty logs record from then on.
+    SyncDone {
+        lineage: u64,
+    },
 }
 
 const OP_WRITE: u8 = 1;
@@ -378,8 +386,9 @@ impl EpochFrame {
         self.op_head(OP_SYNC_START, 0, 0);
     }
 
-    pub fn sync_done(&mut self) {
-        self.op_head(OP_SYNC_DONE, 0, 0);
+    /// The end of a sync; `lineage` goes into both sides' dirty logs.
+    pub fn sync_done(&mut self, lineage: u64) {
+        self.op_head(OP_SYNC_DONE, lineage, 0);
     }
 
     /// Fills in the headers; the frame is then ready to send ([`EpochFrame::bytes`]).
@@ -456,7 +465,7 @@ impl<'a> EpochView<'a> {
             let (offset, len) = match op {
                 Op::Write { offset, data } => (offset, data.len() as u64),
                 Op::Discard { offset, len } | Op::WriteZeroes { offset, len, .. } => (offset, len),
-                Op::Flush | Op::SyncStart | Op::SyncDone => continue,
+                Op::Flush | Op::SyncStart | Op::SyncDone { .. } => continue,
             };
             if offset.checked_add(len).is_none_or(|end| end > size) {
                 return Err(ProtoError::OutOfRange {
@@ -512,7 +521,7 @@ impl<'a> Iterator for OpIter<'a> {
             },
             OP_FLUSH => Op::Flush,
             OP_SYNC_START => Op::SyncStart,
-            OP_SYNC_DONE => Op::SyncDone,
+            OP_SYNC_DONE => Op::SyncDone { lineage: offset },
             _ => {
                 self.left = 0;
                 return Some(Err(ProtoError::Malformed("unknown op kind")));
@@ -632,11 +641,11 @@ mod tests {
         assert_eq!(parse_hello(&hello(2, 99, 1)[..16]).unwrap(), (2, 99, 0));
         let runs = [(0, 3), (10, 1)];
         assert_eq!(
-            parse_dirty_set(&dirty_set(1 << 20, &runs), 1 << 20).unwrap(),
-            runs.to_vec()
+            parse_dirty_set(&dirty_set(1 << 20, 9, &runs), 1 << 20).unwrap(),
+            (9, runs.to_vec())
         );
-        assert!(parse_dirty_set(&dirty_set(1 << 20, &[(255, 2)]), 1 << 20).is_err());
-        assert!(parse_dirty_set(&dirty_set(1 << 20, &runs), 2 << 20).is_err());
+        assert!(parse_dirty_set(&dirty_set(1 << 20, 0, &[(255, 2)]), 1 << 20).is_err());
+        assert!(parse_dirty_set(&dirty_set(1 << 20, 0, &runs), 2 << 20).is_err());
         assert_eq!(parse_welcome(&welcome(5, None)).unwrap(), (5, None));
         assert_eq!(
             parse_welcome(&welcome(5, Some(Epoch(4)))).unwrap(),

@@ -183,6 +183,7 @@ struct Shared {
 struct DirtySource {
     path: PathBuf,
     runs: Vec<(u64, u64)>,
+    lineage: u64,
     /// Whether the log existed at start (only then is its set sent), or was reset by a resync.
     valid: bool,
 }
@@ -220,10 +221,12 @@ impl ReplicaServer {
                     log.image_blocks()
                 );
                 let runs = log.runs();
+                let lineage = log.lineage();
                 log.close().map_err(io::Error::other)?;
                 Some(DirtySource {
                     path: p.clone(),
                     runs,
+                    lineage,
                     valid: existed,
                 })
             }
@@ -396,7 +399,7 @@ fn serve(shared: &Shared, conn: &mut Conn) -> Result<(), ProtoError> {
     }
     let dirty_set = if flags & protocol::HELLO_WANT_DIRTY != 0 {
         match &*lock(&shared.dirty) {
-            Some(d) if d.valid => Some(d.runs.clone()),
+            Some(d) if d.valid => Some((d.lineage, d.runs.clone())),
             Some(d) => {
                 let why = format!(
                     "a dirty resync needs this host's dirty log, and {} did not exist when the \
@@ -423,10 +426,14 @@ fn serve(shared: &Shared, conn: &mut Conn) -> Result<(), ProtoError> {
         None
     };
     protocol::write_frame(conn, MsgType::Welcome, &protocol::welcome(my_size, last))?;
-    if let Some(runs) = dirty_set {
+    if let Some((lineage, runs)) = dirty_set {
         let blocks: u64 = runs.iter().map(|r| r.1).sum();
-        log::info!("replica: sending this image's dirty set ({blocks} blocks) for a failback");
-        protocol::write_frame(conn, MsgType::Dirty, &protocol::dirty_set(my_size, &runs))?;
+        log::info!(
+            "replica: sending this image's dirty set ({blocks} blocks, lineage {lineage:016x}) \
+             for a failback"
+        );
+        let body = protocol::dirty_set(my_size, lineage, &runs);
+        protocol::write_frame(conn, MsgType::Dirty, &body)?;
     }
     log::info!("replica: primary (session {session:016x}) connected");
     loop {
@@ -498,8 +505,12 @@ fn apply(shared: &Shared, view: &EpochView<'_>) -> Result<bool, String> {
             ));
         }
     }
-    let (sync_start, sync_done) = view.ops().flatten().fold((false, false), |(s, d), op| {
-        (s || op == Op::SyncStart, d || op == Op::SyncDone)
+    let (sync_start, sync_done) = view.ops().flatten().fold((false, None), |(s, d), op| {
+        let done = match op {
+            Op::SyncDone { lineage } => Some(lineage),
+            _ => d,
+        };
+        (s || op == Op::SyncStart, done)
     });
     // Durably out of sync before the first byte of an initial sync lands.
     if sync_start {
@@ -514,15 +525,17 @@ fn apply(shared: &Shared, view: &EpochView<'_>) -> Result<bool, String> {
     // In sync only once the last chunk is applied and synced; this image's own dirty blocks are
     // then all overwritten, so its log is emptied first (a crash in between: empty log, not in
     // sync, and the next resync copies the primary's dirty set again).
-    if sync_done {
+    if let Some(lineage) = sync_done {
         if let Some(d) = &mut *lock(&shared.dirty) {
             DirtyLog::open(&d.path, img.size(), Default::default())
                 .and_then(|mut log| {
                     log.reset()?;
+                    log.set_lineage(lineage)?;
                     log.close()
                 })
                 .map_err(|e| format!("epoch {}: {e}", view.epoch))?;
             d.runs.clear();
+            d.lineage = lineage;
             d.valid = true;
         }
         set_in_sync(shared, true)?;

@@ -97,6 +97,21 @@ struct InitialSync {
     took: Option<std::time::Duration>,
     zero_chunks: u64,
     buf: Vec<u8>,
+    /// Drawn with SYNC_DONE: both sides' dirty logs record it ([`DirtyLog::lineage`]).
+    lineage: u64,
+}
+
+/// A lineage no other sync is likely to draw (never 0, a new log's).
+fn new_lineage() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    h.finish().max(1)
 }
 
 /// The bytes blocks `[b, b+n)` cover in an image of `size` bytes.
@@ -148,6 +163,7 @@ impl Replication {
             took: None,
             zero_chunks: 0,
             buf: Vec::new(),
+            lineage: 0,
         }
     }
 
@@ -418,8 +434,10 @@ impl InitialSync {
         if let Some(l) = log {
             // Full: everything is equal now. Dirty: the copied blocks were cleared as their
             // frames were acknowledged; write the exact set down.
+            // Both sides' logs now descend from this sync (the replica recorded the lineage
+            // before its acknowledgement).
             let r = if full { l.reset() } else { l.flush() };
-            if let Err(e) = r {
+            if let Err(e) = r.and_then(|()| l.set_lineage(self.lineage)) {
                 log::error!("replica: after the resync: {e}");
             }
         }
@@ -501,7 +519,8 @@ impl InitialSync {
             }
         };
         if last {
-            frame.sync_done();
+            self.lineage = new_lineage();
+            frame.sync_done(self.lineage);
             self.done_in_frame = true;
         }
     }
