@@ -782,15 +782,31 @@ fn control_means_hold_and_ft_off_with_control_is_refused() {
 /// SIGTERM while a long commit runs (hundreds of overlapping 1 MiB O_DIRECT writes, one wave
 /// each): the commit is cancelled (later waves never submitted, in-flight ones get
 /// ASYNC_CANCEL), reported as failed, nothing is synced, and the daemon exits cleanly.
+///
+/// strace delays every `io_uring_enter` by 20 ms, so the 250 waves take at least 5 s whatever
+/// the disk and the host's load: SIGTERM always lands mid-commit (with a fast disk and a test
+/// thread descheduled past its sleep, an undelayed commit could finish first).
 #[test]
 fn shutdown_cancels_a_running_commit() {
-    let mut d = start(&[
-        "--direct",
-        "--queue-size",
-        "1024",
-        "--max-held-bytes",
-        "1073741824",
-    ]);
+    if !have_tool("strace") {
+        return;
+    }
+    let (dir, img) = new_image();
+    let wrap = [
+        "strace",
+        "-f",
+        "-qq",
+        "-o",
+        "/dev/null",
+        "-e",
+        "trace=io_uring_enter",
+        "-e",
+        "inject=io_uring_enter:delay_exit=20000",
+    ];
+    let mut d = spawn_wrapped(&wrap, dir, img, true, T, |c| {
+        c.args(["--ft", "hold", "--direct", "--queue-size", "1024"])
+            .args(["--max-held-bytes", "1073741824"]);
+    });
     let mut c = d.control();
     let mut f = TestFrontend::connect(&d.sock, 1, T);
     f.handshake();
@@ -832,9 +848,11 @@ fn shutdown_cancels_a_running_commit() {
         deadline: None,
     })
     .expect("send commit");
-    std::thread::sleep(Duration::from_millis(50));
+    std::thread::sleep(Duration::from_millis(200));
+    // The daemon, not strace (which would detach and leave it running); strace exits with
+    // the daemon's exit code.
+    unsafe { libc::kill(d.wrapped_pid.expect("daemon under strace"), libc::SIGTERM) };
     let child = d.child.as_mut().unwrap();
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let deadline = Instant::now() + T;
     let code = loop {
         if let Some(st) = child.try_wait().unwrap() {
