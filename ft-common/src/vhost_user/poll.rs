@@ -36,10 +36,10 @@
 //!   (`/proc/uptime`, all CPUs) plus this thread's own run time (what it spins would be idle
 //!   if it slept), per wall time.
 //!
-//! Pressure alone is the wrong answer on a small host: a wakeup the scheduler puts on the
-//! waker's CPU waits until the waker sleeps, and the frontend and this worker wake each other
-//! for every request at queue depth 1, so the two of them alone keep an idle 2-CPU host at
-//! 9-10% `some` while the other CPU is idle (measured: docs/benchmarks.md). Waiting while CPUs
+//! Pressure alone is the wrong answer on a small host: the frontend and this worker wake each
+//! other for every request at queue depth 1, and the two of them alone kept an otherwise quiet
+//! 2-CPU host at 9-10% `some` with polling off (docs/benchmarks.md, round 3), most likely
+//! wakeups placed on a CPU that was still busy while the other stood idle. Waiting while CPUs
 //! stand idle is placement, not a shortage; waiting with no idle CPU is a shortage, whoever
 //! waits. Both are seen whether or not this thread polls, so on a saturated host polling stays
 //! off instead of being retried (and costing) after every pause.
