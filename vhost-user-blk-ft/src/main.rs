@@ -78,13 +78,14 @@ struct Args {
     #[arg(long, default_value = "vhost-user-blk-ft")]
     serial: String,
     /// Longest busy-polling window of a queue thread, in ns (adaptive, as QEMU's IOThread
-    /// poll-max-ns; 32768 is QEMU's default there): after a batch the thread spins on its ring
+    /// poll-max-ns, whose 32768 is too short for a QD1 round trip here: docs/benchmarks.md,
+    /// round 5): after a batch the thread spins on its ring
     /// and io_uring instead of sleeping, so the next request costs no wakeup. The window grows
     /// while polling finds requests in time and drops to 0 when they come further apart, and
     /// polling pauses while the host has no idle CPU (tasks wait for a CPU while none stands
     /// idle, or the thread itself waits; see docs/benchmarks.md), so the default needs no
     /// tuning. 0 disables polling.
-    #[arg(long, default_value_t = 32_768, value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
     poll_max_ns: u64,
     /// Keep polling even while the host has no idle CPU (for CPUs reserved for the daemon).
     #[arg(long)]
