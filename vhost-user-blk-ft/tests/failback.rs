@@ -20,7 +20,6 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ft_common::control::{ControlClient, DeviceStatus, Reply, Request};
-use ft_common::epoch::{Epoch, Generation};
 use ft_common::replica::dirty::DirtyLog;
 use ft_common::replica::{ReplicaConfig, ReplicaServer};
 use ft_common::standby::StandbyAddr;
@@ -29,10 +28,9 @@ use ft_tests::proxy::FaultyProxy;
 use virtio_bindings::virtio_blk::*;
 
 mod common;
-use common::{blk_req_on, spawn, Daemon, IMG_SIZE};
+use common::{blk_req_on, call, seal_commit, session, spawn, Daemon, IMG_SIZE};
 
 const T: Duration = Duration::from_secs(10);
-const G: Generation = Generation(1);
 const BLOCK: u64 = 4096;
 /// A's dirty log: 64 KiB activity-log extents (16 blocks), so that the crash's extra copying is
 /// small and countable.
@@ -105,41 +103,6 @@ fn stop(mut d: Daemon) {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let st = child.wait().expect("wait");
     assert!(st.success(), "daemon exit: {st}");
-}
-
-fn session(d: &Daemon) -> TestFrontend {
-    let mut f = TestFrontend::connect(&d.sock, 1, T);
-    f.handshake();
-    f.set_mem_table();
-    f.init_queue(0, 256);
-    f.setup_vring(0, 0);
-    vhost::vhost_user::VhostUserFrontend::set_vring_enable(&mut f.fe, 0, true).expect("enable");
-    f
-}
-
-fn call(c: &mut ControlClient, r: Request) -> Reply {
-    c.call(&r).expect("control call")
-}
-
-fn seal_commit(c: &mut ControlClient, e: u64) -> Reply {
-    match call(
-        c,
-        Request::Seal {
-            generation: G,
-            epoch: Epoch(e),
-        },
-    ) {
-        Reply::Sealed { .. } => {}
-        r => panic!("seal {e}: {r:?}"),
-    }
-    call(
-        c,
-        Request::Commit {
-            generation: G,
-            epoch: Epoch(e),
-            deadline: None,
-        },
-    )
 }
 
 fn status(c: &mut ControlClient) -> DeviceStatus {

@@ -22,7 +22,7 @@ use ft_tests::proxy::FaultyProxy;
 use virtio_bindings::virtio_blk::*;
 
 mod common;
-use common::{blk_req_on, new_image, spawn, Daemon, IMG_SIZE};
+use common::{blk_req_on, call, new_image, seal_commit, session, spawn, Daemon, IMG_SIZE};
 
 const T: Duration = Duration::from_secs(10);
 const QUIET: Duration = Duration::from_millis(300);
@@ -78,41 +78,6 @@ fn rig_with(extra: &[&str]) -> Rig {
         store,
         _replica_dir: replica_dir,
     }
-}
-
-fn session(d: &Daemon) -> TestFrontend {
-    let mut f = TestFrontend::connect(&d.sock, 1, T);
-    f.handshake();
-    f.set_mem_table();
-    f.init_queue(0, 256);
-    f.setup_vring(0, 0);
-    vhost::vhost_user::VhostUserFrontend::set_vring_enable(&mut f.fe, 0, true).expect("enable");
-    f
-}
-
-fn call(c: &mut ControlClient, r: Request) -> Reply {
-    c.call(&r).expect("control call")
-}
-
-fn seal_commit(c: &mut ControlClient, e: u64) -> Reply {
-    match call(
-        c,
-        Request::Seal {
-            generation: G,
-            epoch: Epoch(e),
-        },
-    ) {
-        Reply::Sealed { .. } => {}
-        r => panic!("seal {e}: {r:?}"),
-    }
-    call(
-        c,
-        Request::Commit {
-            generation: G,
-            epoch: Epoch(e),
-            deadline: None,
-        },
-    )
 }
 
 fn commit(c: &mut ControlClient, e: u64) -> Reply {

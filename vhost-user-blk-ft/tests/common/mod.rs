@@ -1,9 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! Setup shared by the daemon-binary tests (`hold.rs`, `protocol.rs`): a temporary directory
+//! Setup shared by the daemon-binary tests (`hold.rs`, `protocol.rs`, `replica.rs`,
+//! `failback.rs`, ...): a temporary directory
 //! with a zeroed image, the `vhost-user-blk-ft` binary spawned on it and waited for until its
 //! sockets exist, killed when the [`Daemon`] drops; reads of the image file behind its back and
 //! the kernel's own count of fdatasyncs on it; virtio-blk chains built by hand for the raw test
-//! frontend.
+//! frontend; a queue-0 session and SEAL+COMMIT for the replication tests.
 
 #![allow(dead_code)]
 
@@ -13,6 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use ft_common::control::{ControlClient, Reply, Request};
+use ft_common::epoch::{Epoch, Generation};
 use ft_tests::frontend::{Buf, TestFrontend};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
 
@@ -300,4 +303,42 @@ pub fn blk_req_on(
         writable: true,
     });
     (f.add_chain(q, &bufs), status)
+}
+
+/// A raw frontend on `d` with queue 0 (256 entries) set up and enabled.
+pub fn session(d: &Daemon) -> TestFrontend {
+    let mut f = TestFrontend::connect(&d.sock, 1, Duration::from_secs(10));
+    f.handshake();
+    f.set_mem_table();
+    f.init_queue(0, 256);
+    f.setup_vring(0, 0);
+    vhost::vhost_user::VhostUserFrontend::set_vring_enable(&mut f.fe, 0, true).expect("enable");
+    f
+}
+
+pub fn call(c: &mut ControlClient, r: Request) -> Reply {
+    c.call(&r).expect("control call")
+}
+
+/// SEAL epoch `e` (must answer SEALED), then COMMIT it under generation 1; the COMMIT's reply.
+pub fn seal_commit(c: &mut ControlClient, e: u64) -> Reply {
+    const G: Generation = Generation(1);
+    match call(
+        c,
+        Request::Seal {
+            generation: G,
+            epoch: Epoch(e),
+        },
+    ) {
+        Reply::Sealed { .. } => {}
+        r => panic!("seal {e}: {r:?}"),
+    }
+    call(
+        c,
+        Request::Commit {
+            generation: G,
+            epoch: Epoch(e),
+            deadline: None,
+        },
+    )
 }
