@@ -24,6 +24,8 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 # shellcheck source=lib/doc-section.sh
 source "$ROOT/scripts/lib/doc-section.sh"
+# shellcheck source=lib/blk-bench.sh
+source "$ROOT/scripts/lib/blk-bench.sh"
 
 SIZE_MIB=1024
 SECS="2 10"
@@ -43,22 +45,8 @@ while [ $# -gt 0 ]; do
     esac
 done
 
-log() { echo "bench-failback: $*" >&2; }
-PY=$(command -v python3) || { log "python3 is needed"; exit 1; }
+blk_bench_setup bench-failback fb
 
-cargo build -q --release -p vhost-user-blk-ft -p ft-common -p ft-tests --bins
-BIN=$ROOT/target/release
-
-DIR=$(mktemp -d "${BENCH_DIR:-/var/tmp}/ft-bench-fb.XXXXXX")
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$DIR"
-}
-trap cleanup EXIT
-
-wait_for() { for _ in $(seq 400); do [ -S "$1" ] && return 0; sleep 0.05; done; log "no socket $1"; return 1; }
 now() { date +%s.%N; }
 # wait_line FILE PATTERN: until PATTERN appears in FILE (600 s at most).
 wait_line() { for _ in $(seq 6000); do grep -q "$2" "$1" && return 0; sleep 0.1; done; log "never: $2 in $1"; return 1; }

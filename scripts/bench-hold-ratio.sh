@@ -33,25 +33,14 @@ while [ $# -gt 0 ]; do
         *) echo "bench-hold-ratio: unknown argument $1" >&2; exit 2 ;;
     esac
 done
-log() { echo "bench-hold-ratio: $*" >&2; }
-PY=$(command -v python3) || { log "python3 is needed"; exit 1; }
-cargo build -q --release -p vhost-user-blk-ft -p ft-common -p ft-tests --bins
-BIN=$ROOT/target/release
-
-DIR=$(mktemp -d "${BENCH_DIR:-/var/tmp}/ft-bench-hold.XXXXXX")
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$DIR"
-}
-trap cleanup EXIT
+# shellcheck source=lib/blk-bench.sh
+source "$ROOT/scripts/lib/blk-bench.sh"
+blk_bench_setup bench-hold-ratio hold
 # A fresh sparse image (every write of a run allocates its block, as in the other benchmarks).
 fresh_image() {
     truncate -s 0 "$DIR/img" && truncate -s 1G "$DIR/img"
     sync "$DIR/img"
 }
-wait_for() { for _ in $(seq 200); do [ -S "$1" ] && return 0; sleep 0.05; done; log "no socket $1"; return 1; }
 
 # run MODE ROUND: MODE is off, hold (this build) or base (BASE_BIN's hold)
 run() {

@@ -19,6 +19,8 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 # shellcheck source=lib/doc-section.sh
 source "$ROOT/scripts/lib/doc-section.sh"
+# shellcheck source=lib/blk-bench.sh
+source "$ROOT/scripts/lib/blk-bench.sh"
 
 ROUNDS=3
 RUNTIME=3
@@ -40,22 +42,8 @@ while [ $# -gt 0 ]; do
     esac
 done
 
-log() { echo "bench-replica: $*" >&2; }
-PY=$(command -v python3) || { log "python3 is needed"; exit 1; }
+blk_bench_setup bench-replica replica
 
-cargo build -q --release -p vhost-user-blk-ft -p ft-common -p ft-tests --bins
-BIN=$ROOT/target/release
-
-DIR=$(mktemp -d "${BENCH_DIR:-/var/tmp}/ft-bench-replica.XXXXXX")
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$DIR"
-}
-trap cleanup EXIT
-
-wait_for() { for _ in $(seq 200); do [ -S "$1" ] && return 0; sleep 0.05; done; log "no socket $1"; return 1; }
 
 # run MODE ROUND: daemon, coordinator (and replica), one bench run; results in $DIR/MODE.ROUND.*
 run() {
