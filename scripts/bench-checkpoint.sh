@@ -58,33 +58,9 @@ BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
 
 rm -rf "$WORK"
 mkdir -p "$WORK"
-NS=ftbc$$
-ip netns add "$NS"
-PIDS=()
-cleanup_config() {
-    local p
-    for p in "${PIDS[@]}"; do
-        kill "$p" 2>/dev/null || true
-        wait "$p" 2>/dev/null || true
-    done
-    PIDS=()
-}
-cleanup() {
-    cleanup_config
-    ip netns del "$NS" 2>/dev/null || true
-}
-trap cleanup EXIT
-NSX=(ip netns exec "$NS")
-"${NSX[@]}" ip link set lo up
-
-wait_for() { # PATH SECONDS
-    local n=0
-    until [ -e "$1" ]; do
-        n=$((n + 1))
-        [ "$n" -le $(($2 * 50)) ] || { log "$1 did not appear"; return 1; }
-        sleep 0.02
-    done
-}
+# shellcheck source=lib/guest-netns.sh
+source "$ROOT/scripts/lib/guest-netns.sh"
+netns_setup ftbc
 
 # run_config NAME: one guest run; leaves $WORK/NAME/{serial.log,status.json,...}.
 run_config() {

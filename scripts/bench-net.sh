@@ -13,7 +13,9 @@
 # configurations on the same guest, not raw backend speed.
 #
 # Usage: scripts/bench-net.sh [--iperf-secs 5] [--pings 50] [--ping-interval 0.1] [--rounds 3]
-#                             [--configs "off hold-1 hold-5 hold-25 qemu"] [--no-doc]
+#                             [--configs "off hold-1 hold-5 hold-25 qemu"] [--qemu10] [--no-doc]
+#        --qemu10: Debian 13's QEMU 10 (scripts/qemu10.sh) instead of the host's 7.2, with MSI-X
+#        (7.2 needs INTx, see below); a guest that ends without PASS is a stall to look at.
 #        scripts/bench-net.sh --pps [ARGS]   VM-less 64 B packet rate with DPDK testpmd as the
 #                                            frontend (scripts/bench-net-pps.sh, ARGS are its own)
 # Rounds run the configurations interleaved (round 1: all configs, round 2: all, ...), so a
@@ -33,6 +35,7 @@ PING_INTERVAL=0.1
 CONFIGS="off hold-1 hold-5 hold-25 qemu"
 ROUNDS=3
 WRITE_DOC=1
+QEMU10=0
 WORK=${FT_BENCH_DIR:-/tmp/ft-bench-net}
 HOST_IP=10.77.0.1
 GUEST_IP=10.77.0.2/24
@@ -46,13 +49,20 @@ while [ $# -gt 0 ]; do
         --ping-interval) PING_INTERVAL=$2; shift 2 ;;
         --configs) CONFIGS=$2; shift 2 ;;
         --rounds) ROUNDS=$2; shift 2 ;;
+        --qemu10) QEMU10=1; shift ;;
         --no-doc) WRITE_DOC=0; shift ;;
-        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
 done
 
 log() { echo "bench-net: $*" >&2; }
+
+QEMU_BIN=(qemu-system-x86_64) VECTORS=,vectors=0 QEMU10_FLAG=""
+if [ "$QEMU10" = 1 ]; then
+    "$ROOT/scripts/qemu10.sh" --version >/dev/null 2>&1 || "$ROOT/scripts/qemu10-root.sh" >&2
+    QEMU_BIN=("$ROOT/scripts/qemu10.sh") VECTORS="" QEMU10_FLAG=" --qemu10"
+fi
 
 [ "$(id -u)" -eq 0 ] || { log "needs root (taps, network namespaces)"; exit 1; }
 command -v qemu-system-x86_64 >/dev/null && command -v iperf3 >/dev/null || "$ROOT/scripts/setup.sh"
@@ -77,31 +87,10 @@ ACK=$TARGET/ft-ack
 
 rm -rf "$WORK"
 mkdir -p "$WORK"
-NS=ftbench$$
-ip netns add "$NS"
-PIDS=()
-cleanup() {
-    local p
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-    ip netns del "$NS" 2>/dev/null || true
-}
-trap cleanup EXIT
-# An array, not a function: a backgrounded function is a subshell, and $! would be its pid
-# instead of the daemon's (ip netns exec execs the command, keeping the pid).
-NSX=(ip netns exec "$NS")
+# shellcheck source=lib/guest-netns.sh
+source "$ROOT/scripts/lib/guest-netns.sh"
+netns_setup ftbench
 nsx() { "${NSX[@]}" "$@"; }
-nsx ip link set lo up
-
-# wait_for PATH SECONDS: until PATH exists.
-wait_for() {
-    local n=0
-    until [ -e "$1" ]; do
-        n=$((n + 1))
-        [ "$n" -le $(($2 * 50)) ] || { log "$1 did not appear"; return 1; }
-        sleep 0.02
-    done
-}
 
 # stop_pid PID: SIGTERM and reap (ours exit cleanly on SIGTERM).
 stop_pid() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
@@ -139,13 +128,13 @@ run_config() {
     PIDS+=("$iperf_pid")
     sleep 0.5
 
-    local qemu=(qemu-system-x86_64 -accel tcg -cpu max -nodefaults -display none -serial stdio
+    local qemu=("${QEMU_BIN[@]}" -accel tcg -cpu max -nodefaults -display none -serial stdio
         -no-reboot -smp 1 -m 512M
         -object memory-backend-memfd,id=mem,size=512M,share=on -machine q35,memory-backend=mem)
     [ "$name" = qemu ] || qemu+=(-chardev "socket,id=net0,path=$dir/net.sock")
-    # vectors=0 (INTx) for every config: QEMU 7.2 under TCG crashes with MSI-X on vhost-user-net,
-    # and the baseline must use the same interrupt path.
-    qemu+=(-netdev "$netdev" -device "virtio-net-pci,netdev=net0,vectors=0,mac=$MAC"
+    # vectors=0 (INTx) for every config on QEMU 7.2: under TCG it crashes with MSI-X on
+    # vhost-user-net, and the baseline must use the same interrupt path.
+    qemu+=(-netdev "$netdev" -device "virtio-net-pci,netdev=net0$VECTORS,mac=$MAC"
         -kernel "$KERNEL" -initrd "$INITRD"
         -append "console=ttyS0 panic=-1 loglevel=4 ft.test=net-iperf ft.ip=$GUEST_IP ft.peer=$HOST_IP ft.pings=$PINGS ft.ping_interval=$PING_INTERVAL ft.iperf_secs=$IPERF_SECS")
     echo "${qemu[*]}" >"$dir/qemu.cmd"
@@ -225,14 +214,14 @@ table() {
 }
 
 CPU=$(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo)
-QEMU_VER=$(qemu-system-x86_64 --version | head -n1)
+QEMU_VER=$("${QEMU_BIN[@]}" --version | head -n1)
 IPERF_VER=$(iperf3 --version | head -n1)
 COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
 DIRTY=$(git -C "$ROOT" status --porcelain 2>/dev/null | grep -q . && echo " (+ local changes)" || true)
 {
     echo
     echo "Run $(date -u '+%Y-%m-%d %H:%M UTC') at commit \`$COMMIT\`$DIRTY:"
-    echo "\`scripts/bench-net.sh --iperf-secs $IPERF_SECS --pings $PINGS --ping-interval $PING_INTERVAL --rounds $ROUNDS --configs \"$CONFIGS\"\`."
+    echo "\`scripts/bench-net.sh --iperf-secs $IPERF_SECS --pings $PINGS --ping-interval $PING_INTERVAL --rounds $ROUNDS --configs \"$CONFIGS\"${QEMU10_FLAG}\`."
     echo
     echo "- Machine: $CPU, $(nproc) CPUs, kernel $(uname -r), load average at the end $(cut -d' ' -f1-3 /proc/loadavg)."
     echo "- $QEMU_VER, TCG, 1 vCPU, 512 MiB; guest kernel $(awk '{ print $2, $3 }' "$GUEST/kernel-choice" 2>/dev/null) (Debian 12); $IPERF_VER."
