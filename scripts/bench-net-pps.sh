@@ -56,6 +56,9 @@ done
 
 log() { echo "bench-net-pps: $*" >&2; }
 [ "$(id -u)" -eq 0 ] || { log "needs root (taps, network namespaces)"; exit 1; }
+if [[ " $CONFIGS " == *" ch "* ]]; then
+    [ -x "${CH_NET_BIN:-}" ] || { log "configuration ch needs CH_NET_BIN=/path/to/vhost_user_net"; exit 2; }
+fi
 if ! command -v dpdk-testpmd >/dev/null; then
     log "installing dpdk-dev (dpdk-testpmd)"
     export DEBIAN_FRONTEND=noninteractive
@@ -73,9 +76,6 @@ rm -rf "$WORK"
 mkdir -p "$WORK"
 NS=ftpps$$
 TAP=ftpps0
-if [[ " $CONFIGS " == *" ch "* ]]; then
-    [ -x "${CH_NET_BIN:-}" ] || { log "configuration ch needs CH_NET_BIN=/path/to/vhost_user_net"; exit 2; }
-fi
 ip netns add "$NS"
 PIDS=()
 cleanup() {
@@ -84,6 +84,8 @@ cleanup() {
     for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
     ip netns exec "$NS" ip link del "$TAP" 2>/dev/null || true
     ip netns del "$NS" 2>/dev/null || true
+    # testpmd leaves its runtime directory (about 6 MiB, on tmpfs) behind.
+    rm -rf /var/run/dpdk/ftpps-{tx,rx,gen}$$
 }
 trap cleanup EXIT
 NSX=(ip netns exec "$NS")
