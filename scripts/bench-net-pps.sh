@@ -21,6 +21,7 @@
 # size testpmd asks for) on the same tap with the same testpmd commands, e.g.
 # --configs "off ch hold-5"; the table then gets "x ch" columns. CH's daemon serves one frontend
 # connection and exits, so it is started once per direction (ours once per configuration).
+# CH_DESC="cloud-hypervisor vX (commit)" goes into the doc next to it (its --version says 0.1.0).
 # The tap is created once, persistent and without an IP address, before the first configuration;
 # every daemon attaches to it (CH's leaves an existing tap's address alone).
 # Needs root and dpdk-testpmd (Debian package dpdk-dev; installed on demand). testpmd runs
@@ -49,7 +50,7 @@ while [ $# -gt 0 ]; do
         --rounds) ROUNDS=$2; shift 2 ;;
         --configs) CONFIGS=$2; shift 2 ;;
         --no-doc) WRITE_DOC=0; shift ;;
-        -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
 done
