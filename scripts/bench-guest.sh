@@ -172,7 +172,7 @@ DIRTY=$(git -C "$ROOT" status --porcelain 2>/dev/null | grep -q . && echo " (+ l
     echo "- $(qemu-system-x86_64 --version | head -n1), TCG, 1 vCPU, 512 MiB; guest disk switched to write back (fsync reaches every backend)."
     echo "- fio: libaio, O_DIRECT, 256 MiB area of a 1 GiB sparse raw image (prefilled), ${RUNTIME} s per job after 1 s ramp; fsync-4k = 4k random writes, fsync after each."
     echo "- hold-N: both daemons \`--ft hold\`, ft-coordinator \`--checkpointer sim:0 --interval-ms N --min-interval-ms N\` (the cost of gating alone, no checkpoint transfer). qsd: qemu-storage-daemon's export (page cache) and QEMU's own virtio-net on a tap (vhost=off)."
-    echo "- One run on a shared 2-core machine with other jobs running: rows of the same workload vary by up to ~2x between runs (reads are never held, so off vs hold read differences are noise). What holding costs shows in the QD1 write and fsync rows: every write completes only after the commit of its epoch, so QD1 write latency is about the cut interval."
+    echo "- One run per configuration under TCG: rows of the same workload vary by up to ~2x between runs (reads are never held, so off vs hold read differences are noise). What holding costs shows in the QD1 write and fsync rows: every write completes only after the commit of its epoch, so QD1 write latency is about the cut interval."
     echo
     table
     echo

@@ -14,6 +14,10 @@
 # seal to COMMITTED) and requests per commit, and the load average before/after.
 #
 # Usage: scripts/bench-hold-ratio.sh [--rounds N] [--runtime SECS] [--workload NAME] [--no-fio]
+#                                    [--direct]
+#   --direct: the daemons open the image with O_DIRECT and fio runs with --direct=1, so `--ft off`
+#   pays for the disk too and hold/off shows what gating adds beyond making the writes durable
+#   (the default page cache compares durable hold with `--ft off` writes that never sync).
 #   BASE_BIN=/path/to/older/target/release  adds hold runs of that build (its vhost-user-blk-ft
 #   and ft-coordinator) as "base".
 set -euo pipefail
@@ -23,13 +27,15 @@ ROUNDS=5
 RUNTIME=3
 WORKLOAD=randwrite4k-qd32
 FIO=1
+DIRECT=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --rounds) ROUNDS=$2; shift 2 ;;
         --runtime) RUNTIME=$2; shift 2 ;;
         --workload) WORKLOAD=$2; shift 2 ;;
         --no-fio) FIO=0; shift ;;
-        -h | --help) sed -n '2,20p' "$0"; exit 0 ;;
+        --direct) DIRECT=1; shift ;;
+        -h | --help) sed -n '2,24p' "$0"; exit 0 ;;
         *) echo "bench-hold-ratio: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -49,6 +55,7 @@ run() {
     rm -f "$DIR"/*.sock "$DIR/api" "$DIR/state"
     fresh_image
     local args=(--socket "$DIR/blk.sock" --image "$DIR/img")
+    [ "$DIRECT" = 1 ] && args+=(--direct)
     [ "$mode" != off ] && args+=(--ft hold --control "$DIR/ctl.sock")
     "$bin/vhost-user-blk-ft" "${args[@]}" 2>"$out.daemon.log" &
     local daemon=$!
@@ -92,16 +99,16 @@ done
 if [ "$FIO" = 1 ] && command -v fio >/dev/null; then
     fresh_image
     fio --name=floor --filename="$DIR/img" --size=256M --rw=randwrite --bs=4k --ioengine=psync \
-        --fdatasync=32 --runtime="$RUNTIME" --time_based --invalidate=0 --output-format=json \
+        --direct="$DIRECT" --fdatasync=32 --runtime="$RUNTIME" --time_based --invalidate=0 --output-format=json \
         >"$DIR/fio.json" 2>/dev/null || log "fio failed"
     fresh_image
     fio --name=floor --filename="$DIR/img" --size=256M --rw=randwrite --bs=4k --ioengine=io_uring \
-        --iodepth=32 --fdatasync=32 --runtime="$RUNTIME" --time_based --invalidate=0 \
+        --direct="$DIRECT" --iodepth=32 --fdatasync=32 --runtime="$RUNTIME" --time_based --invalidate=0 \
         --output-format=json >"$DIR/fio-uring.json" 2>/dev/null || log "fio failed"
 fi
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 
-"$PY" - "$DIR" "$ROUNDS" "$MODES" "$WORKLOAD" <<'EOF'
+"$PY" - "$DIR" "$ROUNDS" "$MODES" "$WORKLOAD" "$DIRECT" <<'EOF'
 import json, os, statistics, sys
 d, rounds, modes, wl = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(), sys.argv[4]
 med = statistics.median
@@ -109,7 +116,8 @@ def res(m, r):
     return json.load(open(f"{d}/{m}.{r}.json"))["results"][0]
 def st(m, r):
     return json.load(open(f"{d}/{m}.{r}.status.json"))
-print(f"workload {wl}, {rounds} rounds")
+cache = "O_DIRECT" if sys.argv[5] == "1" else "page cache"
+print(f"workload {wl}, {rounds} rounds, {cache}")
 print("| round | " + " | ".join(f"{m} IOPS (p50 us)" for m in modes) + " | " + " | ".join(f"{m}/off" for m in modes[1:]) + " |")
 print("|---" * (2 * len(modes)) + "|")
 ratios = {m: [] for m in modes[1:]}
