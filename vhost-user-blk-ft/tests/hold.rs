@@ -21,7 +21,7 @@ use virtio_bindings::virtio_blk::*;
 
 mod common;
 use common::{
-    blk_req_on, file_bytes, have_tool, kernel_fdatasyncs, new_image, spawn, spawn_wrapped,
+    blk_req_on, file_bytes, have_tool, kernel_fdatasyncs, new_image, spawn, spawn_under_strace,
     unavailable, Daemon, IMG_SIZE,
 };
 
@@ -792,18 +792,8 @@ fn shutdown_cancels_a_running_commit() {
         return;
     }
     let (dir, img) = new_image();
-    let wrap = [
-        "strace",
-        "-f",
-        "-qq",
-        "-o",
-        "/dev/null",
-        "-e",
-        "trace=io_uring_enter",
-        "-e",
-        "inject=io_uring_enter:delay_exit=20000",
-    ];
-    let mut d = spawn_wrapped(&wrap, dir, img, true, T, |c| {
+    let inject = "io_uring_enter:delay_exit=20000";
+    let mut d = spawn_under_strace(inject, dir, img, true, T, |c| {
         c.args(["--ft", "hold", "--direct", "--queue-size", "1024"])
             .args(["--max-held-bytes", "1073741824"]);
     });
@@ -887,18 +877,7 @@ fn a_failed_wait_never_syncs_or_replies_with_io_in_flight() {
         return;
     }
     let (dir, img) = new_image();
-    let wrap = [
-        "strace",
-        "-f",
-        "-qq",
-        "-o",
-        "/dev/null",
-        "-e",
-        "trace=ppoll",
-        "-e",
-        "inject=ppoll:error=ENOMEM",
-    ];
-    let d = spawn_wrapped(&wrap, dir, img, true, T, |c| {
+    let d = spawn_under_strace("ppoll:error=ENOMEM", dir, img, true, T, |c| {
         c.args(["--ft", "hold", "--direct"]);
     });
     let mut c = d.control();

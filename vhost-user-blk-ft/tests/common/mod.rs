@@ -124,6 +124,34 @@ pub fn spawn_wrapped(
     d
 }
 
+/// [`spawn_wrapped`] under strace with one fault injection in strace's `-e inject=` syntax
+/// (e.g. `io_uring_enter:delay_exit=20000`), tracing only that syscall and printing nothing.
+/// Check [`have_tool`]`("strace")` first.
+pub fn spawn_under_strace(
+    inject: &str,
+    dir: tempfile::TempDir,
+    img: PathBuf,
+    control: bool,
+    wait: Duration,
+    args: impl FnOnce(&mut Command),
+) -> Daemon {
+    let syscall = inject.split(':').next().expect("SYSCALL:ACTION");
+    let trace = format!("trace={syscall}");
+    let inject = format!("inject={inject}");
+    let wrap = [
+        "strace",
+        "-f",
+        "-qq",
+        "-o",
+        "/dev/null",
+        "-e",
+        &trace,
+        "-e",
+        &inject,
+    ];
+    spawn_wrapped(&wrap, dir, img, control, wait, args)
+}
+
 /// Whether `tool` runs; see [`unavailable`] for what happens when it does not.
 pub fn have_tool(tool: &str) -> bool {
     let ok = Command::new(tool)
