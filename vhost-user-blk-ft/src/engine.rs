@@ -234,6 +234,11 @@ impl<R: SlotRequest> Engine<R> {
         self.in_flight
     }
 
+    /// SQEs queued and not yet handed to the kernel.
+    pub fn queued(&mut self) -> usize {
+        self.ring.submission().len()
+    }
+
     pub fn capacity(&self) -> u32 {
         self.slots.len() as u32
     }
