@@ -14,10 +14,13 @@
 # seal to COMMITTED) and requests per commit, and the load average before/after.
 #
 # Usage: scripts/bench-hold-ratio.sh [--rounds N] [--runtime SECS] [--workload NAME] [--no-fio]
-#                                    [--direct]
+#                                    [--direct] [--allocated]
 #   --direct: the daemons open the image with O_DIRECT and fio runs with --direct=1, so `--ft off`
 #   pays for the disk too and hold/off shows what gating adds beyond making the writes durable
 #   (the default page cache compares durable hold with `--ft off` writes that never sync).
+#   --allocated: one image written in full once (as `qemu-img create -o preallocation=full`)
+#   and reused by every run and by fio, instead of a fresh sparse image per run: no write
+#   allocates a block, so an fdatasync carries no journal commit of new extents.
 #   BASE_BIN=/path/to/older/target/release  adds hold runs of that build (its vhost-user-blk-ft
 #   and ft-coordinator) as "base".
 set -euo pipefail
@@ -28,6 +31,7 @@ RUNTIME=3
 WORKLOAD=randwrite4k-qd32
 FIO=1
 DIRECT=0
+ALLOCATED=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --rounds) ROUNDS=$2; shift 2 ;;
@@ -35,15 +39,25 @@ while [ $# -gt 0 ]; do
         --workload) WORKLOAD=$2; shift 2 ;;
         --no-fio) FIO=0; shift ;;
         --direct) DIRECT=1; shift ;;
-        -h | --help) sed -n '2,24p' "$0"; exit 0 ;;
+        --allocated) ALLOCATED=1; shift ;;
+        -h | --help) sed -n '2,26p' "$0"; exit 0 ;;
         *) echo "bench-hold-ratio: unknown argument $1" >&2; exit 2 ;;
     esac
 done
 # shellcheck source=lib/blk-bench.sh
 source "$ROOT/scripts/lib/blk-bench.sh"
 blk_bench_setup bench-hold-ratio hold
-# A fresh sparse image (every write of a run allocates its block, as in the other benchmarks).
+# A fresh sparse image (every write of a run allocates its block, as in the other benchmarks),
+# or with --allocated one image written in full once and reused (writes allocate nothing).
 fresh_image() {
+    if [ "$ALLOCATED" = 1 ]; then
+        if [ ! -f "$DIR/img.allocated" ]; then
+            dd if=/dev/zero of="$DIR/img" bs=1M count=1024 oflag=direct status=none
+            sync "$DIR/img"
+            touch "$DIR/img.allocated"
+        fi
+        return
+    fi
     truncate -s 0 "$DIR/img" && truncate -s 1G "$DIR/img"
     sync "$DIR/img"
 }
@@ -108,7 +122,7 @@ if [ "$FIO" = 1 ] && command -v fio >/dev/null; then
 fi
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 
-"$PY" - "$DIR" "$ROUNDS" "$MODES" "$WORKLOAD" "$DIRECT" <<'EOF'
+"$PY" - "$DIR" "$ROUNDS" "$MODES" "$WORKLOAD" "$DIRECT" "$ALLOCATED" <<'EOF'
 import json, os, statistics, sys
 d, rounds, modes, wl = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(), sys.argv[4]
 med = statistics.median
@@ -117,7 +131,8 @@ def res(m, r):
 def st(m, r):
     return json.load(open(f"{d}/{m}.{r}.status.json"))
 cache = "O_DIRECT" if sys.argv[5] == "1" else "page cache"
-print(f"workload {wl}, {rounds} rounds, {cache}")
+image = "one fully written 1 GiB image" if sys.argv[6] == "1" else "a fresh sparse 1 GiB image per run"
+print(f"workload {wl}, {rounds} rounds, {cache}, {image}")
 print("| round | " + " | ".join(f"{m} IOPS (p50 us)" for m in modes) + " | " + " | ".join(f"{m}/off" for m in modes[1:]) + " |")
 print("|---" * (2 * len(modes)) + "|")
 ratios = {m: [] for m in modes[1:]}
