@@ -60,11 +60,13 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 /// SQEs handed to the kernel per `io_uring_enter` within a wave. io_uring plugs a submission
 /// of more than two SQEs: the block layer dispatches none of its requests before it has
 /// prepared them all (about 4 µs per 4 KiB O_DIRECT write here), so one `io_uring_enter` for a
-/// 32-write epoch left the disk idle for the first ~130 µs of every commit. With groups of 4
-/// the disk starts on the first group while the next ones are prepared: the writes of a
-/// 32-write commit took 244-290 µs instead of 343-380, and hold mode ran 1.2x faster
-/// (docs/benchmarks.md, "submission in groups"). 2, 6 and 16 measured within noise of 4; 1
-/// (no plug at all) costs a syscall and a device notification per write.
+/// 32-write epoch left the disk idle for the first ~130 µs of every commit, and sent it the
+/// rest only at the end. In groups of 4 the disk works on each group while the next is
+/// prepared: on a fully allocated image the 32 writes of a commit took 300-345 µs instead of
+/// 400-435 and hold mode ran 1.1-1.2x faster; groups of 2 measured the same, 8 and 16 in
+/// between, and submitting the first 4 early but the rest in one plug gained little. Writes
+/// into holes of a sparse image go to io-wq anyway and measured the same either way
+/// (docs/benchmarks.md, "The commit's writes were plugged").
 const SUBMIT_GROUP: usize = 4;
 
 /// Cancels the running and every later commit (daemon shutdown). Cheap to clone; any thread.
