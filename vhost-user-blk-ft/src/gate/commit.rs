@@ -62,11 +62,11 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 /// prepared them all (about 4 µs per 4 KiB O_DIRECT write here), so one `io_uring_enter` for a
 /// 32-write epoch left the disk idle for the first ~130 µs of every commit, and sent it the
 /// rest only at the end. In groups of 4 the disk works on each group while the next is
-/// prepared: on a fully allocated image the 32 writes of a commit took 300-345 µs instead of
-/// 400-435 and hold mode ran 1.1-1.2x faster; groups of 2 measured the same, 8 and 16 in
-/// between, and submitting the first 4 early but the rest in one plug gained little. Writes
-/// into holes of a sparse image go to io-wq anyway and measured the same either way
-/// (docs/benchmarks.md, "The commit's writes were plugged").
+/// prepared: on a fully allocated image the 32 writes of a commit took 248-345 µs p50 instead
+/// of 343-442 and hold mode ran about 1.1x faster; groups of 2 to 16 measured within noise of
+/// 4, and submitting the first 4 early but the rest in one plug gained little. Writes into
+/// holes of a sparse image go to io-wq workers anyway and measured the same either way
+/// (docs/benchmarks.md, "the commit's writes were plugged").
 const SUBMIT_GROUP: usize = 4;
 
 /// Cancels the running and every later commit (daemon shutdown). Cheap to clone; any thread.
