@@ -5,7 +5,7 @@
 //! Ordering: requests are submitted in *waves*. A request's wave is one more than the highest
 //! wave of any earlier (in guest order) request whose byte range overlaps it, so overlapping
 //! writes land in guest order while disjoint ones share a wave and run in parallel. Each wave
-//! is submitted in groups of [`SUBMIT_GROUP`] (so the disk starts on the first writes while
+//! is submitted in groups of `SUBMIT_GROUP` (so the disk starts on the first writes while
 //! the later ones are prepared) and is drained before the next.
 //! FLUSH requests are not submitted: the commit's single `fdatasync` satisfies every one of
 //! them (Kemari review: drain, then one fsync, never a fsync per request).
@@ -40,7 +40,7 @@
 //! data. Never submitting after a fault was seen is what the check guarantees, not that a
 //! concurrent fault cannot race the kernel's copy.
 //!
-//! Cost per commit of N writes with no overlaps: N / [`SUBMIT_GROUP`] `io_uring_enter`s to
+//! Cost per commit of N writes with no overlaps: N / `SUBMIT_GROUP` `io_uring_enter`s to
 //! submit (plus waits for completions) and one `fdatasync`, no allocation once the buffers have
 //! grown. Buffered writes to a file whose filesystem would hand each of them to an io-wq worker
 //! (ext4, tmpfs) are written on this thread instead (`Engine::set_inline_writes`): no
