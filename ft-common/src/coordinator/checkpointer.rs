@@ -326,9 +326,8 @@ mod tests {
 
     fn collect() -> (Sink, mpsc::Receiver<Input>) {
         let (tx, rx) = mpsc::channel();
-        let tx = Mutex::new(tx);
         let sink: Sink = Arc::new(move |i| {
-            let _ = tx.lock().unwrap().send(i);
+            let _ = tx.send(i);
         });
         (sink, rx)
     }

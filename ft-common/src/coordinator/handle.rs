@@ -11,7 +11,7 @@ use super::cycle::Input;
 use super::device_link::LinkRequester;
 use crate::control::message::Request;
 use serde_json::Value;
-use std::sync::{mpsc, Mutex};
+use std::sync::mpsc;
 use std::time::Duration;
 
 /// Operator requests (from `ftctl`, the metrics endpoint, or a test). The doc comments are
@@ -86,16 +86,13 @@ pub(crate) const OP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Sends operator requests to a running coordinator from any thread.
 pub struct CoordinatorHandle {
-    tx: Mutex<mpsc::Sender<Msg>>,
+    tx: mpsc::Sender<Msg>,
     requesters: Vec<LinkRequester>,
 }
 
 impl CoordinatorHandle {
     pub(crate) fn new(tx: mpsc::Sender<Msg>, requesters: Vec<LinkRequester>) -> Self {
-        CoordinatorHandle {
-            tx: Mutex::new(tx),
-            requesters,
-        }
+        CoordinatorHandle { tx, requesters }
     }
 
     pub fn op(&self, op: Op) -> Result<Value, String> {
@@ -112,8 +109,6 @@ impl CoordinatorHandle {
         }
         let (atx, arx) = mpsc::channel();
         self.tx
-            .lock()
-            .map_err(|_| "coordinator handle poisoned".to_string())?
             .send(Msg::Op(op, atx))
             .map_err(|_| "coordinator stopped".to_string())?;
         arx.recv_timeout(OP_TIMEOUT * 4)

@@ -28,7 +28,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -95,11 +95,9 @@ impl Coordinator {
         let (tx, rx) = mpsc::channel::<Msg>();
         let generation = match &cfg.claim {
             Some(claim) => {
-                let lost = Mutex::new(tx.clone());
+                let lost = tx.clone();
                 claim.set_lost_hook(Box::new(move |error| {
-                    if let Ok(t) = lost.lock() {
-                        let _ = t.send(Msg::Input(Input::LeaseLost { error }));
-                    }
+                    let _ = lost.send(Msg::Input(Input::LeaseLost { error }));
                 }));
                 // Above every generation ever written for this VM; refused if another host
                 // took it over since this host last held it.
@@ -113,11 +111,11 @@ impl Coordinator {
             "coordinator generation {generation} (persisted in {})",
             cfg.state_file.display()
         );
-        let sink_tx = Mutex::new(tx.clone());
+        // The sender is Sync: no lock of our own for the link threads and the checkpointer to
+        // contend on.
+        let sink_tx = tx.clone();
         let sink: LinkSink = Arc::new(move |i| {
-            if let Ok(t) = sink_tx.lock() {
-                let _ = t.send(Msg::Input(i));
-            }
+            let _ = sink_tx.send(Msg::Input(i));
         });
         let acks = acks_protect_output(&cfg.checkpointer);
         if !acks.0 {
