@@ -13,7 +13,9 @@
 //! [`QueueWorker::poll`] for an adaptive window (see `poll.rs`) with ring notifications
 //! disabled, and sleeps in `epoll_wait` only when that finds nothing. While polling finds work
 //! it skips `epoll_wait` (kicks and completions are what it polls), but still takes commands
-//! at once and looks at the epoll set at least every `EPOLL_EVERY` (100 µs).
+//! at once and looks at the epoll set at least every `EPOLL_EVERY` (100 µs). A command or
+//! message that arrives while it spins ends the spin at once (`Doorbell`); before, it waited
+//! for the next request or the end of the window (a SEAL's record, a commit's completions).
 //!
 //! Kick eventfds are registered edge-triggered and never read: every write of the frontend
 //! wakes `epoll_wait` once (an eventfd write is a new edge even while its counter is not
@@ -26,6 +28,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -83,11 +86,45 @@ pub(crate) enum Reply {
 #[error("queue worker thread is gone")]
 pub struct WorkerGone;
 
+/// How other threads wake a worker: an eventfd in its epoll set for when it sleeps, and a
+/// flag its polling loop reads for when it spins (reading the eventfd would be a syscall per
+/// spin). Rung after the command or message is in its channel; the worker lowers the flag
+/// before it drains the channels, so nothing sent is left behind a lowered flag.
+#[derive(Debug)]
+struct Doorbell {
+    fd: EventFd,
+    rung: AtomicBool,
+}
+
+impl Doorbell {
+    fn new() -> std::io::Result<Doorbell> {
+        Ok(Doorbell {
+            fd: EventFd::new(EFD_NONBLOCK)?,
+            rung: AtomicBool::new(false),
+        })
+    }
+
+    fn ring(&self) -> std::io::Result<()> {
+        self.rung.store(true, Ordering::Release);
+        self.fd.write(1)
+    }
+
+    fn rung(&self) -> bool {
+        self.rung.load(Ordering::Acquire)
+    }
+
+    /// A swap, not a store: the channel reads that follow must not be done before it (a plain
+    /// store could be, and then lower a flag raised for a message those reads missed).
+    fn lower(&self) {
+        self.rung.swap(false, Ordering::AcqRel);
+    }
+}
+
 /// Sends the server's commands to one worker thread. Cheap to clone.
 #[derive(Clone)]
 pub(crate) struct CommandHandle {
     tx: Sender<(Command, Sender<Reply>)>,
-    wake: Arc<EventFd>,
+    wake: Arc<Doorbell>,
 }
 
 impl std::fmt::Debug for CommandHandle {
@@ -100,7 +137,7 @@ impl CommandHandle {
     pub(crate) fn command(&self, cmd: Command) -> Result<Reply, WorkerGone> {
         let (rtx, rrx) = channel();
         self.tx.send((cmd, rtx)).map_err(|_| WorkerGone)?;
-        self.wake.write(1).map_err(|_| WorkerGone)?;
+        self.wake.ring().map_err(|_| WorkerGone)?;
         rrx.recv().map_err(|_| WorkerGone)
     }
 }
@@ -154,7 +191,7 @@ type Envelope<W> = (<W as QueueWorker>::Msg, Sender<<W as QueueWorker>::Reply>);
 /// ```
 pub struct WorkerHandle<W: QueueWorker> {
     tx: Sender<Envelope<W>>,
-    wake: Arc<EventFd>,
+    wake: Arc<Doorbell>,
 }
 
 impl<W: QueueWorker> Clone for WorkerHandle<W> {
@@ -181,7 +218,7 @@ impl<W: QueueWorker> WorkerHandle<W> {
     pub fn call(&self, msg: W::Msg) -> Result<W::Reply, WorkerGone> {
         let (rtx, rrx) = channel();
         self.tx.send((msg, rtx)).map_err(|_| WorkerGone)?;
-        self.wake.write(1).map_err(|_| WorkerGone)?;
+        self.wake.ring().map_err(|_| WorkerGone)?;
         rrx.recv().map_err(|_| WorkerGone)
     }
 
@@ -211,7 +248,7 @@ impl<W: QueueWorker> WorkerHandle<W> {
     pub fn post(&self, msg: W::Msg) -> Result<(), WorkerGone> {
         let (rtx, _) = channel();
         self.tx.send((msg, rtx)).map_err(|_| WorkerGone)?;
-        self.wake.write(1).map_err(|_| WorkerGone)
+        self.wake.ring().map_err(|_| WorkerGone)
     }
 }
 
@@ -339,7 +376,7 @@ struct Worker<W: QueueWorker> {
     ctx: WorkerCtx,
     rx: Receiver<(Command, Sender<Reply>)>,
     msgs: Receiver<Envelope<W>>,
-    wake: Arc<EventFd>,
+    wake: Arc<Doorbell>,
     stopping: Vec<Stopping>,
     /// Disconnect waiting for all stops to finish.
     disconnecting: Option<Sender<Reply>>,
@@ -356,10 +393,10 @@ pub(crate) fn spawn<W: QueueWorker>(
     log: Arc<DirtyLog>,
 ) -> std::io::Result<(CommandHandle, WorkerHandle<W>, JoinHandle<()>)> {
     let epoll = Epoll::new()?;
-    let wake = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+    let wake = Arc::new(Doorbell::new()?);
     epoll.ctl(
         ControlOperation::Add,
-        wake.as_raw_fd(),
+        wake.fd.as_raw_fd(),
         EpollEvent::new(EventSet::IN, KIND_CONTROL << KIND_SHIFT),
     )?;
     let ctx = WorkerCtx {
@@ -442,7 +479,7 @@ impl<W: QueueWorker> Worker<W> {
                 let token = data & TOKEN_MASK;
                 match data >> KIND_SHIFT {
                     KIND_CONTROL => {
-                        let _ = self.wake.read();
+                        let _ = self.wake.fd.read();
                         if !self.drain_commands() {
                             return;
                         }
@@ -472,7 +509,8 @@ impl<W: QueueWorker> Worker<W> {
         }
         loop {
             let now = Instant::now();
-            if self.dev.poll(&mut self.ctx) {
+            // Mail counts as work found: the caller drains the commands and messages.
+            if self.dev.poll(&mut self.ctx) || self.wake.rung() {
                 return Some(now - start);
             }
             if now - start >= window {
@@ -522,6 +560,7 @@ impl<W: QueueWorker> Worker<W> {
 
     /// Returns false on shutdown.
     fn drain_commands(&mut self) -> bool {
+        self.wake.lower();
         while let Ok((cmd, reply)) = self.rx.try_recv() {
             match cmd {
                 Command::Start { setup, kick, mem } => {
