@@ -644,23 +644,19 @@ mod tests {
         }
     }
 
+    /// A commit engine of `depth` on the fixture's image opened with O_DIRECT.
+    fn direct_engine(path: &std::path::Path, depth: u32) -> CommitEngine {
+        let opts = OpenOpts {
+            readonly: false,
+            direct: true,
+        };
+        CommitEngine::new(Arc::new(Image::open(path, opts).unwrap()), depth).unwrap()
+    }
+
     #[test]
     fn o_direct_writes_reach_the_kernel_in_groups() {
         let mut f = fx();
-        f.engine = CommitEngine::new(
-            Arc::new(
-                Image::open(
-                    &f.path,
-                    OpenOpts {
-                        readonly: false,
-                        direct: true,
-                    },
-                )
-                .unwrap(),
-            ),
-            64,
-        )
-        .unwrap();
+        f.engine = direct_engine(&f.path, 64);
         // 30 disjoint writes: groups of SUBMIT_GROUP as they are queued (so the disk starts on
         // the first group before the last is prepared), the remainder with the wave's own
         // submit; still one wave and one fdatasync.
@@ -733,20 +729,7 @@ mod tests {
     #[test]
     fn a_failing_poll_never_leaves_io_in_flight() {
         let mut f = fx();
-        f.engine = CommitEngine::new(
-            Arc::new(
-                Image::open(
-                    &f.path,
-                    OpenOpts {
-                        readonly: false,
-                        direct: true,
-                    },
-                )
-                .unwrap(),
-            ),
-            8,
-        )
-        .unwrap();
+        f.engine = direct_engine(&f.path, 8);
         f.engine.poll = failing_poll;
         // Eight overlapping 1 MiB O_DIRECT writes: eight waves, each waiting for the last.
         for n in 0..8 {
