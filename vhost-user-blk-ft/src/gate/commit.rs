@@ -684,6 +684,32 @@ mod tests {
         }
     }
 
+    /// Groups are per wave: a group submitted mid-wave never lets the next wave overtake it.
+    #[test]
+    fn o_direct_waves_keep_guest_order_across_groups() {
+        let mut f = fx();
+        f.engine = direct_engine(&f.path, 64);
+        // Six writes, then six more over the same blocks: two waves of two groups each.
+        for n in 0..12u64 {
+            f.write(n, (n % 6) * 8, n as u8 + 1, 4096);
+        }
+        let out = f.commit(1);
+        assert!(out.error.is_none(), "{:?}", out.error);
+        assert_eq!(
+            (out.waves, out.submit_calls),
+            (2, 2 * 6_u64.div_ceil(SUBMIT_GROUP as u64))
+        );
+        let file = f.file();
+        for n in 0..6usize {
+            assert!(
+                file[n * 4096..(n + 1) * 4096]
+                    .iter()
+                    .all(|&b| b == n as u8 + 7),
+                "block {n} does not hold the later write"
+            );
+        }
+    }
+
     #[test]
     fn overlapping_writes_go_in_waves_in_guest_order() {
         let mut f = fx();
