@@ -3,7 +3,8 @@
 //! until it is back (`continue`) or the operator resumes (`stop-vm`); a commit failure the daemon
 //! survives does not stop it; a fenced coordinator is deposed;
 //! a restarted coordinator takes a newer generation and never seals below the daemons' open
-//! epoch; `ftctl abort` deposes the primary so an older coordinator's commands are refused.
+//! epoch; `ftctl abort` deposes the primary so an older coordinator's commands are refused; a
+//! daemon hanging in SEAL blocks neither the other daemon nor the operator.
 
 mod common;
 
@@ -14,7 +15,8 @@ use ft_common::control::ControlClient;
 use ft_common::coordinator::{Coordinator, FailurePolicy, Op};
 use ft_common::epoch::{Epoch, Generation};
 use ft_common::fence::GenerationStore;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 #[test]
 fn daemon_killed_mid_epoch_stops_the_cycle_until_it_is_back() {
@@ -147,6 +149,61 @@ fn a_reported_commit_failure_keeps_the_cycle_going() {
         a.released().iter().any(|(_, e)| e.0 <= last),
         "last_committed {last} released nothing: {s}"
     );
+    c.shutdown();
+}
+
+/// The coordinator's one thread writes to and reads from every daemon without blocking: a
+/// daemon that hangs in SEAL holds up the cut (it waits for every device), but neither the
+/// other daemon's SEAL nor operator requests wait for it, and the cycle goes on once it
+/// answers.
+#[test]
+fn a_daemon_hanging_in_seal_blocks_neither_the_other_daemon_nor_the_operator() {
+    let dir = TempDir::new("hang");
+    let a = FakeDevice::start("vda", dir.path().join("vda.ctl"), DeviceKind::Blk);
+    let b = FakeDevice::start("net0", dir.path().join("net0.ctl"), DeviceKind::Net);
+    let cfg = config(dir.path(), &[("vda", &a.path), ("net0", &b.path)], "sim");
+    let c = Coordinator::start(cfg).unwrap();
+    wait_for("commits", || b.commit_epochs().len() >= 2);
+    let hang = Duration::from_millis(1500);
+    // The epoch net0 is hanging in (its state lock is held meanwhile: the test reads this).
+    let hanging: Arc<Mutex<Option<Epoch>>> = Arc::default();
+    let h = hanging.clone();
+    b.set_hooks(Hooks {
+        fail_commits: None,
+        check: Some(Box::new(move |r| {
+            if let Request::Seal { epoch, .. } = r {
+                *h.lock().unwrap() = Some(*epoch);
+                std::thread::sleep(hang);
+                *h.lock().unwrap() = None;
+            }
+            None
+        })),
+    });
+    wait_for("net0 hanging in a SEAL", || {
+        hanging.lock().unwrap().is_some()
+    });
+    let epoch = hanging.lock().unwrap().unwrap();
+    let t = Instant::now();
+    // The coordinator answers at once, and vda got its SEAL of the same epoch.
+    assert_eq!(c.op(Op::Pause).unwrap()["paused"], true);
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "pause took {:?}",
+        t.elapsed()
+    );
+    wait_for("vda's SEAL", || a.seal_epochs().contains(&epoch));
+    assert_eq!(
+        *hanging.lock().unwrap(),
+        Some(epoch),
+        "net0 stopped hanging before the checks"
+    );
+    let seals_b = b.seal_epochs().len();
+    c.op(Op::Resume).unwrap();
+    b.set_hooks(Hooks::default());
+    wait_for("the cycle goes on", || {
+        b.commit_epochs().len() >= seals_b + 2
+    });
+    assert!(a.violations().is_empty() && b.violations().is_empty());
     c.shutdown();
 }
 

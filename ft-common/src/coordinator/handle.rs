@@ -7,12 +7,14 @@
 //! Invariant: an answer arrives or the call fails within a bound (`OP_TIMEOUT` per daemon call,
 //! four times that for the runtime's answer); a stopped coordinator is an error, never a hang.
 
-use super::cycle::Input;
-use super::device_link::LinkRequester;
+use super::cycle::{DeviceId, Input};
+use super::device_link::{Answer, LinkRequester};
 use crate::control::message::Request;
 use serde_json::Value;
 use std::sync::mpsc;
+use std::sync::Arc;
 use std::time::Duration;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Operator requests (from `ftctl`, the metrics endpoint, or a test). The doc comments are
 /// `ftctl`'s help text; [`Op::name`] is the API's wire name.
@@ -78,7 +80,37 @@ pub(crate) type OpAnswer = mpsc::Sender<Result<Value, String>>;
 pub(crate) enum Msg {
     Input(Input),
     Op(Op, OpAnswer),
+    /// An operator request for one daemon (see [`LinkRequester`]).
+    Call(DeviceId, Request, Answer),
     Shutdown,
+}
+
+/// The runtime thread's mailbox: a channel plus the eventfd its `poll` waits on (the thread
+/// also polls the device links' sockets, so it cannot block on the channel alone).
+#[derive(Clone, Debug)]
+pub(crate) struct Mailbox {
+    tx: mpsc::Sender<Msg>,
+    wake: Arc<EventFd>,
+}
+
+impl Mailbox {
+    pub(crate) fn new() -> std::io::Result<(Mailbox, mpsc::Receiver<Msg>, Arc<EventFd>)> {
+        let (tx, rx) = mpsc::channel();
+        let wake = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+        let m = Mailbox {
+            tx,
+            wake: wake.clone(),
+        };
+        Ok((m, rx, wake))
+    }
+
+    /// Delivers `msg` and wakes the runtime; false once the runtime is gone.
+    pub(crate) fn send(&self, msg: Msg) -> bool {
+        let ok = self.tx.send(msg).is_ok();
+        // Written after the message is queued, so the woken thread finds it.
+        let _ = self.wake.write(1);
+        ok
+    }
 }
 
 /// Bound on operator calls to a daemon (ABORT, ANNOUNCE, STATUS).
@@ -86,13 +118,16 @@ pub(crate) const OP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Sends operator requests to a running coordinator from any thread.
 pub struct CoordinatorHandle {
-    tx: mpsc::Sender<Msg>,
+    mailbox: Mailbox,
     requesters: Vec<LinkRequester>,
 }
 
 impl CoordinatorHandle {
-    pub(crate) fn new(tx: mpsc::Sender<Msg>, requesters: Vec<LinkRequester>) -> Self {
-        CoordinatorHandle { tx, requesters }
+    pub(crate) fn new(mailbox: Mailbox, requesters: Vec<LinkRequester>) -> Self {
+        CoordinatorHandle {
+            mailbox,
+            requesters,
+        }
     }
 
     pub fn op(&self, op: Op) -> Result<Value, String> {
@@ -108,9 +143,9 @@ impl CoordinatorHandle {
             }
         }
         let (atx, arx) = mpsc::channel();
-        self.tx
-            .send(Msg::Op(op, atx))
-            .map_err(|_| "coordinator stopped".to_string())?;
+        if !self.mailbox.send(Msg::Op(op, atx)) {
+            return Err("coordinator stopped".to_string());
+        }
         arx.recv_timeout(OP_TIMEOUT * 4)
             .map_err(|_| "coordinator did not answer".to_string())?
     }

@@ -4,9 +4,12 @@
 //!
 //! - [`cycle`]: the epoch cycle as a pure state machine (pipelining, in-order commits,
 //!   failure policy, timeouts); all decisions live here.
-//! - [`runtime`]: the I/O shell running the state machine on one thread.
+//! - [`runtime`]: the I/O shell running the state machine on one thread, which also owns
+//!   every daemon's control socket (one `ppoll`, no thread between a reply and the next
+//!   command).
 //! - [`handle`]: operator requests ([`Op`]) and the [`CoordinatorHandle`] that sends them.
-//! - [`device_link`]: one thread per daemon control connection.
+//! - [`device_link`]: one daemon's control connection as a non-blocking state machine
+//!   (pipelined requests, timeouts, reconnects).
 //! - [`checkpointer`]: `sim`, `exec:CMD`, `qmp:SOCK` and [`migrate`] (`migrate:SOCK,standby=ADDR`:
 //!   real checkpoints to an `ft-standby`) behind one trait; [`checkpointer_spec`]: the
 //!   `--checkpointer` argument, which builds one of them; [`qmp`]: QMP client.

@@ -1,21 +1,26 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! The coordinator's I/O shell: one thread owns the [`Cycle`] state machine and the
-//! checkpointer, feeds it inputs from the device links, the checkpointer, timers and operator
-//! requests, and executes the actions it returns (VM control, SEAL/COMMIT/ABORT through the
-//! links, checkpoints, telemetry).
+//! The coordinator's I/O shell: one thread owns the [`Cycle`] state machine, the checkpointer
+//! and every device link's socket. It waits in one `ppoll` on its mailbox (checkpointer
+//! reports, operator requests) and the control sockets, feeds the cycle what arrives, and
+//! executes the actions it returns (VM control, SEAL/COMMIT/ABORT written to the daemons,
+//! checkpoints, telemetry). A daemon's reply becomes the cycle's next action on the thread
+//! that read it: the hot path (OUTPUT_PENDING, SEAL, SEALED, COMMIT, COMMITTED) crosses no
+//! thread inside the coordinator.
 //!
-//! Invariants: the generation is persisted before the first link is started (no command can
-//! go out under an unpersisted generation) and again before an ABORT under a new one; actions
-//! are executed in the order the state machine emitted them, and the links keep per-device
-//! order, so COMMITs reach every daemon in epoch order.
+//! Invariants: the generation is persisted before the first link connects (no command can go
+//! out under an unpersisted generation) and again before an ABORT under a new one; actions
+//! are executed in the order the state machine emitted them, and each link writes its
+//! requests in order, so COMMITs reach every daemon in epoch order. Nothing on this thread
+//! blocks on a daemon: every call is bounded by the link's call timeout.
 
 use super::api::ApiServer;
 use super::checkpointer::Checkpointer;
+use super::checkpointer::Sink;
 use super::checkpointer_spec::CheckpointerSpec;
 use super::cycle::{Action, Cycle, CycleConfig, Event, Input};
-use super::device_link::{DeviceLink, LinkCmd, LinkConfig, LinkRequester, LinkSink};
-use super::handle::{CoordinatorHandle, Op};
-use super::handle::{Msg, OP_TIMEOUT};
+use super::device_link::{DeviceLink, LinkConfig, LinkRequester};
+use super::handle::{CoordinatorHandle, Op, OpAnswer};
+use super::handle::{Mailbox, Msg};
 use super::metrics::{self, MetricsServer};
 use super::telemetry::Telemetry;
 use crate::arbiter::Claim;
@@ -26,11 +31,13 @@ use serde_json::{json, Value};
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use vmm_sys_util::eventfd::EventFd;
 
 /// `--device NAME=CONTROL_SOCKET`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -70,7 +77,7 @@ pub struct CoordinatorConfig {
 
 /// A running coordinator.
 pub struct Coordinator {
-    tx: mpsc::Sender<Msg>,
+    mailbox: Mailbox,
     generation: Generation,
     thread: Option<JoinHandle<()>>,
     requesters: Vec<LinkRequester>,
@@ -79,8 +86,8 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
-    /// Takes a new generation (persisted first), connects the device links and starts the
-    /// cycle, the API socket and the metrics endpoint.
+    /// Takes a new generation (persisted first), starts the cycle's thread (which connects the
+    /// device links), the API socket and the metrics endpoint.
     pub fn start(cfg: CoordinatorConfig) -> io::Result<Coordinator> {
         if cfg.devices.is_empty() {
             return Err(io::Error::new(
@@ -92,12 +99,12 @@ impl Coordinator {
             metrics::check_loopback(a)?;
         }
         let store = GenerationStore::new(&cfg.state_file);
-        let (tx, rx) = mpsc::channel::<Msg>();
+        let (mailbox, rx, wake) = Mailbox::new()?;
         let generation = match &cfg.claim {
             Some(claim) => {
-                let lost = tx.clone();
+                let lost = mailbox.clone();
                 claim.set_lost_hook(Box::new(move |error| {
-                    let _ = lost.send(Msg::Input(Input::LeaseLost { error }));
+                    lost.send(Msg::Input(Input::LeaseLost { error }));
                 }));
                 // Above every generation ever written for this VM; refused if another host
                 // took it over since this host last held it.
@@ -111,11 +118,10 @@ impl Coordinator {
             "coordinator generation {generation} (persisted in {})",
             cfg.state_file.display()
         );
-        // The sender is Sync: no lock of our own for the link threads and the checkpointer to
-        // contend on.
-        let sink_tx = tx.clone();
-        let sink: LinkSink = Arc::new(move |i| {
-            let _ = sink_tx.send(Msg::Input(i));
+        // The sender is Sync: no lock of our own for the checkpointer's threads to contend on.
+        let sink_box = mailbox.clone();
+        let sink: Sink = Arc::new(move |i| {
+            sink_box.send(Msg::Input(i));
         });
         let acks = acks_protect_output(&cfg.checkpointer);
         if !acks.0 {
@@ -125,18 +131,15 @@ impl Coordinator {
                 acks.1
             );
         }
-        let checkpointer = cfg.checkpointer.build(sink.clone());
-        let mut links = Vec::with_capacity(cfg.devices.len());
-        for (i, d) in cfg.devices.iter().enumerate() {
-            links.push(DeviceLink::spawn(
-                i,
-                d.name.clone(),
-                d.socket.clone(),
-                cfg.link,
-                sink.clone(),
-            )?);
-        }
-        let requesters: Vec<LinkRequester> = links.iter().map(DeviceLink::requester).collect();
+        let checkpointer = cfg.checkpointer.build(sink);
+        let links: Vec<DeviceLink> = cfg
+            .devices
+            .iter()
+            .enumerate()
+            .map(|(i, d)| DeviceLink::new(i, d.name.clone(), d.socket.clone(), cfg.link))
+            .collect();
+        let requesters: Vec<LinkRequester> =
+            links.iter().map(|l| l.requester(mailbox.clone())).collect();
         let shell = Shell {
             cycle: Cycle::new(cfg.cycle.clone(), generation, links.len()),
             checkpointer,
@@ -145,17 +148,18 @@ impl Coordinator {
             telemetry: Telemetry::new(cfg.devices.len()),
             devices: cfg.devices.clone(),
             out: Vec::with_capacity(16),
+            link_out: Vec::with_capacity(16),
             queue: VecDeque::with_capacity(16),
-            last_abort: None,
+            gathers: Vec::new(),
             call_timeout: cfg.link.call_timeout,
             acks,
             claim: cfg.claim.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("ft-coordinator".into())
-            .spawn(move || shell.run(rx))?;
+            .spawn(move || shell.run(rx, wake))?;
         let mut c = Coordinator {
-            tx,
+            mailbox,
             generation,
             thread: Some(thread),
             requesters,
@@ -178,7 +182,7 @@ impl Coordinator {
 
     /// A cloneable handle for operator requests.
     pub fn handle(&self) -> CoordinatorHandle {
-        CoordinatorHandle::new(self.tx.clone(), self.requesters.clone())
+        CoordinatorHandle::new(self.mailbox.clone(), self.requesters.clone())
     }
 
     /// Runs an operator request.
@@ -199,7 +203,7 @@ impl Coordinator {
     fn stop(&mut self) {
         self.api.take();
         self.metrics.take();
-        let _ = self.tx.send(Msg::Shutdown);
+        self.mailbox.send(Msg::Shutdown);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -220,8 +224,11 @@ struct Shell {
     telemetry: Telemetry,
     devices: Vec<DeviceSpec>,
     out: Vec<Action>,
+    /// What the links answered while an action was executed (fed after it).
+    link_out: Vec<Input>,
     queue: VecDeque<Input>,
-    last_abort: Option<Value>,
+    /// ABORTs and ANNOUNCEs waiting for the devices' answers.
+    gathers: Vec<Gather>,
     call_timeout: Duration,
     /// Whether an acknowledgement means a secondary holds the checkpoint, and why (not).
     acks: (bool, &'static str),
@@ -249,43 +256,115 @@ pub fn acks_protect_output(spec: &CheckpointerSpec) -> (bool, &'static str) {
     }
 }
 
+/// How long the shell sleeps when neither the cycle nor a link has a deadline.
+const IDLE_WAIT: Duration = Duration::from_secs(1);
+
 impl Shell {
-    fn run(mut self, rx: mpsc::Receiver<Msg>) {
+    fn run(mut self, rx: mpsc::Receiver<Msg>, wake: Arc<EventFd>) {
+        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(1 + self.links.len());
+        // Set by a shutdown: a cut in progress may still end cleanly until then (bounded by
+        // the control call timeout).
+        let mut stop_by: Option<Instant> = None;
         loop {
             let now = Instant::now();
-            let timeout = self
-                .cycle
-                .next_deadline(now)
-                .map_or(Duration::from_secs(1), |d| d.saturating_duration_since(now));
-            match rx.recv_timeout(timeout) {
-                Ok(Msg::Input(i)) => self.feed(i),
-                Ok(Msg::Op(op, answer)) => {
-                    let r = self.op(op);
-                    let _ = answer.send(r);
-                }
-                Ok(Msg::Shutdown) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                Err(mpsc::RecvTimeoutError::Timeout) => self.feed(Input::Tick),
+            for i in 0..self.links.len() {
+                self.links[i].tick(now, &mut self.link_out);
+                self.feed_link_out();
             }
-        }
-        // Let a cut in progress end cleanly (bounded by the control call timeout).
-        self.feed(Input::WindDown);
-        let deadline = Instant::now() + self.call_timeout;
-        while !self.cycle.is_idle() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(Msg::Input(i)) => self.feed(i),
-                Ok(Msg::Op(_, answer)) => {
-                    let _ = answer.send(Err("coordinator is stopping".into()));
+            if self.cycle.next_deadline(now).is_some_and(|d| d <= now) {
+                self.feed(Input::Tick);
+            }
+            self.poll_gathers();
+            if let Some(t) = stop_by {
+                if self.cycle.is_idle() {
+                    break;
                 }
-                Ok(Msg::Shutdown) => {}
-                Err(_) => {
+                if now >= t {
                     log::error!("a cut was still in progress at shutdown; the VM may stay paused");
                     break;
                 }
             }
+
+            let mut until = self.cycle.next_deadline(now).unwrap_or(now + IDLE_WAIT);
+            for l in &self.links {
+                until = until.min(l.next_deadline());
+            }
+            if let Some(t) = stop_by {
+                until = until.min(t);
+            }
+            fds.clear();
+            fds.push(libc::pollfd {
+                fd: wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+            for l in &self.links {
+                // A negative fd keeps the link's slot and is ignored by ppoll.
+                let (fd, events) = l.poll_interest().unwrap_or((-1, 0));
+                fds.push(libc::pollfd {
+                    fd,
+                    events,
+                    revents: 0,
+                });
+            }
+            wait(&mut fds, until.saturating_duration_since(now));
+
+            if fds[0].revents != 0 {
+                let _ = wake.read();
+            }
+            loop {
+                match rx.try_recv() {
+                    Ok(Msg::Input(i)) => self.feed(i),
+                    Ok(Msg::Op(_, answer)) if stop_by.is_some() => {
+                        let _ = answer.send(Err("coordinator is stopping".into()));
+                    }
+                    Ok(Msg::Op(op, answer)) => self.op(op, answer),
+                    Ok(Msg::Call(device, req, answer)) => match self.links.get_mut(device) {
+                        Some(l) => {
+                            l.call(&req, answer, &mut self.link_out);
+                            self.feed_link_out();
+                        }
+                        None => {
+                            let _ = answer.send(Err(format!("no device {device}")));
+                        }
+                    },
+                    Ok(Msg::Shutdown) | Err(mpsc::TryRecvError::Disconnected) => {
+                        if stop_by.is_none() {
+                            stop_by = Some(Instant::now() + self.call_timeout);
+                            self.feed(Input::WindDown);
+                        }
+                        break;
+                    }
+                    Err(mpsc::TryRecvError::Empty) => break,
+                }
+            }
+            for (i, fd) in fds.iter().enumerate().skip(1) {
+                if fd.revents != 0 {
+                    self.links[i - 1].on_ready(fd.revents, &mut self.link_out);
+                    self.feed_link_out();
+                }
+            }
         }
-        // Dropping the links closes the control connections; daemons keep holding output.
+        // Closing the control connections; daemons keep holding output.
+        for l in &mut self.links {
+            l.close();
+        }
         log::info!("coordinator stopped");
+    }
+
+    /// Feeds what the links reported.
+    fn feed_link_out(&mut self) {
+        if self.link_out.is_empty() {
+            return;
+        }
+        let mut v = std::mem::take(&mut self.link_out);
+        for i in v.drain(..) {
+            self.feed(i);
+        }
+        // Keep the allocation unless feeding refilled it meanwhile.
+        if self.link_out.is_empty() {
+            self.link_out = v;
+        }
     }
 
     fn feed(&mut self, input: Input) {
@@ -349,8 +428,12 @@ impl Shell {
                 devices,
             } => {
                 for d in devices {
-                    self.send(d, LinkCmd::Seal(generation, epoch));
+                    match self.links.get_mut(d) {
+                        Some(l) => l.seal(generation, epoch, &mut self.link_out),
+                        None => self.no_such_device(d),
+                    }
                 }
+                self.queue.extend(self.link_out.drain(..));
             }
             Action::StartCheckpoint { epoch, states } => {
                 self.checkpointer
@@ -368,23 +451,28 @@ impl Shell {
                 // refuse to start it later (the lease may have passed to another host).
                 let deadline = self.claim.as_ref().map(|c| c.deadline());
                 for d in devices {
-                    self.send(d, LinkCmd::Commit(generation, epoch, deadline));
+                    match self.links.get_mut(d) {
+                        Some(l) => l.commit(generation, epoch, deadline, &mut self.link_out),
+                        None => self.no_such_device(d),
+                    }
                 }
+                self.queue.extend(self.link_out.drain(..));
             }
-            Action::AbortAll { generation } => self.abort_all(generation),
+            Action::AbortAll { generation } => {
+                let req = Request::Abort { generation };
+                self.gather(GatherKind::Abort(generation), req, None);
+            }
             Action::Record(s) => self.telemetry.sample(s),
             Action::Report(e) => self.report(e),
         }
     }
 
-    fn send(&mut self, device: usize, cmd: LinkCmd) {
-        let ok = self.links.get(device).is_some_and(|l| l.send(cmd));
-        if !ok {
-            self.queue.push_back(Input::DeviceLost {
-                device,
-                error: "device link thread stopped".into(),
-            });
-        }
+    /// The cycle named a device this shell does not have (a bug): it stops waiting for it.
+    fn no_such_device(&mut self, device: usize) {
+        self.queue.push_back(Input::DeviceLost {
+            device,
+            error: "no such device link".into(),
+        });
     }
 
     fn report(&mut self, e: Event) {
@@ -427,37 +515,176 @@ impl Shell {
         }
     }
 
-    /// ABORT to every daemon, synchronously, so the operator sees each answer.
-    fn abort_all(&mut self, generation: Generation) {
-        let mut answers = Vec::with_capacity(self.links.len());
-        let pending: Vec<_> = self
-            .links
-            .iter()
-            .map(|l| {
-                let r = l.requester();
-                (r.shared().name.clone(), r)
-            })
-            .collect();
-        for (name, r) in pending {
-            let a = match r.call(Request::Abort { generation }, OP_TIMEOUT) {
-                Ok(Reply::Aborted {
-                    cancelled_requests,
-                    cancelled_bytes,
-                    last_committed,
-                }) => json!({"device": name, "aborted": true,
-                    "cancelled_requests": cancelled_requests,
-                    "cancelled_bytes": cancelled_bytes, "last_committed": last_committed}),
-                Ok(other) => json!({"device": name, "aborted": false,
-                    "error": format!("{other:?}")}),
-                Err(e) => json!({"device": name, "aborted": false, "error": e}),
-            };
-            log::warn!("abort generation {generation}: {a}");
-            answers.push(a);
+    /// Sends `req` to every device; `reply` (if any) gets every answer once all are in. Each
+    /// call ends within the call timeout, answered or not, so a gather always finishes.
+    fn gather(&mut self, kind: GatherKind, req: Request, reply: Option<OpAnswer>) {
+        let mut calls = Vec::with_capacity(self.links.len());
+        for l in &mut self.links {
+            let (tx, rx) = mpsc::channel();
+            l.call(&req, tx, &mut self.link_out);
+            calls.push(GatherCall {
+                device: l.shared().name.clone(),
+                rx,
+                answer: None,
+            });
         }
-        self.last_abort = Some(json!({"generation": generation, "devices": answers}));
+        self.queue.extend(self.link_out.drain(..));
+        self.gathers.push(Gather { kind, calls, reply });
     }
 
-    fn op(&mut self, op: Op) -> Result<Value, String> {
+    /// Finishes the gathers whose every device has answered.
+    fn poll_gathers(&mut self) {
+        let mut i = 0;
+        while i < self.gathers.len() {
+            let g = &mut self.gathers[i];
+            for c in &mut g.calls {
+                if c.answer.is_none() {
+                    c.answer = match c.rx.try_recv() {
+                        Ok(r) => Some(r),
+                        Err(mpsc::TryRecvError::Empty) => None,
+                        Err(mpsc::TryRecvError::Disconnected) => {
+                            Some(Err("the device link dropped the request".into()))
+                        }
+                    };
+                }
+            }
+            if g.calls.iter().all(|c| c.answer.is_some()) {
+                let g = self.gathers.swap_remove(i);
+                self.finish_gather(g);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    fn finish_gather(&mut self, g: Gather) {
+        let answers = g.calls.into_iter().map(|c| {
+            (
+                c.device,
+                c.answer.unwrap_or_else(|| Err("no answer".into())),
+            )
+        });
+        let value = match g.kind {
+            GatherKind::Abort(generation) => {
+                let devices: Vec<Value> = answers
+                    .map(|(name, r)| {
+                        let a = match r {
+                            Ok(Reply::Aborted {
+                                cancelled_requests,
+                                cancelled_bytes,
+                                last_committed,
+                            }) => json!({"device": name, "aborted": true,
+                                "cancelled_requests": cancelled_requests,
+                                "cancelled_bytes": cancelled_bytes,
+                                "last_committed": last_committed}),
+                            Ok(other) => json!({"device": name, "aborted": false,
+                                "error": format!("{other:?}")}),
+                            Err(e) => json!({"device": name, "aborted": false, "error": e}),
+                        };
+                        log::warn!("abort generation {generation}: {a}");
+                        a
+                    })
+                    .collect();
+                let mut answer = json!({"generation": generation, "devices": devices});
+                self.revoke_lease(&mut answer);
+                answer
+            }
+            GatherKind::Announce(generation) => {
+                let devices: Vec<Value> = answers
+                    .map(|(name, r)| match r {
+                        Ok(Reply::Announced { packets }) => {
+                            json!({"device": name, "announced": true, "packets": packets})
+                        }
+                        Ok(other) => json!({"device": name, "announced": false,
+                            "reply": format!("{other:?}")}),
+                        Err(e) => json!({"device": name, "announced": false, "error": e}),
+                    })
+                    .collect();
+                json!({"generation": generation, "devices": devices})
+            }
+        };
+        if let Some(reply) = g.reply {
+            let _ = reply.send(Ok(value));
+        }
+    }
+
+    /// Deposed, and every daemon has answered the ABORT: hand the etcd key over at once
+    /// instead of after the TTL.
+    fn revoke_lease(&self, answer: &mut Value) {
+        if let Some(c) = &self.claim {
+            answer["lease_revoked"] = match c.revoke() {
+                Ok(()) => json!(true),
+                Err(e) => {
+                    log::error!("cannot revoke the etcd lease: {e}");
+                    json!(e.to_string())
+                }
+            };
+        }
+    }
+
+    /// Runs an operator request; ABORT and ANNOUNCE answer once every device has.
+    fn op(&mut self, op: Op, answer: OpAnswer) {
+        match op {
+            Op::Abort => self.op_abort(answer),
+            Op::Announce => {
+                let g = self.cycle.generation();
+                let req = Request::Announce { generation: g };
+                self.gather(GatherKind::Announce(g), req, Some(answer));
+            }
+            _ => {
+                let _ = answer.send(self.op_now(op));
+            }
+        }
+    }
+
+    fn op_abort(&mut self, answer: OpAnswer) {
+        // Newer than anything handed out, persisted before anyone hears of it: with etcd also
+        // written there under the key (above every generation of the VM), locally only if
+        // etcd cannot be reached.
+        let in_etcd = self.claim.as_ref().and_then(|c| {
+            c.advance_generation(&self.store, self.cycle.generation(), false)
+                .map_err(|e| log::warn!("abort: generation not written to etcd: {e}"))
+                .ok()
+        });
+        let g = match in_etcd {
+            Some(g) => g,
+            None => {
+                let stored = match self.store.load() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = answer.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                let g = Generation(stored.0.max(self.cycle.generation().0).saturating_add(1));
+                if let Err(e) = self.store.store(g) {
+                    let _ = answer.send(Err(format!("cannot persist generation {g}: {e}")));
+                    return;
+                }
+                g
+            }
+        };
+        // The cycle answers with AbortAll, which starts the gather this answer joins.
+        self.feed(Input::Abort { generation: g });
+        let started = self
+            .gathers
+            .iter_mut()
+            .rev()
+            .find(|x| x.reply.is_none() && matches!(x.kind, GatherKind::Abort(_)));
+        match started {
+            Some(x) => x.reply = Some(answer),
+            None => {
+                let mut v = json!({"generation": g});
+                self.revoke_lease(&mut v);
+                let _ = answer.send(Ok(v));
+            }
+        }
+        // Links that are down answered at once.
+        self.poll_gathers();
+    }
+
+    /// Operator requests answered at once.
+    fn op_now(&mut self, op: Op) -> Result<Value, String> {
         match op {
             Op::Status => Ok(self.status()),
             Op::Metrics => {
@@ -487,61 +714,7 @@ impl Shell {
                     "phase": s.phase, "halted": s.halted, "paused": s.paused}),
                 )
             }
-            Op::Abort => {
-                // Newer than anything handed out, persisted before anyone hears of it: with
-                // etcd also written there under the key (above every generation of the VM),
-                // locally only if etcd cannot be reached.
-                let in_etcd = self.claim.as_ref().and_then(|c| {
-                    c.advance_generation(&self.store, self.cycle.generation(), false)
-                        .map_err(|e| log::warn!("abort: generation not written to etcd: {e}"))
-                        .ok()
-                });
-                let g = match in_etcd {
-                    Some(g) => g,
-                    None => {
-                        let stored = self.store.load().map_err(|e| e.to_string())?;
-                        let g =
-                            Generation(stored.0.max(self.cycle.generation().0).saturating_add(1));
-                        self.store
-                            .store(g)
-                            .map_err(|e| format!("cannot persist generation {g}: {e}"))?;
-                        g
-                    }
-                };
-                self.feed(Input::Abort { generation: g });
-                let mut answer = self.last_abort.take().unwrap_or(json!({"generation": g}));
-                // Deposed: hand the key over at once instead of after the TTL.
-                if let Some(c) = &self.claim {
-                    answer["lease_revoked"] = match c.revoke() {
-                        Ok(()) => json!(true),
-                        Err(e) => {
-                            log::error!("cannot revoke the etcd lease: {e}");
-                            json!(e.to_string())
-                        }
-                    };
-                }
-                Ok(answer)
-            }
-            Op::Announce => {
-                let g = self.cycle.generation();
-                let answers: Vec<Value> = self
-                    .links
-                    .iter()
-                    .map(|l| {
-                        let r = l.requester();
-                        let name = r.shared().name.clone();
-                        match r.call(Request::Announce { generation: g }, OP_TIMEOUT) {
-                            Ok(Reply::Announced { packets }) => {
-                                json!({"device": name, "announced": true, "packets": packets})
-                            }
-                            Ok(other) => json!({"device": name, "announced": false,
-                                "reply": format!("{other:?}")}),
-                            Err(e) => json!({"device": name, "announced": false, "error": e}),
-                        }
-                    })
-                    .collect();
-                Ok(json!({"generation": g, "devices": answers}))
-            }
+            Op::Abort | Op::Announce => Err(format!("{} is answered by a gather", op.name())),
         }
     }
 
@@ -626,4 +799,46 @@ impl Shell {
             "lease": self.claim.as_ref().map(|c| c.status()),
         })
     }
+}
+
+/// What a [`Gather`] collects.
+#[derive(Clone, Copy, Debug)]
+enum GatherKind {
+    Abort(Generation),
+    Announce(Generation),
+}
+
+/// An operator request sent to every device, answered once each device has answered (or
+/// failed to: each call is bounded by the call timeout).
+struct Gather {
+    kind: GatherKind,
+    calls: Vec<GatherCall>,
+    reply: Option<OpAnswer>,
+}
+
+/// One device's part of a [`Gather`].
+struct GatherCall {
+    device: String,
+    /// Where the link answers.
+    rx: mpsc::Receiver<Result<Reply, String>>,
+    answer: Option<Result<Reply, String>>,
+}
+
+/// Waits in `ppoll` for `fds` up to `timeout` (nanosecond resolution: a cut deadline can be
+/// sub-millisecond). An interrupted or failed wait just returns; the caller looks again.
+fn wait(fds: &mut [libc::pollfd], timeout: Duration) {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs().min(i64::MAX as u64) as libc::time_t,
+        tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+    };
+    // SAFETY: `fds` is a valid, exclusively borrowed array of pollfd for the duration of the
+    // call, `ts` a valid timespec, and a null signal mask leaves the mask unchanged.
+    unsafe {
+        libc::ppoll(
+            fds.as_mut_ptr(),
+            fds.len() as libc::nfds_t,
+            &ts,
+            std::ptr::null(),
+        )
+    };
 }
