@@ -354,6 +354,9 @@ impl DeviceLink {
                 Err(e) => return self.lost(e.into(), out),
             };
             match msg {
+                // Before the hello STATUS is answered the cycle does not know this device is
+                // up; that STATUS (answered after this notification) reports the output too.
+                DaemonMessage::Notification(_) if !c.ready => {}
                 DaemonMessage::Notification(Notification::OutputPending { epoch }) => {
                     out.push(Input::OutputPending {
                         device: self.id,
