@@ -299,10 +299,15 @@ impl DeviceLink {
 
     /// Queues `req` and writes what the socket takes.
     fn request(&mut self, req: &Request, what: Await, out: &mut Vec<Input>) {
-        let Some(c) = self.conn.as_mut() else {
-            return;
-        };
         let now = Instant::now();
+        let Some(c) = self.conn.as_mut() else {
+            // Callers check first; answered anyway, so nothing waits for a reply that cannot come.
+            let p = Pending {
+                what,
+                deadline: now,
+            };
+            return self.write_off(p, "not connected", out);
+        };
         if let Err(e) = encode_into(req, &mut c.out, MAX_FRAME_LEN) {
             // Our own request does not encode: a bug, not the daemon's fault. Answer it.
             log::error!("device {}: cannot encode {req:?}: {e}", self.shared.name);
