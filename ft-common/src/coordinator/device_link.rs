@@ -867,6 +867,32 @@ mod tests {
     }
 
     #[test]
+    fn garbage_from_the_daemon_drops_the_connection() {
+        let frames: [&[u8]; 2] = [
+            // A well-framed payload that is not a message.
+            b"\x00\x00\x00\x06\x01{\"x\":",
+            // A length far beyond the frame bound.
+            b"\xff\xff\xff\xff\x01",
+        ];
+        for garbage in frames {
+            let (_d, listener, mut link) = rig(Duration::from_secs(5));
+            let mut out = vec![];
+            let mut daemon = accept(&listener, &mut link, &mut out);
+            let (tx, rx) = mpsc::channel();
+            link.call(&Request::Status, tx, &mut out);
+            daemon.write_all(garbage).unwrap();
+            pump(&mut link, &mut out, |i| !i.is_empty());
+            assert!(
+                matches!(&out[..], [Input::DeviceLost { .. }]),
+                "{garbage:?}: {out:?}"
+            );
+            // The operator's request is answered, with an error.
+            assert!(matches!(rx.try_recv(), Ok(Err(_))));
+            assert!(!link.shared().connected.load(Ordering::Acquire));
+        }
+    }
+
+    #[test]
     fn requests_queue_behind_a_daemon_that_reads_slowly() {
         let (_d, listener, mut link) = rig(Duration::from_secs(5));
         let mut out = vec![];

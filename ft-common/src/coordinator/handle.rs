@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Operator requests to a running coordinator: [`Op`] (what `ftctl`, the API socket, the
 //! metrics endpoint and tests can ask) and [`CoordinatorHandle`] (sends them to the runtime's
-//! thread from any thread). Its own module so that the front ends (`api`, `metrics`, `ftctl`)
+//! thread from any thread, through the thread's `Mailbox`, which the checkpointer's reports
+//! also use). Its own module so that the front ends (`api`, `metrics`, `ftctl`)
 //! depend on it and the runtime depends on them, without a cycle.
 //!
 //! Invariant: an answer arrives or the call fails within a bound (`OP_TIMEOUT` per daemon call,
