@@ -23,6 +23,8 @@
 #   allocates a block, so an fdatasync carries no journal commit of new extents.
 #   BASE_BIN=/path/to/older/target/release  adds hold runs of that build (its vhost-user-blk-ft
 #   and ft-coordinator) as "base".
+#   DAEMON_ARGS="--queues 4"  extra vhost-user-blk-ft arguments for every run (the client still
+#   uses one queue; a SEAL asks every queue's worker for its record).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -70,6 +72,8 @@ run() {
     fresh_image
     local args=(--socket "$DIR/blk.sock" --image "$DIR/img")
     [ "$DIRECT" = 1 ] && args+=(--direct)
+    # shellcheck disable=SC2206 # word splitting is the point: several arguments
+    [ -n "${DAEMON_ARGS:-}" ] && args+=($DAEMON_ARGS)
     [ "$mode" != off ] && args+=(--ft hold --control "$DIR/ctl.sock")
     "$bin/vhost-user-blk-ft" "${args[@]}" 2>"$out.daemon.log" &
     local daemon=$!
@@ -132,7 +136,8 @@ def st(m, r):
     return json.load(open(f"{d}/{m}.{r}.status.json"))
 cache = "O_DIRECT" if sys.argv[5] == "1" else "page cache"
 image = "one fully written 1 GiB image" if sys.argv[6] == "1" else "a fresh sparse 1 GiB image per run"
-print(f"workload {wl}, {rounds} rounds, {cache}, {image}")
+extra = os.environ.get("DAEMON_ARGS", "")
+print(f"workload {wl}, {rounds} rounds, {cache}, {image}" + (f", daemon {extra}" if extra else ""))
 print("| round | " + " | ".join(f"{m} IOPS (p50 us)" for m in modes) + " | " + " | ".join(f"{m}/off" for m in modes[1:]) + " |")
 print("|---" * (2 * len(modes)) + "|")
 ratios = {m: [] for m in modes[1:]}

@@ -95,7 +95,7 @@ pub enum NetMsg {
     Announce(MacAddr),
 }
 
-#[derive(Debug)]
+#[derive(Clone, Copy, Debug)]
 pub enum GateOp {
     Seal(Epoch),
     Commit(Epoch),

@@ -38,7 +38,7 @@ use ft_common::gate::{
     OnCommitError, QueueMerge, Recovery,
 };
 use ft_common::txqueue::TxCounters;
-use ft_common::vhost_user::WorkerHandle;
+use ft_common::vhost_user::{WorkerGone, WorkerHandle};
 use std::time::Instant;
 
 /// The net device as the gate sees it.
@@ -78,11 +78,27 @@ impl NetGate {
     }
 
     fn call(&self, i: usize, op: GateOp) -> Result<NetReply, GateError> {
-        let w = &self.workers[i];
-        let r = w
-            .call(NetMsg::Gate(op))
-            .map_err(|e| GateError::Internal(format!("queue pair {i}: {e}")))?;
-        match r {
+        let r = self.workers[i].call(NetMsg::Gate(op));
+        Self::reply(i, r)
+    }
+
+    /// `op` to every pair, all asked before any answer is awaited (one round of wakeups, not
+    /// one per pair); the replies in pair order.
+    fn call_all(&self, op: GateOp) -> Vec<Result<NetReply, GateError>> {
+        let asked: Vec<_> = self
+            .workers
+            .iter()
+            .map(|w| w.ask(NetMsg::Gate(op)))
+            .collect();
+        asked
+            .into_iter()
+            .enumerate()
+            .map(|(i, a)| Self::reply(i, a.and_then(|a| a.wait())))
+            .collect()
+    }
+
+    fn reply(i: usize, r: Result<NetReply, WorkerGone>) -> Result<NetReply, GateError> {
+        match r.map_err(|e| GateError::Internal(format!("queue pair {i}: {e}")))? {
             NetReply::Refused(e) => Err(GateError::Refused(e)),
             NetReply::NotHolding => Err(GateError::Unsupported(
                 "output gating is off (--ft off)".into(),
@@ -104,8 +120,10 @@ impl NetGate {
     fn counters(
         &self,
     ) -> Result<Vec<(TxCounters, Vec<ft_common::txqueue::EpochStats>)>, GateError> {
-        (0..self.workers.len())
-            .map(|i| match self.call(i, GateOp::Status)? {
+        self.call_all(GateOp::Status)
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| match r? {
                 NetReply::Status { counters, epochs } => Ok((counters, epochs)),
                 r => Err(GateError::Internal(format!(
                     "queue pair {i}: {r:?} to STATUS"
@@ -139,8 +157,8 @@ impl GateDevice for NetGate {
             c.check_seal(epoch)?;
         }
         let mut queues = Vec::with_capacity(2 * self.workers.len());
-        for i in 0..self.workers.len() {
-            match self.call(i, GateOp::Seal(epoch))? {
+        for (i, r) in self.call_all(GateOp::Seal(epoch)).into_iter().enumerate() {
+            match r? {
                 NetReply::Sealed { rings, .. } => queues.extend(rings),
                 r => {
                     return Err(GateError::Internal(format!(

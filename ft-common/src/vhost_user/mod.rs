@@ -68,4 +68,4 @@ pub use memory::GuestMem;
 pub use replay::{ReplayError, ReplayStore, ReplaySummary, RingReplay};
 pub use server::{ServerStop, VhostUserServer};
 pub use vring::VringHandle;
-pub use worker::{RingPosition, WorkerCtx, WorkerGone, WorkerHandle};
+pub use worker::{Asked, RingPosition, WorkerCtx, WorkerGone, WorkerHandle};

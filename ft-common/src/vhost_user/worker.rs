@@ -216,10 +216,17 @@ impl<W: QueueWorker> WorkerHandle<W> {
     /// together: a device needing a cross-queue atomic step (SEAL) shares state under its own
     /// lock and uses `call` only to make workers act on it.
     pub fn call(&self, msg: W::Msg) -> Result<W::Reply, WorkerGone> {
+        self.ask(msg)?.wait()
+    }
+
+    /// [`WorkerHandle::call`] in two halves: sends `msg` now, and [`Asked::wait`] returns the
+    /// reply. Asking every worker first and then waiting for each costs one round of wakeups,
+    /// where `call` in a loop costs one per worker (a SEAL asks every queue for its record).
+    pub fn ask(&self, msg: W::Msg) -> Result<Asked<W::Reply>, WorkerGone> {
         let (rtx, rrx) = channel();
         self.tx.send((msg, rtx)).map_err(|_| WorkerGone)?;
         self.wake.ring().map_err(|_| WorkerGone)?;
-        rrx.recv().map_err(|_| WorkerGone)
+        Ok(Asked(rrx))
     }
 
     /// Queue `msg` for [`QueueWorker::handle_message`] on the worker thread without waiting:
@@ -249,6 +256,17 @@ impl<W: QueueWorker> WorkerHandle<W> {
         let (rtx, _) = channel();
         self.tx.send((msg, rtx)).map_err(|_| WorkerGone)?;
         self.wake.ring().map_err(|_| WorkerGone)
+    }
+}
+
+/// A message sent with [`WorkerHandle::ask`] whose reply is still to come.
+#[derive(Debug)]
+pub struct Asked<R>(Receiver<R>);
+
+impl<R> Asked<R> {
+    /// Waits for the worker's reply.
+    pub fn wait(self) -> Result<R, WorkerGone> {
+        self.0.recv().map_err(|_| WorkerGone)
     }
 }
 

@@ -228,10 +228,16 @@ impl GateDevice for BlkGate {
         }
         drop(txq);
         // Each worker reports its ring (outside the lock: a worker takes it to hold a
-        // request). The rings are stopped at a checkpoint, so nothing moves meanwhile.
+        // request). The rings are stopped at a checkpoint, so nothing moves meanwhile. All are
+        // asked before any answer is awaited: one round of wakeups, not one per queue.
+        let asked: Vec<_> = self
+            .workers
+            .iter()
+            .map(|w| w.ask(GateMsg::Record))
+            .collect();
         let mut queues = Vec::with_capacity(held.len());
-        for (w, held) in self.workers.iter().zip(held) {
-            match w.call(GateMsg::Record) {
+        for (a, held) in asked.into_iter().zip(held) {
+            match a.and_then(|a| a.wait()) {
                 Ok(GateReply::Record(mut qs)) => {
                     qs.held = held;
                     queues.push(qs);
