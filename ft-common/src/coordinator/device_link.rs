@@ -766,6 +766,15 @@ mod tests {
         s
     }
 
+    /// A link already connected to the test's daemon side (hello answered).
+    fn connected(
+        call_timeout: Duration,
+    ) -> (tempfile::TempDir, UnixListener, DeviceLink, UnixStream) {
+        let (d, listener, mut link) = rig(call_timeout);
+        let daemon = accept(&listener, &mut link, &mut vec![]);
+        (d, listener, link, daemon)
+    }
+
     fn read_request(s: &mut UnixStream) -> Request {
         read_message(s, MAX_FRAME_LEN).unwrap().unwrap()
     }
@@ -785,9 +794,8 @@ mod tests {
 
     #[test]
     fn pipelined_replies_go_to_their_requests_in_order() {
-        let (_d, listener, mut link) = rig(Duration::from_secs(5));
+        let (_d, _listener, mut link, mut daemon) = connected(Duration::from_secs(5));
         let mut out = vec![];
-        let mut daemon = accept(&listener, &mut link, &mut out);
         let (tx, rx) = mpsc::channel();
         link.seal(Generation(1), Epoch(7), &mut out);
         link.call(&Request::Status, tx, &mut out);
@@ -825,9 +833,8 @@ mod tests {
 
     #[test]
     fn a_late_reply_to_a_timed_out_seal_is_skipped() {
-        let (_d, listener, mut link) = rig(Duration::from_millis(50));
+        let (_d, _listener, mut link, mut daemon) = connected(Duration::from_millis(50));
         let mut out = vec![];
-        let mut daemon = accept(&listener, &mut link, &mut out);
         link.seal(Generation(1), Epoch(7), &mut out);
         pump(&mut link, &mut out, |i| !i.is_empty());
         assert!(
@@ -853,9 +860,8 @@ mod tests {
 
     #[test]
     fn an_unsolicited_reply_drops_the_connection_and_the_link_reconnects() {
-        let (_d, listener, mut link) = rig(Duration::from_secs(5));
+        let (_d, listener, mut link, mut daemon) = connected(Duration::from_secs(5));
         let mut out = vec![];
-        let mut daemon = accept(&listener, &mut link, &mut out);
         write_message(&mut daemon, &sealed(7)).unwrap();
         pump(&mut link, &mut out, |i| !i.is_empty());
         assert!(
@@ -875,9 +881,8 @@ mod tests {
             b"\xff\xff\xff\xff\x01",
         ];
         for garbage in frames {
-            let (_d, listener, mut link) = rig(Duration::from_secs(5));
+            let (_d, _listener, mut link, mut daemon) = connected(Duration::from_secs(5));
             let mut out = vec![];
-            let mut daemon = accept(&listener, &mut link, &mut out);
             let (tx, rx) = mpsc::channel();
             link.call(&Request::Status, tx, &mut out);
             daemon.write_all(garbage).unwrap();
@@ -894,9 +899,8 @@ mod tests {
 
     #[test]
     fn requests_queue_behind_a_daemon_that_reads_slowly() {
-        let (_d, listener, mut link) = rig(Duration::from_secs(5));
+        let (_d, _listener, mut link, daemon) = connected(Duration::from_secs(5));
         let mut out = vec![];
-        let daemon = accept(&listener, &mut link, &mut out);
         // A small send buffer, so a few hundred SEALs fill it.
         let fd = link.poll_interest().unwrap().0;
         let size: libc::c_int = 4096;

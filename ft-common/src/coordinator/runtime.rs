@@ -354,21 +354,17 @@ impl Shell {
 
     /// Feeds what the links reported.
     fn feed_link_out(&mut self) {
-        if self.link_out.is_empty() {
-            return;
-        }
-        let mut v = std::mem::take(&mut self.link_out);
-        for i in v.drain(..) {
-            self.feed(i);
-        }
-        // Keep the allocation unless feeding refilled it meanwhile.
-        if self.link_out.is_empty() {
-            self.link_out = v;
-        }
+        self.queue.extend(self.link_out.drain(..));
+        self.run_queue();
     }
 
     fn feed(&mut self, input: Input) {
         self.queue.push_back(input);
+        self.run_queue();
+    }
+
+    /// Feeds the cycle every queued input, including those its actions queue meanwhile.
+    fn run_queue(&mut self) {
         while let Some(i) = self.queue.pop_front() {
             match &i {
                 Input::Committed { device, stats, .. } => {

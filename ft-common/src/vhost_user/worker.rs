@@ -253,9 +253,8 @@ impl<W: QueueWorker> WorkerHandle<W> {
     /// }
     /// ```
     pub fn post(&self, msg: W::Msg) -> Result<(), WorkerGone> {
-        let (rtx, _) = channel();
-        self.tx.send((msg, rtx)).map_err(|_| WorkerGone)?;
-        self.wake.ring().map_err(|_| WorkerGone)
+        // The reply's receiver is dropped with the `Asked`: the worker's answer goes nowhere.
+        self.ask(msg).map(drop)
     }
 }
 
