@@ -71,6 +71,23 @@ impl Tap {
         Ok(())
     }
 
+    /// The tap's send buffer (TUNGETSNDBUF): how many bytes of written frames the kernel may
+    /// hold before a non-blocking write is refused with `EAGAIN`. `i32::MAX` (the default;
+    /// QEMU sets it too unless told otherwise) means a write is never refused for room.
+    pub fn send_buffer(&self) -> io::Result<i32> {
+        let mut size: libc::c_int = 0;
+        // SAFETY: TUNGETSNDBUF writes one c_int through the pointer, which outlives the call.
+        cvt(unsafe { libc::ioctl(self.file.as_raw_fd(), libc::TUNGETSNDBUF, &mut size) })?;
+        Ok(size)
+    }
+
+    /// Sets the tap's send buffer (TUNSETSNDBUF), for every queue of the interface.
+    pub fn set_send_buffer(&self, size: i32) -> io::Result<()> {
+        // SAFETY: TUNSETSNDBUF reads one c_int from the pointer, which outlives the call.
+        cvt(unsafe { libc::ioctl(self.file.as_raw_fd(), libc::TUNSETSNDBUF, &size) })?;
+        Ok(())
+    }
+
     /// Reads one frame (header included). `WouldBlock` when the queue is empty.
     pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
         // SAFETY: reads at most buf.len() bytes into memory we own.

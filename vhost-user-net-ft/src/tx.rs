@@ -12,7 +12,7 @@
 //!
 //! `--ft off` ([`TapSink`]): single-segment frames are not written one `writev` each but
 //! collected and handed to the tap in batches of up to [`TAP_BATCH`] by [`TapBatch`] (one
-//! io_uring submission, hard-linked writes, so guest order holds); their chains are completed
+//! io_uring submission, in guest order: see its module docs for when the writes are linked); their chains are completed
 //! only after the batch was written, since the iovecs point into the guest's buffers. A
 //! multi-segment frame first flushes the batch, then goes out with `writev`. The batch is always
 //! flushed before a pass returns, so no pointer into guest memory outlives a pass. In the hold

@@ -106,7 +106,7 @@ fn multi_queue_and_existing_taps() {
 }
 
 #[test]
-fn batched_commit_writes_keep_order_with_few_syscalls() {
+fn batched_writes_keep_order_with_few_syscalls_linked_or_not() {
     in_netns(|| {
         let taps = open_tap("ftbat0", 1).unwrap();
         configure_ip("ftbat0", "10.78.0.1/24".parse().unwrap()).unwrap();
@@ -127,9 +127,25 @@ fn batched_commit_writes_keep_order_with_few_syscalls() {
             .collect();
         let uring = TapBatch::new();
         assert!(uring.uses_io_uring(), "io_uring works on this kernel");
-        for mut b in [uring, TapBatch::without_io_uring()] {
+        assert_eq!(
+            taps[0].send_buffer().unwrap(),
+            i32::MAX,
+            "a new tap's default"
+        );
+        // Unlinked writes (the default tap), linked writes (a limited send buffer), then
+        // write(2).
+        let writers = [
+            (uring, None, Some(false)),
+            (TapBatch::new(), Some(16 * 1024), Some(true)),
+            (TapBatch::without_io_uring(), None, Some(true)),
+        ];
+        for (mut b, send_buffer, linked) in writers {
+            if let Some(size) = send_buffer {
+                taps[0].set_send_buffer(size).unwrap();
+            }
             // SAFETY: `frames` outlives the call.
             let r = unsafe { b.write_all(&taps[0], &iovs) };
+            assert_eq!(b.links_writes(), linked);
             assert_eq!((r.frames, r.errors), (600, 0));
             if b.uses_io_uring() {
                 assert!(
