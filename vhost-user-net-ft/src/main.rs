@@ -66,7 +66,9 @@ struct Cli {
     #[arg(long, default_value_t = 4 << 20)]
     tx_buffer_bytes: usize,
     /// Hold buffer size per queue pair, frames.
-    #[arg(long, default_value_t = 4096)]
+    // 16384: a 5 ms epoch of 64 B frames at 3 Mpps. 4096 capped a 5 ms epoch at 0.82 Mpps,
+    // below what one queue pair writes with gating off (docs/benchmarks.md, packet rate).
+    #[arg(long, default_value_t = 16384)]
     tx_buffer_packets: usize,
 }
 

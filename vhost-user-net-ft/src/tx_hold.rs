@@ -69,8 +69,8 @@ impl TxHold {
             }),
             head: 0,
             tail: 0,
-            taken: Vec::with_capacity(max_packets.min(4096)),
-            iov: Vec::with_capacity(max_packets.min(4096)),
+            taken: Vec::with_capacity(max_packets.min(1 << 14)),
+            iov: Vec::with_capacity(max_packets.min(1 << 14)),
             output_pending: None,
         }
     }
