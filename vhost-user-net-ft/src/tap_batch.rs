@@ -15,9 +15,9 @@
 //!
 //! Links have a price: io_uring issues each linked write from task work once the previous one
 //! completed. With 64 B frames that was a third of the writer thread's time; without links the
-//! same thread writes 1.3x the frames (docs/benchmarks.md, "Network packet rate"). A tap whose
-//! send buffer is lowered after the writer chose may see a frame refused for room go out after
-//! later ones of its batch; it is still written exactly once.
+//! same thread writes 1.3-1.4x the frames (docs/benchmarks.md, "Network packet rate"). A tap
+//! whose send buffer is lowered after the writer chose may see a frame refused for room go out
+//! after later ones of its batch; it is still written exactly once.
 //!
 //! If io_uring is unavailable (old kernel, seccomp) the writer falls back to a write(2) loop;
 //! the result is the same, only slower.
