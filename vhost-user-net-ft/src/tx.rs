@@ -12,12 +12,12 @@
 //!
 //! `--ft off` ([`TapSink`]): single-segment frames are not written one `writev` each but
 //! collected and handed to the tap in batches of up to [`TAP_BATCH`] by [`TapBatch`] (one
-//! io_uring submission, in guest order: see its module docs for when the writes are linked); their chains are completed
-//! only after the batch was written, since the iovecs point into the guest's buffers. A
-//! multi-segment frame first flushes the batch, then goes out with `writev`. The batch is always
-//! flushed before a pass returns, so no pointer into guest memory outlives a pass. In the hold
-//! mode the same batching happens at COMMIT, which is why `--ft off` was the slower of the two
-//! before (docs/benchmarks.md).
+//! io_uring submission, in guest order: its module docs say when the writes are linked); their
+//! chains are completed only after the batch was written, since the iovecs point into the
+//! guest's buffers. A multi-segment frame first flushes the batch, then goes out with `writev`.
+//! The batch is always flushed before a pass returns, so no pointer into guest memory outlives
+//! a pass. In the hold mode the same batching happens at COMMIT, which is why `--ft off` was
+//! the slower of the two before (docs/benchmarks.md).
 //!
 //! Backpressure: when the sink is full the chain is put back (next_avail rewound) and the pass
 //! stops with `blocked`; nothing is dropped. Invariant: every chain popped is either pushed and
