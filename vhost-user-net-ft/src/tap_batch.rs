@@ -318,6 +318,7 @@ mod tests {
     }
 
     /// How [`run_with`] writes and what the socket does.
+    #[derive(Clone, Copy)]
     struct Socket {
         linked: bool,
         /// SO_SNDBUF to ask for (0: the default).
@@ -456,19 +457,22 @@ mod tests {
     fn a_failed_enter_retires_the_ring_after_reaping_and_loses_nothing() {
         // The first enter fails before reaching the kernel: nothing was consumed. The old code
         // returned with the SQEs still queued (they went out with the next batch, from freed
-        // memory) and counted the frames as errors.
-        let mut b = TapBatch::new();
-        let data = frames(10);
-        let (r, got) = run(&mut b, &data, &[libc::EIO]);
-        assert_eq!(got, data, "every frame exactly once, in order");
-        assert_eq!((r.frames, r.errors), (10, 0));
-        assert!(
-            !b.uses_io_uring(),
-            "a ring with unconsumed SQEs must never submit again"
-        );
-        let later = frames(3);
-        let (_, got) = run(&mut b, &later, &[]);
-        assert_eq!(got, later, "no stale SQE resurfaces in a later batch");
+        // memory) and counted the frames as errors. Output commit depends on this in both
+        // modes: a stale SQE would send bytes of a later, unacknowledged epoch.
+        for sock in [Socket::DEFAULT, UNLINKED] {
+            let mut b = TapBatch::new();
+            let data = frames(10);
+            let (r, got) = run_with(&mut b, &data, &[libc::EIO], sock);
+            assert_eq!(got, data, "every frame exactly once, in order");
+            assert_eq!((r.frames, r.errors), (10, 0));
+            assert!(
+                !b.uses_io_uring(),
+                "a ring with unconsumed SQEs must never submit again"
+            );
+            let later = frames(3);
+            let (_, got) = run_with(&mut b, &later, &[], sock);
+            assert_eq!(got, later, "no stale SQE resurfaces in a later batch");
+        }
     }
 
     #[test]
